@@ -1,0 +1,70 @@
+"""Triton signed-gather kernels for orbit / orbit_mean (table encoding: symfast/groups.py)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _orbit_kernel(x_ptr, table_ptr, out_ptr, M, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # row of the (G, M) output rows: k * M + m
+    k = row // M
+    m = row % M
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    t = tl.load(table_ptr + k.to(tl.int64) * N + offs, mask=mask, other=0)
+    src = tl.where(t < 0, -t - 1, t)
+    v = tl.load(x_ptr + m.to(tl.int64) * N + src, mask=mask, other=0.0)
+    v = tl.where(t < 0, -v, v)
+    tl.store(out_ptr + row.to(tl.int64) * N + offs, v, mask=mask)
+
+
+@triton.jit
+def _orbit_mean_kernel(y_ptr, table_ptr, out_ptr, G, M, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    m = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for k in range(0, G):
+        t = tl.load(table_ptr + k * N + offs, mask=mask, other=0)
+        src = tl.where(t < 0, -t - 1, t)
+        v = tl.load(y_ptr + (k * M + m).to(tl.int64) * N + src, mask=mask, other=0.0).to(ACC)
+        acc += tl.where(t < 0, -v, v)
+    acc = acc / G
+    tl.store(out_ptr + m.to(tl.int64) * N + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check(inp: torch.Tensor, table: torch.Tensor) -> None:
+    n = inp.shape[-1]
+    src = torch.where(table < 0, -table - 1, table)
+    if table.numel() and (src.min() < 0 or src.max() >= n):
+        raise ValueError(f"table holds an index outside [0, {n})")
+
+
+def orbit(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x: (M, N) -> (G, M, N)."""
+    _check(x, table)
+    x = x.contiguous()
+    g, (m, n) = table.shape[0], x.shape
+    out = torch.empty((g, m, n), dtype=x.dtype, device=x.device)
+    if out.numel():
+        block = min(_BLOCK, triton.next_power_of_2(n))
+        _orbit_kernel[(g * m, triton.cdiv(n, block))](x, table, out, m, n, BLOCK=block)
+    return out
+
+
+def orbit_mean(y: torch.Tensor, inverse_table: torch.Tensor) -> torch.Tensor:
+    """y: (G, M, N) -> (M, N), mean of the inverse-transformed blocks."""
+    _check(y, inverse_table)
+    y = y.contiguous()
+    g, m, n = y.shape
+    out = torch.empty((m, n), dtype=y.dtype, device=y.device)
+    if out.numel():
+        block = min(_BLOCK, triton.next_power_of_2(n))
+        _orbit_mean_kernel[(m, triton.cdiv(n, block))](
+            y, inverse_table, out, g, m, n, BLOCK=block,
+            ACC=tl.float64 if y.dtype == torch.float64 else tl.float32)
+    return out

@@ -1,0 +1,9 @@
+"""symfast: kernel-accelerated structure-preserving diffusion and attention classifiers."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from symfast import groups, ops  # noqa: E402
+from symfast.symmetrize import equivariance_error, symmetrize  # noqa: E402
+
+__all__ = ["groups", "ops", "symmetrize", "equivariance_error", "__version__"]

@@ -1,0 +1,55 @@
+"""Backend names, availability and the `backend=` switch shared by every op."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    """(available, reason if not). Triton runs CUDA tensors compiled, and CPU tensors only
+    under TRITON_INTERPRET=1, which must be set before triton is first imported."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return False, f"triton not importable ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve(backend: str | None, tensor: torch.Tensor, op: str) -> str:
+    """Validate ``backend`` and turn None/"auto" into the fastest backend for ``tensor``."""
+    from symfast._ext import load_cpu_kernels, load_errors
+
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend in (None, "auto"):
+        if tensor.device.type == "cpu":
+            return "cpu" if load_cpu_kernels(op) else "reference"
+        if tensor.device.type == "cuda" and triton_status()[0]:
+            return "triton"
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, None or 'auto'; got {backend!r}")
+    if backend == "cpu":
+        if tensor.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors; got a tensor on {tensor.device}")
+        if not load_cpu_kernels(op):
+            raise RuntimeError(f"symfast CPU kernel {op!r} is unavailable: {load_errors.get(op)}")
+    if backend == "triton":
+        ok, why = triton_status()
+        if not ok:
+            raise RuntimeError(f"backend='triton' is unavailable: {why}")
+        if tensor.device.type == "cpu" and not triton_interpret():
+            raise ValueError(
+                "backend='triton' got CPU tensors; run on a CUDA device, or set "
+                "TRITON_INTERPRET=1 before importing triton to use the interpreter"
+            )
+    return backend

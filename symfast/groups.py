@@ -1,0 +1,261 @@
+"""Finite groups acting on the trailing dims of a tensor by signed permutations.
+
+A :class:`Group` is a list of elements ``g_k`` (element 0 is the identity), each a linear map that
+permutes the entries of the trailing ``event_ndim`` dims and possibly flips their signs. Because the
+action is a signed permutation, it is fully described for a given trailing shape by a *gather table*:
+``(g_k x).flat[i] = sign * x.flat[src]``. The table is built by applying the element to
+``arange(1, N + 1)`` (so the reference action is the single source of truth) and is encoded as one
+int32 per entry: ``src`` for ``+``, ``~src`` (= -src - 1) for ``-``. Tables are cached per
+(trailing shape, device).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Sequence
+
+import torch
+
+Action = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _rot(k: int) -> Action:
+    return lambda x: torch.rot90(x, k, dims=(-2, -1))
+
+
+def _flip(*dims: int) -> Action:
+    return lambda x: torch.flip(x, dims=dims)
+
+
+def _then(first: Action, second: Action) -> Action:
+    return lambda x: second(first(x))
+
+
+class Group:
+    """A finite group acting on the trailing ``event_ndim`` dims of tensors.
+
+    Args:
+        name: human-readable name.
+        elements: the actions ``x -> g_k x``; element 0 must be the identity.
+        event_ndim: how many trailing dims the group acts on.
+        probe_shape: a trailing shape on which all elements are defined and distinct; used to
+            verify closure and to build the multiplication table.
+        square: the action needs the last two dims to be equal (rotations).
+    """
+
+    def __init__(self, name: str, elements: Sequence[Action], event_ndim: int,
+                 probe_shape: Sequence[int], square: bool = False):
+        if len(elements) == 0:
+            raise ValueError("elements must hold at least the identity")
+        if len(probe_shape) != event_ndim:
+            raise ValueError(f"probe_shape {tuple(probe_shape)} must have event_ndim={event_ndim} dims")
+        self.name = name
+        self.elements = list(elements)
+        self.event_ndim = event_ndim
+        self.probe_shape = tuple(int(s) for s in probe_shape)
+        self.square = square
+        self._table_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._build_multiplication_table()
+
+    # ---- structure -------------------------------------------------------------------------
+    def _build_multiplication_table(self) -> None:
+        probe = self._signed_tables(self.probe_shape)
+        keys = [tuple(row.tolist()) for row in probe]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"group {self.name!r}: two elements act identically on {self.probe_shape}")
+        if keys[0] != tuple(range(1, probe.shape[1] + 1)):
+            raise ValueError(f"group {self.name!r}: element 0 must be the identity")
+        index = {key: k for k, key in enumerate(keys)}
+        n = len(keys)
+        self._compose = [[0] * n for _ in range(n)]
+        base = torch.arange(1, probe.shape[1] + 1, dtype=torch.int64).reshape(self.probe_shape)
+        for i, j in itertools.product(range(n), range(n)):
+            key = tuple(self.elements[i](self.elements[j](base)).reshape(-1).tolist())
+            if key not in index:
+                raise ValueError(f"group {self.name!r} is not closed: g{i}∘g{j} is not an element")
+            self._compose[i][j] = index[key]
+        self._inverse = [self._compose[i].index(0) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.elements)
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, order={len(self)}, event_ndim={self.event_ndim})"
+
+    def inverse(self, k: int) -> int:
+        """Index of g_k⁻¹."""
+        return self._inverse[k]
+
+    def compose(self, i: int, j: int) -> int:
+        """Index of g_i ∘ g_j (apply g_j first)."""
+        return self._compose[i][j]
+
+    # ---- action ----------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor, name: str = "x") -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < self.event_ndim:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; group {self.name} acts on the last "
+                             f"{self.event_ndim} dims")
+        if self.square and x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; group {self.name} contains rotations, "
+                             f"which need square trailing dims (H == W)")
+        for dim, need in zip(range(-self.event_ndim, 0), self._fixed_sizes()):
+            if need is not None and x.shape[dim] != need:
+                raise ValueError(f"{name} has shape {tuple(x.shape)}; group {self.name} needs size "
+                                 f"{need} at dim {dim}")
+
+    def _fixed_sizes(self) -> list[int | None]:
+        return getattr(self, "fixed_sizes", [None] * self.event_ndim)
+
+    def act(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """g_k x. x: (..., *event_shape)."""
+        self.check_input(x)
+        return self.elements[k](x)
+
+    def orbit(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (|G|·B, ...), element-major: block k is g_k x (reference implementation)."""
+        from symfast.reference.group_average import orbit
+        return orbit(x, self)
+
+    def orbit_mean(self, y: torch.Tensor) -> torch.Tensor:
+        """(|G|·B, ...) -> (B, ...) = 1/|G| Σ_k g_k⁻¹ y_k (reference implementation)."""
+        from symfast.reference.group_average import orbit_mean
+        return orbit_mean(y, self)
+
+    # ---- gather tables ---------------------------------------------------------------------
+    def _signed_tables(self, event_shape: Sequence[int]) -> torch.Tensor:
+        """(|G|, N) int64: entry i of row k is ±(src + 1), with (g_k x).flat[i] = ±x.flat[src]."""
+        n = 1
+        for s in event_shape:
+            n *= int(s)
+        base = torch.arange(1, n + 1, dtype=torch.int64).reshape(tuple(event_shape))
+        return torch.stack([g(base).reshape(-1) for g in self.elements])
+
+    def tables(self, event_shape: Sequence[int], device: torch.device | str = "cpu"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table, inverse_table), each (|G|, N) int32 on ``device``: row k of ``table`` gathers
+        g_k x and row k of ``inverse_table`` gathers g_k⁻¹ x (encoding in the module docstring)."""
+        key = (tuple(int(s) for s in event_shape), torch.device(device))
+        hit = self._table_cache.get(key)
+        if hit is None:
+            signed = self._signed_tables(key[0])
+            encoded = torch.where(signed > 0, signed - 1, signed)  # -(src+1) == ~src
+            if encoded.numel() and encoded.abs().max() >= 2**31 - 1:
+                raise ValueError(f"event shape {key[0]} is too large for int32 gather tables")
+            encoded = encoded.to(torch.int32)
+            inverse = encoded[[self.inverse(k) for k in range(len(self))]]
+            hit = (encoded.contiguous().to(key[1]), inverse.contiguous().to(key[1]))
+            self._table_cache[key] = hit
+        return hit
+
+
+# ---- constructors --------------------------------------------------------------------------
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def trivial() -> Group:
+    return Group("trivial", [_identity], event_ndim=0, probe_shape=())
+
+
+def flip_h() -> Group:
+    """Mirror the last dim (W)."""
+    return Group("flip_h", [_identity, _flip(-1)], event_ndim=1, probe_shape=(4,))
+
+
+def flip_v() -> Group:
+    """Mirror dim -2 (H)."""
+    return Group("flip_v", [_identity, _flip(-2)], event_ndim=2, probe_shape=(4, 1))
+
+
+def c2() -> Group:
+    """Rotations by 0 and 180 degrees (works on non-square H, W)."""
+    return Group("c2", [_identity, _flip(-2, -1)], event_ndim=2, probe_shape=(4, 4))
+
+
+def c4() -> Group:
+    """Rotations by multiples of 90 degrees on (..., H, W), H == W."""
+    return Group("c4", [_identity, _rot(1), _rot(2), _rot(3)], event_ndim=2, probe_shape=(4, 4),
+                 square=True)
+
+
+def d4() -> Group:
+    """The 8 symmetries of the square: 4 rotations, then the 4 reflections."""
+    rotations = [_identity, _rot(1), _rot(2), _rot(3)]
+    reflections = [_then(_flip(-1), r) for r in rotations]
+    return Group("d4", rotations + reflections, event_ndim=2, probe_shape=(4, 4), square=True)
+
+
+def cyclic(n: int) -> Group:
+    """Cyclic shifts of the last dim, whose size must be ``n``."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    group = Group(f"cyclic({n})", [lambda x, s=s: torch.roll(x, s, dims=-1) for s in range(n)],
+                  event_ndim=1, probe_shape=(n,))
+    group.fixed_sizes = [n]
+    return group
+
+
+def channel_perm(perms: Sequence[Sequence[int]]) -> Group:
+    """Permutations of dim -3 (channels of (..., C, H, W)); ``perms`` lists the elements, each a
+    permutation of range(C), and must be closed under composition and contain the identity."""
+    perms = [list(p) for p in perms]
+    if not perms:
+        raise ValueError("perms must be a non-empty list of permutations")
+    c = len(perms[0])
+    for p in perms:
+        if sorted(p) != list(range(c)):
+            raise ValueError(f"perms must be permutations of range({c}); got {p}")
+    identity = list(range(c))
+    if identity in perms:
+        perms.remove(identity)
+    elements = [_identity] + [lambda x, p=p: x[..., p, :, :] for p in perms]
+    group = Group(f"channel_perm({c})", elements, event_ndim=3, probe_shape=(c, 1, 1))
+    group.fixed_sizes = [c, None, None]
+    return group
+
+
+def sign_flip() -> Group:
+    """x -> -x."""
+    return Group("sign", [_identity, torch.neg], event_ndim=0, probe_shape=())
+
+
+def product(a: Group, b: Group) -> Group:
+    """Direct product: elements g_a ∘ g_b; the two actions must commute (closure is checked)."""
+    ndim = max(a.event_ndim, b.event_ndim)
+
+    def padded(g: Group) -> list[int]:
+        return [1] * (ndim - g.event_ndim) + list(g.probe_shape)
+
+    probe = [max(p, q) for p, q in zip(padded(a), padded(b))]
+    if a.square or b.square:
+        probe[-1] = probe[-2] = max(probe[-1], probe[-2])
+    elements = [_then(gb, ga) for ga in a.elements for gb in b.elements]
+    group = Group(f"{a.name}×{b.name}", elements, event_ndim=ndim, probe_shape=probe,
+                  square=a.square or b.square)
+    fixed = [None] * ndim
+    for g in (a, b):
+        for i, need in enumerate(g._fixed_sizes()):
+            if need is not None:
+                fixed[ndim - g.event_ndim + i] = need
+    group.fixed_sizes = fixed
+    return group
+
+
+_NAMED = {"trivial": trivial, "flip_h": flip_h, "flip_v": flip_v, "c2": c2, "c4": c4, "d4": d4,
+          "sign": sign_flip}
+_NAMED_CACHE: dict[str, Group] = {}
+
+
+def get(name: str | Group) -> Group:
+    """A group by name: one of "trivial", "flip_h", "flip_v", "c2", "c4", "d4", "sign"."""
+    if isinstance(name, Group):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"group must be a str or a symfast.groups.Group, got {type(name).__name__}")
+    if name not in _NAMED:
+        raise ValueError(f"unknown group name {name!r}; expected one of {sorted(_NAMED)}")
+    if name not in _NAMED_CACHE:
+        _NAMED_CACHE[name] = _NAMED[name]()
+    return _NAMED_CACHE[name]

@@ -1,0 +1,29 @@
+"""Reference orbit / orbit_mean, written with the group's own actions (torch.rot90, flip, ...)."""
+from __future__ import annotations
+
+import torch
+
+from symfast.groups import Group
+
+
+def orbit(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """x: (B, ...) -> (|G|·B, ...), element-major: block k is g_k x."""
+    group.check_input(x)
+    if x.dim() == group.event_ndim:
+        raise ValueError(f"x has shape {tuple(x.shape)}: needs a batch dim before the "
+                         f"{group.event_ndim} dims group {group.name} acts on")
+    return torch.cat([group.elements[k](x) for k in range(len(group))], dim=0)
+
+
+def orbit_mean(y: torch.Tensor, group: Group) -> torch.Tensor:
+    """y: (|G|·B, ...) -> (B, ...) = 1/|G| Σ_k g_k⁻¹ y_k, y_k = y[k·B:(k+1)·B]."""
+    group.check_input(y, "y")
+    n = len(group)
+    if y.dim() == group.event_ndim or y.shape[0] % n != 0:
+        raise ValueError(f"y has shape {tuple(y.shape)}: its first dim must be a multiple of "
+                         f"|G| = {n} (group {group.name})")
+    blocks = y.chunk(n, dim=0)
+    total = group.elements[group.inverse(0)](blocks[0])
+    for k in range(1, n):
+        total = total + group.elements[group.inverse(k)](blocks[k])
+    return total / n

@@ -1,0 +1,103 @@
+"""Frame averaging: make any model equivariant, and measure how equivariant a function is."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from symfast.groups import Group, get
+from symfast.ops.group_average import orbit, orbit_mean
+
+
+def _default_chunks(batch: int, order: int, device: torch.device) -> int:
+    """One call over the whole orbit on accelerators. On CPU, calls of about the caller's own batch
+    size: measured on the 2-core machine (benchmarks/bench_symmetrize_chunks.py), per-image cost
+    grows once a conv net's batch exceeds ~64 images, so |G|·B images in one call lose to |G|
+    calls of B images for all but tiny batches."""
+    if device.type != "cpu":
+        return 1
+    per_call = max(batch, 64)
+    return max(1, min(order, (order * batch) // per_call))
+
+
+def _repeat_arg(arg: Any, batch: int, order: int) -> Any:
+    if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.shape[0] == batch:
+        return arg.repeat((order,) + (1,) * (arg.dim() - 1))
+    return arg
+
+
+def _main_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "sample") and isinstance(out.sample, torch.Tensor):  # diffusers outputs
+        return out.sample
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model returned {type(out).__name__}; expected a tensor, a tuple whose "
+                    f"first item is a tensor, or an object with a .sample tensor")
+
+
+class Symmetrized(nn.Module):
+    """D̄(x, *args) = 1/|G| Σ_g g⁻¹ model(g x, *args). See :func:`symmetrize`."""
+
+    def __init__(self, model: nn.Module | Callable, group: Group | str, chunks: int | None = None,
+                 backend: str | None = None):
+        super().__init__()
+        if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
+            raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
+        self.model = model
+        self.group = get(group)
+        self.chunks = chunks
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """x: (B, ...); tensor args with leading dim B are repeated over the orbit, others are
+        passed as they are. Returns the orbit-averaged model output, shaped like x."""
+        order = len(self.group)
+        batch = x.shape[0]
+        xs = orbit(x, self.group, backend=self.backend)
+        args = tuple(_repeat_arg(a, batch, order) for a in args)
+        kwargs = {k: _repeat_arg(v, batch, order) for k, v in kwargs.items()}
+        chunks = self.chunks or _default_chunks(batch, order, x.device)
+        if chunks == 1:
+            ys = _main_tensor(self.model(xs, *args, **kwargs))
+        else:
+            size = -(-xs.shape[0] // chunks)
+
+            def part(a: Any, i: int) -> Any:
+                return a[i:i + size] if isinstance(a, torch.Tensor) and a.dim() > 0 \
+                    and a.shape[0] == xs.shape[0] else a
+
+            outs = [_main_tensor(self.model(xs[i:i + size], *(part(a, i) for a in args),
+                                            **{k: part(v, i) for k, v in kwargs.items()}))
+                    for i in range(0, xs.shape[0], size)]
+            ys = torch.cat(outs, dim=0)
+        if ys.shape[0] != xs.shape[0]:
+            raise ValueError(f"the model returned batch {ys.shape[0]} for an orbit batch of {xs.shape[0]}")
+        return orbit_mean(ys, self.group, backend=self.backend)
+
+
+def symmetrize(model: nn.Module | Callable, group: Group | str, chunks: int | None = None,
+               backend: str | None = None) -> Symmetrized:
+    """Wrap ``model`` so that it is exactly equivariant under ``group`` (frame averaging).
+
+    The orbit of the input is built by the orbit kernel, the model runs on it in ``chunks`` batched
+    calls (None: chosen per device, see ``_default_chunks``), and the outputs are averaged by the
+    orbit_mean kernel.
+    """
+    return Symmetrized(model, group, chunks=chunks, backend=backend)
+
+
+@torch.no_grad()
+def equivariance_error(f: Callable[[torch.Tensor], Any], x: torch.Tensor, group: Group | str) -> float:
+    """max_k ‖f(g_k x) − g_k f(x)‖ / ‖f(x)‖ over the group's elements (f's output must be acted
+    on by the same group, e.g. an image-to-image map)."""
+    group = get(group)
+    fx = _main_tensor(f(x))
+    norm = fx.float().norm()
+    worst = 0.0
+    for k in range(len(group)):
+        diff = _main_tensor(f(group.act(x, k))).float() - group.act(fx, k).float()
+        worst = max(worst, float(diff.norm() / norm.clamp_min(torch.finfo(torch.float32).tiny)))
+    return worst
