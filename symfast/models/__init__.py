@@ -1,0 +1,1 @@
+"""Models from the seed papers built on symfast ops."""
