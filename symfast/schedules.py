@@ -1,0 +1,277 @@
+"""Noise schedules, computed on the host exactly as diffusers / k-diffusion compute them.
+
+Everything here is a host-side table (CPU torch tensors or numpy arrays): samplers read their
+per-step coefficients from these as Python floats, so a sampling step never syncs with the device.
+
+Conventions. Samplers run in the "σ form" of k-diffusion: the state is x = x0 + σ ε. A DDPM model
+sees the variance-preserving input x_vp = √ᾱ x0 + √(1-ᾱ) ε = x / √(σ² + 1), with
+σ = √((1 - ᾱ) / ᾱ).
+
+Functions mirror diffusers' code paths (diffusers 0.42) so that its drop-ins can reuse them:
+- :func:`betas`: ``linear``, ``scaled_linear``, ``squaredcos_cap_v2`` (alias ``cosine``), or trained
+  betas, optionally rescaled to zero terminal SNR; float32 like diffusers.
+- :func:`alphas_cumprod`, :func:`sigmas_from_alphas_cumprod`: float32.
+- :func:`timesteps`: ``leading``, ``trailing``, ``linspace`` spacing (DDIM rounds linspace to int,
+  Euler keeps it fractional: ``integer=``).
+- :func:`sigma_to_t`: diffusers' log-σ interpolation back to a (fractional) timestep.
+- :func:`karras_sigmas`: EDM/Karras σ (ρ = 7); :func:`ve_sigmas`: geometric VE σ.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _cosine_alpha_bar(t: float) -> float:
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def betas(schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+          beta_end: float = 0.02, trained_betas: Sequence[float] | None = None,
+          rescale_zero_terminal_snr: bool = False, max_beta: float = 0.999) -> torch.Tensor:
+    """DDPM betas, (num_train_timesteps,) float32, as diffusers' schedulers build them."""
+    if trained_betas is not None:
+        out = torch.tensor(trained_betas, dtype=torch.float32)
+    else:
+        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        if schedule == "linear":
+            out = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+        elif schedule == "scaled_linear":
+            out = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
+                                 dtype=torch.float32) ** 2
+        elif schedule in ("squaredcos_cap_v2", "cosine"):
+            n = num_train_timesteps
+            out = torch.tensor([min(1 - _cosine_alpha_bar((i + 1) / n) / _cosine_alpha_bar(i / n), max_beta)
+                                for i in range(n)], dtype=torch.float32)
+        else:
+            raise ValueError(f"schedule must be one of {BETA_SCHEDULES}, got {schedule!r}")
+    if rescale_zero_terminal_snr:
+        out = _rescale_zero_terminal_snr(out)
+    return out
+
+
+def _rescale_zero_terminal_snr(b: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023, Algorithm 1 (diffusers' ``rescale_betas_zero_snr``)."""
+    sqrt_ac = torch.cumprod(1.0 - b, dim=0).sqrt()
+    first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
+    sqrt_ac = (sqrt_ac - last) * (first / (first - last))
+    ac = sqrt_ac**2
+    alphas = torch.cat([ac[0:1], ac[1:] / ac[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod(b: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t = Π_{s≤t} (1 - β_s), float32 (diffusers' order of operations)."""
+    return torch.cumprod(1.0 - b, dim=0)
+
+
+def sigmas_from_alphas_cumprod(ac: torch.Tensor) -> torch.Tensor:
+    """σ_t = √((1 - ᾱ_t) / ᾱ_t), computed in ``ac``'s dtype like diffusers' Euler schedulers."""
+    return ((1 - ac) / ac) ** 0.5
+
+
+def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0,
+              integer: bool = True) -> np.ndarray:
+    """Descending inference timesteps, diffusers' ``set_timesteps``.
+
+    ``integer=True`` is DDIM/DDPM (int64; linspace rounded); ``integer=False`` is the Euler family
+    (float32; linspace kept fractional).
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if steps > num_train_timesteps:
+        raise ValueError(f"steps={steps} exceeds the schedule's num_train_timesteps={num_train_timesteps}")
+    n = num_train_timesteps
+    if spacing == "linspace":
+        if integer:
+            return np.linspace(0, n - 1, steps).round()[::-1].copy().astype(np.int64)
+        return np.linspace(0, n - 1, steps, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        ratio = n // steps
+        out = (np.arange(0, steps) * ratio).round()[::-1].copy()
+        out = out.astype(np.int64 if integer else np.float32)
+        out += steps_offset
+        return out
+    if spacing == "trailing":
+        ratio = n / steps
+        out = np.round(np.arange(n, 0, -ratio)).astype(np.int64 if integer else np.float32)
+        out -= 1
+        return out
+    raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+
+
+def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional timestep whose interpolated log σ is log ``sigma`` (diffusers' ``_sigma_to_t``)."""
+    sigma = np.asarray(sigma)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
+    """EDM σ_i = (σ_max^{1/ρ} + i/(n-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ, descending, float64, no
+    trailing zero (diffusers' ``_convert_to_karras``; k-diffusion's get_sigmas_karras without the 0)."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    ramp = np.linspace(0, 1, steps)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def ve_sigmas(steps: int, sigma_min: float = 0.01, sigma_max: float = 50.0) -> np.ndarray:
+    """Geometric VE σ from σ_max down to σ_min (Song et al. SMLD/VE-SDE), float64, no trailing 0."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps))
+
+
+def append_zero(sigmas: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.asarray(sigmas, dtype=np.float64), [0.0]])
+
+
+# ---- schedule objects used by Denoiser and the samplers ---------------------------------------
+
+class Schedule:
+    """A noise process in σ form. Subclasses give the σ range, how the model is conditioned
+    (:meth:`model_time`) and the default sampling σ grid (:meth:`sigmas`)."""
+
+    kind = "continuous"
+    sigma_min: float
+    sigma_max: float
+
+    def sigmas(self, steps: int, **kwargs) -> np.ndarray:
+        """Descending σ grid of ``steps`` values followed by 0: (steps + 1,) float64."""
+        raise NotImplementedError
+
+    def model_time(self, sigma: float) -> float:
+        """The conditioning value the network is called with at noise level σ."""
+        return float(sigma)
+
+    def grid(self, steps: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """(σ grid as :meth:`sigmas`, model times at its first ``steps`` entries): host tables a
+        sampler reads per step."""
+        sigmas = self.sigmas(steps, **kwargs)
+        return sigmas, np.array([self.model_time(float(s)) for s in sigmas[:-1]])
+
+    def check_steps(self, steps: int) -> None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+
+    def check_sigma(self, sigma: float) -> None:
+        if not (self.sigma_min <= sigma <= self.sigma_max * (1 + 1e-6)):
+            raise ValueError(f"sigma={sigma} is outside the schedule's range "
+                             f"[{self.sigma_min:.6g}, {self.sigma_max:.6g}]")
+
+
+@dataclass
+class DDPMSchedule(Schedule):
+    """Discrete DDPM (variance-preserving) schedule over ``num_train_timesteps`` timesteps.
+
+    The network takes the VP input x / √(σ²+1) and the (fractional) timestep t with σ(t) = σ.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    trained_betas: Sequence[float] | None = None
+    rescale_zero_terminal_snr: bool = False
+    kind: str = field(default="discrete", init=False)
+
+    def __post_init__(self) -> None:
+        self.betas = betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
+                           self.trained_betas, self.rescale_zero_terminal_snr)
+        self.num_train_timesteps = int(self.betas.shape[0])
+        self.alphas_cumprod = alphas_cumprod(self.betas)
+        self.sigma_table = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
+        self.log_sigmas = np.log(self.sigma_table)
+        self.sigma_min = float(self.sigma_table[0])
+        self.sigma_max = float(self.sigma_table[-1])
+
+    def check_steps(self, steps: int) -> None:
+        super().check_steps(steps)
+        if steps > self.num_train_timesteps:
+            raise ValueError(f"steps={steps} exceeds the schedule's num_train_timesteps="
+                             f"{self.num_train_timesteps}")
+
+    def timesteps(self, steps: int, spacing: str = "leading", steps_offset: int = 0) -> np.ndarray:
+        """Integer timesteps, descending (DDIM/DDPM)."""
+        self.check_steps(steps)
+        return timesteps(self.num_train_timesteps, steps, spacing, steps_offset, integer=True)
+
+    def sigmas(self, steps: int, spacing: str = "leading", karras: bool = False,
+               steps_offset: int = 0) -> np.ndarray:
+        """σ at the inference timesteps (Euler's interpolation), or Karras σ over this range; then 0."""
+        self.check_steps(steps)
+        t = timesteps(self.num_train_timesteps, steps, spacing, steps_offset, integer=False)
+        s = np.interp(t, np.arange(len(self.sigma_table)), self.sigma_table)
+        if karras:
+            s = karras_sigmas(steps, float(s[-1]), float(s[0]))
+        return append_zero(s)
+
+    def grid(self, steps: int, spacing: str = "leading", karras: bool = False,
+             steps_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Like diffusers' Euler schedulers: the model is called at the inference timesteps
+        themselves, or at σ→t of the Karras σ."""
+        sigmas = self.sigmas(steps, spacing, karras, steps_offset)
+        if karras:
+            return sigmas, sigma_to_t(sigmas[:-1], self.log_sigmas)
+        return sigmas, timesteps(self.num_train_timesteps, steps, spacing, steps_offset,
+                                 integer=False).astype(np.float64)
+
+    def sigma_at(self, t: int | np.ndarray) -> np.ndarray:
+        return self.sigma_table[t].astype(np.float64)
+
+    def model_time(self, sigma: float) -> float:
+        return float(sigma_to_t(np.float64(sigma), self.log_sigmas))
+
+    def alpha_cumprod_at(self, sigma: float) -> float:
+        return 1.0 / (1.0 + sigma * sigma)
+
+
+@dataclass
+class EDMSchedule(Schedule):
+    """EDM (Karras et al. 2022): continuous σ in [σ_min, σ_max], Karras grid with ρ."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+    rho: float = 7.0
+
+    def sigmas(self, steps: int, **kwargs) -> np.ndarray:
+        self.check_steps(steps)
+        return append_zero(karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho))
+
+    def model_time(self, sigma: float) -> float:
+        """EDM's c_noise = ln(σ)/4."""
+        return math.log(sigma) / 4
+
+
+@dataclass
+class VESchedule(Schedule):
+    """Variance-exploding (SMLD / VE-SDE): geometric σ grid; the network is called with σ."""
+
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+
+    def sigmas(self, steps: int, karras: bool = False, **kwargs) -> np.ndarray:
+        self.check_steps(steps)
+        if karras:
+            return append_zero(karras_sigmas(steps, self.sigma_min, self.sigma_max))
+        return append_zero(ve_sigmas(steps, self.sigma_min, self.sigma_max))
