@@ -1,0 +1,121 @@
+"""Counter-based Philox4x32-10 noise, bit-compatible with Triton's ``tl.philox`` / ``tl.randn``.
+
+This is the reference implementation in PyTorch integer ops (int64 tensors holding uint32 values).
+It follows ``triton/language/random.py`` exactly: the 64-bit seed split into the key (lo, hi), ten
+rounds with the Philox constants, the key raised by the Weyl constants after each round, the
+uint32 -> float conversion ``(x < 0 ? ~x : x) * 4.6566127342e-10`` on the int32 bit pattern, and
+Box–Muller ``sqrt(-2 log max(u1, 1e-7)) * cos(2π u2)`` in float32.
+
+Sampler noise is keyed by (seed, step, stream, element): key = seed, counter
+(c0, c1, c2, c3) = (element, step, stream, 0). With step = stream = 0 this is ``tl.randn(seed,
+element)``. ``stream`` is the sample's index in its batch when one seed covers the batch, and 0
+when every sample has its own seed, so a sample's noise does not depend on the batch it is in.
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+UNIFORM_SCALE = 4.6566127342e-10  # Triton's: the largest s with (2^31 - 1) * s < 1 in float32
+TWO_PI = 6.283185307179586
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for a, b < 2^32, without overflowing int64: b is split into
+    16-bit halves so every partial product stays below 2^48."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    p_hi = a * b_hi
+    p_lo = a * b_lo
+    hi = (p_hi + (p_lo >> 16)) >> 16
+    lo = (((p_hi & 0xFFFF) << 16) + p_lo) & _MASK32
+    return hi, lo
+
+
+def philox(seed: torch.Tensor | int, c0: torch.Tensor, c1: torch.Tensor | int = 0,
+           c2: torch.Tensor | int = 0, c3: torch.Tensor | int = 0, rounds: int = 10
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox4x32 of the counter (c0..c3) under the 64-bit ``seed``; all broadcast together.
+    Returns four int64 tensors holding uint32 values."""
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=c0.device)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = torch.as_tensor(c0, dtype=torch.int64, device=c0.device) & _MASK32
+    c1 = torch.as_tensor(c1, dtype=torch.int64, device=c0.device) & _MASK32
+    c2 = torch.as_tensor(c2, dtype=torch.int64, device=c0.device) & _MASK32
+    c3 = torch.as_tensor(c3, dtype=torch.int64, device=c0.device) & _MASK32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul_hi_lo(c2, _ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's uint32 -> [0, 1) float32 on the int32 bit pattern."""
+    signed = torch.where(x >= 2**31, x - 2**32, x)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+
+
+def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """The first output of Triton's ``pair_uniform_to_normal``, float32."""
+    u1 = torch.clamp(u1, min=1.0e-7)
+    th = torch.tensor(TWO_PI, dtype=torch.float32) * u2
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th)
+
+
+def randn_counter(seed: torch.Tensor | int, c0: torch.Tensor, c1: torch.Tensor | int = 0,
+                  c2: torch.Tensor | int = 0) -> torch.Tensor:
+    """Standard normals, float32, one per counter (c0, c1, c2, 0) under ``seed``."""
+    r0, r1, _, _ = philox(seed, c0, c1, c2, 0)
+    return box_muller(uint_to_uniform(r0), uint_to_uniform(r1))
+
+
+def tl_randn(seed: int, offset: torch.Tensor) -> torch.Tensor:
+    """What ``tl.randn(seed, offset)`` returns for int32 offsets (offset < 2^31)."""
+    return randn_counter(seed, offset.to(torch.int64))
+
+
+def noise_key(seed: int | list[int] | tuple[int, ...] | torch.Tensor, batch: int,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """(batch, 2) int64 [seed, stream] rows: one int seed -> streams 0..batch-1; one seed per
+    sample -> stream 0 each (so a sample's noise is independent of the batch)."""
+    if isinstance(seed, bool):
+        raise TypeError(f"seed must be an int or a list of ints, got {seed!r}")
+    if isinstance(seed, int):
+        seeds = torch.full((batch,), seed, dtype=torch.int64)
+        streams = torch.arange(batch, dtype=torch.int64)
+    else:
+        if isinstance(seed, torch.Tensor):
+            if seed.dtype.is_floating_point or seed.dim() != 1:
+                raise TypeError(f"seed tensor must be a 1-d integer tensor, got {seed.dtype} "
+                                f"{tuple(seed.shape)}")
+            seeds = seed.detach().to("cpu", torch.int64)
+        elif isinstance(seed, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool)
+                                                      for s in seed):
+            seeds = torch.tensor(list(seed), dtype=torch.int64)
+        else:
+            raise TypeError(f"seed must be an int, a list of ints or an int tensor, got {seed!r}")
+        if seeds.shape[0] != batch:
+            raise ValueError(f"seed has {seeds.shape[0]} entries but the batch has {batch} samples")
+        streams = torch.zeros(batch, dtype=torch.int64)
+    return torch.stack([seeds, streams], dim=1).to(device)
+
+
+def sample_noise(key: torch.Tensor, step: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Noise for a batch: key (B, 2) from :func:`noise_key`, shape (B, ...) -> float32 (B, ...),
+    element index = flat index within the sample."""
+    b = shape[0]
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    element = torch.arange(n, dtype=torch.int64, device=key.device).unsqueeze(0)
+    z = randn_counter(key[:, :1], element, step, key[:, 1:2])
+    return z.reshape((b,) + tuple(shape[1:]))
