@@ -1,0 +1,226 @@
+// CPU kernel for symfast::fused_step: one sampler step's elementwise work in one pass.
+//
+// x: (M, N) state rows (M = B * R, R rows per sample, N = size of the dims the group acts on)
+// y: (G, M, N) raw network outputs on the orbit; inverse_table (G, N) int32 gathers g_k^-1
+//    (encoding: symfast/groups.py; t >= 0 -> +src[t], t < 0 -> -src[~t])
+//   ybar     = 1/G sum_k g_k^-1 y_k
+//   denoised = c_skip x + c_out ybar
+//   x_next   = a x + b denoised + p u + q v + c z
+// z: a given noise tensor, or Philox4x32-10 normals (Triton's tl.randn bit pattern) keyed by
+// key[b] = (seed, stream), counter (element, step, stream, 0), element = r * N + i, optionally
+// gathered through noise_table (N,) int32 so that z <- g z.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "symfast_module.h"
+
+namespace {
+
+constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
+constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
+
+inline void check_table(const at::Tensor& table, int64_t rows, int64_t n, const char* name) {
+  TORCH_CHECK(table.scalar_type() == at::kInt, name, " must be int32, got ", table.scalar_type());
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == rows && table.size(1) == n, name,
+              " must have shape (", rows, ", ", n, "), got ", table.sizes());
+  const int32_t* t = table.data_ptr<int32_t>();
+  bool in_bounds = true;
+  for (int64_t i = 0; i < table.numel(); ++i) {
+    const int32_t v = t[i];
+    in_bounds &= (v < 0 ? ~v : v) < n;
+  }
+  TORCH_CHECK(in_bounds, name, " holds an index outside [0, ", n, ")");
+}
+
+// Philox4x32-10 -> first Box-Muller normal, exactly as triton/language/random.py.
+inline float philox_normal(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t k0, uint32_t k1) {
+  uint32_t c3 = 0;
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t pb = static_cast<uint64_t>(kRoundB) * c2;
+    const uint64_t pa = static_cast<uint64_t>(kRoundA) * c0;
+    const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ k0;
+    const uint32_t n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ k1;
+    c1 = static_cast<uint32_t>(pb);
+    c3 = static_cast<uint32_t>(pa);
+    c0 = n0;
+    c2 = n2;
+    k0 += kKeyA;
+    k1 += kKeyB;
+  }
+  int32_t i0 = static_cast<int32_t>(c0), i1 = static_cast<int32_t>(c1);
+  i0 = i0 < 0 ? ~i0 : i0;
+  i1 = i1 < 0 ? ~i1 : i1;
+  const float u1 = std::max(1.0e-7f, static_cast<float>(i0) * 4.6566127342e-10f);
+  const float u2 = static_cast<float>(i1) * 4.6566127342e-10f;
+  const float th = 6.283185307179586f * u2;
+  return std::sqrt(-2.0f * std::log(u1)) * std::cos(th);
+}
+
+template <typename scalar_t, typename acc_t, bool kSigned>
+SYMFAST_MULTIVERSION void gather_accumulate(const scalar_t* __restrict src,
+                                            const int32_t* __restrict idx, acc_t* __restrict acc,
+                                            int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t t = idx[i];
+    if constexpr (kSigned) {
+      const acc_t v = static_cast<acc_t>(src[t < 0 ? ~t : t]);
+      acc[i] += t < 0 ? -v : v;
+    } else {
+      acc[i] += static_cast<acc_t>(src[t]);
+    }
+  }
+}
+
+struct Coefs {
+  double c_skip, c_out, a, b, p, q, c;
+};
+
+// acc holds the orbit sum on entry; on exit den (if requested) and out hold the results.
+template <typename scalar_t, typename acc_t>
+SYMFAST_MULTIVERSION void combine_row(const scalar_t* __restrict x, const acc_t* __restrict acc,
+                                      const scalar_t* __restrict u, const scalar_t* __restrict v,
+                                      const float* __restrict z, acc_t g, const Coefs& k,
+                                      scalar_t* __restrict out, scalar_t* __restrict den,
+                                      int64_t n) {
+  const acc_t c_skip = k.c_skip, c_out = k.c_out, a = k.a, b = k.b, p = k.p, q = k.q, c = k.c;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t xi = static_cast<acc_t>(x[i]);
+    const acc_t d = c_skip * xi + c_out * (acc[i] / g);
+    acc_t r = a * xi + b * d;
+    if (u) r = r + p * static_cast<acc_t>(u[i]);
+    if (v) r = r + q * static_cast<acc_t>(v[i]);
+    if (z) r = r + c * static_cast<acc_t>(z[i]);
+    out[i] = static_cast<scalar_t>(r);
+    if (den) den[i] = static_cast<scalar_t>(d);
+  }
+}
+
+at::Tensor contiguous_like(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+  if (!t.has_value()) return at::Tensor();
+  TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t->sizes() == x.sizes(), name, " must have shape ", x.sizes(), ", got ", t->sizes());
+  return t->to(x.scalar_type()).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& inverse_table_in,
+    const c10::optional<at::Tensor>& u_in, const c10::optional<at::Tensor>& v_in,
+    const c10::optional<at::Tensor>& noise_in, const c10::optional<at::Tensor>& key_in,
+    const c10::optional<at::Tensor>& noise_table_in, int64_t rows_per_sample, int64_t step,
+    at::ArrayRef<double> coefs, bool write_denoised) {
+  TORCH_CHECK(x_in.device().is_cpu() && y_in.device().is_cpu() && inverse_table_in.device().is_cpu(),
+              "fused_step_cpu needs CPU tensors");
+  TORCH_CHECK(x_in.dim() == 2, "x must be (M, N), got ", x_in.sizes());
+  TORCH_CHECK(y_in.dim() == 3 && y_in.size(1) == x_in.size(0) && y_in.size(2) == x_in.size(1),
+              "y must be (G, ", x_in.size(0), ", ", x_in.size(1), "), got ", y_in.sizes());
+  TORCH_CHECK(coefs.size() == 7, "coefs must hold 7 floats, got ", coefs.size());
+  TORCH_CHECK(rows_per_sample >= 1 && x_in.size(0) % rows_per_sample == 0,
+              "rows_per_sample must divide M = ", x_in.size(0), ", got ", rows_per_sample);
+  TORCH_CHECK(step >= 0 && step <= 0xFFFFFFFFLL, "step must be in [0, 2^32), got ", step);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor y = y_in.to(x.scalar_type()).contiguous();
+  const at::Tensor table = inverse_table_in.contiguous();
+  const int64_t g = y.size(0), m = x.size(0), n = x.size(1);
+  check_table(table, g, n, "inverse_table");
+  const at::Tensor u = contiguous_like(u_in, x, "u");
+  const at::Tensor v = contiguous_like(v_in, x, "v");
+  const Coefs k{coefs[0], coefs[1], coefs[2], coefs[3], coefs[4], coefs[5], coefs[6]};
+  const bool use_noise = k.c != 0.0;
+  const at::Tensor noise = use_noise ? contiguous_like(noise_in, x, "noise") : at::Tensor();
+  at::Tensor noise_f, key, noise_table;
+  const int64_t batch = m / rows_per_sample;
+  if (use_noise && noise.defined()) {
+    noise_f = noise.to(at::kFloat).contiguous();
+  } else if (use_noise) {
+    TORCH_CHECK(key_in.has_value(), "c != 0 needs either noise or key");
+    key = key_in->contiguous();
+    TORCH_CHECK(key.device().is_cpu() && key.scalar_type() == at::kLong && key.dim() == 2 &&
+                    key.size(0) == batch && key.size(1) == 2,
+                "key must be int64 (", batch, ", 2) on CPU, got ", key.scalar_type(), " ", key.sizes());
+    TORCH_CHECK(rows_per_sample * n <= 0xFFFFFFFFLL, "a sample has more than 2^32 elements");
+    if (noise_table_in.has_value()) {
+      noise_table = noise_table_in->contiguous();
+      TORCH_CHECK(noise_table.device().is_cpu(), "noise_table must be a CPU tensor");
+      check_table(noise_table.reshape({1, -1}), 1, n, "noise_table");
+    }
+  }
+  at::Tensor out = at::empty_like(x);
+  at::Tensor den = write_denoised ? at::empty_like(x) : at::empty({0}, x.options());
+  if (m == 0 || n == 0) return {out, den};
+  bool has_sign = false;
+  {
+    const int32_t* t = table.data_ptr<int32_t>();
+    for (int64_t i = 0; i < table.numel(); ++i) has_sign |= t[i] < 0;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* up = u.defined() ? u.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* vp = v.defined() ? v.data_ptr<scalar_t>() : nullptr;
+    const float* np_ = noise_f.defined() ? noise_f.data_ptr<float>() : nullptr;
+    const int64_t* kp = key.defined() ? key.data_ptr<int64_t>() : nullptr;
+    const int32_t* ntp = noise_table.defined() ? noise_table.data_ptr<int32_t>() : nullptr;
+    const int32_t* tp = table.data_ptr<int32_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* dp = write_denoised ? den.data_ptr<scalar_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, 16384 / (n * g));
+    at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(n);
+      std::vector<float> z(kp ? n : 0);
+      for (int64_t row = begin; row < end; ++row) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t kk = 0; kk < g; ++kk) {
+          const scalar_t* src = yp + (kk * m + row) * n;
+          if (has_sign)
+            gather_accumulate<scalar_t, acc_t, true>(src, tp + kk * n, acc.data(), n);
+          else
+            gather_accumulate<scalar_t, acc_t, false>(src, tp + kk * n, acc.data(), n);
+        }
+        const float* zrow = np_ ? np_ + row * n : nullptr;
+        if (kp) {
+          const int64_t b = row / rows_per_sample, r = row % rows_per_sample;
+          const uint64_t seed = static_cast<uint64_t>(kp[2 * b]);
+          const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+          const uint32_t stream = static_cast<uint32_t>(kp[2 * b + 1]);
+          const uint32_t base = static_cast<uint32_t>(r * n);
+          for (int64_t i = 0; i < n; ++i) {
+            if (ntp) {
+              const int32_t t = ntp[i];
+              const float s = philox_normal(base + static_cast<uint32_t>(t < 0 ? ~t : t),
+                                            static_cast<uint32_t>(step), stream, k0, k1);
+              z[i] = t < 0 ? -s : s;
+            } else {
+              z[i] = philox_normal(base + static_cast<uint32_t>(i), static_cast<uint32_t>(step),
+                                   stream, k0, k1);
+            }
+          }
+          zrow = z.data();
+        }
+        combine_row<scalar_t, acc_t>(xp + row * n, acc.data(), up ? up + row * n : nullptr,
+                                     vp ? vp + row * n : nullptr, zrow, static_cast<acc_t>(g), k,
+                                     op + row * n, dp ? dp + row * n : nullptr, n);
+      }
+    });
+  });
+  return {out, den};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(symfast, m) {
+  m.def(
+      "fused_step_cpu(Tensor x, Tensor y, Tensor inverse_table, Tensor? u, Tensor? v, "
+      "Tensor? noise, Tensor? key, Tensor? noise_table, int rows_per_sample, int step, "
+      "float[] coefs, bool write_denoised) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(symfast, CPU, m) { m.impl("fused_step_cpu", &fused_step_cpu); }
+
+SYMFAST_PY_MODULE()

@@ -1,0 +1,161 @@
+"""Public fused sampler step: checks, the backend switch and the ``symfast::fused_step`` torch op.
+
+One op does a step's elementwise work: inverse-transform and average the orbit outputs
+(frame averaging), convert to x̂0, the sampler's linear update and the noise. See
+symfast/reference/fused_step.py for the exact formula. The torch op works on flattened views
+(x: (M, N), y: (|G|, M, N), N = size of the dims the group acts on, M = B·R) and takes the
+group's inverse gather table as a tensor, so ``torch.compile(fullgraph=True)`` sees one opaque
+op with a fake implementation. Coefficients are host floats: a step never reads the device.
+Under torch.compile the group's gather tables must already exist (one eager call, or
+``group.tables(event_shape, device)``): building them is host work dynamo cannot trace.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from symfast import _backend
+from symfast.groups import Group, get
+from symfast.reference import fused_step as reference
+from symfast.reference.fused_step import StepCoefficients
+
+_OP = "fused_step"
+_IDENTITY_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+__all__ = ["fused_step", "StepCoefficients"]
+
+
+@torch.library.custom_op("symfast::fused_step", mutates_args=())
+def _fused_step_op(x: torch.Tensor, y: torch.Tensor, inverse_table: torch.Tensor,
+                   u: torch.Tensor | None, v: torch.Tensor | None, noise: torch.Tensor | None,
+                   key: torch.Tensor | None, noise_table: torch.Tensor | None,
+                   rows_per_sample: int, step: int, coefs: list[float], write_denoised: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "cpu":
+        _backend.resolve("cpu", x, _OP)  # loads the extension on first use
+        return torch.ops.symfast.fused_step_cpu(x, y, inverse_table, u, v, noise, key, noise_table,
+                                                rows_per_sample, step, coefs, write_denoised)
+    if backend == "triton":
+        from symfast.kernels import fused_step as triton_kernels
+        return triton_kernels.fused_step(x, y, inverse_table, u, v, noise, key, noise_table,
+                                         rows_per_sample, step, coefs, write_denoised)
+    raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::fused_step, got {backend!r}")
+
+
+@_fused_step_op.register_fake
+def _(x, y, inverse_table, u, v, noise, key, noise_table, rows_per_sample, step, coefs,
+      write_denoised, backend):
+    return torch.empty_like(x), (torch.empty_like(x) if write_denoised else x.new_empty((0,)))
+
+
+def _resolve(backend: str | None, x: torch.Tensor) -> str:
+    """``_backend.resolve``, except while torch.compile traces: dynamo cannot trace the extension
+    loader, so "auto" picks by device there and the op loads the extension when it runs."""
+    if torch.compiler.is_compiling():
+        if backend in (None, "auto"):
+            return {"cpu": "cpu", "cuda": "triton"}.get(x.device.type, "reference")
+        if backend not in _backend.BACKENDS:
+            raise ValueError(f"backend must be one of {_backend.BACKENDS}, None or 'auto'; got {backend!r}")
+        return backend
+    return _backend.resolve(backend, x, _OP)
+
+
+def _identity_table(n: int, device: torch.device) -> torch.Tensor:
+    hit = _IDENTITY_TABLES.get((n, device))
+    if hit is None:
+        hit = torch.arange(n, dtype=torch.int32, device=device).reshape(1, n)
+        _IDENTITY_TABLES[(n, device)] = hit
+    return hit
+
+
+def _check_like(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.shape != x.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but the sample x has shape {tuple(x.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple[float, ...],
+               group: Group | str | None = None, *, u: torch.Tensor | None = None,
+               v: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+               key: torch.Tensor | None = None, step: int = 0, noise_element: int | None = None,
+               return_denoised: bool = True, backend: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One fused sampler step.
+
+    Args:
+        x: (B, ...) the state (σ form, x = x0 + σ ε).
+        y: (|G|·B, ...) raw network outputs on the orbit, element-major (block k at g_k x), same
+            dtype as x; (B, ...) when ``group`` is None.
+        coefs: :class:`StepCoefficients` (c_skip, c_out, a, b, p, q, c), host floats.
+        group: the symmetry group for frame averaging, or None.
+        u, v: optional (B, ...) extra terms (weights p, q).
+        noise: (B, ...) noise to use (e.g. drawn from a torch.Generator); else, when c != 0,
+            Philox noise keyed by ``key`` (B, 2) int64 [seed, stream] (symfast.philox.noise_key)
+            and ``step``.
+        noise_element: transform the Philox noise by this group element (z ← g z).
+        return_denoised: also return x̂0 (else None).
+        backend: "reference", "cpu", "triton", or None/"auto".
+
+    Returns:
+        (x_next, denoised): (B, ...) each, x's dtype.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"y (the model output) has dtype {y.dtype} but x has {x.dtype}")
+    coefs = StepCoefficients(*(float(c) for c in coefs))
+    group = get(group) if group is not None else get("trivial")
+    order = len(group)
+    group.check_input(x)
+    if x.dim() <= group.event_ndim:
+        raise ValueError(f"x has shape {tuple(x.shape)}: needs a batch dim before the "
+                         f"{group.event_ndim} dims group {group.name} acts on")
+    batch = x.shape[0]
+    expected = (order * batch,) + tuple(x.shape[1:])
+    if tuple(y.shape) != expected:
+        raise ValueError(f"the model output y has shape {tuple(y.shape)}, expected {expected} "
+                         f"(|G| = {order} times the sample's shape {tuple(x.shape)})")
+    for name, t in (("u", u), ("v", v), ("noise", noise)):
+        _check_like(name, t, x)
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**32:
+        raise ValueError(f"step must be an int in [0, 2^32), got {step!r}")
+    if coefs.c != 0.0 and noise is None:
+        if key is None:
+            raise ValueError("coefs.c != 0 needs noise= or key= (symfast.philox.noise_key)")
+        if key.dtype != torch.int64 or tuple(key.shape) != (batch, 2) or key.device != x.device:
+            raise ValueError(f"key must be an int64 tensor of shape ({batch}, 2) on {x.device}, "
+                             f"got {key.dtype} {tuple(key.shape)} on {key.device}")
+    if noise_element is not None and not (isinstance(noise_element, int) and 0 <= noise_element < order):
+        raise ValueError(f"noise_element must be an int in [0, {order}) for group {group.name}, "
+                         f"got {noise_element!r}")
+    backend = _resolve(backend, x)
+    if backend == "reference":
+        x_next, den = reference.fused_step(x, y, group, coefs, u, v, noise, key, step, noise_element)
+        return x_next, (den if return_denoised else None)
+
+    event_shape = tuple(x.shape[x.dim() - group.event_ndim:])
+    if order == 1:
+        n = math.prod(x.shape[1:])
+        inverse_table = _identity_table(n, x.device)
+        noise_table = None
+    else:
+        n = math.prod(event_shape)
+        table, inverse_table = group.tables(event_shape, x.device)
+        noise_table = table[noise_element] if noise_element is not None else None
+    rows = math.prod(x.shape[1:]) // n if n else 1
+    m = batch * rows
+    flat = [t.reshape(m, n) if t is not None else None for t in (u, v, noise)]
+    x_next, den = _fused_step_op(x.reshape(m, n), y.reshape(order, m, n), inverse_table, *flat,
+                                 key, noise_table, rows, step, list(coefs), return_denoised, backend)
+    x_next = x_next.reshape(x.shape)
+    return x_next, (den.reshape(x.shape) if return_denoised else None)

@@ -1,0 +1,145 @@
+"""symfast::fused_step: every backend against the reference, noise included."""
+import pytest
+import torch
+
+from conftest import TOL, device_for, rel_err
+from symfast.groups import get
+from symfast.ops.fused_step import StepCoefficients, fused_step
+from symfast.philox import noise_key, sample_noise
+from symfast.reference.fused_step import fused_step as reference_step
+
+COEFS = StepCoefficients(c_skip=0.9, c_out=-0.3, a=0.7, b=0.2, p=0.1, q=-0.05, c=0.4)
+
+CASES = [  # (group, sample shape)
+    ("d4", (2, 3, 9, 9)),
+    ("c2", (3, 2, 5, 7)),
+    ("flip_h", (2, 11)),
+    (None, (5, 3, 4)),
+]
+
+
+def _inputs(group, shape, dtype, device, noncontiguous=False):
+    order = len(get(group)) if group else 1
+    gen = torch.Generator().manual_seed(hash((group, shape)) % 2**31)
+
+    def rnd(*s):
+        t = torch.randn(*s, generator=gen)
+        if noncontiguous and len(s) >= 2:
+            t = torch.randn(*s[:-2], s[-1], s[-2], generator=gen).transpose(-1, -2)
+        return t.to(device=device, dtype=dtype)
+
+    return rnd(*shape), rnd(order * shape[0], *shape[1:]), rnd(*shape), rnd(*shape)
+
+
+def _check(out, ref, dtype):
+    for o, r in zip(out, ref):
+        assert o.dtype == r.dtype and o.shape == r.shape
+        assert rel_err(o, r) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("group,shape", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("noise_mode", ["philox", "philox_transformed", "tensor", "none"])
+def test_matches_reference(backend, group, shape, dtype, noise_mode):
+    dev = device_for(backend)
+    x, y, u, v = _inputs(group, shape, dtype, dev, noncontiguous=noise_mode == "tensor")
+    key = noise_key(1234, shape[0], dev)
+    kwargs = dict(u=u, v=v, step=7)
+    coefs = COEFS
+    if noise_mode == "philox":
+        kwargs["key"] = key
+    elif noise_mode == "philox_transformed":
+        if group is None:
+            pytest.skip("no group to transform the noise with")
+        kwargs.update(key=key, noise_element=len(get(group)) - 1)
+    elif noise_mode == "tensor":
+        kwargs["noise"] = torch.randn(shape, device=dev).to(dtype)
+    else:
+        coefs = COEFS._replace(c=0.0)
+    out = fused_step(x, y, coefs, group, backend=backend, **kwargs)
+    g = get(group) if group else get("trivial")
+    ref = reference_step(x.cpu(), y.cpu(), g, coefs, u.cpu(), v.cpu(),
+                         kwargs["noise"].cpu() if "noise" in kwargs else None, key.cpu(), 7,
+                         kwargs.get("noise_element"))
+    _check([t.cpu() for t in out], ref, dtype)
+
+
+def test_optional_terms_and_no_denoised(backend):
+    dev = device_for(backend)
+    x, y, _, _ = _inputs("d4", (2, 1, 6, 6), torch.float32, dev)
+    coefs = StepCoefficients(1.0, -0.5, 0.3, 0.6, 0.0, 0.0, 0.0)
+    out, den = fused_step(x, y, coefs, "d4", return_denoised=False, backend=backend)
+    assert den is None
+    ref, _ = reference_step(x.cpu(), y.cpu(), get("d4"), coefs)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+def test_noise_is_exact_philox_and_batch_independent(backend):
+    """c=1, all else 0: x_next is the noise itself; per-sample seeds make it batch-independent."""
+    dev = device_for(backend)
+    coefs = StepCoefficients(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    shape = (3, 2, 5, 5)
+    x, y, _, _ = _inputs(None, shape, torch.float32, dev)
+    key = noise_key([5, 6, 7], 3, dev)
+    z, _ = fused_step(x, y, coefs, backend=backend, key=key, step=2)
+    expected = sample_noise(key.cpu(), 2, shape)
+    assert rel_err(z, expected) <= 1e-6
+    z2, _ = fused_step(x[1:2], y[1:2], coefs, backend=backend, key=noise_key([6], 1, dev), step=2)
+    assert rel_err(z2, z[1:2]) <= 1e-6
+    # the transformed noise is g applied to the untransformed noise
+    g = get("d4")
+    xg, yg, _, _ = _inputs("d4", shape, torch.float32, dev)
+    zg, _ = fused_step(xg, yg, coefs, "d4", backend=backend, key=key, step=2, noise_element=3)
+    assert rel_err(zg, g.act(expected, 3).to(dev)) <= 1e-6
+
+
+def test_compiles_fullgraph():
+    x, y, u, _ = _inputs("d4", (2, 3, 8, 8), torch.float32, "cpu")
+    key = noise_key(3, 2)
+
+    def step(x, y, u, key):
+        return fused_step(x, y, COEFS, "d4", u=u, key=key, step=4, backend="cpu")
+
+    ref = step(x, y, u, key)  # eager first: builds the gather tables, which dynamo cannot trace
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(x, y, u, key)
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_opcheck():
+    x, y, u, _ = _inputs("c2", (2, 3, 4, 6), torch.float32, "cpu")
+    table, inverse = get("c2").tables((4, 6))
+    key = noise_key(3, 2)
+    torch.library.opcheck(torch.ops.symfast.fused_step,
+                          (x.reshape(6, 24), y.reshape(2, 6, 24), inverse, u.reshape(6, 24), None,
+                           None, key, table[1], 3, 1, list(COEFS), True, "cpu"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_inputs():
+    x, y, _, _ = _inputs("d4", (2, 3, 6, 6), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="model output y has shape"):
+        fused_step(x, y[:8], COEFS._replace(c=0.0), "d4")
+    with pytest.raises(ValueError, match="model output y has shape"):
+        fused_step(x, y[:, :, :5], COEFS._replace(c=0.0), "d4")
+    with pytest.raises(TypeError, match="y .*dtype"):
+        fused_step(x, y.double(), COEFS._replace(c=0.0), "d4")
+    with pytest.raises(TypeError, match="x must be"):
+        fused_step(x.numpy(), y, COEFS, "d4")
+    with pytest.raises(ValueError, match="needs noise= or key="):
+        fused_step(x, y, COEFS, "d4")
+    with pytest.raises(ValueError, match="key must be an int64 tensor of shape"):
+        fused_step(x, y, COEFS, "d4", key=noise_key(1, 3))
+    with pytest.raises(ValueError, match="noise_element"):
+        fused_step(x, y, COEFS, "d4", key=noise_key(1, 2), noise_element=8)
+    with pytest.raises(ValueError, match="u has shape"):
+        fused_step(x, y, COEFS, "d4", key=noise_key(1, 2), u=x[:1])
+    with pytest.raises(ValueError, match="step"):
+        fused_step(x, y, COEFS, "d4", key=noise_key(1, 2), step=-1)
+    with pytest.raises(ValueError, match="backend"):
+        fused_step(x, y, COEFS, "d4", key=noise_key(1, 2), backend="numba")
+    # the C++ op checks its own inputs too (malformed tables never read out of bounds)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.symfast.fused_step_cpu(x.reshape(6, 36), y.reshape(8, 6, 36),
+                                         torch.full((8, 36), 36, dtype=torch.int32), None, None,
+                                         None, None, None, 3, 0, [0.0] * 7, True)
