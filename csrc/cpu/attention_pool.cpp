@@ -1,0 +1,285 @@
+// CPU kernels for attention_pool (attention text classifier, Lu, Mao, Nayak, ICLR 2021).
+//
+// forward:  s_j = q . keys[t_j],  a = softmax_j(s) over the valid positions,
+//           pooled[b] = sum_j a_j embedding[t_j]                        (weights a kept in fp32)
+// backward: da_j = g_b . embedding[t_j] + gw_bj,  ds_j = a_j (da_j - sum_k a_k da_k)
+//           grad_embedding[v] = sum_{(b,j): t_bj = v} a_bj g_b
+//           grad_keys[v]      = (sum_{(b,j): t_bj = v} ds_bj) q         (rank one in q)
+//           grad_query        = sum_{b,j} ds_bj keys[t_bj]
+// The dense gradient tables are written once, row by row, from a CSR list of the positions
+// holding each token: every row has one writer, so there are no races and no atomics, and the
+// result does not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "symfast_module.h"
+
+namespace {
+
+struct Shapes {
+  int64_t b, l, v, d, dk;
+};
+
+// Validates shapes and every token id / length, so no gather below can leave its table.
+Shapes check_inputs(const at::Tensor& tokens, const at::Tensor& lengths,
+                    const at::Tensor& embedding, const at::Tensor& keys, const at::Tensor& query) {
+  TORCH_CHECK(tokens.device().is_cpu() && lengths.device().is_cpu() &&
+                  embedding.device().is_cpu() && keys.device().is_cpu() && query.device().is_cpu(),
+              "attention_pool cpu kernels need CPU tensors");
+  TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong,
+              "tokens must be int64 (B, L), got ", tokens.scalar_type(), " ", tokens.sizes());
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == tokens.size(0) &&
+                  lengths.scalar_type() == at::kLong,
+              "lengths must be int64 (B,) with B = ", tokens.size(0), ", got ", lengths.sizes());
+  TORCH_CHECK(embedding.dim() == 2 && keys.dim() == 2 && keys.size(0) == embedding.size(0),
+              "embedding (V, d) and keys (V, d_k) must share V, got ", embedding.sizes(), " and ",
+              keys.sizes());
+  TORCH_CHECK(query.dim() == 1 && query.size(0) == keys.size(1), "query must be (", keys.size(1),
+              ",), got ", query.sizes());
+  TORCH_CHECK(embedding.scalar_type() == keys.scalar_type() &&
+                  keys.scalar_type() == query.scalar_type(),
+              "embedding, keys and query must share a dtype");
+  Shapes s{tokens.size(0), tokens.size(1), embedding.size(0), embedding.size(1), keys.size(1)};
+  const int64_t* tp = tokens.data_ptr<int64_t>();
+  const int64_t n = tokens.numel();
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= (tp[i] >= 0) & (tp[i] < s.v);
+  TORCH_CHECK(ok, "tokens holds an id outside [0, ", s.v, ")");
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  for (int64_t i = 0; i < s.b; ++i)
+    TORCH_CHECK(lp[i] >= 1 && lp[i] <= s.l, "lengths[", i, "] = ", lp[i], " is outside [1, ", s.l,
+                "]");
+  return s;
+}
+
+template <typename scalar_t, typename acc_t>
+SYMFAST_MULTIVERSION acc_t dot_row(const scalar_t* __restrict x, const acc_t* __restrict y,
+                                   int64_t n) {
+  acc_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(x[i]) * y[i];
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+SYMFAST_MULTIVERSION void axpy_row(acc_t a, const scalar_t* __restrict x, acc_t* __restrict y,
+                                   int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<acc_t>(x[i]);
+}
+
+// Raw pointers into the (contiguous) inputs, and the query in the accumulation type.
+template <typename scalar_t, typename acc_t>
+struct Views {
+  const int64_t* tp;
+  const int64_t* lp;
+  const scalar_t* ep;
+  const scalar_t* kp;
+  std::vector<acc_t> q;
+  Views(const at::Tensor& tokens, const at::Tensor& lengths, const at::Tensor& embedding,
+        const at::Tensor& keys, const at::Tensor& query)
+      : tp(tokens.data_ptr<int64_t>()),
+        lp(lengths.data_ptr<int64_t>()),
+        ep(embedding.data_ptr<scalar_t>()),
+        kp(keys.data_ptr<scalar_t>()),
+        q(query.data_ptr<scalar_t>(), query.data_ptr<scalar_t>() + query.numel()) {}
+};
+
+std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& tokens_in,
+                                                          const at::Tensor& lengths_in,
+                                                          const at::Tensor& embedding_in,
+                                                          const at::Tensor& keys_in,
+                                                          const at::Tensor& query_in,
+                                                          bool mask_padding) {
+  const at::Tensor tokens = tokens_in.contiguous(), lengths = lengths_in.contiguous();
+  const at::Tensor embedding = embedding_in.contiguous(), keys = keys_in.contiguous();
+  const at::Tensor query = query_in.contiguous();
+  const Shapes s = check_inputs(tokens, lengths, embedding, keys, query);
+  const auto acc_type = embedding.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor pooled = at::empty({s.b, s.d}, embedding.options());
+  at::Tensor weights = at::empty({s.b, s.l}, embedding.options().dtype(acc_type));
+  if (s.b == 0) return {pooled, weights};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embedding.scalar_type(),
+                                  "attention_pool_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Views<scalar_t, acc_t> in(tokens, lengths, embedding, keys, query);
+    const int64_t *tp = in.tp, *lp = in.lp;
+    const scalar_t *ep = in.ep, *kp = in.kp;
+    const std::vector<acc_t>& q = in.q;
+    scalar_t* pp = pooled.data_ptr<scalar_t>();
+    acc_t* wp = weights.data_ptr<acc_t>();
+    // One sentence gathers L*(d + d_k) values; a grain of 8 sentences amortises the fork.
+    at::parallel_for(0, s.b, 8, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(s.d);
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n = mask_padding ? lp[b] : s.l;
+        const int64_t* tok = tp + b * s.l;
+        acc_t* a = wp + b * s.l;
+        acc_t top = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = 0; j < n; ++j) {
+          a[j] = dot_row<scalar_t, acc_t>(kp + tok[j] * s.dk, q.data(), s.dk);
+          top = std::max(top, a[j]);
+        }
+        acc_t total = 0;
+        for (int64_t j = 0; j < n; ++j) total += (a[j] = std::exp(a[j] - top));
+        const acc_t inv = acc_t(1) / total;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t j = 0; j < n; ++j) {
+          a[j] *= inv;
+          axpy_row<scalar_t, acc_t>(a[j], ep + tok[j] * s.d, acc.data(), s.d);
+        }
+        for (int64_t j = n; j < s.l; ++j) a[j] = 0;
+        scalar_t* out = pp + b * s.d;
+        for (int64_t i = 0; i < s.d; ++i) out[i] = static_cast<scalar_t>(acc[i]);
+      }
+    });
+  });
+  return {pooled, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
+    const at::Tensor& grad_pooled_in, const c10::optional<at::Tensor>& grad_weights_in,
+    const at::Tensor& tokens_in, const at::Tensor& lengths_in, const at::Tensor& embedding_in,
+    const at::Tensor& keys_in, const at::Tensor& query_in, const at::Tensor& weights_in,
+    bool mask_padding, bool need_embedding, bool need_keys, bool need_query) {
+  const at::Tensor tokens = tokens_in.contiguous(), lengths = lengths_in.contiguous();
+  const at::Tensor embedding = embedding_in.contiguous(), keys = keys_in.contiguous();
+  const at::Tensor query = query_in.contiguous();
+  const Shapes s = check_inputs(tokens, lengths, embedding, keys, query);
+  const auto acc_type = embedding.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_pooled_in.sizes() == at::IntArrayRef({s.b, s.d}), "grad_pooled must be (", s.b,
+              ", ", s.d, "), got ", grad_pooled_in.sizes());
+  TORCH_CHECK(weights_in.sizes() == at::IntArrayRef({s.b, s.l}) &&
+                  weights_in.scalar_type() == acc_type,
+              "weights must be (", s.b, ", ", s.l, ") ", acc_type);
+  const at::Tensor grad_pooled = grad_pooled_in.to(acc_type).contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  at::Tensor grad_weights;
+  if (grad_weights_in.has_value() && grad_weights_in->defined()) {
+    TORCH_CHECK(grad_weights_in->sizes() == weights.sizes(), "grad_weights must be (", s.b, ", ",
+                s.l, "), got ", grad_weights_in->sizes());
+    grad_weights = grad_weights_in->to(acc_type).contiguous();
+  }
+  const auto opts = embedding.options();
+  at::Tensor grad_embedding = at::empty({need_embedding ? s.v : 0, s.d}, opts);
+  at::Tensor grad_keys = at::empty({need_keys ? s.v : 0, s.dk}, opts);
+  at::Tensor grad_query = at::empty({need_query ? s.dk : 0}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embedding.scalar_type(),
+                                  "attention_pool_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Views<scalar_t, acc_t> in(tokens, lengths, embedding, keys, query);
+    const int64_t *tp = in.tp, *lp = in.lp;
+    const scalar_t *ep = in.ep, *kp = in.kp;
+    const std::vector<acc_t>& q = in.q;
+    const acc_t* gp = grad_pooled.data_ptr<acc_t>();
+    const acc_t* gwp = grad_weights.defined() ? grad_weights.data_ptr<acc_t>() : nullptr;
+    const acc_t* wp = weights.data_ptr<acc_t>();
+    const int64_t positions = s.b * s.l;
+
+    // 1. Score gradients per sentence, and grad_query from per-thread partials.
+    std::vector<acc_t> ds(positions, acc_t(0));
+    const int nthreads = at::get_num_threads();
+    std::vector<acc_t> query_partials(need_query ? nthreads * s.dk : 0, acc_t(0));
+    if (need_keys || need_query) {
+      at::parallel_for(0, s.b, 8, [&](int64_t begin, int64_t end) {
+        acc_t* gq = need_query ? query_partials.data() + at::get_thread_num() * s.dk : nullptr;
+        for (int64_t b = begin; b < end; ++b) {
+          const int64_t n = mask_padding ? lp[b] : s.l;
+          const int64_t* tok = tp + b * s.l;
+          const acc_t* a = wp + b * s.l;
+          acc_t* dsb = ds.data() + b * s.l;
+          acc_t mean = 0;
+          for (int64_t j = 0; j < n; ++j) {
+            dsb[j] = dot_row<scalar_t, acc_t>(ep + tok[j] * s.d, gp + b * s.d, s.d) +
+                     (gwp ? gwp[b * s.l + j] : acc_t(0));
+            mean += a[j] * dsb[j];
+          }
+          for (int64_t j = 0; j < n; ++j) {
+            dsb[j] = a[j] * (dsb[j] - mean);
+            if (gq) axpy_row<scalar_t, acc_t>(dsb[j], kp + tok[j] * s.dk, gq, s.dk);
+          }
+        }
+      });
+    }
+    if (need_query) {
+      scalar_t* out = grad_query.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < s.dk; ++i) {
+        acc_t sum = 0;
+        for (int t = 0; t < nthreads; ++t) sum += query_partials[t * s.dk + i];
+        out[i] = static_cast<scalar_t>(sum);
+      }
+    }
+    if (!need_embedding && !need_keys) return;
+
+    // 2. CSR of the valid positions by token id (a counting sort: O(V + B*L), serial because
+    //    it is a few tens of microseconds next to the table writes).
+    std::vector<int64_t> offsets(s.v + 1, 0);
+    for (int64_t b = 0; b < s.b; ++b) {
+      const int64_t n = mask_padding ? lp[b] : s.l;
+      for (int64_t j = 0; j < n; ++j) ++offsets[tp[b * s.l + j] + 1];
+    }
+    for (int64_t v = 0; v < s.v; ++v) offsets[v + 1] += offsets[v];
+    std::vector<int64_t> order(offsets[s.v]);
+    {
+      std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+      for (int64_t b = 0; b < s.b; ++b) {
+        const int64_t n = mask_padding ? lp[b] : s.l;
+        for (int64_t j = 0; j < n; ++j) order[fill[tp[b * s.l + j]]++] = b * s.l + j;
+      }
+    }
+
+    // 3. Every table row written exactly once (zeros for tokens absent from the batch).
+    scalar_t* gep = need_embedding ? grad_embedding.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gkp = need_keys ? grad_keys.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, s.v, 512, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(s.d);
+      for (int64_t v = begin; v < end; ++v) {
+        const int64_t lo = offsets[v], hi = offsets[v + 1];
+        if (gep) {
+          scalar_t* row = gep + v * s.d;
+          if (lo == hi) {
+            std::fill(row, row + s.d, scalar_t(0));
+          } else {
+            std::fill(acc.begin(), acc.end(), acc_t(0));
+            for (int64_t p = lo; p < hi; ++p)
+              axpy_row<acc_t, acc_t>(wp[order[p]], gp + (order[p] / s.l) * s.d, acc.data(), s.d);
+            for (int64_t i = 0; i < s.d; ++i) row[i] = static_cast<scalar_t>(acc[i]);
+          }
+        }
+        if (gkp) {
+          acc_t total = 0;
+          for (int64_t p = lo; p < hi; ++p) total += ds[order[p]];
+          scalar_t* row = gkp + v * s.dk;
+          for (int64_t i = 0; i < s.dk; ++i) row[i] = static_cast<scalar_t>(total * q[i]);
+        }
+      }
+    });
+  });
+  return {grad_embedding, grad_keys, grad_query};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(symfast, m) {
+  m.def(
+      "attention_pool_fwd_cpu(Tensor tokens, Tensor lengths, Tensor embedding, Tensor keys, "
+      "Tensor query, bool mask_padding) -> (Tensor, Tensor)");
+  m.def(
+      "attention_pool_bwd_cpu(Tensor grad_pooled, Tensor? grad_weights, Tensor tokens, "
+      "Tensor lengths, Tensor embedding, Tensor keys, Tensor query, Tensor weights, "
+      "bool mask_padding, bool need_embedding, bool need_keys, bool need_query) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(symfast, CPU, m) {
+  m.impl("attention_pool_fwd_cpu", &attention_pool_fwd_cpu);
+  m.impl("attention_pool_bwd_cpu", &attention_pool_bwd_cpu);
+}
+
+SYMFAST_PY_MODULE()

@@ -1,0 +1,185 @@
+"""Triton kernels for attention_pool: one program per sentence forward; backward in two passes,
+score gradients per sentence, then one program per vocabulary row writing that row of the dense
+gradient tables from a sorted (CSR) list of the positions holding the token: one writer per row,
+so no atomics and a result that does not depend on scheduling."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK_D = 128
+
+
+@triton.jit
+def _sentence(tokens_ptr, lengths_ptr, b, L, MASK: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Positions of sentence b, which of them take part in the softmax, and their token ids."""
+    offs_l = tl.arange(0, BLOCK_L)
+    if MASK:
+        n = tl.load(lengths_ptr + b)
+    else:
+        n = L
+    valid = offs_l < n
+    return offs_l, valid, tl.load(tokens_ptr + b * L + offs_l, mask=valid, other=0)
+
+
+@triton.jit
+def _forward_kernel(tokens_ptr, lengths_ptr, emb_ptr, keys_ptr, query_ptr, pooled_ptr, weights_ptr,
+                    L, D, DK, MASK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DK: tl.constexpr, ACC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_l, valid, tok = _sentence(tokens_ptr, lengths_ptr, b, L, MASK, BLOCK_L)
+    scores = tl.zeros([BLOCK_L], dtype=ACC)
+    for k0 in range(0, DK, BLOCK_DK):
+        offs_k = k0 + tl.arange(0, BLOCK_DK)
+        kmask = offs_k < DK
+        q = tl.load(query_ptr + offs_k, mask=kmask, other=0.0).to(ACC)
+        kv = tl.load(keys_ptr + tok[:, None] * DK + offs_k[None, :],
+                     mask=valid[:, None] & kmask[None, :], other=0.0).to(ACC)
+        scores += tl.sum(kv * q[None, :], axis=1)
+    scores = tl.where(valid, scores, float("-inf"))
+    e = tl.where(valid, tl.exp(scores - tl.max(scores, axis=0)), 0.0)
+    a = e / tl.sum(e, axis=0)
+    tl.store(weights_ptr + b * L + offs_l, a, mask=offs_l < L)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        v = tl.load(emb_ptr + tok[:, None] * D + offs_d[None, :],
+                    mask=valid[:, None] & dmask[None, :], other=0.0).to(ACC)
+        out = tl.sum(a[:, None] * v, axis=0)
+        tl.store(pooled_ptr + b * D + offs_d, out.to(pooled_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _score_grad_kernel(grad_pooled_ptr, grad_weights_ptr, tokens_ptr, lengths_ptr, emb_ptr,
+                       keys_ptr, weights_ptr, ds_ptr, query_partial_ptr, L, D, DK,
+                       MASK: tl.constexpr, HAS_GW: tl.constexpr, NEED_Q: tl.constexpr,
+                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+                       ACC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    offs_l, valid, tok = _sentence(tokens_ptr, lengths_ptr, b, L, MASK, BLOCK_L)
+    a = tl.load(weights_ptr + b * L + offs_l, mask=valid, other=0.0)
+    da = tl.zeros([BLOCK_L], dtype=ACC)
+    if HAS_GW:
+        da += tl.load(grad_weights_ptr + b * L + offs_l, mask=valid, other=0.0).to(ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        g = tl.load(grad_pooled_ptr + b * D + offs_d, mask=dmask, other=0.0).to(ACC)
+        v = tl.load(emb_ptr + tok[:, None] * D + offs_d[None, :],
+                    mask=valid[:, None] & dmask[None, :], other=0.0).to(ACC)
+        da += tl.sum(v * g[None, :], axis=1)
+    ds = a * (da - tl.sum(a * da, axis=0))
+    tl.store(ds_ptr + b * L + offs_l, ds, mask=offs_l < L)
+    if NEED_Q:
+        for k0 in range(0, DK, BLOCK_DK):
+            offs_k = k0 + tl.arange(0, BLOCK_DK)
+            kmask = offs_k < DK
+            kv = tl.load(keys_ptr + tok[:, None] * DK + offs_k[None, :],
+                         mask=valid[:, None] & kmask[None, :], other=0.0).to(ACC)
+            tl.store(query_partial_ptr + b * DK + offs_k, tl.sum(ds[:, None] * kv, axis=0),
+                     mask=kmask)
+
+
+@triton.jit
+def _table_grad_kernel(offsets_ptr, order_ptr, grad_pooled_ptr, weights_ptr, ds_ptr, query_ptr,
+                       grad_emb_ptr, grad_keys_ptr, L, D, DK, NEED_E: tl.constexpr,
+                       NEED_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+                       ACC: tl.constexpr):
+    v = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    lo = tl.load(offsets_ptr + v)
+    hi = tl.load(offsets_ptr + v + 1)
+    offs_d = chunk * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    acc = tl.zeros([BLOCK_D], dtype=ACC)
+    total = tl.zeros([1], dtype=ACC)
+    for p in range(lo, hi):
+        pos = tl.load(order_ptr + p)
+        if NEED_E:
+            g = tl.load(grad_pooled_ptr + (pos // L) * D + offs_d, mask=dmask, other=0.0).to(ACC)
+            acc += tl.load(weights_ptr + pos).to(ACC) * g
+        if NEED_K:
+            total += tl.load(ds_ptr + pos).to(ACC)
+    if NEED_E:
+        tl.store(grad_emb_ptr + v * D + offs_d, acc.to(grad_emb_ptr.dtype.element_ty), mask=dmask)
+    if NEED_K:
+        # The key row is (Σ ds) q, written once by the row's first d-chunk program.
+        if chunk == 0:
+            for k0 in range(0, DK, BLOCK_DK):
+                offs_k = k0 + tl.arange(0, BLOCK_DK)
+                kmask = offs_k < DK
+                q = tl.load(query_ptr + offs_k, mask=kmask, other=0.0).to(ACC)
+                tl.store(grad_keys_ptr + v * DK + offs_k,
+                         (tl.sum(total, axis=0) * q).to(grad_keys_ptr.dtype.element_ty), mask=kmask)
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _blocks(l: int, d: int, dk: int) -> tuple[int, int, int]:
+    return (triton.next_power_of_2(l), min(_BLOCK_D, triton.next_power_of_2(d)),
+            min(_BLOCK_D, triton.next_power_of_2(dk)))
+
+
+def forward(tokens: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,
+            keys: torch.Tensor, query: torch.Tensor,
+            mask_padding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """pooled (B, d) in embedding's dtype and weights (B, L) in the accumulation dtype.
+    Arguments are validated by symfast.ops.attention_pool (token ids in range, lengths in [1, L])."""
+    tokens, lengths = tokens.contiguous(), lengths.contiguous()
+    embedding, keys, query = embedding.contiguous(), keys.contiguous(), query.contiguous()
+    (b, l), d, dk = tokens.shape, embedding.shape[1], keys.shape[1]
+    acc_dtype = torch.float64 if embedding.dtype == torch.float64 else torch.float32
+    pooled = torch.empty((b, d), dtype=embedding.dtype, device=embedding.device)
+    weights = torch.empty((b, l), dtype=acc_dtype, device=embedding.device)
+    if b:
+        block_l, block_d, block_dk = _blocks(l, d, dk)
+        _forward_kernel[(b,)](tokens, lengths, embedding, keys, query, pooled, weights, l, d, dk,
+                              MASK=mask_padding, BLOCK_L=block_l, BLOCK_D=block_d,
+                              BLOCK_DK=block_dk, ACC=_acc(embedding.dtype))
+    return pooled, weights
+
+
+def backward(grad_pooled: torch.Tensor, grad_weights: Optional[torch.Tensor], tokens: torch.Tensor,
+             lengths: torch.Tensor, embedding: torch.Tensor, keys: torch.Tensor,
+             query: torch.Tensor, weights: torch.Tensor, mask_padding: bool, need_embedding: bool,
+             need_keys: bool, need_query: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_embedding (V, d), grad_keys (V, d_k), grad_query (d_k,)); a table not needed comes
+    back with 0 rows."""
+    tokens, lengths = tokens.contiguous(), lengths.contiguous()
+    embedding, keys, query = embedding.contiguous(), keys.contiguous(), query.contiguous()
+    grad_pooled, weights = grad_pooled.contiguous(), weights.contiguous()
+    (b, l), (v, d), dk = tokens.shape, embedding.shape, keys.shape[1]
+    dev, dtype, acc_dtype = embedding.device, embedding.dtype, weights.dtype
+    acc = _acc(dtype)
+    block_l, block_d, block_dk = _blocks(l, d, dk)
+    ds = torch.empty((b, l), dtype=acc_dtype, device=dev)
+    query_partial = torch.empty((b, dk), dtype=acc_dtype, device=dev)
+    has_gw = grad_weights is not None
+    if b and (need_keys or need_query):
+        _score_grad_kernel[(b,)](grad_pooled, grad_weights.contiguous() if has_gw else weights,
+                                 tokens, lengths, embedding, keys, weights, ds, query_partial,
+                                 l, d, dk, MASK=mask_padding, HAS_GW=has_gw, NEED_Q=need_query,
+                                 BLOCK_L=block_l, BLOCK_D=block_d, BLOCK_DK=block_dk, ACC=acc)
+    grad_query = (query_partial.sum(0).to(dtype) if need_query
+                  else torch.empty((0,), dtype=dtype, device=dev))
+    grad_embedding = torch.empty((v if need_embedding else 0, d), dtype=dtype, device=dev)
+    grad_keys = torch.empty((v if need_keys else 0, dk), dtype=dtype, device=dev)
+    if v and (need_embedding or need_keys):
+        # CSR of the valid positions by token: padding positions sort to the end under key V.
+        flat = tokens.reshape(-1)
+        if mask_padding:
+            positions = torch.arange(l, device=dev)
+            flat = torch.where((positions[None, :] < lengths[:, None]).reshape(-1), flat, v)
+        order = torch.sort(flat, stable=True).indices
+        counts = torch.bincount(flat, minlength=v + 1)[:v]
+        offsets = torch.zeros(v + 1, dtype=torch.int64, device=dev)
+        offsets[1:] = torch.cumsum(counts, 0)
+        _table_grad_kernel[(v, triton.cdiv(d, block_d))](
+            offsets, order, grad_pooled, weights, ds, query, grad_embedding, grad_keys, l, d, dk,
+            NEED_E=need_embedding, NEED_K=need_keys, BLOCK_D=block_d, BLOCK_DK=block_dk, ACC=acc)
+    return grad_embedding, grad_keys, grad_query

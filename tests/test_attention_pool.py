@@ -1,0 +1,193 @@
+"""symfast.ops.attention_pool: every backend against the reference (computed in fp64)."""
+import pytest
+import torch
+from conftest import TOL, device_for, rel_err
+
+from symfast.ops.attention_pool import attention_pool
+from symfast.reference.attention_pool import attention_pool as reference
+
+# (B, L, V, d, d_k): odd sizes; the triton interpreter is slow, so its shapes stay small, and
+# one shape has d > 128 so the kernels' d-chunk loops run more than once.
+SHAPES = {"reference": [(5, 7, 11, 9, 3), (33, 21, 97, 37, 13)],
+          "cpu": [(5, 7, 11, 9, 3), (33, 21, 97, 37, 13), (6, 9, 40, 130, 5)],
+          "triton": [(3, 5, 9, 7, 3), (2, 4, 6, 130, 5)]}
+
+
+def _inputs(b, l, v, d, dk, dtype, device, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, v, (b, l), generator=gen)
+    lengths = torch.randint(1, l + 1, (b,), generator=gen)
+    embedding = torch.randn(v, d, generator=gen)
+    keys = torch.randn(v, dk, generator=gen)
+    query = torch.randn(dk, generator=gen)
+    tables = [t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+              for t in (embedding, keys, query)]
+    return tokens.to(device), lengths.to(device), *tables
+
+
+def _reference64(tokens, lengths, embedding, keys, query, mask_padding):
+    tables = [t.detach().double().requires_grad_(True) for t in (embedding, keys, query)]
+    pooled, weights = reference(tokens, lengths, *tables, mask_padding)
+    return pooled, weights, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_forward_and_backward_match_reference(backend, dtype, mask_padding):
+    device = device_for(backend)
+    for seed, shape in enumerate(SHAPES[backend]):
+        tokens, lengths, emb, keys, query = _inputs(*shape, dtype, device, seed=seed,
+                                                    requires_grad=True)
+        pooled, weights = attention_pool(tokens, lengths, emb, keys, query, mask_padding,
+                                         return_weights=True, backend=backend)
+        ref_pooled, ref_weights, ref_tables = _reference64(tokens, lengths, emb, keys, query,
+                                                           mask_padding)
+        assert pooled.dtype == dtype and weights.dtype == dtype
+        assert pooled.shape == (shape[0], shape[3]) and weights.shape == shape[:2]
+        assert rel_err(pooled, ref_pooled) <= TOL[dtype]
+        assert rel_err(weights, ref_weights) <= TOL[dtype]
+        if mask_padding:
+            positions = torch.arange(shape[1], device=device)
+            assert torch.all(weights[positions[None, :] >= lengths[:, None]] == 0)
+        gen = torch.Generator().manual_seed(100 + seed)
+        grad_pooled = torch.randn(ref_pooled.shape, generator=gen, dtype=torch.float64)
+        grad_weights = torch.randn(ref_weights.shape, generator=gen, dtype=torch.float64)
+        loss = (pooled * grad_pooled.to(device, dtype)).sum() + (
+            weights * grad_weights.to(device, dtype)).sum()
+        grads = torch.autograd.grad(loss, (emb, keys, query))
+        ref_loss = (ref_pooled * grad_pooled).sum() + (ref_weights * grad_weights).sum()
+        ref_grads = torch.autograd.grad(ref_loss, ref_tables)
+        for name, g, r in zip(("embedding", "keys", "query"), grads, ref_grads):
+            assert g.dtype == dtype and g.shape == r.shape, name
+            assert rel_err(g, r) <= TOL[dtype], name
+
+
+def test_non_contiguous_inputs(backend):
+    device = device_for(backend)
+    b, l, v, d, dk = SHAPES[backend][0]
+    gen = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, v, (l, b), generator=gen).to(device).t()  # (B, L), strided
+    lengths = torch.randint(1, l + 1, (2 * b,), generator=gen).to(device)[::2]
+    emb = torch.randn(v, 2 * d, generator=gen).to(device)[:, ::2]
+    keys = torch.randn(dk + 3, v, generator=gen).to(device).t()[:, 1:dk + 1]
+    query = torch.randn(2 * dk, generator=gen).to(device)[1::2]
+    assert not any(t.is_contiguous() for t in (tokens, lengths, emb, keys, query))
+    tables = [t.requires_grad_(True) for t in (emb, keys, query)]
+    pooled = attention_pool(tokens, lengths, *tables, backend=backend)
+    ref_pooled, _, ref_tables = _reference64(tokens, lengths, *tables, True)
+    assert rel_err(pooled, ref_pooled) <= TOL[torch.float32]
+    grad = torch.randn(pooled.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((pooled * grad.to(device, torch.float32)).sum(), tables)
+    ref_grads = torch.autograd.grad((ref_pooled * grad).sum(), ref_tables)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_gradcheck_fp64(backend, mask_padding):
+    if backend == "reference":
+        pytest.skip("the reference is differentiated by torch's own autograd")
+    device = device_for(backend)
+    tokens, lengths, emb, keys, query = _inputs(3, 5, 6, 4, 3, torch.float64, device, seed=3,
+                                                requires_grad=True)
+    tokens[0, :3] = 2  # repeated tokens: one table row accumulates several positions
+
+    def fn(emb, keys, query):
+        return attention_pool(tokens, lengths, emb, keys, query, mask_padding,
+                              return_weights=True, backend=backend)
+
+    # Under the (slow) triton interpreter, fast mode: one random projection of the Jacobian.
+    fast = backend == "triton" and not torch.cuda.is_available()
+    assert torch.autograd.gradcheck(fn, (emb, keys, query), fast_mode=fast)
+
+
+def test_repeated_tokens_accumulate_and_are_deterministic():
+    """A tiny vocabulary makes every row collect many positions (the race-prone case)."""
+    tokens, lengths, emb, keys, query = _inputs(64, 31, 3, 17, 5, torch.float32, "cpu", seed=5,
+                                                requires_grad=True)
+    runs = []
+    for _ in range(2):
+        pooled, weights = attention_pool(tokens, lengths, emb, keys, query, return_weights=True,
+                                         backend="cpu")
+        runs.append(torch.autograd.grad(pooled.sum() + (weights ** 2).sum(), (emb, keys, query)))
+    ref_pooled, ref_weights, ref_tables = _reference64(tokens, lengths, emb, keys, query, True)
+    ref_grads = torch.autograd.grad(ref_pooled.sum() + (ref_weights ** 2).sum(), ref_tables)
+    for g0, g1, r in zip(*runs, ref_grads):
+        assert torch.equal(g0, g1)
+        assert rel_err(g0, r) <= TOL[torch.float32]
+
+
+def test_only_needed_gradients():
+    """Frozen keys and query: only the embedding table gets a gradient, and it is right."""
+    tokens, lengths, emb, keys, query = _inputs(9, 6, 13, 5, 4, torch.float32, "cpu", seed=9)
+    emb.requires_grad_(True)
+    pooled = attention_pool(tokens, lengths, emb, keys, query, backend="cpu")
+    pooled.sum().backward()
+    assert keys.grad is None and query.grad is None
+    ref_pooled, _, ref_tables = _reference64(tokens, lengths, emb, keys, query, True)
+    ref_pooled.sum().backward()
+    assert rel_err(emb.grad, ref_tables[0].grad) <= TOL[torch.float32]
+
+
+def test_lengths_none_means_full_sentences(backend):
+    device = device_for(backend)
+    tokens, lengths, emb, keys, query = _inputs(*SHAPES[backend][0], torch.float32, device)
+    full = torch.full_like(lengths, tokens.shape[1])
+    out = attention_pool(tokens, None, emb, keys, query, backend=backend)
+    assert torch.equal(out, attention_pool(tokens, full, emb, keys, query, backend=backend))
+
+
+def test_opcheck_cpu():
+    from symfast.ops.attention_pool import _attention_pool_op
+
+    tokens, lengths, emb, keys, query = _inputs(4, 6, 10, 5, 3, torch.float32, "cpu", seed=2,
+                                                requires_grad=True)
+    torch.library.opcheck(_attention_pool_op, (tokens, lengths, emb, keys, query, False, "cpu"))
+
+
+def test_bad_inputs():
+    tokens, lengths, emb, keys, query = _inputs(4, 6, 10, 5, 3, torch.float32, "cpu")
+    with pytest.raises(IndexError, match="tokens"):
+        attention_pool(tokens + 10, lengths, emb, keys, query)
+    with pytest.raises(IndexError, match="tokens"):
+        attention_pool(tokens - 11, lengths, emb, keys, query)
+    with pytest.raises(TypeError, match="tokens"):
+        attention_pool(tokens.float(), lengths, emb, keys, query)
+    with pytest.raises(ValueError, match="tokens"):
+        attention_pool(tokens[0], lengths, emb, keys, query)
+    for bad in (torch.zeros_like(lengths), lengths + 6):
+        with pytest.raises(ValueError, match="lengths"):
+            attention_pool(tokens, bad, emb, keys, query)
+    with pytest.raises(ValueError, match="lengths"):
+        attention_pool(tokens, lengths[:3], emb, keys, query)
+    with pytest.raises(ValueError, match="keys"):
+        attention_pool(tokens, lengths, emb, keys[:9], query)
+    with pytest.raises(ValueError, match="query"):
+        attention_pool(tokens, lengths, emb, keys, query[:2])
+    with pytest.raises(ValueError, match="embedding"):
+        attention_pool(tokens, lengths, emb[None], keys, query)
+    with pytest.raises(TypeError, match="dtype"):
+        attention_pool(tokens, lengths, emb, keys.double(), query)
+    with pytest.raises(TypeError, match="embedding"):
+        attention_pool(tokens, lengths, emb.long(), keys.long(), query.long())
+    with pytest.raises(ValueError, match="backend"):
+        attention_pool(tokens, lengths, emb, keys, query, backend="numpy")
+
+
+def test_cpu_kernel_checks_bounds_itself():
+    """Called past the Python checks, the C++ kernel refuses out-of-range ids and lengths."""
+    from symfast._ext import load_cpu_kernels
+
+    assert load_cpu_kernels("attention_pool")
+    tokens, lengths, emb, keys, query = _inputs(4, 6, 10, 5, 3, torch.float32, "cpu")
+    fwd = torch.ops.symfast.attention_pool_fwd_cpu
+    with pytest.raises(RuntimeError, match="tokens"):
+        fwd(tokens + 10, lengths, emb, keys, query, True)
+    with pytest.raises(RuntimeError, match="tokens"):
+        fwd(tokens - 20, lengths, emb, keys, query, True)
+    with pytest.raises(RuntimeError, match="lengths"):
+        fwd(tokens, lengths + 6, emb, keys, query, True)
+    _, weights = fwd(tokens, lengths, emb, keys, query, True)
+    with pytest.raises(RuntimeError, match="tokens"):
+        torch.ops.symfast.attention_pool_bwd_cpu(torch.ones(4, 5), None, tokens + 10, lengths, emb,
+                                                 keys, query, weights, True, True, True, True)
