@@ -1,0 +1,300 @@
+// CPU kernels for the tied (group-invariant kernel) convolution.
+//
+// A kernel with one value per orbit of kernel positions turns the convolution into
+//   stencil:  S[b, c, r] = sum over positions p=(i, j) of orbit r of shift_p(x[b, c])
+//   GEMM:     y[b] = theta (O, C*R) @ S[b] (C*R, Ho*Wo)
+// The stencil is a memory-bound pass (OpenMP over (b, c) planes, contiguous inner rows the
+// compiler vectorises); the GEMM goes to at::matmul (MKL/oneDNN), which is the right tool on CPU.
+// Backward: grad S = theta^T @ grad y, then the transposed stencil scatters it back to the input
+// positions; grad theta = grad y @ S^T with S recomputed (cheaper than keeping 3x the input alive).
+//
+// Orbits arrive in CSR form: positions (P,) int32 in [0, kh*kw), offsets (R+1,) int32.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "symfast_module.h"
+
+namespace {
+
+struct Geometry {
+  int64_t kh, kw, sh, sw, ph, pw;
+  int64_t h, w, ho, wo;
+};
+
+struct Orbits {
+  std::vector<int32_t> positions;
+  std::vector<int32_t> offsets;
+  int64_t count() const { return static_cast<int64_t>(offsets.size()) - 1; }
+};
+
+// Validates the CSR tables once so the loops below never index out of bounds.
+Orbits read_orbits(const at::Tensor& positions, const at::Tensor& offsets, int64_t kh, int64_t kw) {
+  TORCH_CHECK(positions.device().is_cpu() && offsets.device().is_cpu(),
+              "orbit tables must be CPU tensors");
+  TORCH_CHECK(positions.scalar_type() == at::kInt && offsets.scalar_type() == at::kInt,
+              "orbit tables must be int32");
+  TORCH_CHECK(positions.dim() == 1 && offsets.dim() == 1 && offsets.size(0) >= 2,
+              "positions must be (P,) and offsets (R+1,) with R >= 1");
+  const at::Tensor pos = positions.contiguous(), off = offsets.contiguous();
+  Orbits o;
+  o.positions.assign(pos.data_ptr<int32_t>(), pos.data_ptr<int32_t>() + pos.numel());
+  o.offsets.assign(off.data_ptr<int32_t>(), off.data_ptr<int32_t>() + off.numel());
+  TORCH_CHECK(o.offsets.front() == 0 && o.offsets.back() == static_cast<int32_t>(o.positions.size()),
+              "offsets must start at 0 and end at len(positions)");
+  for (size_t r = 1; r < o.offsets.size(); ++r)
+    TORCH_CHECK(o.offsets[r] >= o.offsets[r - 1], "offsets must be non-decreasing");
+  for (int32_t p : o.positions)
+    TORCH_CHECK(p >= 0 && p < kh * kw, "orbit position ", p, " outside the ", kh, "x", kw, " kernel");
+  return o;
+}
+
+Geometry make_geometry(int64_t h, int64_t w, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                       int64_t ph, int64_t pw) {
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0,
+              "need kernel >= 1, stride >= 1, padding >= 0");
+  Geometry g{kh, kw, sh, sw, ph, pw, h, w, 0, 0};
+  g.ho = (h + 2 * ph - kh) / sh + 1;
+  g.wo = (w + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(h + 2 * ph >= kh && w + 2 * pw >= kw, "input (", h, ", ", w,
+              ") plus padding is smaller than the kernel (", kh, ", ", kw, ")");
+  return g;
+}
+
+// Output columns wo whose input column wo*sw + j - pw lies in [0, W).
+inline void column_range(const Geometry& g, int64_t j, int64_t& lo, int64_t& hi) {
+  const int64_t first = g.pw - j;  // wo*sw >= first
+  lo = first <= 0 ? 0 : (first + g.sw - 1) / g.sw;
+  const int64_t last = g.w - 1 + g.pw - j;  // wo*sw <= last
+  hi = last < 0 ? 0 : std::min(g.wo, last / g.sw + 1);
+}
+
+template <typename scalar_t, typename acc_t>
+SYMFAST_MULTIVERSION void add_row(acc_t* __restrict acc, const scalar_t* __restrict src,
+                                  int64_t n, int64_t step) {
+  if (step == 1) {
+    for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(src[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(src[k * step]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+SYMFAST_MULTIVERSION void scatter_row(acc_t* __restrict acc, const scalar_t* __restrict src,
+                                      int64_t n, int64_t step) {
+  if (step == 1) {
+    for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(src[k]);
+  } else {
+    for (int64_t k = 0; k < n; ++k) acc[k * step] += static_cast<acc_t>(src[k]);
+  }
+}
+
+// S plane (b, c, r) starts at b*sb + c*sc + r*sr; each plane is a contiguous (Ho, Wo) block.
+template <typename scalar_t>
+void stencil_into(const at::Tensor& x, scalar_t* out, int64_t sb, int64_t sc, int64_t sr,
+                  const Orbits& o, const Geometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bsz = x.size(0), c = x.size(1);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  at::parallel_for(0, bsz * c, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(g.wo);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t b = plane / c, ch = plane % c;
+      const scalar_t* src = xp + plane * g.h * g.w;
+      for (int64_t r = 0; r < o.count(); ++r) {
+        scalar_t* dst = out + b * sb + ch * sc + r * sr;
+        for (int64_t y = 0; y < g.ho; ++y) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
+            const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
+            const int64_t iy = y * g.sh + i - g.ph;
+            if (iy < 0 || iy >= g.h) continue;
+            int64_t lo, hi;
+            column_range(g, j, lo, hi);
+            if (hi > lo)
+              add_row<scalar_t, acc_t>(acc.data() + lo, src + iy * g.w + lo * g.sw + j - g.pw,
+                                       hi - lo, g.sw);
+          }
+          scalar_t* row = dst + y * g.wo;
+          for (int64_t k = 0; k < g.wo; ++k) row[k] = static_cast<scalar_t>(acc[k]);
+        }
+      }
+    }
+  });
+}
+
+// gx[b, c] = sum_r sum_{p in orbit r} shift_p^T(gS[b, c, r]); one (b, c) plane per task, so the
+// scatter has no write conflicts.
+template <typename scalar_t>
+void stencil_transpose_into(const scalar_t* gs, int64_t sb, int64_t sc, int64_t sr, at::Tensor& gx,
+                            const Orbits& o, const Geometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bsz = gx.size(0), c = gx.size(1);
+  scalar_t* gxp = gx.data_ptr<scalar_t>();
+  at::parallel_for(0, bsz * c, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(g.h * g.w);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t b = plane / c, ch = plane % c;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t r = 0; r < o.count(); ++r) {
+        const scalar_t* src = gs + b * sb + ch * sc + r * sr;
+        for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
+          const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
+          int64_t lo, hi;
+          column_range(g, j, lo, hi);
+          if (hi <= lo) continue;
+          for (int64_t y = 0; y < g.ho; ++y) {
+            const int64_t iy = y * g.sh + i - g.ph;
+            if (iy < 0 || iy >= g.h) continue;
+            scatter_row<scalar_t, acc_t>(acc.data() + iy * g.w + lo * g.sw + j - g.pw,
+                                         src + y * g.wo + lo, hi - lo, g.sw);
+          }
+        }
+      }
+      scalar_t* dst = gxp + plane * g.h * g.w;
+      for (int64_t k = 0; k < g.h * g.w; ++k) dst[k] = static_cast<scalar_t>(acc[k]);
+    }
+  });
+}
+
+void check_input(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(x.dim() == 4, name, " must be (B, C, H, W), got ", x.sizes());
+}
+
+// x (B, C, H, W) -> S (B, C, R, Ho, Wo).
+at::Tensor tied_stencil_cpu(const at::Tensor& x_in, const at::Tensor& positions,
+                            const at::Tensor& offsets, int64_t kh, int64_t kw, int64_t sh,
+                            int64_t sw, int64_t ph, int64_t pw) {
+  check_input(x_in, "x");
+  const at::Tensor x = x_in.contiguous();
+  const Orbits o = read_orbits(positions, offsets, kh, kw);
+  const Geometry g = make_geometry(x.size(2), x.size(3), kh, kw, sh, sw, ph, pw);
+  const int64_t r = o.count(), hw = g.ho * g.wo;
+  at::Tensor s = at::empty({x.size(0), x.size(1), r, g.ho, g.wo}, x.options());
+  if (s.numel() == 0) return s;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_stencil_cpu", [&] {
+    stencil_into<scalar_t>(x, s.data_ptr<scalar_t>(), x.size(1) * r * hw, r * hw, hw, o, g);
+  });
+  return s;
+}
+
+// gS (B, C, R, Ho, Wo) -> gx (B, C, H, W).
+at::Tensor tied_stencil_transpose_cpu(const at::Tensor& gs_in, const at::Tensor& positions,
+                                      const at::Tensor& offsets, int64_t kh, int64_t kw, int64_t sh,
+                                      int64_t sw, int64_t ph, int64_t pw, int64_t h, int64_t w) {
+  TORCH_CHECK(gs_in.device().is_cpu(), "grad_stencil must be a CPU tensor");
+  TORCH_CHECK(gs_in.dim() == 5, "grad_stencil must be (B, C, R, Ho, Wo), got ", gs_in.sizes());
+  const at::Tensor gs = gs_in.contiguous();
+  const Orbits o = read_orbits(positions, offsets, kh, kw);
+  const Geometry g = make_geometry(h, w, kh, kw, sh, sw, ph, pw);
+  TORCH_CHECK(gs.size(2) == o.count() && gs.size(3) == g.ho && gs.size(4) == g.wo,
+              "grad_stencil has shape ", gs.sizes(), "; expected (B, C, ", o.count(), ", ", g.ho,
+              ", ", g.wo, ")");
+  at::Tensor gx = at::empty({gs.size(0), gs.size(1), h, w}, gs.options());
+  if (gx.numel() == 0) return gx;
+  const int64_t r = o.count(), hw = g.ho * g.wo;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gs.scalar_type(), "tied_stencil_t_cpu", [&] {
+    stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), gs.size(1) * r * hw, r * hw, hw, gx, o, g);
+  });
+  return gx;
+}
+
+void check_weight(const at::Tensor& x, const at::Tensor& weight, int64_t r) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 3, "weight must be a CPU (O, C, R) tensor");
+  TORCH_CHECK(weight.size(1) == x.size(1) && weight.size(2) == r, "weight has shape ",
+              weight.sizes(), "; expected (O, ", x.size(1), ", ", r, ")");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight dtype ", weight.scalar_type(),
+              " differs from x dtype ", x.scalar_type());
+}
+
+at::Tensor tied_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& positions,
+                           const at::Tensor& offsets, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                           int64_t ph, int64_t pw) {
+  check_input(x, "x");
+  check_weight(x, weight, offsets.size(0) - 1);
+  const at::Tensor s = tied_stencil_cpu(x, positions, offsets, kh, kw, sh, sw, ph, pw);
+  const int64_t bsz = s.size(0), o = weight.size(0), ho = s.size(3), wo = s.size(4);
+  const at::Tensor w2 = weight.reshape({o, -1});
+  at::Tensor y = at::matmul(w2, s.view({bsz, -1, ho * wo}));
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == o, "bias must be (", o, ",), got ", bias->sizes());
+    y.add_(bias->view({1, o, 1}));
+  }
+  return y.view({bsz, o, ho, wo});
+}
+
+// Returns (grad_x, grad_weight, grad_bias); entries not asked for by mask are undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& positions, const at::Tensor& offsets, int64_t kh, int64_t kw, int64_t sh,
+    int64_t sw, int64_t ph, int64_t pw, std::array<bool, 3> mask) {
+  check_input(x, "x");
+  check_input(grad_out, "grad_out");
+  const Orbits o = read_orbits(positions, offsets, kh, kw);
+  check_weight(x, weight, o.count());
+  const Geometry g = make_geometry(x.size(2), x.size(3), kh, kw, sh, sw, ph, pw);
+  const int64_t bsz = x.size(0), c = x.size(1), oc = weight.size(0), r = o.count();
+  const int64_t hw = g.ho * g.wo;
+  TORCH_CHECK(grad_out.size(0) == bsz && grad_out.size(1) == oc && grad_out.size(2) == g.ho &&
+                  grad_out.size(3) == g.wo,
+              "grad_out has shape ", grad_out.sizes(), "; expected (", bsz, ", ", oc, ", ", g.ho,
+              ", ", g.wo, ")");
+  const at::Tensor gy = grad_out.contiguous().view({bsz, oc, hw});
+  at::Tensor gx, gw, gb;
+  if (mask[0]) {
+    const at::Tensor gs = at::matmul(weight.reshape({oc, c * r}).t(), gy).contiguous();
+    gx = at::empty(x.sizes(), x.options());
+    if (gx.numel() > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_bwd_x", [&] {
+        stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), c * r * hw, r * hw, hw, gx, o, g);
+      });
+    }
+  }
+  if (mask[1]) {
+    // S laid out (C, R, B, Ho*Wo) so grad theta is one GEMM with K = B*Ho*Wo (a single rounding
+    // in low precision, and a long inner dimension for MKL).
+    at::Tensor s = at::empty({c, r, bsz, hw}, x.options());
+    const at::Tensor xc = x.contiguous();
+    if (s.numel() > 0) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_bwd_w", [&] {
+        stencil_into<scalar_t>(xc, s.data_ptr<scalar_t>(), hw, r * bsz * hw, bsz * hw, o, g);
+      });
+      const at::Tensor gy2 = gy.transpose(0, 1).reshape({oc, bsz * hw});
+      gw = at::mm(gy2, s.view({c * r, bsz * hw}).t()).view({oc, c, r});
+    } else {
+      gw = at::zeros(weight.sizes(), weight.options());
+    }
+  }
+  if (mask[2]) gb = gy.sum({0, 2});
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(symfast, m) {
+  m.def("tied_stencil_cpu(Tensor x, Tensor positions, Tensor offsets, int kh, int kw, int sh, "
+        "int sw, int ph, int pw) -> Tensor");
+  m.def("tied_stencil_transpose_cpu(Tensor grad_stencil, Tensor positions, Tensor offsets, int kh, "
+        "int kw, int sh, int sw, int ph, int pw, int h, int w) -> Tensor");
+  m.def("tied_conv2d_cpu(Tensor x, Tensor weight, Tensor? bias, Tensor positions, Tensor offsets, "
+        "int kh, int kw, int sh, int sw, int ph, int pw) -> Tensor");
+  m.def("tied_conv2d_backward_cpu(Tensor grad_out, Tensor x, Tensor weight, Tensor positions, "
+        "Tensor offsets, int kh, int kw, int sh, int sw, int ph, int pw, bool[3] mask) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(symfast, CPU, m) {
+  m.impl("tied_stencil_cpu", &tied_stencil_cpu);
+  m.impl("tied_stencil_transpose_cpu", &tied_stencil_transpose_cpu);
+  m.impl("tied_conv2d_cpu", &tied_conv2d_cpu);
+  m.impl("tied_conv2d_backward_cpu", &tied_conv2d_backward_cpu);
+}
+
+SYMFAST_PY_MODULE()

@@ -1,0 +1,164 @@
+"""Public tied convolution op: checks, the backend switch, torch.library registration.
+
+``symfast::tied_conv2d`` takes the kernel's orbit tables (CSR positions/offsets, see
+symfast/reference/tied_conv2d.py) as tensors, so ``torch.compile`` sees a plain op with a fake
+implementation; its backward is two more ops (input gradient: GEMM + transposed stencil; weight
+gradient: stencil + one GEMM).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from symfast import _backend
+from symfast.groups import Group, get
+from symfast.reference import tied_conv2d as reference
+from symfast.reference.tied_conv2d import KernelOrbits, kernel_orbits, output_size
+
+_OP = "tied_conv2d"
+
+
+def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        value = (value, value)
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(value) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {tuple(value)}")
+    return int(value[0]), int(value[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(orbits: KernelOrbits, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return orbits.positions.to(device), orbits.offsets.to(device)
+
+
+def _cpu_args(kernel_size, stride, padding) -> tuple[int, ...]:
+    return (*kernel_size, *stride, *padding)
+
+
+@torch.library.custom_op("symfast::tied_conv2d", mutates_args=())
+def _tied_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
+                    stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
+    if backend == "cpu":
+        return torch.ops.symfast.tied_conv2d_cpu(x, weight, bias, positions, offsets,
+                                                 *_cpu_args(kernel_size, stride, padding))
+    from symfast.kernels import tied_conv2d as triton_kernels
+    return triton_kernels.tied_conv2d(x, weight, bias, positions, offsets, kernel_size, stride, padding)
+
+
+@_tied_conv2d_op.register_fake
+def _(x, weight, bias, positions, offsets, kernel_size, stride, padding, backend):
+    ho = output_size(x.shape[2], kernel_size[0], stride[0], padding[0])
+    wo = output_size(x.shape[3], kernel_size[1], stride[1], padding[1])
+    return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
+
+
+@torch.library.custom_op("symfast::tied_conv2d_grad_input", mutates_args=())
+def _grad_input_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
+                   stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
+    if backend == "cpu":
+        return torch.ops.symfast.tied_conv2d_backward_cpu(
+            grad_out, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding),
+            [True, False, False])[0]
+    from symfast.kernels import tied_conv2d as triton_kernels
+    return triton_kernels.grad_input(grad_out, x.shape, weight, positions, offsets, kernel_size,
+                                     stride, padding)
+
+
+@_grad_input_op.register_fake
+def _(grad_out, x, weight, positions, offsets, kernel_size, stride, padding, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("symfast::tied_conv2d_grad_weight", mutates_args=())
+def _grad_weight_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                    positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
+                    stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
+    if backend == "cpu":
+        return torch.ops.symfast.tied_conv2d_backward_cpu(
+            grad_out, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding),
+            [False, True, False])[1]
+    from symfast.kernels import tied_conv2d as triton_kernels
+    return triton_kernels.grad_weight(grad_out, x, weight.shape, positions, offsets, kernel_size,
+                                      stride, padding)
+
+
+@_grad_weight_op.register_fake
+def _(grad_out, x, weight, positions, offsets, kernel_size, stride, padding, backend):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, positions, offsets, kernel_size, stride, padding, backend = inputs
+    ctx.save_for_backward(x, weight, positions, offsets)
+    ctx.geometry = (kernel_size, stride, padding, backend)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, positions, offsets = ctx.saved_tensors
+    args = (positions, offsets, *ctx.geometry)
+    grad = grad.contiguous()
+    gx = _grad_input_op(grad, x, weight, *args) if ctx.needs_input_grad[0] else None
+    gw = _grad_weight_op(grad, x, weight, *args) if ctx.needs_input_grad[1] else None
+    gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return gx, gw, gb, None, None, None, None, None, None
+
+
+_tied_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, orbits: KernelOrbits,
+           stride: tuple[int, int], padding: tuple[int, int]) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 3 or weight.shape[1] != x.shape[1] or weight.shape[2] != orbits.count:
+        raise ValueError(f"weight must be (out_channels, {x.shape[1]}, {orbits.count}) (one value "
+                         f"per kernel orbit), got shape {tuple(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
+    kh, kw = orbits.kernel_size
+    if x.shape[2] + 2 * padding[0] < kh or x.shape[3] + 2 * padding[1] < kw:
+        raise ValueError(f"x of spatial size {tuple(x.shape[2:])} with padding {padding} is smaller "
+                         f"than the kernel ({kh}, {kw})")
+
+
+def tied_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                kernel_size: int | tuple[int, int], group: Group | str,
+                stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                backend: str | None = None) -> torch.Tensor:
+    """Convolution with a ``group``-invariant kernel stored as one value per kernel orbit.
+
+    x: (B, C, H, W); weight θ: (O, C, R) with R = number of orbits of the (kh, kw) kernel grid
+    under ``group`` (D4 3×3: 3, D4 5×5: 6, C4 3×3: 3, flip_h 3×3: 6); bias: (O,) or None.
+    Returns (B, O, Ho, Wo), equal to F.conv2d(x, expand_weight(θ), bias, stride, padding).
+    ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for x's device.
+    """
+    kernel_size = _pair(kernel_size, "kernel_size", 1)
+    stride = _pair(stride, "stride", 1)
+    padding = _pair(padding, "padding", 0)
+    orbits = kernel_orbits(get(group), kernel_size)
+    _check(x, weight, bias, orbits, stride, padding)
+    backend = _backend.resolve(backend, x, _OP)
+    if backend == "reference":
+        return reference.tied_conv2d(x, weight, bias, orbits, stride, padding)
+    positions, offsets = _tables(orbits, x.device)
+    return _tied_conv2d_op(x, weight, bias, positions, offsets, list(kernel_size), list(stride),
+                           list(padding), backend)

@@ -1,0 +1,170 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TOL, available_backends, device_for, rel_err
+from symfast import groups
+from symfast._ext import load_cpu_kernels
+from symfast.ops.tied_conv2d import tied_conv2d
+from symfast.reference.tied_conv2d import expand_weight, kernel_orbits
+
+# (group, C, O, H, W, kernel_size, stride, padding): ordinary, odd and strided shapes.
+CASES = [
+    ("d4", 3, 5, 9, 9, 3, 1, 1),
+    ("d4", 2, 3, 8, 8, 5, 2, 2),
+    ("c4", 3, 2, 7, 7, 3, 1, 0),
+    ("flip_h", 4, 3, 6, 11, (3, 5), (2, 1), (0, 2)),
+    ("flip_v", 1, 2, 5, 4, (3, 2), 1, (1, 0)),
+]
+
+
+def _make(case, dtype, device, batch=2, seed=0):
+    group, c, o, h, w, k, _, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    ks = (k, k) if isinstance(k, int) else k
+    r = kernel_orbits(group, ks).count
+    x = torch.randn(batch, c, h, w, generator=gen).to(device, dtype)
+    weight = torch.randn(o, c, r, generator=gen).to(device, dtype)
+    bias = torch.randn(o, generator=gen).to(device, dtype)
+    return x, weight, bias, ks
+
+
+def _dense(x, weight, bias, case, ks):
+    group, *_, stride, padding = case
+    return F.conv2d(x, expand_weight(weight, kernel_orbits(group, ks)), bias, stride, padding)
+
+
+@pytest.mark.parametrize("group,kernel,count", [
+    ("d4", 3, 3), ("d4", 5, 6), ("c4", 3, 3), ("c4", 5, 7), ("flip_h", 3, 6), ("flip_v", 3, 6),
+    ("c2", 3, 5), ("trivial", 3, 9)])
+def test_orbit_counts_and_expanded_kernel_is_invariant(group, kernel, count):
+    orbits = kernel_orbits(group, (kernel, kernel))
+    assert orbits.count == count
+    w = expand_weight(torch.randn(2, 3, count), orbits)
+    g = groups.get(group)
+    for k in range(len(g)):
+        assert torch.equal(g.elements[k](w), w)
+    # distinct orbits hold independent values: the expanded kernel has exactly `count` values
+    assert torch.unique(w[0, 0]).numel() == count
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[5]}-s{c[6]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_matches_dense_conv(backend, case, dtype):
+    device = device_for(backend)
+    x, weight, bias, ks = _make(case, dtype, device)
+    out = tied_conv2d(x, weight, bias, ks, case[0], case[6], case[7], backend=backend)
+    ref = _dense(x.double(), weight.double(), bias.double(), case, ks)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert rel_err(out, ref) <= TOL[dtype]
+
+
+def test_non_contiguous_and_no_bias(backend):
+    device = device_for(backend)
+    case = CASES[0]
+    x, weight, _, ks = _make(case, torch.float32, device, batch=3)
+    x_nc = x.transpose(2, 3)  # a transposed view: not contiguous
+    weight_nc = torch.cat([weight, weight], dim=2)[:, :, ::2]
+    assert not x_nc.is_contiguous() and not weight_nc.is_contiguous()
+    out = tied_conv2d(x_nc, weight_nc, None, ks, "d4", 1, 1, backend=backend)
+    ref = _dense(x_nc.double(), weight_nc.double(), None, case, ks)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["d4", "flip_h-strided"])
+def test_gradients_match_dense_conv(backend, case):
+    device = device_for(backend)
+    x, weight, bias, ks = _make(case, torch.float32, device, seed=1)
+    args = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = tied_conv2d(*args, ks, case[0], case[6], case[7], backend=backend)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_args = [t.double().requires_grad_() for t in (x, weight, bias)]
+    _dense(*ref_args, case, ks).backward(grad_out.double())
+    for got, ref in zip(args, ref_args):
+        assert rel_err(got.grad, ref.grad) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_gradcheck_fp64(backend_name):
+    if backend_name not in available_backends():
+        pytest.skip(f"{backend_name} unavailable")
+    case = ("flip_h", 2, 2, 5, 6, (3, 3), (2, 1), (1, 1))
+    x, weight, bias, ks = _make(case, torch.float64, device_for(backend_name), batch=1)
+    args = tuple(t.requires_grad_() for t in (x, weight, bias))
+    # fast_mode: a random projection of the Jacobian; the full one takes ~2 min in the interpreter
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: tied_conv2d(a, b, c, ks, "flip_h", (2, 1), 1, backend=backend_name), args,
+        fast_mode=True)
+
+
+def test_opcheck_cpu():
+    from symfast.ops.tied_conv2d import _tables, _tied_conv2d_op
+
+    case = ("d4", 2, 2, 5, 5, 3, 1, 1)
+    x, weight, bias, ks = _make(case, torch.float32, "cpu", batch=1)
+    positions, offsets = _tables(kernel_orbits("d4", ks), x.device)
+    args = (x.requires_grad_(), weight.requires_grad_(), bias, positions, offsets, [3, 3], [1, 1],
+            [1, 1], "cpu")
+    torch.library.opcheck(_tied_conv2d_op, args)
+
+
+def test_stencil_kernels_match_reference():
+    assert load_cpu_kernels("tied_conv2d")
+    from symfast.kernels import tied_conv2d as triton_kernels
+    from symfast.reference.tied_conv2d import stencil
+
+    x = torch.randn(2, 3, 7, 6)
+    orbits = kernel_orbits("flip_h", (3, 3))
+    ref = stencil(x, orbits, (2, 1), (1, 1))
+    args = (orbits.positions, orbits.offsets, 3, 3, 2, 1, 1, 1)
+    assert rel_err(torch.ops.symfast.tied_stencil_cpu(x, *args), ref) <= 1e-6
+    got = triton_kernels.stencil(x, orbits.positions, orbits.offsets, (3, 3), (2, 1), (1, 1))
+    assert rel_err(got, ref) <= 1e-6
+    # the transposed stencil is the adjoint: <S x, g> == <x, Sᵀ g>
+    g = torch.randn_like(ref)
+    lhs = (ref.double() * g.double()).sum()
+    for gx in (torch.ops.symfast.tied_stencil_transpose_cpu(g, *args, 7, 6),
+               triton_kernels.stencil_transpose(g, orbits.positions, orbits.offsets, (3, 3), (2, 1),
+                                                (1, 1), (7, 6))):
+        assert abs(float(lhs - (x.double() * gx.double()).sum())) <= 1e-5 * float(lhs.abs())
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(1, 3, 8, 8)
+    w = torch.randn(4, 3, 3)
+    with pytest.raises(ValueError, match="square kernel"):
+        tied_conv2d(x, torch.randn(4, 3, 6), None, (3, 5), "c4")
+    with pytest.raises(ValueError, match="weight"):
+        tied_conv2d(x, torch.randn(4, 3, 9), None, 3, "d4")
+    with pytest.raises(ValueError, match="bias"):
+        tied_conv2d(x, w, torch.randn(5), 3, "d4")
+    with pytest.raises(TypeError, match="x"):
+        tied_conv2d(x.long(), w, None, 3, "d4")
+    with pytest.raises(ValueError, match="x must be"):
+        tied_conv2d(x[0], w, None, 3, "d4")
+    with pytest.raises(ValueError, match="kernel_size"):
+        tied_conv2d(x, w, None, 0, "d4")
+    with pytest.raises(TypeError, match="stride"):
+        tied_conv2d(x, w, None, 3, "d4", stride=1.5)
+    with pytest.raises(ValueError, match="padding"):
+        tied_conv2d(x, w, None, 3, "d4", padding=-1)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
+        tied_conv2d(torch.randn(1, 3, 2, 2), w, None, 3, "d4")
+    with pytest.raises(ValueError, match="sign"):
+        tied_conv2d(x, w, None, 3, "sign")
+    with pytest.raises(ValueError, match="weight"):
+        tied_conv2d(x, w.double(), None, 3, "d4")
+    with pytest.raises(ValueError, match="backend"):
+        tied_conv2d(x, w, None, 3, "d4", backend="fast")
+
+
+def test_cpu_kernel_rejects_bad_tables():
+    assert load_cpu_kernels("tied_conv2d")
+    x = torch.randn(1, 2, 5, 5)
+    bad_positions = torch.tensor([0, 1, 99], dtype=torch.int32)
+    offsets = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.symfast.tied_stencil_cpu(x, bad_positions, offsets, 3, 3, 1, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="offsets"):
+        torch.ops.symfast.tied_stencil_cpu(x, bad_positions[:2], offsets, 3, 3, 1, 1, 1, 1)
