@@ -113,7 +113,7 @@ def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
     sigma = np.asarray(sigma)
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
-    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    low_idx = np.cumsum((dists >= 0).astype(np.int64), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
     high_idx = low_idx + 1
     low, high = log_sigmas[low_idx], log_sigmas[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)

@@ -1,0 +1,57 @@
+"""Where a sampler's noise comes from: counter-based Philox (default) or a torch.Generator."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from symfast.groups import Group
+from symfast.ops.fused_step import StepCoefficients, fused_step
+from symfast.philox import noise_key
+
+
+class NoiseSource:
+    """Noise for step ``i`` of a sampler.
+
+    Philox (``seed`` given): keyed by (seed, i, stream, element), drawn inside the fused step, so
+    a sample's noise depends only on its seed (and, for one int seed, its index in the batch).
+    Generator (``generator`` given): torch.randn(generator=...) per step, for parity with diffusers.
+    ``transform`` (a group element index) applies g to every noise draw, for equivariant
+    stochastic sampling: sampling from g·x_T with transform=k equals g·(sampling from x_T).
+    """
+
+    def __init__(self, x: torch.Tensor, seed: int | list[int] | torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, group: Group | None = None,
+                 transform: int | None = None):
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed= or generator=, not both")
+        if transform is not None:
+            if group is None:
+                raise ValueError("transform_noise needs a denoiser with a group")
+            if not isinstance(transform, int) or not 0 <= transform < len(group):
+                raise ValueError(f"transform_noise must be an int in [0, {len(group)}), got {transform!r}")
+        self.shape = tuple(x.shape)
+        self.dtype, self.device = x.dtype, x.device
+        self.generator = generator
+        self.group, self.transform = group, transform
+        self.key = None
+        if generator is None:
+            self.key = noise_key(0 if seed is None else seed, x.shape[0], x.device)
+
+    def kwargs(self, i: int) -> dict[str, Any]:
+        """Noise keywords for symfast.ops.fused_step at step i."""
+        if self.key is not None:
+            return {"key": self.key, "step": i, "noise_element": self.transform}
+        return {"noise": self.draw(i)}
+
+    def draw(self, i: int) -> torch.Tensor:
+        """The noise tensor of step i, (B, ...) in the state's dtype."""
+        if self.key is not None:
+            # c = 1 and nothing else: the op returns its Philox noise.
+            coefs = StepCoefficients(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+            blank = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            z = fused_step(blank, blank, coefs, key=self.key, step=i, return_denoised=False)[0]
+        else:
+            z = torch.randn(self.shape, generator=self.generator, dtype=self.dtype,
+                            device=self.device)
+        return self.group.act(z, self.transform) if self.transform is not None else z

@@ -1,0 +1,122 @@
+"""symfast.sample and symfast.denoise."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from symfast.denoiser import Denoiser
+from symfast.philox import noise_key
+from symfast.samplers._noise import NoiseSource
+from symfast.samplers.loops import SAMPLERS, Callback
+from symfast.schedules import DDPMSchedule
+
+
+def _check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+
+
+def _check_denoiser(denoiser) -> None:
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"denoiser must be a symfast.Denoiser, got {type(denoiser).__name__}")
+
+
+def sampling_sigmas(denoiser: Denoiser, sampler: str, steps: int, spacing: str = "leading",
+                    karras: bool = False) -> np.ndarray:
+    """The host σ grid (steps + 1 values, last 0). DDIM/DDPM on a DDPM schedule use its integer
+    timesteps and ᾱ → 1 at the end, like diffusers' DDIMScheduler (set_alpha_to_one=True);
+    everything else uses the schedule's own grid."""
+    schedule = denoiser.schedule
+    if sampler in ("ddim", "ddpm") and isinstance(schedule, DDPMSchedule) and not karras:
+        return np.concatenate([schedule.sigma_at(schedule.timesteps(steps, spacing)), [0.0]])
+    if isinstance(schedule, DDPMSchedule):
+        return schedule.sigmas(steps, spacing=spacing, karras=karras)
+    return schedule.sigmas(steps, karras=karras)
+
+
+def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampler: str = "dpmpp_2m",
+           steps: int = 50, seed: int | list[int] | torch.Tensor | None = None,
+           generator: torch.Generator | None = None, callback: Callback = None,
+           progress: bool = True, transform_noise: int | None = None, spacing: str = "leading",
+           karras: bool = False, device: torch.device | str | None = None,
+           dtype: torch.dtype = torch.float32, **sampler_options) -> torch.Tensor:
+    """Draw samples by integrating the reverse process from the schedule's largest σ to 0.
+
+    Args:
+        denoiser: a :class:`symfast.Denoiser`.
+        x_T_or_shape: unit-variance starting noise ε_T, (B, ...), or a shape to draw it for
+            (Philox with ``seed`` at step 0, or ``generator``). The start state is σ₀·ε_T
+            (√(σ₀²+1)·ε_T on a DDPM schedule, i.e. the VP x_T = ε_T, as diffusers).
+        sampler: "ddpm", "ddim", "euler", "euler_ancestral", "euler_maruyama", "heun", "dpmpp_2m".
+        steps: number of steps (≤ num_train_timesteps on a DDPM schedule).
+        seed: int (one stream per sample index) or one int per sample (noise independent of the
+            batch); used by stochastic samplers. Default 0.
+        generator: a torch.Generator instead of Philox (parity with diffusers).
+        callback: called after every step with k-diffusion's dict.
+        progress: show a tqdm bar.
+        transform_noise: apply group element k to every noise draw (equivariant sampling:
+            sample(g_k·x_T, transform_noise=k) = g_k·sample(x_T)).
+        spacing, karras: the σ grid (see :func:`sampling_sigmas`).
+        sampler_options: eta= (ddim, euler_ancestral), s_churn=, s_tmin=, s_tmax=, s_noise= (heun).
+
+    Returns:
+        x0 samples, (B, ...).
+    """
+    _check_denoiser(denoiser)
+    _check_sampler(sampler)
+    denoiser.schedule.check_steps(steps)
+    sigmas = sampling_sigmas(denoiser, sampler, steps, spacing, karras)
+    if isinstance(x_T_or_shape, torch.Tensor):
+        eps = x_T_or_shape
+        if not eps.is_floating_point():
+            raise TypeError(f"x_T must be a floating-point tensor, got {eps.dtype}")
+        if seed is not None and not isinstance(seed, int):
+            noise_key(seed, eps.shape[0])  # validates the seed list against the batch
+    else:
+        shape = tuple(int(s) for s in x_T_or_shape)
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
+        device = torch.device(device or "cpu")
+        if generator is not None:
+            eps = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+        else:
+            key = noise_key(0 if seed is None else seed, shape[0], device)
+            from symfast.philox import sample_noise
+            eps = sample_noise(key, 2**32 - 1, shape).to(dtype)
+    sigma0 = float(sigmas[0])
+    scale = math.sqrt(sigma0**2 + 1) if isinstance(denoiser.schedule, DDPMSchedule) else sigma0
+    x = eps * scale
+    noise = NoiseSource(x, seed=seed, generator=generator, group=denoiser.group,
+                        transform=transform_noise)
+    return SAMPLERS[sampler](denoiser, x, sigmas, noise, callback=callback, progress=progress,
+                             **sampler_options)
+
+
+def denoise(denoiser: Denoiser, y: torch.Tensor, sigma: float, sampler: str = "heun",
+            steps: int = 40, seed: int | list[int] | None = None,
+            generator: torch.Generator | None = None, callback: Callback = None,
+            progress: bool = False, karras: bool = True, **sampler_options) -> torch.Tensor:
+    """The clean estimate of y = x0 + σ ε: the reverse process started at σ from y.
+
+    The σ grid is the schedule's ``steps``-step grid (Karras ρ = 7 by default) truncated to the
+    values below σ, with σ prepended (SFBD's backward step). With a group on the denoiser and a
+    deterministic sampler, denoise(g·y) = g·denoise(y).
+    y: (B, ...) -> (B, ...).
+    """
+    _check_denoiser(denoiser)
+    _check_sampler(sampler)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if isinstance(sigma, torch.Tensor) or not isinstance(sigma, (int, float)):
+        raise TypeError(f"sigma must be a host float, got {type(sigma).__name__}")
+    sigma = float(sigma)
+    denoiser.schedule.check_sigma(sigma)
+    denoiser.schedule.check_steps(steps)
+    full = sampling_sigmas(denoiser, sampler, steps, karras=karras)
+    sigmas = np.concatenate([[sigma], full[full < sigma * (1 - 1e-9)]])
+    noise = NoiseSource(y, seed=seed, generator=generator, group=denoiser.group)
+    return SAMPLERS[sampler](denoiser, y, sigmas, noise, callback=callback, progress=progress,
+                             **sampler_options)

@@ -1,0 +1,179 @@
+"""The samplers, as short k-diffusion-style loops over a host σ grid.
+
+Every sampler takes ``(denoiser, x, sigmas, noise, callback, progress)``: x is the state at
+σ = sigmas[0] in σ form (x = x0 + σ ε), sigmas a descending host array ending in 0, noise a
+:class:`~symfast.samplers._noise.NoiseSource`. Each step's elementwise work (orbit average, x̂0,
+the update, the noise) is one fused op called through ``denoiser.step(x, σ, a, b, ...)``, which
+returns x_next = a·x + b·D(x, σ) + p·u + q·v + c·z. All coefficients are host floats.
+The callback gets k-diffusion's dict {"x", "i", "sigma", "sigma_hat", "denoised"}.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import trange
+
+from symfast.samplers._noise import NoiseSource
+
+Callback = Callable[[dict], None] | None
+
+
+def _report(callback: Callback, x, i, sigma, sigma_hat, denoised) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+def ancestral_split(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(σ_down, σ_up) of an ancestral step, k-diffusion's get_ancestral_step."""
+    if sigma_next == 0.0 or eta == 0.0:
+        return sigma_next, 0.0
+    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+def ddim_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(σ_down, σ_up) of a DDIM step in σ form. DDIM's std s = η √((1−ᾱ')/(1−ᾱ)) √(1−ᾱ/ᾱ') with
+    ᾱ = 1/(1+σ²); dividing the VP update by √ᾱ' gives noise σ_up = s/√ᾱ' and direction σ_down.
+    η = 1 is DDPM's ancestral (posterior) step."""
+    if sigma_next == 0.0 or eta == 0.0:
+        return sigma_next, 0.0
+    ac, ac_next = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)
+    s = eta * math.sqrt((1 - ac_next) / (1 - ac)) * math.sqrt(1 - ac / ac_next)
+    up = s / math.sqrt(ac_next)
+    return math.sqrt(max(sigma_next**2 - up**2, 0.0)), up
+
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas: np.ndarray, noise: NoiseSource, callback: Callback = None,
+                 progress: bool = True):
+    """Euler on the probability-flow ODE: x ← x + (σ' − σ)(x − D)/σ."""
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        r = s_next / s
+        x, den = denoiser.step(x, s, r, 1 - r)
+        _report(callback, x, i, s, s, den)
+    return x
+
+
+def _ancestral_loop(denoiser, x, sigmas, noise, callback, progress, split):
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        down, up = split(s, s_next)
+        r = down / s
+        x, den = denoiser.step(x, s, r, 1 - r, c=up, noise=noise.kwargs(i + 1) if up else None)
+        _report(callback, x, i, s, s, den)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
+                           progress: bool = True, eta: float = 1.0):
+    """Euler ancestral: Euler to σ_down, then noise of std σ_up."""
+    return _ancestral_loop(denoiser, x, sigmas, noise, callback, progress,
+                           lambda s, n: ancestral_split(s, n, eta))
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
+                progress: bool = True, eta: float = 0.0):
+    """DDIM (Song et al.) with η ≥ 0; η = 0 is deterministic (and equals Euler in σ form)."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return _ancestral_loop(denoiser, x, sigmas, noise, callback, progress,
+                           lambda s, n: ddim_split(s, n, eta))
+
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
+                progress: bool = True):
+    """DDPM ancestral sampling: the posterior q(x_{t'} | x_t, x̂0) each step (= DDIM with η = 1)."""
+    return sample_ddim(denoiser, x, sigmas, noise, callback, progress, eta=1.0)
+
+
+@torch.no_grad()
+def sample_euler_maruyama(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
+                          progress: bool = True):
+    """Euler–Maruyama on the reverse VP-SDE dx = [−½βx − β∇log p] dt + √β dW̄.
+
+    In VP variables x_vp = x/√(1+σ²), with β the discrete β of the jump (1 − ᾱ/ᾱ') and the score
+    −(x_vp − √ᾱ x̂0)/(1 − ᾱ): x_vp' = x_vp + ½β x_vp + β·score + √β z, mapped back to σ form. The
+    last step (σ' = 0) returns x̂0.
+    """
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        if s_next == 0.0:
+            x, den = denoiser.step(x, s, 0.0, 1.0)
+        else:
+            ac, ac_next = 1 / (1 + s * s), 1 / (1 + s_next * s_next)
+            beta = 1 - ac / ac_next
+            scale = math.sqrt(ac) / math.sqrt(ac_next)  # √ᾱ to go to VP, 1/√ᾱ' to come back
+            a = scale * (1 + beta / 2 - beta / (1 - ac))
+            b = scale * beta / (1 - ac)
+            x, den = denoiser.step(x, s, a, b, c=math.sqrt(beta / ac_next), noise=noise.kwargs(i + 1))
+        _report(callback, x, i, s, s, den)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
+                progress: bool = True, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = float("inf"), s_noise: float = 1.0):
+    """EDM's Heun sampler (Karras et al. 2022, Algorithm 2) with stochastic churn."""
+    n = len(sigmas) - 1
+    for i in trange(n, disable=not progress):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
+        s_hat = s * (gamma + 1)
+        if gamma > 0:
+            x = x + noise.draw(i + 1) * (s_noise * math.sqrt(s_hat**2 - s**2))
+        dt = s_next - s_hat
+        if s_next == 0.0:  # Euler for the last step
+            r = s_next / s_hat
+            x, den = denoiser.step(x, s_hat, r, 1 - r)
+        else:
+            # stage 1: x2 = x + dt·(x − D)/σ̂
+            x2, den = denoiser.step(x, s_hat, 1 + dt / s_hat, -dt / s_hat)
+            # stage 2: x + dt/2·[(x − D)/σ̂ + (x2 − D2)/σ']
+            h1, h2 = dt / (2 * s_hat), dt / (2 * s_next)
+            x, _ = denoiser.step(x2, s_next, h2, -h2, p=1 + h1, u=x, q=-h1, v=den,
+                                 return_denoised=False)
+        _report(callback, x, i, s, s_hat, den)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
+                    progress: bool = True):
+    """DPM-Solver++(2M) (Lu et al. 2022), k-diffusion's sample_dpmpp_2m."""
+    old_den = None
+    for i in trange(len(sigmas) - 1, disable=not progress):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        if s_next == 0.0:
+            x_new, den = denoiser.step(x, s, 0.0, 1.0)
+        else:
+            h = math.log(s) - math.log(s_next)
+            phi = -math.expm1(-h)
+            if old_den is None:
+                x_new, den = denoiser.step(x, s, s_next / s, phi)
+            else:
+                r = (math.log(float(sigmas[i - 1])) - math.log(s)) / h
+                x_new, den = denoiser.step(x, s, s_next / s, phi * (1 + 1 / (2 * r)),
+                                           p=-phi / (2 * r), u=old_den)
+        x, old_den = x_new, den
+        _report(callback, x, i, s, s, den)
+    return x
+
+
+SAMPLERS = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "euler_maruyama": sample_euler_maruyama,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+STOCHASTIC = ("ddpm", "euler_ancestral", "euler_maruyama")

@@ -1,0 +1,235 @@
+"""Schedules, Denoiser, samplers: diffusers parity, equivariance, reproducibility, bad inputs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import rel_err
+from symfast.denoiser import Denoiser
+from symfast.groups import get
+from symfast.samplers import denoise, sample
+from symfast.schedules import DDPMSchedule, EDMSchedule, VESchedule
+
+D4 = get("d4")
+
+
+class TinyNet(nn.Module):
+    """A random, deliberately non-equivariant CNN (asymmetric kernels, a position bias)."""
+
+    def __init__(self, channels=2, size=8, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.a = nn.Conv2d(channels, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, channels, 3, padding=1)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, channels, size, size))
+
+    def forward(self, x, t):
+        h = torch.tanh(self.a(x) + 0.01 * t.view(-1, 1, 1, 1))
+        return 0.5 * self.b(h) + self.pos
+
+
+def _x(shape=(2, 2, 8, 8), seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def eps_fa():
+    return Denoiser(TinyNet(), "eps", DDPMSchedule(), group="d4")
+
+
+@pytest.fixture(scope="module")
+def edm_fa():
+    return Denoiser(TinyNet(seed=3), "edm", EDMSchedule(), group="d4")
+
+
+# ---- schedules ---------------------------------------------------------------------------------
+
+def test_schedules_match_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    for bs, start, end in [("linear", 1e-4, 0.02), ("scaled_linear", 0.00085, 0.012),
+                           ("squaredcos_cap_v2", 1e-4, 0.02)]:
+        sched = DDPMSchedule(beta_schedule=bs, beta_start=start, beta_end=end)
+        for spacing, offset in [("leading", 1), ("trailing", 0), ("linspace", 0)]:
+            ddim = diffusers.DDIMScheduler(beta_schedule=bs, beta_start=start, beta_end=end,
+                                           timestep_spacing=spacing, steps_offset=offset)
+            ddim.set_timesteps(23)
+            assert torch.equal(sched.alphas_cumprod, ddim.alphas_cumprod)
+            assert np.array_equal(sched.timesteps(23, spacing, offset), ddim.timesteps.numpy())
+            for karras in (False, True):
+                euler = diffusers.EulerDiscreteScheduler(
+                    beta_schedule=bs, beta_start=start, beta_end=end, timestep_spacing=spacing,
+                    steps_offset=offset, use_karras_sigmas=karras)
+                euler.set_timesteps(23)
+                sigmas, times = sched.grid(23, spacing, karras, offset)
+                assert np.array_equal(sigmas.astype(np.float32), euler.sigmas.numpy())
+                np.testing.assert_allclose(times, euler.timesteps.numpy(), rtol=1e-6)
+
+
+def test_karras_and_ve_grids():
+    s = EDMSchedule().sigmas(5)
+    rho = 7
+    expected = [(80 ** (1 / rho) + i / 4 * (0.002 ** (1 / rho) - 80 ** (1 / rho))) ** rho for i in range(5)]
+    np.testing.assert_allclose(s, expected + [0.0], rtol=1e-12)
+    v = VESchedule(0.01, 50).sigmas(3)
+    np.testing.assert_allclose(v, [50, math.sqrt(0.5), 0.01, 0], rtol=1e-12)
+
+
+# ---- Denoiser ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
+def test_denoiser_parametrisations(prediction):
+    net = TinyNet()
+    sched = EDMSchedule() if prediction == "edm" else DDPMSchedule()
+    d = Denoiser(net, prediction, sched)
+    x, sigma = _x() * 3, 2.5
+    if prediction == "edm":
+        sd = 0.5
+        f = net(x / math.sqrt(sigma**2 + sd**2), torch.full((2,), math.log(sigma) / 4))
+        ref = sd**2 / (sigma**2 + sd**2) * x + sigma * sd / math.sqrt(sigma**2 + sd**2) * f
+    else:
+        ac = 1 / (1 + sigma**2)
+        t = torch.full((2,), sched.model_time(sigma))
+        x_vp = x * math.sqrt(ac)
+        f = net(x_vp, t)
+        ref = {"eps": (x_vp - math.sqrt(1 - ac) * f) / math.sqrt(ac), "x0": f,
+               "v": math.sqrt(ac) * x_vp - math.sqrt(1 - ac) * f}[prediction]
+    assert rel_err(d(x, sigma), ref) <= 1e-5
+
+
+def test_denoiser_group_is_frame_averaging():
+    from symfast.symmetrize import symmetrize
+    net = TinyNet()
+    d = Denoiser(net, "x0", EDMSchedule(), group="d4")
+    x, sigma = _x(), 1.7
+    fa = symmetrize(lambda z: net(z, torch.full((z.shape[0],), math.log(sigma) / 4)), "d4")
+    assert rel_err(d(x, sigma), fa(x * d.coefficients(sigma)[2])) <= 1e-5
+
+
+# ---- equivariance --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim", "heun", "dpmpp_2m"])
+def test_ode_samplers_equivariant(eps_fa, sampler):
+    x_T = _x()
+    out = sample(eps_fa, x_T, sampler=sampler, steps=6, progress=False)
+    for k in (1, 6):
+        out_g = sample(eps_fa, D4.act(x_T, k), sampler=sampler, steps=6, progress=False)
+        assert rel_err(out_g, D4.act(out, k)) <= 1e-5
+
+
+def test_without_group_not_equivariant():
+    """The same check fails for the raw network, so the tests above can fail."""
+    d = Denoiser(TinyNet(), "eps", DDPMSchedule())
+    x_T = _x()
+    out = sample(d, x_T, sampler="euler", steps=6, progress=False)
+    assert rel_err(sample(d, D4.act(x_T, 1), sampler="euler", steps=6, progress=False),
+                   D4.act(out, 1)) > 1e-2
+
+
+@pytest.mark.parametrize("sampler,opts", [("ddpm", {}), ("euler_ancestral", {}),
+                                          ("euler_maruyama", {}), ("ddim", {"eta": 0.5}),
+                                          ("heun", {"s_churn": 2.0})])
+def test_stochastic_samplers_equivariant_with_transformed_noise(edm_fa, sampler, opts):
+    x_T = _x()
+    out = sample(edm_fa, x_T, sampler=sampler, steps=5, seed=7, progress=False, **opts)
+    k = 5
+    out_g = sample(edm_fa, D4.act(x_T, k), sampler=sampler, steps=5, seed=7, transform_noise=k,
+                   progress=False, **opts)
+    assert rel_err(out_g, D4.act(out, k)) <= 1e-5
+    plain = sample(edm_fa, D4.act(x_T, k), sampler=sampler, steps=5, seed=7, progress=False, **opts)
+    assert rel_err(plain, D4.act(out, k)) > 1e-3  # untransformed noise breaks it
+
+
+def test_denoise_equivariant(edm_fa):
+    y = _x() * 0.8
+    out = denoise(edm_fa, y, 0.8, steps=10)
+    assert out.shape == y.shape and torch.isfinite(out).all()
+    for k in (2, 7):
+        assert rel_err(denoise(edm_fa, D4.act(y, k), 0.8, steps=10), D4.act(out, k)) <= 1e-5
+
+
+# ---- reproducibility -----------------------------------------------------------------------------
+
+def test_backends_give_same_samples(edm_fa):
+    x_T = _x()
+    ref = Denoiser(edm_fa.model, "edm", group="d4", backend="reference")
+    cpu = Denoiser(edm_fa.model, "edm", group="d4", backend="cpu")
+    a = sample(ref, x_T, sampler="euler_ancestral", steps=4, seed=3, progress=False)
+    b = sample(cpu, x_T, sampler="euler_ancestral", steps=4, seed=3, progress=False)
+    assert rel_err(b, a) <= 1e-5
+
+
+def test_per_sample_seeds_independent_of_batch(edm_fa):
+    x = sample(edm_fa, (3, 2, 8, 8), sampler="euler_ancestral", steps=4, seed=[10, 11, 12],
+               progress=False)
+    one = sample(edm_fa, (1, 2, 8, 8), sampler="euler_ancestral", steps=4, seed=[12], progress=False)
+    assert rel_err(one[0], x[2]) <= 1e-5
+    again = sample(edm_fa, (3, 2, 8, 8), sampler="euler_ancestral", steps=4, seed=[10, 11, 12],
+                   progress=False)
+    assert torch.equal(again, x)
+
+
+def test_generator_path_reproducible(edm_fa):
+    a = sample(edm_fa, (2, 2, 8, 8), sampler="euler_ancestral", steps=3,
+               generator=torch.Generator().manual_seed(5), progress=False)
+    b = sample(edm_fa, (2, 2, 8, 8), sampler="euler_ancestral", steps=3,
+               generator=torch.Generator().manual_seed(5), progress=False)
+    c = sample(edm_fa, (2, 2, 8, 8), sampler="euler_ancestral", steps=3,
+               generator=torch.Generator().manual_seed(6), progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_ddim_matches_diffusers_loop():
+    diffusers = pytest.importorskip("diffusers")
+    net = TinyNet()
+    sched = diffusers.DDIMScheduler(clip_sample=False)
+    sched.set_timesteps(8)
+    x_T = _x()
+    x = x_T.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(net(x, t.float().expand(2)), t, x).prev_sample
+    ours = sample(Denoiser(net, "eps", DDPMSchedule()), x_T, sampler="ddim", steps=8, progress=False)
+    assert (ours - x).abs().max() <= 1e-5 * max(1.0, float(x.abs().max()))
+
+
+def test_callback_and_compiled_step(eps_fa):
+    seen = []
+    sample(eps_fa, _x(), sampler="dpmpp_2m", steps=3, progress=False,
+           callback=lambda d: seen.append((d["i"], d["sigma"], d["denoised"].shape)))
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (2, 2, 8, 8)
+    x = _x()
+    with torch.no_grad():
+        eager = eps_fa.step(x, 3.0, 0.5, 0.5)
+        compiled = torch.compile(lambda z: eps_fa.step(z, 3.0, 0.5, 0.5), fullgraph=True,
+                                 backend="aot_eager")
+        out = compiled(x)
+    assert rel_err(out[0], eager[0]) <= 1e-6 and rel_err(out[1], eager[1]) <= 1e-6
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+def test_bad_inputs(eps_fa, edm_fa):
+    with pytest.raises(ValueError, match="exceeds the schedule"):
+        sample(eps_fa, _x(), sampler="euler", steps=1001, progress=False)
+    with pytest.raises(ValueError, match="outside the schedule's range"):
+        denoise(edm_fa, _x(), 500.0)
+    with pytest.raises(ValueError, match="outside the schedule's range"):
+        denoise(edm_fa, _x(), 0.0001)
+    with pytest.raises(ValueError, match="seed has 3 entries"):
+        sample(edm_fa, (2, 2, 8, 8), sampler="euler_ancestral", steps=2, seed=[1, 2, 3], progress=False)
+    with pytest.raises(ValueError, match="seed has 1 entries"):
+        sample(edm_fa, _x(), sampler="euler_ancestral", steps=2, seed=[1], progress=False)
+    bad = Denoiser(lambda x, t: x[..., :4], "eps", DDPMSchedule())
+    with pytest.raises(ValueError, match="model output has shape"):
+        sample(bad, _x(), sampler="euler", steps=2, progress=False)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sample(eps_fa, _x(), sampler="plms", steps=2, progress=False)
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        Denoiser(TinyNet(), "score")
+    with pytest.raises(ValueError, match="transform_noise"):
+        sample(Denoiser(TinyNet(), "edm"), _x(), sampler="ddpm", steps=2, transform_noise=1,
+               progress=False)
+    with pytest.raises(TypeError, match="sigma must be a host float"):
+        denoise(edm_fa, _x(), torch.tensor(0.5))
