@@ -1,0 +1,26 @@
+"""Reference classifier selection (CAB-CNN head, DESIGN.md §4): plain PyTorch, the specification.
+
+K simple linear classifiers share the features h; a gate scores them, a softmax over the K
+scores selects among them, and the output is the selection-weighted mix of their logits.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+                      weight: torch.Tensor, bias: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """logits (B, C) = Σ_k softmax_k((gate_weight h + gate_bias)/temperature) · (weight_k h + bias_k).
+
+    h: (B, F); gate_weight: (K, F); gate_bias: (K,); weight: (K, C, F); bias: (K, C).
+    bf16/fp16 inputs are computed in fp32 and the result rounded once to the input dtype: the
+    gate gradient g·(dg − Σ g dg) cancels, and bf16 intermediates lose ~2% there.
+    """
+    dtype = h.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    h, gate_weight, gate_bias, weight, bias = (
+        t.to(compute) for t in (h, gate_weight, gate_bias, weight, bias))
+    gates = torch.softmax((h @ gate_weight.T + gate_bias) / temperature, dim=-1)  # (B, K)
+    logits = torch.einsum("bf,kcf->bkc", h, weight) + bias  # (B, K, C)
+    return torch.einsum("bk,bkc->bc", gates, logits).to(dtype)

@@ -1,0 +1,158 @@
+import pytest
+import torch
+from conftest import TOL, device_for, rel_err
+
+from symfast.ops.classifier_select import classifier_select
+from symfast.reference import classifier_select as reference
+
+# (B, F, K, C): odd sizes on purpose, a single classifier, a single class, and (cpu only) the
+# benchmark-like shape where K·C spans several GEMM tiles.
+SHAPES = [(7, 13, 3, 5), (1, 9, 1, 4), (5, 33, 6, 1), (37, 70, 5, 11)]
+BIG = (130, 257, 16, 50)
+
+
+def _inputs(b, f, k, c, dtype=torch.float32, device="cpu", requires_grad=False, gen=None):
+    def rnd(*shape, scale=1.0):
+        t = (torch.randn(shape, dtype=torch.float64, generator=gen) * scale).to(dtype).to(device)
+        return t.requires_grad_(requires_grad)
+    # Weights scaled like a trained layer (unit-size scores), so the softmax is neither flat
+    # nor one-hot and both gradient terms matter.
+    return (rnd(b, f), rnd(k, f, scale=f ** -0.5), rnd(k), rnd(k, c, f, scale=f ** -0.5), rnd(k, c))
+
+
+def _ref64(args, temperature):
+    return reference.classifier_select(*[a.detach().double().cpu().requires_grad_() for a in args],
+                                       temperature)
+
+
+def _shapes(backend):
+    return SHAPES[:3] if backend == "triton" else SHAPES + [BIG]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.37])
+def test_forward_and_grads_match_reference(backend, dtype, temperature):
+    dev = device_for(backend)
+    for shape in _shapes(backend):
+        args = _inputs(*shape, dtype=dtype, device=dev, requires_grad=True)
+        out = classifier_select(*args, temperature=temperature, backend=backend)
+        ref_args = [a.detach().double().cpu().requires_grad_() for a in args]
+        ref = reference.classifier_select(*ref_args, temperature)
+        assert out.shape == (shape[0], shape[3]) and out.dtype == dtype
+        assert rel_err(out, ref) <= TOL[dtype], shape
+        grad = torch.randn(out.shape, dtype=torch.float64)
+        got = torch.autograd.grad(out, args, grad.to(dtype).to(dev))
+        want = torch.autograd.grad(ref, ref_args, grad.to(dtype).double())
+        names = ["h", "gate_weight", "gate_bias", "weight", "bias"]
+        for name, g, w in zip(names, got, want):
+            assert g.shape == w.shape and g.dtype == dtype
+            assert rel_err(g, w) <= TOL[dtype], (shape, name)
+
+
+def test_noncontiguous_inputs(backend):
+    dev = device_for(backend)
+    b, f, k, c = 6, 11, 3, 7
+    h = torch.randn(f, b + 2, device=dev).t()[1:-1]  # transposed and sliced
+    gate_weight = torch.randn(f, k, device=dev).t() * f ** -0.5
+    gate_bias = torch.randn(2 * k, device=dev)[::2]
+    weight = torch.randn(k, f, c, device=dev).transpose(1, 2) * f ** -0.5
+    bias = torch.randn(c, k, device=dev).t()
+    args = (h, gate_weight, gate_bias, weight, bias)
+    assert not any(a.is_contiguous() for a in args)
+    out = classifier_select(*args, backend=backend)
+    assert rel_err(out, _ref64(args, 1.0)) <= TOL[torch.float32]
+    want = reference.classifier_select(*[a.contiguous() for a in args])
+    assert rel_err(out, want) <= TOL[torch.float32]
+
+
+def test_gradcheck_fp64(backend):
+    dev = device_for(backend)
+    args = _inputs(3, 5, 3, 4, dtype=torch.float64, device=dev, requires_grad=True)
+    # Full gradcheck costs two forward calls per input element (~140): too slow for the Triton
+    # interpreter, which gets the random-projection check (every output and input still enters).
+    assert torch.autograd.gradcheck(
+        lambda *a: classifier_select(*a, temperature=0.6, backend=backend), args,
+        fast_mode=backend == "triton" and dev == "cpu")
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "triton"])
+def test_opcheck(backend_name):
+    from conftest import available_backends
+    if backend_name not in available_backends():
+        pytest.skip("triton is not importable")
+    dev = device_for(backend_name)
+    args = _inputs(5, 7, 3, 4, device=dev, requires_grad=True)
+    torch.library.opcheck(torch.ops.symfast.classifier_select.default,
+                          (*args, 0.8, backend_name))
+
+
+def test_gates_select_the_classifier():
+    """With a sharp gate that always prefers classifier 1, the output is classifier 1's logits."""
+    b, f, k, c = 5, 8, 3, 4
+    h, _, _, weight, bias = _inputs(b, f, k, c)
+    gate_weight = torch.zeros(k, f)
+    gate_bias = torch.tensor([0.0, 50.0, 0.0])
+    out = classifier_select(h, gate_weight, gate_bias, weight, bias, backend="cpu")
+    assert rel_err(out, h @ weight[1].T + bias[1]) <= 1e-6
+    # temperature → large flattens the gate to the plain average of the K classifiers
+    out = classifier_select(h, gate_weight, gate_bias, weight, bias, temperature=1e9, backend="cpu")
+    mean = (torch.einsum("bf,kcf->bkc", h, weight) + bias).mean(1)
+    assert rel_err(out, mean) <= 1e-6
+
+
+def test_compile_sees_through_the_op():
+    args = _inputs(6, 10, 4, 3, requires_grad=True)
+    fn = torch.compile(lambda *a: classifier_select(*a, backend="cpu"), fullgraph=True)
+    out = fn(*args)
+    assert rel_err(out, _ref64(args, 1.0)) <= TOL[torch.float32]
+    out.sum().backward()
+    ref_args = [a.detach().double().requires_grad_() for a in args]
+    reference.classifier_select(*ref_args).sum().backward()
+    for a, r in zip(args, ref_args):
+        assert rel_err(a.grad, r.grad) <= TOL[torch.float32]
+
+
+def test_empty_batch(backend):
+    dev = device_for(backend)
+    args = _inputs(0, 5, 2, 3, device=dev, requires_grad=True)
+    out = classifier_select(*args, backend=backend)
+    assert out.shape == (0, 3)
+    grads = torch.autograd.grad(out.sum(), args[1:])
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (dict(h=torch.randn(3, 4, 5)), ValueError, "h must be"),
+    (dict(gate_weight=torch.randn(3, 6)), ValueError, "gate_weight"),
+    (dict(gate_bias=torch.randn(4)), ValueError, "gate_bias"),
+    (dict(weight=torch.randn(3, 2, 6)), ValueError, "weight must be"),
+    (dict(weight=torch.randn(2, 2, 5)), ValueError, "weight must be"),
+    (dict(bias=torch.randn(3, 3)), ValueError, "bias must be"),
+    (dict(h=torch.randint(0, 3, (4, 5))), TypeError, "h must be a floating"),
+    (dict(weight=torch.randn(3, 2, 5, dtype=torch.float64)), TypeError, "weight has dtype"),
+    (dict(gate_bias=[0.0, 0.0, 0.0]), TypeError, "gate_bias must be a torch.Tensor"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=float("nan")), ValueError, "temperature"),
+    (dict(temperature="1"), TypeError, "temperature"),
+    (dict(backend="gpu"), ValueError, "backend"),
+])
+def test_bad_inputs(bad, exc, match):
+    good = dict(zip(["h", "gate_weight", "gate_bias", "weight", "bias"], _inputs(4, 5, 3, 2)))
+    good.update(temperature=1.0, backend="cpu")
+    good.update(bad)
+    with pytest.raises(exc, match=match):
+        classifier_select(**good)
+
+
+def test_cpu_kernel_rejects_bad_shapes_without_crashing():
+    """The raw C++ op checks shapes itself (TORCH_CHECK), whoever calls it."""
+    from symfast._ext import load_cpu_kernels
+    assert load_cpu_kernels("classifier_select")
+    h, gw, gb, w, b = _inputs(4, 5, 3, 2)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.symfast.classifier_select_fwd_cpu(h, gw, gb, w, b[:2], 1.0)
+    out, scores = torch.ops.symfast.classifier_select_fwd_cpu(h, gw, gb, w, b, 1.0)
+    with pytest.raises(RuntimeError, match="scores must be"):
+        torch.ops.symfast.classifier_select_bwd_cpu(out, scores[:, :-1], h, gw, w, 1.0)
+    with pytest.raises(RuntimeError, match="temperature"):
+        torch.ops.symfast.classifier_select_fwd_cpu(h, gw, gb, w, b, -1.0)
