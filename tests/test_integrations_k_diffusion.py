@@ -1,0 +1,186 @@
+"""symfast.integrations.k_diffusion against k-diffusion's own sampling.py.
+
+k_diffusion/__init__.py imports torchvision (through utils.py), and PyPI's torchvision does not load
+beside every torch build, so the package is never imported whole: its sampling.py is loaded from the
+installed files under a private package name, with its ``utils`` being the real k_diffusion/utils.py.
+Only if torchvision cannot be imported is ``torchvision.transforms.functional`` stubbed for that one
+load (utils uses it only for PIL conversions, which sampling never calls).
+"""
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import rel_err
+
+for _dependency in ("scipy", "torchsde", "torchdiffeq", "tqdm", "PIL", "safetensors"):
+    pytest.importorskip(_dependency)
+
+from symfast.integrations import k_diffusion as ours  # noqa: E402
+
+TOL = 1e-6  # relative, fp32: both sides run the same float32 operations
+
+
+def _load_module(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_k_diffusion_sampling():
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    package = types.ModuleType("_kdiff_ref")
+    package.__path__ = [str(root)]
+    sys.modules["_kdiff_ref"] = package
+    stubs = {}
+    try:
+        import torchvision.transforms.functional  # noqa: F401
+    except Exception:  # missing, or built against another torch ("operator torchvision::nms does not exist")
+        for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+            stubs[name] = sys.modules.get(name)
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+        sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+    try:
+        package.utils = _load_module("_kdiff_ref.utils", root / "utils.py")
+    finally:
+        for name, previous in stubs.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+    return _load_module("_kdiff_ref.sampling", root / "sampling.py")
+
+
+@pytest.fixture(scope="module")
+def kd():
+    return _load_k_diffusion_sampling()
+
+
+class _Denoiser(torch.nn.Module):
+    """A random, non-trivial D(x, σ): a small CNN with EDM-style σ conditioning."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 3, 3, padding=1)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+
+    def forward(self, x, sigma, scale=1.0):
+        s = sigma.reshape(-1, 1, 1, 1)
+        c_in = 1 / (s ** 2 + 0.25) ** 0.5
+        h = torch.tanh(self.conv1(x * c_in) + torch.log(s) / 4)
+        return scale * (x * 0.25 / (s ** 2 + 0.25) + self.conv2(h) * s * 0.5 / (s ** 2 + 0.25) ** 0.5)
+
+
+def _both(kd, name, sigmas, seed=0, **kwargs):
+    model = _Denoiser()
+    outs, logs = [], []
+    for module in (kd, ours):
+        torch.manual_seed(seed)
+        x = torch.randn(2, 3, 8, 8) * sigmas[0]
+        log = []
+        out = getattr(module, name)(model, x, sigmas, extra_args={"scale": 0.9}, disable=True,
+                                    callback=log.append, **kwargs)
+        outs.append(out)
+        logs.append(log)
+    return outs, logs
+
+
+SIGMA_GRIDS = {
+    "karras": lambda: ours.get_sigmas_karras(7, 0.03, 40.0),
+    "karras_rho3": lambda: ours.get_sigmas_karras(5, 0.1, 10.0, rho=3.0),
+    "geometric": lambda: torch.cat([torch.logspace(1, -1.5, 6), torch.zeros(1)]),
+}
+
+
+@pytest.mark.parametrize("grid", sorted(SIGMA_GRIDS))
+@pytest.mark.parametrize("name, kwargs", [
+    ("sample_euler", {}),
+    ("sample_euler", {"s_churn": 1.5, "s_tmin": 0.2, "s_tmax": 20.0, "s_noise": 1.007}),
+    ("sample_heun", {}),
+    ("sample_heun", {"s_churn": 0.8}),
+    ("sample_euler_ancestral", {}),
+    ("sample_euler_ancestral", {"eta": 0.6, "s_noise": 0.95}),
+    ("sample_dpmpp_2m", {}),
+])
+def test_sampler_matches_k_diffusion(kd, name, kwargs, grid):
+    sigmas = SIGMA_GRIDS[grid]()
+    (ref, out), (ref_log, log) = _both(kd, name, sigmas, **kwargs)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) <= TOL
+    assert len(log) == len(ref_log) == len(sigmas) - 1
+    for a, b in zip(ref_log, log):
+        assert set(a) == set(b) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+        assert a["i"] == b["i"]
+        assert float(a["sigma"]) == float(b["sigma"]) and float(a["sigma_hat"]) == float(b["sigma_hat"])
+        assert rel_err(b["denoised"], a["denoised"]) <= TOL and rel_err(b["x"], a["x"]) <= TOL
+
+
+def test_brownian_style_noise_sampler_is_called_like_k_diffusion(kd):
+    """A custom noise_sampler gets (sigma, sigma_next) and its noise is used as k-diffusion uses it."""
+    sigmas = ours.get_sigmas_karras(5, 0.05, 20.0)
+    calls = {"kd": [], "ours": []}
+
+    def sampler_for(key):
+        gen = torch.Generator().manual_seed(11)
+
+        def noise_sampler(sigma, sigma_next):
+            calls[key].append((float(sigma), float(sigma_next)))
+            return torch.randn(2, 3, 8, 8, generator=gen)
+        return noise_sampler
+
+    model = _Denoiser()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * sigmas[0]
+    ref = kd.sample_euler_ancestral(model, x, sigmas, disable=True, noise_sampler=sampler_for("kd"))
+    out = ours.sample_euler_ancestral(model, x, sigmas, disable=True, noise_sampler=sampler_for("ours"))
+    assert calls["kd"] == calls["ours"] and len(calls["ours"]) == len(sigmas) - 2
+    assert rel_err(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("n, sigma_min, sigma_max, rho", [(10, 0.002, 80.0, 7.0), (1, 0.5, 3.0, 7.0),
+                                                          (33, 0.0292, 14.61, 5.0)])
+def test_get_sigmas_karras_matches_k_diffusion(kd, n, sigma_min, sigma_max, rho):
+    ref = kd.get_sigmas_karras(n, sigma_min, sigma_max, rho=rho)
+    out = ours.get_sigmas_karras(n, sigma_min, sigma_max, rho=rho)
+    assert out.dtype == ref.dtype and out.shape == (n + 1,)
+    assert torch.equal(out, ref)
+
+
+def test_import_does_not_need_k_diffusion(monkeypatch):
+    monkeypatch.setitem(sys.modules, "k_diffusion", None)
+    module = _load_module("_symfast_kd_without_kd", ours.__file__)
+    sigmas = module.get_sigmas_karras(3, 0.1, 1.0)
+    x = module.sample_euler(lambda x, s: torch.zeros_like(x), torch.ones(1, 2), sigmas, disable=True)
+    # D ≡ 0 makes the ODE dx/dσ = x/σ: x scales with σ, so it reaches 0 at σ = 0
+    assert torch.equal(x, torch.zeros(1, 2))
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _Denoiser()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="sigmas"):
+        ours.sample_euler(model, x, torch.tensor([1.0]), disable=True)
+    with pytest.raises(ValueError, match="sigmas"):
+        ours.sample_heun(model, x, torch.tensor([[1.0, 0.0]]), disable=True)
+    with pytest.raises(ValueError, match="eta"):
+        ours.sample_euler_ancestral(model, x, torch.tensor([1.0, 0.0]), eta=-1.0, disable=True)
+    with pytest.raises(ValueError, match="shape"):
+        ours.sample_dpmpp_2m(lambda x, s: x[:, :1], x, torch.tensor([1.0, 0.5, 0.0]), disable=True)
+    with pytest.raises(ValueError, match="sigma_min"):
+        ours.get_sigmas_karras(5, 2.0, 1.0)
+    with pytest.raises(ValueError, match="n must"):
+        ours.get_sigmas_karras(0, 0.1, 1.0)
+    with pytest.raises(TypeError, match="tensors"):
+        ours.sample_euler(model, x, [1.0, 0.0], disable=True)
