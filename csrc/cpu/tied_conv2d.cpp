@@ -94,73 +94,86 @@ SYMFAST_MULTIVERSION void scatter_row(acc_t* __restrict acc, const scalar_t* __r
   }
 }
 
-// S plane (b, c, r) starts at b*sb + c*sc + r*sr; each plane is a contiguous (Ho, Wo) block.
+// One (b, c) plane: dst[r * sr + y * Wo + x] = orbit-r sum; acc is a scratch row of Wo.
+template <typename scalar_t, typename acc_t>
+void stencil_plane(const scalar_t* src, scalar_t* dst, int64_t sr, const Orbits& o,
+                   const Geometry& g, acc_t* acc) {
+  for (int64_t r = 0; r < o.count(); ++r) {
+    for (int64_t y = 0; y < g.ho; ++y) {
+      std::fill(acc, acc + g.wo, acc_t(0));
+      for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
+        const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
+        const int64_t iy = y * g.sh + i - g.ph;
+        if (iy < 0 || iy >= g.h) continue;
+        int64_t lo, hi;
+        column_range(g, j, lo, hi);
+        if (hi > lo)
+          add_row<scalar_t, acc_t>(acc + lo, src + iy * g.w + lo * g.sw + j - g.pw, hi - lo, g.sw);
+      }
+      scalar_t* row = dst + r * sr + y * g.wo;
+      for (int64_t k = 0; k < g.wo; ++k) row[k] = static_cast<scalar_t>(acc[k]);
+    }
+  }
+}
+
+// The adjoint on one plane: dst (H, W) = sum_r sum_{p in orbit r} shift_p^T(gs[r * sr ...]);
+// acc is a scratch plane of H*W. One plane per task, so the scatter has no write conflicts.
+template <typename scalar_t, typename acc_t>
+void stencil_transpose_plane(const scalar_t* gs, int64_t sr, scalar_t* dst, const Orbits& o,
+                             const Geometry& g, acc_t* acc) {
+  std::fill(acc, acc + g.h * g.w, acc_t(0));
+  for (int64_t r = 0; r < o.count(); ++r) {
+    const scalar_t* src = gs + r * sr;
+    for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
+      const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
+      int64_t lo, hi;
+      column_range(g, j, lo, hi);
+      if (hi <= lo) continue;
+      for (int64_t y = 0; y < g.ho; ++y) {
+        const int64_t iy = y * g.sh + i - g.ph;
+        if (iy < 0 || iy >= g.h) continue;
+        scatter_row<scalar_t, acc_t>(acc + iy * g.w + lo * g.sw + j - g.pw, src + y * g.wo + lo,
+                                     hi - lo, g.sw);
+      }
+    }
+  }
+  for (int64_t k = 0; k < g.h * g.w; ++k) dst[k] = static_cast<scalar_t>(acc[k]);
+}
+
+// S plane (b, c, r) starts at b*sb + c*sc + r*sr; OpenMP over the (b, c) planes.
 template <typename scalar_t>
 void stencil_into(const at::Tensor& x, scalar_t* out, int64_t sb, int64_t sc, int64_t sr,
                   const Orbits& o, const Geometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t bsz = x.size(0), c = x.size(1);
+  const int64_t c = x.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  at::parallel_for(0, bsz * c, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0) * c, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(g.wo);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t b = plane / c, ch = plane % c;
-      const scalar_t* src = xp + plane * g.h * g.w;
-      for (int64_t r = 0; r < o.count(); ++r) {
-        scalar_t* dst = out + b * sb + ch * sc + r * sr;
-        for (int64_t y = 0; y < g.ho; ++y) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
-            const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
-            const int64_t iy = y * g.sh + i - g.ph;
-            if (iy < 0 || iy >= g.h) continue;
-            int64_t lo, hi;
-            column_range(g, j, lo, hi);
-            if (hi > lo)
-              add_row<scalar_t, acc_t>(acc.data() + lo, src + iy * g.w + lo * g.sw + j - g.pw,
-                                       hi - lo, g.sw);
-          }
-          scalar_t* row = dst + y * g.wo;
-          for (int64_t k = 0; k < g.wo; ++k) row[k] = static_cast<scalar_t>(acc[k]);
-        }
-      }
-    }
+    for (int64_t plane = begin; plane < end; ++plane)
+      stencil_plane<scalar_t, acc_t>(xp + plane * g.h * g.w, out + (plane / c) * sb + (plane % c) * sc,
+                                     sr, o, g, acc.data());
   });
 }
 
-// gx[b, c] = sum_r sum_{p in orbit r} shift_p^T(gS[b, c, r]); one (b, c) plane per task, so the
-// scatter has no write conflicts.
+// gS (B, C, R, Ho*Wo) contiguous -> gx (B, C, H, W).
 template <typename scalar_t>
-void stencil_transpose_into(const scalar_t* gs, int64_t sb, int64_t sc, int64_t sr, at::Tensor& gx,
-                            const Orbits& o, const Geometry& g) {
+void stencil_transpose_into(const scalar_t* gs, at::Tensor& gx, const Orbits& o, const Geometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t bsz = gx.size(0), c = gx.size(1);
+  const int64_t hw = g.ho * g.wo;
   scalar_t* gxp = gx.data_ptr<scalar_t>();
-  at::parallel_for(0, bsz * c, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, gx.size(0) * gx.size(1), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(g.h * g.w);
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const int64_t b = plane / c, ch = plane % c;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t r = 0; r < o.count(); ++r) {
-        const scalar_t* src = gs + b * sb + ch * sc + r * sr;
-        for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
-          const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
-          int64_t lo, hi;
-          column_range(g, j, lo, hi);
-          if (hi <= lo) continue;
-          for (int64_t y = 0; y < g.ho; ++y) {
-            const int64_t iy = y * g.sh + i - g.ph;
-            if (iy < 0 || iy >= g.h) continue;
-            scatter_row<scalar_t, acc_t>(acc.data() + iy * g.w + lo * g.sw + j - g.pw,
-                                         src + y * g.wo + lo, hi - lo, g.sw);
-          }
-        }
-      }
-      scalar_t* dst = gxp + plane * g.h * g.w;
-      for (int64_t k = 0; k < g.h * g.w; ++k) dst[k] = static_cast<scalar_t>(acc[k]);
-    }
+    for (int64_t plane = begin; plane < end; ++plane)
+      stencil_transpose_plane<scalar_t, acc_t>(gs + plane * o.count() * hw, hw,
+                                               gxp + plane * g.h * g.w, o, g, acc.data());
   });
 }
+
+// With at least one sample per thread, each thread runs stencil -> GEMM (single-threaded inside
+// the parallel region) for whole samples, so S stays in cache instead of a (B, C, R, Ho, Wo)
+// round trip through memory. Fewer samples than threads: a plane-parallel stencil, then one
+// multi-threaded GEMM per sample.
+bool fuse_per_sample(int64_t batch) { return batch >= at::get_num_threads(); }
 
 void check_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
@@ -198,9 +211,8 @@ at::Tensor tied_stencil_transpose_cpu(const at::Tensor& gs_in, const at::Tensor&
               ", ", g.wo, ")");
   at::Tensor gx = at::empty({gs.size(0), gs.size(1), h, w}, gs.options());
   if (gx.numel() == 0) return gx;
-  const int64_t r = o.count(), hw = g.ho * g.wo;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gs.scalar_type(), "tied_stencil_t_cpu", [&] {
-    stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), gs.size(1) * r * hw, r * hw, hw, gx, o, g);
+    stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), gx, o, g);
   });
   return gx;
 }
@@ -213,21 +225,50 @@ void check_weight(const at::Tensor& x, const at::Tensor& weight, int64_t r) {
               " differs from x dtype ", x.scalar_type());
 }
 
-at::Tensor tied_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& positions,
                            const at::Tensor& offsets, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
                            int64_t ph, int64_t pw) {
-  check_input(x, "x");
-  check_weight(x, weight, offsets.size(0) - 1);
-  const at::Tensor s = tied_stencil_cpu(x, positions, offsets, kh, kw, sh, sw, ph, pw);
-  const int64_t bsz = s.size(0), o = weight.size(0), ho = s.size(3), wo = s.size(4);
-  const at::Tensor w2 = weight.reshape({o, -1});
-  at::Tensor y = at::matmul(w2, s.view({bsz, -1, ho * wo}));
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == o, "bias must be (", o, ",), got ", bias->sizes());
-    y.add_(bias->view({1, o, 1}));
+  check_input(x_in, "x");
+  const at::Tensor x = x_in.contiguous();
+  const Orbits o = read_orbits(positions, offsets, kh, kw);
+  check_weight(x, weight, o.count());
+  const Geometry g = make_geometry(x.size(2), x.size(3), kh, kw, sh, sw, ph, pw);
+  const int64_t bsz = x.size(0), c = x.size(1), oc = weight.size(0), r = o.count();
+  const int64_t hw = g.ho * g.wo;
+  const at::Tensor w2 = weight.reshape({oc, c * r}).contiguous();
+  at::Tensor y = at::empty({bsz, oc, g.ho, g.wo}, x.options());
+  if (y.numel() == 0) return y;
+  if (fuse_per_sample(bsz)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      at::parallel_for(0, bsz, 1, [&](int64_t begin, int64_t end) {
+        // OpenMP workers do not inherit the caller's below-autograd dispatch state.
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        at::Tensor sb = at::empty({c * r, hw}, x.options());
+        std::vector<acc_t> acc(g.wo);
+        for (int64_t b = begin; b < end; ++b) {
+          for (int64_t ch = 0; ch < c; ++ch)
+            stencil_plane<scalar_t, acc_t>(xp + (b * c + ch) * g.h * g.w,
+                                           sb.data_ptr<scalar_t>() + ch * r * hw, hw, o, g, acc.data());
+          at::Tensor yb = y[b].view({oc, hw});
+          at::mm_out(yb, w2, sb);
+        }
+      });
+    });
+  } else {
+    const at::Tensor s = tied_stencil_cpu(x, positions, offsets, kh, kw, sh, sw, ph, pw);
+    for (int64_t b = 0; b < bsz; ++b) {
+      at::Tensor yb = y[b].view({oc, hw});
+      at::mm_out(yb, w2, s[b].view({c * r, hw}));
+    }
   }
-  return y.view({bsz, o, ho, wo});
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == oc, "bias must be (", oc, ",), got ", bias->sizes());
+    y.add_(bias->view({1, oc, 1, 1}));
+  }
+  return y;
 }
 
 // Returns (grad_x, grad_weight, grad_bias); entries not asked for by mask are undefined.
@@ -249,11 +290,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
   const at::Tensor gy = grad_out.contiguous().view({bsz, oc, hw});
   at::Tensor gx, gw, gb;
   if (mask[0]) {
-    const at::Tensor gs = at::matmul(weight.reshape({oc, c * r}).t(), gy).contiguous();
+    const at::Tensor w2t = weight.reshape({oc, c * r}).t().contiguous();
     gx = at::empty(x.sizes(), x.options());
     if (gx.numel() > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_bwd_x", [&] {
-        stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), c * r * hw, r * hw, hw, gx, o, g);
+        using acc_t = at::opmath_type<scalar_t>;
+        if (fuse_per_sample(bsz)) {
+          at::parallel_for(0, bsz, 1, [&](int64_t begin, int64_t end) {
+            at::AutoDispatchBelowADInplaceOrView below_autograd;
+            at::Tensor gsb = at::empty({c * r, hw}, x.options());
+            std::vector<acc_t> acc(g.h * g.w);
+            for (int64_t b = begin; b < end; ++b) {
+              at::mm_out(gsb, w2t, gy[b]);
+              for (int64_t ch = 0; ch < c; ++ch)
+                stencil_transpose_plane<scalar_t, acc_t>(
+                    gsb.data_ptr<scalar_t>() + ch * r * hw, hw,
+                    gx.data_ptr<scalar_t>() + (b * c + ch) * g.h * g.w, o, g, acc.data());
+            }
+          });
+        } else {
+          at::Tensor gs = at::empty({bsz, c * r, hw}, x.options());
+          for (int64_t b = 0; b < bsz; ++b) {
+            at::Tensor gsb = gs[b];
+            at::mm_out(gsb, w2t, gy[b]);
+          }
+          stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), gx, o, g);
+        }
       });
     }
   }

@@ -1,0 +1,166 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import TOL, rel_err
+from symfast import equivariance_error
+from symfast.nn import EquivariantUNet, TiedConv2d, UNet, equivariance_loss, tie_weights
+
+SMALL = dict(channels=(8, 16, 16), heads=2)
+
+
+def _sigma(batch):
+    return torch.linspace(0.3, 3.0, batch)
+
+
+def test_tied_conv2d_module_counts_orbits_and_matches_its_expanded_kernel():
+    layer = TiedConv2d(5, 7, 3, "d4")
+    assert sum(p.numel() for p in layer.parameters()) == 7 * 5 * 3 + 7
+    assert TiedConv2d(5, 7, 5, "d4", bias=False).weight.numel() == 7 * 5 * 6
+    assert TiedConv2d(5, 7, 3, "flip_h").weight.shape == (7, 5, 6)
+    x = torch.randn(2, 5, 9, 9)
+    ref = F.conv2d(x.double(), layer.expanded_weight().double(), layer.bias.double(), padding=1)
+    assert rel_err(layer(x), ref) <= TOL[torch.float32]
+
+
+def test_from_conv2d_keeps_a_symmetric_kernel_and_projects_others():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    tied = TiedConv2d.from_conv2d(conv, "d4")
+    x = torch.randn(1, 3, 8, 8)
+    projected = sum(torch.rot90(conv.weight, k, (2, 3)) + torch.rot90(conv.weight.flip(3), k, (2, 3))
+                    for k in range(4)) / 8
+    assert rel_err(tied.expanded_weight(), projected) <= 1e-6
+    conv.weight.data.copy_(projected)
+    assert rel_err(tied(x), conv(x)) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_equivariant_unet_is_exact_for_d4(size):
+    torch.manual_seed(size)
+    model = EquivariantUNet(3, 3, group="d4", **SMALL)
+    x = torch.randn(1, 3, size, size)
+    err = equivariance_error(lambda z: model(z, 0.8), x, "d4")
+    assert err <= 1e-5
+
+
+def test_plain_unet_is_not_equivariant_until_tied():
+    torch.manual_seed(0)
+    model = UNet(3, 3, **SMALL)
+    x = torch.randn(2, 3, 16, 16)
+    assert equivariance_error(lambda z: model(z, _sigma(2)), x, "d4") > 1e-2
+    report = tie_weights(model, "d4")
+    assert report.exact and "conv_in" in report.tied and "down.0.conv1" in report.tied
+    assert not any(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert equivariance_error(lambda z: model(z, _sigma(2)), x, "d4") <= 1e-5
+
+
+@pytest.mark.parametrize("group,shape", [("c4", (16, 16)), ("flip_h", (16, 24)), ("flip_v", (8, 20))])
+def test_other_groups_and_non_square_sizes(group, shape):
+    torch.manual_seed(1)
+    model = EquivariantUNet(2, 2, group=group, channels=(8, 8), heads=2)
+    x = torch.randn(1, 2, *shape)
+    assert equivariance_error(lambda z: model(z, 0.7), x, group) <= 1e-5
+
+
+def test_unet_rejects_sizes_it_cannot_keep_exact():
+    model = EquivariantUNet(1, 1, group="d4", **SMALL)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.randn(1, 1, 18, 18), 1.0)
+    with pytest.raises(ValueError, match="square"):
+        model(torch.randn(1, 1, 16, 32), 1.0)
+    with pytest.raises(ValueError, match="sigma"):
+        model(torch.randn(2, 1, 16, 16), torch.ones(3))
+    with pytest.raises(ValueError, match="group"):
+        EquivariantUNet(1, 1, group=None)
+    with pytest.raises(ValueError, match="square kernel"):
+        TiedConv2d(2, 2, (3, 5), "c4")
+    with pytest.raises(ValueError, match="in_channels"):
+        TiedConv2d(0, 2, 3, "d4")
+
+
+def test_tie_weights_reports_what_still_breaks_equivariance():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pad = nn.ZeroPad2d((1, 0, 1, 0))
+            self.down = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+            self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+            self.wide = nn.Conv2d(4, 4, (3, 5), padding=(1, 2))
+            self.pos_embedding = nn.Parameter(torch.zeros(1, 4, 8, 8))
+            self.head = nn.Linear(4, 4)
+
+    model = Model()
+    report = tie_weights(model, "d4")
+    reasons = dict(report.problems)
+    assert report.tied == ["down"] and isinstance(model.down, TiedConv2d)
+    assert "stride" in reasons["down"]
+    assert "asymmetric padding" in reasons["pad"]
+    assert "groups=2" in reasons["grouped"] and isinstance(model.grouped, nn.Conv2d)
+    assert "square kernel" in reasons["wide"]
+    assert "positional" in reasons["pos_embedding"]
+    assert "head" not in reasons and not report.exact
+    # flip_h can tie the (3, 5) kernel; the padding (1, 0, 1, 0) is asymmetric in W too
+    flip_report = tie_weights(Model(), "flip_h")
+    assert "wide" in flip_report.tied and "pad" in dict(flip_report.problems)
+    with pytest.raises(TypeError, match="module"):
+        tie_weights(lambda x: x, "d4")
+
+
+def test_equivariance_loss_vanishes_for_equivariant_models_only():
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 16, 16)
+    sigma = _sigma(4)
+    tied = EquivariantUNet(3, 3, group="d4", **SMALL)
+    plain = UNet(3, 3, **SMALL)
+    scale = plain(x, sigma).pow(2).mean()
+    assert equivariance_loss(tied, x, sigma, "d4") <= 1e-10 * scale
+    assert equivariance_loss(plain, x, sigma, "d4") >= 1e-3 * scale
+
+
+def test_equivariance_loss_stops_the_gradient_at_the_target():
+    torch.manual_seed(3)
+    x = torch.randn(3, 3, 8, 8)
+    model = UNet(3, 3, channels=(8, 8), heads=2)
+    ema = copy.deepcopy(model)
+    for p in ema.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    loss = equivariance_loss(model, x, 1.0, "d4", target=ema,
+                             generator=torch.Generator().manual_seed(5))
+    loss.backward()
+    assert all(p.grad is None for p in ema.parameters())
+    assert all(p.grad is not None for p in model.parameters())
+    # the same g choices give the same loss; the gradient is that of ‖F(x) − c‖² with c fixed
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    from symfast.nn.regularizer import act_per_sample
+    from symfast.groups import get
+
+    g = get("d4")
+    index = torch.randint(8, (3,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        c = act_per_sample(ema(act_per_sample(x, index, g), 1.0),
+                           torch.tensor([g.inverse(k) for k in index.tolist()]), g)
+    manual = (model(x, 1.0) - c).pow(2).mean()
+    assert torch.allclose(manual, loss, rtol=1e-6, atol=0)
+    manual.backward()
+    for got, ref in zip(grads, [p.grad for p in model.parameters()]):
+        assert rel_err(got, ref) <= 1e-5
+
+
+def test_equivariant_unet_trains_with_the_cpu_kernel():
+    torch.manual_seed(4)
+    model = EquivariantUNet(1, 1, group="d4", channels=(8, 8), heads=2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randn(4, 1, 8, 8)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (model(x + 0.5 * torch.ones_like(x), 0.5) - x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert equivariance_error(lambda z: model(z, 0.5), x, "d4") <= 1e-5
