@@ -1,0 +1,157 @@
+"""CAB-CNN (arXiv 2006.09815; DESIGN.md §4): a log-mel front end, a small CNN backbone and a
+classifier-selection head (K linear classifiers mixed by a softmax gate, symfast::classifier_select),
+plus :class:`BaselineCNN`, the same network with one wider (two-layer) head for comparison.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from symfast.ops.classifier_select import classifier_select
+
+
+def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
+    """HTK mel scale: 2595 log10(1 + f / 700)."""
+    return 2595.0 * torch.log10(1.0 + torch.as_tensor(f, dtype=torch.float64) / 700.0)
+
+
+def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+
+def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0.0,
+                   f_max: float | None = None) -> torch.Tensor:
+    """Triangular HTK-mel filters (n_freqs, n_mels) for a one-sided spectrum of n_freqs bins
+    spanning 0..sample_rate/2: filter m rises from mel point m to m+1 and falls to m+2, peak 1
+    (the convention of torchaudio's ``melscale_fbanks(norm=None, mel_scale="htk")``)."""
+    f_max = sample_rate / 2 if f_max is None else f_max
+    if not 0 <= f_min < f_max <= sample_rate / 2:
+        raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={f_min}, "
+                         f"f_max={f_max}, sample_rate={sample_rate}")
+    if n_mels < 1 or n_freqs < 2:
+        raise ValueError(f"need n_mels >= 1 and n_freqs >= 2, got {n_mels}, {n_freqs}")
+    freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
+    points = mel_to_hz(torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2,
+                                      dtype=torch.float64))
+    lo, centre, hi = points[:-2], points[1:-1], points[2:]
+    rising = (freqs[:, None] - lo) / (centre - lo)
+    falling = (hi - freqs[:, None]) / (hi - centre)
+    return torch.clamp(torch.minimum(rising, falling), min=0.0).float()
+
+
+class LogMel(nn.Module):
+    """waveform (B, T) -> log-mel spectrogram (B, 1, n_mels, frames) of the clip scaled to unit
+    RMS, so a clip's gain is invisible (also in bands near the ``eps`` floor, where removing the
+    mean log-power afterwards would not cancel it)."""
+
+    def __init__(self, sample_rate: int = 8000, n_fft: int = 256, hop_length: int = 128,
+                 n_mels: int = 32, eps: float = 1e-6):
+        super().__init__()
+        self.n_fft, self.hop_length, self.eps = n_fft, hop_length, eps
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        self.register_buffer("filterbank", mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate),
+                             persistent=False)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        if waveform.dim() != 2:
+            raise ValueError(f"waveform must be (B, T), got shape {tuple(waveform.shape)}")
+        if waveform.shape[1] < self.n_fft // 2 + 1:
+            raise ValueError(f"waveform has {waveform.shape[1]} samples; need > n_fft/2 = {self.n_fft // 2}")
+        waveform = waveform / waveform.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)
+        spec = torch.stft(waveform, self.n_fft, self.hop_length, window=self.window.to(waveform.dtype),
+                          center=True, return_complex=True)  # (B, n_freqs, frames)
+        power = spec.real ** 2 + spec.imag ** 2
+        mel = torch.einsum("bft,fm->bmt", power, self.filterbank.to(power.dtype))
+        return torch.log(mel + self.eps).unsqueeze(1)
+
+
+class ConvBackbone(nn.Module):
+    """(B, 1, n_mels, frames) -> features (B, channels[-1]): conv3×3–BN–ReLU–maxpool blocks,
+    then a global average over frequency and time."""
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        layers, c_in = [], 1
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2, ceil_mode=True)]
+            c_in = c
+        self.layers = nn.Sequential(*layers)
+        self.out_features = c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).mean(dim=(2, 3))
+
+
+class ClassifierSelect(nn.Module):
+    """K linear classifiers on features (B, F) and a softmax gate choosing among them:
+    (B, F) -> logits (B, C). Parameters: gate_weight (K, F), gate_bias (K,), weight (K, C, F),
+    bias (K, C), initialised like K+1 independent ``nn.Linear`` layers."""
+
+    def __init__(self, in_features: int, n_classes: int, n_classifiers: int = 4,
+                 temperature: float = 1.0, backend: str | None = None):
+        super().__init__()
+        if n_classifiers < 1 or n_classes < 1 or in_features < 1:
+            raise ValueError(f"need in_features, n_classes, n_classifiers >= 1, got "
+                             f"{in_features}, {n_classes}, {n_classifiers}")
+        bound = 1 / math.sqrt(in_features)
+
+        def param(*shape):
+            return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+        self.gate_weight, self.gate_bias = param(n_classifiers, in_features), param(n_classifiers)
+        self.weight = param(n_classifiers, n_classes, in_features)
+        self.bias = param(n_classifiers, n_classes)
+        self.temperature, self.backend = temperature, backend
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return classifier_select(h, self.gate_weight, self.gate_bias, self.weight, self.bias,
+                                 temperature=self.temperature, backend=self.backend)
+
+    def gates(self, h: torch.Tensor) -> torch.Tensor:
+        """The selection weights (B, K) the head puts on its classifiers."""
+        return torch.softmax((h @ self.gate_weight.T + self.gate_bias) / self.temperature, dim=-1)
+
+
+class _AudioCNN(nn.Module):
+    def __init__(self, head_in: int, sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
+                 channels: tuple[int, ...]):
+        super().__init__()
+        self.frontend = LogMel(sample_rate, n_fft, hop_length, n_mels)
+        self.backbone = ConvBackbone(channels)
+
+    def features(self, waveform: torch.Tensor) -> torch.Tensor:
+        """waveform (B, T) -> backbone features (B, channels[-1])."""
+        return self.backbone(self.frontend(waveform))
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """waveform (B, T) -> class logits (B, n_classes)."""
+        return self.head(self.features(waveform))
+
+
+class CABCNN(_AudioCNN):
+    """Classifier-attention-based CNN: waveform (B, T) -> logits (B, n_classes)."""
+
+    def __init__(self, n_classes: int, n_mels: int = 32, n_classifiers: int = 4,
+                 sample_rate: int = 8000, n_fft: int = 256, hop_length: int = 128,
+                 channels: tuple[int, ...] = (16, 32, 64), temperature: float = 1.0,
+                 backend: str | None = None):
+        super().__init__(channels[-1], sample_rate, n_fft, hop_length, n_mels, channels)
+        self.head = ClassifierSelect(channels[-1], n_classes, n_classifiers, temperature, backend)
+
+
+class BaselineCNN(_AudioCNN):
+    """The same front end and backbone with one wider head, Linear(F, hidden)–ReLU–Linear(hidden, C)."""
+
+    def __init__(self, n_classes: int, n_mels: int = 32, hidden: int = 128,
+                 sample_rate: int = 8000, n_fft: int = 256, hop_length: int = 128,
+                 channels: tuple[int, ...] = (16, 32, 64)):
+        super().__init__(channels[-1], sample_rate, n_fft, hop_length, n_mels, channels)
+        self.head = nn.Sequential(nn.Linear(channels[-1], hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, n_classes))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,257 @@
+import math
+import wave
+
+import pytest
+import torch
+from conftest import TOL, rel_err
+
+from symfast.data.audio import (SYNTHETIC_CLASSES, load_wav_folder, read_wav, synthetic_audio,
+                                write_wav)
+from symfast.models.cab_cnn import (CABCNN, BaselineCNN, ClassifierSelect, LogMel, count_parameters,
+                                    hz_to_mel, mel_filterbank, mel_to_hz)
+
+
+@pytest.fixture
+def one_thread():
+    """Small convolutions gain nothing from a second OpenMP thread, and on a shared 2-core
+    machine the barrier waits for a descheduled thread: measured 1.2 s (1 thread) vs 71 s
+    (2 threads) for the same training run under load."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --- mel front end ---------------------------------------------------------------------------
+
+def test_mel_scale_round_trip_and_known_value():
+    assert abs(float(hz_to_mel(1000.0)) - 999.985) < 1e-2  # HTK: 2595·log10(1 + 1000/700)
+    f = torch.tensor([0.0, 440.0, 3999.0], dtype=torch.float64)
+    assert rel_err(mel_to_hz(hz_to_mel(f)), f) <= 1e-12
+
+
+def test_mel_filterbank_triangles_peak_at_their_centres():
+    n_freqs, n_mels, sr = 129, 20, 8000
+    fb = mel_filterbank(n_freqs, n_mels, sr)
+    assert fb.shape == (n_freqs, n_mels) and (fb >= 0).all() and fb.max() <= 1
+    freqs = torch.linspace(0, sr / 2, n_freqs, dtype=torch.float64)
+    edges = mel_to_hz(torch.linspace(0, float(hz_to_mel(sr / 2)), n_mels + 2, dtype=torch.float64))
+    for m in range(n_mels):
+        support = torch.nonzero(fb[:, m]).flatten()
+        assert freqs[support].min() > edges[m] and freqs[support].max() < edges[m + 2]
+        peak = int(fb[:, m].argmax())
+        assert abs(freqs[peak] - edges[m + 1]) <= sr / 2 / (n_freqs - 1)  # within one bin
+    # interior frequencies are covered by two overlapping triangles summing to 1
+    inside = (freqs > edges[1]) & (freqs < edges[-2])
+    assert torch.allclose(fb[inside].sum(1).double(), torch.ones(int(inside.sum()), dtype=torch.float64),
+                          atol=1e-6)
+    with pytest.raises(ValueError, match="f_max"):
+        mel_filterbank(n_freqs, n_mels, sr, f_max=5000.0)
+
+
+def test_logmel_finds_a_tone_and_ignores_gain():
+    sr, n_mels = 8000, 32
+    frontend = LogMel(sr, n_fft=256, hop_length=128, n_mels=n_mels)
+    t = torch.arange(4000, dtype=torch.float64) / sr
+    edges = mel_to_hz(torch.linspace(0, float(hz_to_mel(sr / 2)), n_mels + 2, dtype=torch.float64))
+    for band in (5, 17, 26):
+        tone = torch.sin(2 * math.pi * float(edges[band + 1]) * t)[None]
+        spec = frontend(torch.cat([tone, 0.01 * tone]))
+        assert spec.shape == (2, 1, n_mels, 4000 // 128 + 1)
+        assert int(spec[0, 0].mean(-1).argmax()) == band
+        # in fp64, since near-silent bands hold fp32 FFT round-off of ~1e-7 of the tone
+        assert rel_err(spec[1], spec[0]) <= 1e-12  # unit-RMS scaling removes the gain
+    with pytest.raises(ValueError, match="waveform"):
+        frontend(torch.zeros(3))
+
+
+# --- the head and the models -----------------------------------------------------------------
+
+def test_classifier_select_module_matches_reference_backend():
+    torch.manual_seed(0)
+    head = ClassifierSelect(24, 5, n_classifiers=3, temperature=0.5, backend="cpu")
+    h = torch.randn(9, 24)
+    out = head(h)
+    head.backend = "reference"
+    ref = head(h)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    gates = head.gates(h)
+    assert gates.shape == (9, 3) and torch.allclose(gates.sum(1), torch.ones(9))
+    logits = torch.einsum("bf,kcf->bkc", h, head.weight) + head.bias
+    assert rel_err(out, torch.einsum("bk,bkc->bc", gates, logits)) <= TOL[torch.float32]
+
+
+def test_cabcnn_backends_agree_in_forward_and_backward():
+    torch.manual_seed(0)
+    wave_batch = synthetic_audio(1, duration=0.25, seed=3).waveforms
+    model = CABCNN(8, n_mels=16, n_classifiers=3, channels=(4, 8), backend="cpu").eval()
+    out = model(wave_batch)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.head.backend = "reference"
+    ref = model(wave_batch)
+    ref.square().sum().backward()
+    assert out.shape == (8, 8)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    for g, p in zip(grads, model.parameters()):
+        assert rel_err(g, p.grad) <= 1e-4  # through BN and convs: several reductions reordered
+
+
+# --- synthetic audio --------------------------------------------------------------------------
+
+def test_synthetic_audio_is_seeded_and_well_formed():
+    a = synthetic_audio(3, seed=7)
+    b = synthetic_audio(3, seed=7)
+    c = synthetic_audio(3, seed=8)
+    n = len(SYNTHETIC_CLASSES)
+    assert a.waveforms.shape == (3 * n, 4000) and a.waveforms.dtype == torch.float32
+    assert torch.equal(a.waveforms, b.waveforms) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.waveforms, c.waveforms)
+    assert torch.equal(torch.bincount(a.labels), torch.full((n,), 3))
+    peaks = a.waveforms.abs().amax(1)
+    assert torch.isfinite(a.waveforms).all() and (peaks >= 0.1 - 1e-6).all() and (peaks <= 0.9 + 1e-6).all()
+    assert len(a) == 3 * n and a[1][1] == 1 and a.classes == list(SYNTHETIC_CLASSES)
+
+
+def test_synthetic_audio_onset_leaves_only_background_before_the_signal():
+    def head_over_tail(max_onset):
+        x = synthetic_audio(20, classes=["tone"], seed=1, max_onset=max_onset,
+                            snr_db=(20.0, 20.0)).waveforms
+        return x[:, :100].pow(2).mean(1) / x[:, -1000:].pow(2).mean(1)
+
+    assert (head_over_tail(0.0) > 0.5).all()  # the tone is there from the first sample
+    ratio = head_over_tail(0.5)
+    late = ratio < 0.1
+    # onsets are U(0, 0.5)·T: P(onset < 100 samples) = 5%, so nearly all clips start late, and
+    # before the onset there is only the background, 20 dB (1/100 of the power) below the tone
+    assert int(late.sum()) >= 15
+    assert ((ratio[late] > 0.005) & (ratio[late] < 0.02)).all()
+
+
+def test_synthetic_tone_and_chirp_spectra():
+    sr = 8000
+    clips = synthetic_audio(4, classes=["tone", "chirp_up", "chirp_down", "brown_noise"], seed=2,
+                            max_onset=0.0, snr_db=(40.0, 40.0))
+    spec = torch.stft(clips.waveforms, 256, 128, window=torch.hann_window(256),
+                      return_complex=True).abs()  # (N, 129, frames)
+    peak_hz = spec.argmax(1).float() * sr / 256  # dominant frequency per frame
+    early, late = peak_hz[:, 3:8].mean(1), peak_hz[:, -8:-3].mean(1)
+    tone, up, down = (clips.labels == 0), (clips.labels == 1), (clips.labels == 2)
+    assert ((late - early)[tone].abs() < 50).all()
+    assert ((late - early)[up] > 300).all() and ((early - late)[down] > 300).all()
+    brown = clips.waveforms[clips.labels == 3]
+    power = torch.fft.rfft(brown).abs().pow(2)
+    assert (power[:, 1:50].mean(1) > 100 * power[:, 500:1000].mean(1)).all()  # 1/f² spectrum
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(n_per_class=0), "n_per_class"), (dict(classes=["tone", "whistle"]), "classes"),
+    (dict(duration=0.001), "duration"), (dict(max_onset=1.0), "max_onset"),
+    (dict(gain=(0.0, 1.0)), "gain"), (dict(sample_rate=100), "sample_rate"),
+])
+def test_synthetic_audio_rejects_bad_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        synthetic_audio(**{"n_per_class": 2, **bad})
+
+
+# --- WAV folders -------------------------------------------------------------------------------
+
+def _write_raw_wav(path, frames: bytes, channels: int, width: int, rate: int) -> None:
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(width)
+        f.setframerate(rate)
+        f.writeframes(frames)
+
+
+def test_wav_folder_reads_pcm_widths_channels_and_pads(tmp_path):
+    (tmp_path / "birds").mkdir()
+    (tmp_path / "cars").mkdir()
+    (tmp_path / "notes.txt").write_text("not a class")
+    sr = 16000
+    # 16-bit mono: samples 0, 16384, -32768
+    _write_raw_wav(tmp_path / "birds" / "a.wav",
+                   torch.tensor([0, 16384, -32768], dtype=torch.int16).numpy().tobytes(), 1, 2, sr)
+    # 8-bit stereo (unsigned, offset 128): frames (255, 1) -> mean of (127/128, -127/128) = 0;
+    # (192, 192) -> 0.5
+    _write_raw_wav(tmp_path / "birds" / "b.WAV", bytes([255, 1, 192, 192]), 2, 1, sr)
+    # 24-bit mono little-endian: 0x400000 = 0.5, 0xC00000 = -0.5, then 2 more frames
+    _write_raw_wav(tmp_path / "cars" / "c.wav",
+                   bytes([0, 0, 0x40, 0, 0, 0xC0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0]), 1, 3, sr)
+    clips = load_wav_folder(tmp_path)
+    assert clips.classes == ["birds", "cars"] and clips.sample_rate == sr
+    assert clips.labels.tolist() == [0, 0, 1]
+    want = torch.tensor([[0.0, 0.5, -1.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0, 0.0],
+                         [0.5, -0.5, 0.0, 0.5, 0.0]])
+    assert torch.equal(clips.waveforms, want)
+    assert load_wav_folder(tmp_path, num_samples=2).waveforms.shape == (3, 2)
+
+
+def test_wav_round_trip_of_synthetic_clips(tmp_path):
+    clips = synthetic_audio(2, classes=["am", "fm"], seed=5, duration=0.1)
+    for i, (x, y) in enumerate(clips):
+        folder = tmp_path / clips.classes[int(y)]
+        folder.mkdir(exist_ok=True)
+        write_wav(folder / f"{i:03d}.wav", x, clips.sample_rate)
+    loaded = load_wav_folder(tmp_path)
+    order = torch.argsort(clips.labels, stable=True)  # the folder groups clips by class
+    assert loaded.classes == ["am", "fm"] and torch.equal(loaded.labels, clips.labels[order])
+    assert (loaded.waveforms - clips.waveforms[order]).abs().max() <= 1.5 / 32767  # 16-bit step
+
+
+def test_wav_folder_errors(tmp_path):
+    with pytest.raises(ValueError, match="root"):
+        load_wav_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        load_wav_folder(tmp_path)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match="no .wav files"):
+        load_wav_folder(tmp_path)
+    write_wav(tmp_path / "a" / "x.wav", torch.zeros(10), 8000)
+    (tmp_path / "b").mkdir()
+    write_wav(tmp_path / "b" / "y.wav", torch.zeros(10), 16000)
+    with pytest.raises(ValueError, match="sample rate 16000"):
+        load_wav_folder(tmp_path)
+    (tmp_path / "b" / "y.wav").write_bytes(b"RIFF not really")
+    with pytest.raises(ValueError, match="not a PCM WAV"):
+        read_wav(tmp_path / "b" / "y.wav")
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def _train_and_score(model, train, test, epochs: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(train))
+        for i in range(0, len(train), 32):
+            idx = perm[i:i + 32]
+            loss = torch.nn.functional.cross_entropy(model(train.waveforms[idx]), train.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        return float((model(test.waveforms).argmax(1) == test.labels).float().mean())
+
+
+def test_cabcnn_and_baseline_learn_synthetic_audio(one_thread, record_property):
+    train = synthetic_audio(32, seed=11)
+    test = synthetic_audio(16, seed=12)  # fresh clips: new frequencies, gains, onsets, noise
+    chance = 1 / len(train.classes)
+    results = {}
+    for name, make in [("CABCNN", lambda: CABCNN(len(train.classes), n_classifiers=4)),
+                       ("BaselineCNN", lambda: BaselineCNN(len(train.classes), hidden=128))]:
+        torch.manual_seed(0)
+        model = make()
+        acc = _train_and_score(model, train, test, epochs=10, seed=1)
+        results[name] = (count_parameters(model), acc)
+        record_property(f"{name}_parameters", results[name][0])
+        record_property(f"{name}_accuracy", acc)
+    print("\n" + "\n".join(f"{n}: {p} parameters, test accuracy {a:.3f} (chance {chance:.3f})"
+                           for n, (p, a) in results.items()))
+    for name, (_, acc) in results.items():
+        assert acc >= 0.6, (name, acc)  # chance is 0.125
+    assert results["CABCNN"][0] < results["BaselineCNN"][0]  # the selection head is the smaller
