@@ -1,0 +1,98 @@
+"""Text classification data: the synthetic topic task of Lu, Mao, Nayak (ICLR 2021), and a loader
+for a user's CSV of (text, label) rows with a whitespace vocabulary."""
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+PAD, UNK = "<pad>", "<unk>"
+
+
+@dataclass
+class TextDataset:
+    """tokens: (N, L) int64 word ids (padding id 0 after each sentence's end); lengths: (N,);
+    labels: (N,) int64 in [0, n_classes)."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    labels: torch.Tensor
+    vocab_size: int
+    n_classes: int
+    vocab: list[str] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclass
+class TopicDataset(TextDataset):
+    """The synthetic topic task; ``topic_words[c]`` are the ids of topic c's words and ``m`` the
+    number of random words per sentence."""
+
+    topic_words: torch.Tensor = None
+    m: int = 0
+
+
+def topic_dataset(n_sentences: int = 5000, vocab_size: int = 5000, n_topics: int = 4,
+                  words_per_topic: int = 2, m: int = 20, seed: int = 0) -> TopicDataset:
+    """Each sentence = one topic word of its class (label = the topic) + ``m`` random words drawn
+    uniformly from the non-topic words, in random order. Topic c's words have ids
+    c*words_per_topic ... (c+1)*words_per_topic - 1; every sentence has length m + 1."""
+    n_topic_words = n_topics * words_per_topic
+    for name, value in (("n_sentences", n_sentences), ("n_topics", n_topics),
+                        ("words_per_topic", words_per_topic), ("m", m)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if vocab_size <= n_topic_words:
+        raise ValueError(f"vocab_size must exceed the {n_topic_words} topic words, got {vocab_size}")
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, n_topics, (n_sentences,), generator=gen)
+    topic_word = labels * words_per_topic + torch.randint(0, words_per_topic, (n_sentences,),
+                                                          generator=gen)
+    random_words = torch.randint(n_topic_words, vocab_size, (n_sentences, m), generator=gen)
+    sentences = torch.cat([topic_word[:, None], random_words], dim=1)
+    order = torch.argsort(torch.rand(n_sentences, m + 1, generator=gen), dim=1)
+    tokens = torch.gather(sentences, 1, order)
+    return TopicDataset(
+        tokens=tokens, lengths=torch.full((n_sentences,), m + 1, dtype=torch.int64), labels=labels,
+        vocab_size=vocab_size, n_classes=n_topics,
+        topic_words=torch.arange(n_topic_words).reshape(n_topics, words_per_topic), m=m)
+
+
+def load_text_csv(path: str | Path, text_column: str = "text", label_column: str = "label",
+                  max_length: int | None = None, min_count: int = 1,
+                  lowercase: bool = True) -> TextDataset:
+    """Read a CSV with a header holding ``text_column`` and ``label_column``. Words are split on
+    whitespace; words seen fewer than ``min_count`` times map to <unk> (id 1), padding is id 0.
+    Sentences longer than ``max_length`` are cut; labels are numbered in sorted order."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"path {str(path)!r} is not a file")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        for column in (text_column, label_column):
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise ValueError(f"{path} has no column {column!r}; columns: {reader.fieldnames}")
+        rows = [(row[text_column], row[label_column]) for row in reader]
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    sentences = [(text.lower() if lowercase else text).split() for text, _ in rows]
+    counts = Counter(word for words in sentences for word in words)
+    vocab = [PAD, UNK] + sorted(w for w, c in counts.items() if c >= min_count)
+    index = {w: i for i, w in enumerate(vocab)}
+    label_names = sorted({label for _, label in rows})
+    label_index = {name: i for i, name in enumerate(label_names)}
+    ids = [[index.get(w, 1) for w in words][:max_length] or [1] for words in sentences]
+    length = max(len(s) for s in ids)
+    tokens = torch.zeros((len(ids), length), dtype=torch.int64)
+    for i, sentence in enumerate(ids):
+        tokens[i, :len(sentence)] = torch.tensor(sentence)
+    return TextDataset(
+        tokens=tokens, lengths=torch.tensor([len(s) for s in ids]),
+        labels=torch.tensor([label_index[label] for _, label in rows]), vocab_size=len(vocab),
+        n_classes=len(label_names), vocab=vocab, label_names=label_names)

@@ -1,0 +1,138 @@
+"""AttentionClassifier, the topic data, training loops and the persisting identity."""
+import math
+
+import pytest
+import torch
+from conftest import TOL, rel_err
+
+from symfast.attention_dynamics import (TopicDiagnostics, accuracy, identity_residual,
+                                        train_full_batch_gd, train_minibatch_adam)
+from symfast.data.text import load_text_csv, topic_dataset
+from symfast.models.attention_classifier import AttentionClassifier
+
+
+@pytest.fixture
+def one_thread():
+    """The training problems here are small: one thread avoids an OpenMP fork/join per op,
+    which on a shared 2-core machine costs more than the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_topic_dataset_is_the_papers_task():
+    data = topic_dataset(n_sentences=300, vocab_size=500, m=20, seed=3)
+    assert data.tokens.shape == (300, 21) and torch.all(data.lengths == 21)
+    assert data.topic_words.shape == (4, 2)
+    is_topic = data.tokens < 8
+    assert torch.all(is_topic.sum(1) == 1)  # exactly one topic word per sentence ...
+    assert torch.all(data.tokens[is_topic] // 2 == data.labels)  # ... of the sentence's topic
+    assert data.tokens.max() < 500 and set(data.labels.tolist()) == {0, 1, 2, 3}
+    again = topic_dataset(n_sentences=300, vocab_size=500, m=20, seed=3)
+    assert torch.equal(again.tokens, data.tokens) and torch.equal(again.labels, data.labels)
+    assert not torch.equal(topic_dataset(300, 500, seed=4).tokens, data.tokens)
+    with pytest.raises(ValueError, match="vocab_size"):
+        topic_dataset(vocab_size=8)
+    with pytest.raises(ValueError, match="m"):
+        topic_dataset(m=0)
+
+
+def test_load_text_csv(tmp_path):
+    path = tmp_path / "reviews.csv"
+    path.write_text('text,label\nGood film good cast,pos\nbad film,neg\nGood ending,pos\n')
+    data = load_text_csv(path, min_count=2)
+    assert data.vocab == ["<pad>", "<unk>", "film", "good"]
+    assert data.label_names == ["neg", "pos"] and data.labels.tolist() == [1, 0, 1]
+    assert data.lengths.tolist() == [4, 2, 2]
+    assert data.tokens.tolist() == [[3, 2, 3, 1], [1, 2, 0, 0], [3, 1, 0, 0]]
+    assert load_text_csv(path, max_length=2).tokens.shape == (3, 2)
+    with pytest.raises(ValueError, match="sentence"):
+        load_text_csv(path, text_column="sentence")
+    with pytest.raises(ValueError, match="path"):
+        load_text_csv(tmp_path / "missing.csv")
+
+
+def test_paper_initialisation_and_heads():
+    gen = torch.Generator().manual_seed(0)
+    model = AttentionClassifier(4000, 10, 10, 4, head="fc", generator=gen)
+    assert torch.all(model.keys == 0)
+    assert abs(model.embedding.std().item() - 1e-6) < 0.05e-6
+    assert not model.query.requires_grad
+    fc = model.head.weight
+    assert not fc.requires_grad and torch.all(fc.diagonal() == 1)
+    tc = AttentionClassifier(50, 10, 10, 4, head="tc").head.weight
+    assert tc.requires_grad and torch.all(tc.diagonal() == 1)
+    tl = AttentionClassifier(50, 10, 10, 4, head="tl")
+    assert [p.shape for p in tl.head.parameters()] == [(10, 10), (10,), (4, 10), (4,)]
+    assert AttentionClassifier(50, 10, 10, 4, train_query=True).query.requires_grad
+    queries = torch.stack([AttentionClassifier(5, 10, 64, 4).query for _ in range(20)])
+    assert abs(queries.std().item() - 0.3) < 0.03
+    with pytest.raises(ValueError, match="head"):
+        AttentionClassifier(50, 10, 10, 4, head="cnn")
+    with pytest.raises(ValueError, match="d_k"):
+        AttentionClassifier(50, 10, 0, 4)
+
+
+def test_model_backends_agree():
+    data = topic_dataset(n_sentences=40, vocab_size=60, m=6, seed=1)
+    outs = []
+    for backend in ("reference", "cpu"):
+        model = AttentionClassifier(60, 8, 5, 4, head="tl", backend=backend,
+                                    generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(2)  # the TL head's nn.Linear init
+        model.head = torch.nn.Sequential(torch.nn.Linear(8, 10), torch.nn.ReLU(),
+                                         torch.nn.Linear(10, 4))
+        with torch.no_grad():
+            model.embedding.normal_(generator=torch.Generator().manual_seed(3))
+            model.keys.normal_(generator=torch.Generator().manual_seed(4))
+        logits = model(data.tokens, data.lengths)
+        logits.logsumexp(-1).sum().backward()
+        outs.append((logits, model.embedding.grad, model.keys.grad))
+    for out, ref in zip(*outs):
+        assert rel_err(out, ref) <= TOL[torch.float32]
+
+
+# The paper's task at a reduced size and a larger step so a test fits in seconds: 2,000 sentences
+# over a 2,000-word vocabulary keep the paper's 20 occurrences per random word (N·m/V, which the
+# identity's "random scores stay near 0" rests on), and lr = 1 instead of 0.1 covers the same
+# gradient-flow time in 10x fewer steps. Gradient descent, unlike the flow, adds Σ‖Δv‖² to ‖v‖²,
+# a bias of order 1/step while v grows linearly from ~0, so the identity is checked once the
+# topic scores have moved (rhs ≥ 0.5, i.e. Δs_t ≳ 0.25; from about step 180 here).
+@pytest.mark.parametrize("head,steps", [("fc", 520), ("tc", 400)])
+def test_persisting_identity_and_topic_attention(one_thread, head, steps):
+    data = topic_dataset(n_sentences=2000, vocab_size=2000, m=20, seed=0)
+    model = AttentionClassifier(2000, 10, 10, 4, head=head,
+                                generator=torch.Generator().manual_seed(1))
+    diagnostics = train_full_batch_gd(model, data, steps, lr=1.0,
+                                      diagnostics=TopicDiagnostics(data.topic_words),
+                                      record_every=20)
+    residual = identity_residual(diagnostics, float(model.query.norm() ** 2), data.m, min_rhs=0.5)
+    checked = ~residual.isnan()
+    assert checked[-1].all() and checked.sum() >= 0.5 * checked.numel()
+    assert residual[checked].max() <= 0.02
+    attention = diagnostics.stacked("attention")  # (T, 8)
+    assert torch.allclose(attention[0], torch.full((8,), 1 / 21, dtype=torch.float64), rtol=1e-4)
+    assert torch.all(attention[1:] >= attention[:-1])  # grows steadily, for every topic word
+    assert diagnostics.loss[-1] < 0.5 * diagnostics.loss[0]
+    assert accuracy(model, data) == 1.0
+    if head == "fc":
+        assert attention[-1].min() >= 0.5
+    else:
+        # With a trainable head the loss vanishes early and the attention then grows only
+        # logarithmically: at this budget it reaches ~0.3 (0.5 is out of reach, see the report).
+        assert attention[-1].min() >= 5 / 21
+
+
+def test_minibatch_adam_learns_the_topics(one_thread):
+    data = topic_dataset(n_sentences=600, vocab_size=600, m=20, seed=5)
+    model = AttentionClassifier(600, 10, 10, 4, head="tl",
+                                generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    diagnostics = TopicDiagnostics(data.topic_words)
+    history = train_minibatch_adam(model, data, epochs=6, batch_size=64, lr=0.05,
+                                   diagnostics=diagnostics)
+    assert len(history) == 6 and history[-1] < 0.25 * history[0]
+    assert accuracy(model, data) >= 0.95
+    assert diagnostics.stacked("attention")[-1].mean() > 3 / 21
+    assert not math.isnan(history[-1])
