@@ -93,6 +93,8 @@ SYMFAST_MULTIVERSION void mix_row_backward(const scalar_t* __restrict s,
     scalar_t* drow = dlogits + j * d.c;
     const scalar_t gj = g[j];
     scalar_t acc = 0;
+    // Without the simd reduction the compiler keeps this dot product scalar (no reassociation).
+#pragma omp simd reduction(+ : acc)
     for (int64_t c = 0; c < d.c; ++c) {
       acc += dout[c] * row[c];
       drow[c] = gj * dout[c];

@@ -78,10 +78,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h, gate_weight, weight, output[1])
     ctx.temperature, ctx.backend = temperature, backend
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no (B, K + K·C) zero tensor for the unused scores grad
 
 
 def _select_backward(ctx, grad_out, _grad_scores):
     h, gate_weight, weight, scores = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 7
     grads = _select_backward_op(grad_out.contiguous(), scores, h, gate_weight, weight,
                                 ctx.temperature, ctx.backend)
     return (*grads, None, None)
