@@ -191,10 +191,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> classifie
   const at::Tensor dlogits = dscores.narrow(1, d.k, d.k * d.c);
   at::Tensor grad_h = at::mm(dlogits, weight_in.reshape({d.k * d.c, d.f}).to(ct));
   grad_h.addmm_(dgate, gate_weight_in.to(ct));
-  const at::Tensor grad_gate_weight = at::mm(dgate.t(), h);
-  const at::Tensor grad_weight = at::mm(dlogits.t(), h).view({d.k, d.c, d.f});
-  return {grad_h.to(dtype), grad_gate_weight.to(dtype), dgate.sum(0).to(dtype),
-          grad_weight.to(dtype), dlogits.sum(0).view({d.k, d.c}).to(dtype)};
+  // One GEMM and one column sum over all n = K + K·C score columns, split afterwards: every
+  // extra OpenMP region costs a barrier, and on a loaded 2-core machine a barrier waiting for a
+  // descheduled thread is what dominated the 2-thread timings.
+  const at::Tensor grad_stacked = at::mm(dscores.t(), h);  // (n, F)
+  const at::Tensor grad_stacked_bias = dscores.sum(0);     // (n,)
+  // grad weight is a view into grad_stacked (no copy); the K-row gate part is copied out so
+  // the two outputs do not share storage.
+  return {grad_h.to(dtype),
+          grad_stacked.narrow(0, 0, d.k).to(dtype, /*non_blocking=*/false, /*copy=*/true),
+          grad_stacked_bias.narrow(0, 0, d.k).to(dtype, false, true),
+          grad_stacked.narrow(0, d.k, d.k * d.c).view({d.k, d.c, d.f}).to(dtype),
+          grad_stacked_bias.narrow(0, d.k, d.k * d.c).view({d.k, d.c}).to(dtype)};
 }
 
 }  // namespace
