@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <tuple>
 #include <vector>
 
@@ -264,7 +265,8 @@ void stencil_transpose_into(const scalar_t* gs, at::Tensor& gx, const Orbits& o,
 // With at least one sample per thread, each thread runs stencil -> GEMM (single-threaded inside
 // the parallel region) for whole samples, so S stays in cache instead of a (B, C, R, Ho, Wo)
 // round trip through memory. Fewer samples than threads: a plane-parallel stencil, then one
-// multi-threaded GEMM per sample.
+// multi-threaded GEMM per sample. Samples are handed out dynamically (an atomic counter), so a
+// thread slowed by another process on a shared core does not hold the others at the barrier.
 bool fuse_per_sample(int64_t batch) { return batch >= at::get_num_threads(); }
 
 void check_input(const at::Tensor& x, const char* name) {
@@ -335,12 +337,13 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* xp = x.data_ptr<scalar_t>();
-      at::parallel_for(0, bsz, 1, [&](int64_t begin, int64_t end) {
+      std::atomic<int64_t> next_sample{0};
+      at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
         // OpenMP workers do not inherit the caller's below-autograd dispatch state.
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         at::Tensor sb = at::empty({c * r, hw}, x.options());
         std::vector<acc_t> acc(plane_scratch(g));
-        for (int64_t b = begin; b < end; ++b) {
+        for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
           for (int64_t ch = 0; ch < c; ++ch)
             stencil_plane<scalar_t, acc_t>(xp + (b * c + ch) * g.h * g.w,
                                            sb.data_ptr<scalar_t>() + ch * r * hw, hw, o, g, acc.data());
@@ -388,11 +391,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_bwd_x", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         if (fuse_per_sample(bsz)) {
-          at::parallel_for(0, bsz, 1, [&](int64_t begin, int64_t end) {
+          std::atomic<int64_t> next_sample{0};
+      at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
             at::AutoDispatchBelowADInplaceOrView below_autograd;
             at::Tensor gsb = at::empty({c * r, hw}, x.options());
             std::vector<acc_t> acc(plane_scratch(g));
-            for (int64_t b = begin; b < end; ++b) {
+            for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
               at::mm_out(gsb, w2t, gy[b]);
               for (int64_t ch = 0; ch < c; ++ch)
                 stencil_transpose_plane<scalar_t, acc_t>(
