@@ -9,7 +9,7 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _orbit_kernel(x_ptr, table_ptr, out_ptr, M, N, BLOCK: tl.constexpr):
+def _orbit_kernel(x_ptr, table_ptr, out_ptr, M, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0)  # row of the (G, M) output rows: k * M + m
     k = row // M
     m = row % M
@@ -17,9 +17,10 @@ def _orbit_kernel(x_ptr, table_ptr, out_ptr, M, N, BLOCK: tl.constexpr):
     mask = offs < N
     t = tl.load(table_ptr + k.to(tl.int64) * N + offs, mask=mask, other=0)
     src = tl.where(t < 0, -t - 1, t)
-    v = tl.load(x_ptr + m.to(tl.int64) * N + src, mask=mask, other=0.0)
+    # Negate in the accumulation type: exact, and the interpreter mis-negates raw bf16 values.
+    v = tl.load(x_ptr + m.to(tl.int64) * N + src, mask=mask, other=0.0).to(ACC)
     v = tl.where(t < 0, -v, v)
-    tl.store(out_ptr + row.to(tl.int64) * N + offs, v, mask=mask)
+    tl.store(out_ptr + row.to(tl.int64) * N + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -37,6 +38,10 @@ def _orbit_mean_kernel(y_ptr, table_ptr, out_ptr, G, M, N, BLOCK: tl.constexpr, 
     tl.store(out_ptr + m.to(tl.int64) * N + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _acc(t: torch.Tensor):
+    return tl.float64 if t.dtype == torch.float64 else tl.float32
+
+
 def _check(inp: torch.Tensor, table: torch.Tensor) -> None:
     n = inp.shape[-1]
     src = torch.where(table < 0, -table - 1, table)
@@ -52,7 +57,7 @@ def orbit(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     out = torch.empty((g, m, n), dtype=x.dtype, device=x.device)
     if out.numel():
         block = min(_BLOCK, triton.next_power_of_2(n))
-        _orbit_kernel[(g * m, triton.cdiv(n, block))](x, table, out, m, n, BLOCK=block)
+        _orbit_kernel[(g * m, triton.cdiv(n, block))](x, table, out, m, n, BLOCK=block, ACC=_acc(x))
     return out
 
 
@@ -66,5 +71,5 @@ def orbit_mean(y: torch.Tensor, inverse_table: torch.Tensor) -> torch.Tensor:
         block = min(_BLOCK, triton.next_power_of_2(n))
         _orbit_mean_kernel[(m, triton.cdiv(n, block))](
             y, inverse_table, out, g, m, n, BLOCK=block,
-            ACC=tl.float64 if y.dtype == torch.float64 else tl.float32)
+            ACC=_acc(y))
     return out

@@ -24,15 +24,24 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@torch.compiler.assume_constant_result
+def _cpu_kernels_available(op: str) -> bool:
+    # Constant for a process: lets torch.compile fold the backend choice instead of tracing the
+    # extension loader.
+    from symfast._ext import load_cpu_kernels
+
+    return load_cpu_kernels(op)
+
+
 def resolve(backend: str | None, tensor: torch.Tensor, op: str) -> str:
     """Validate ``backend`` and turn None/"auto" into the fastest backend for ``tensor``."""
-    from symfast._ext import load_cpu_kernels, load_errors
+    from symfast._ext import load_errors
 
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
     if backend in (None, "auto"):
         if tensor.device.type == "cpu":
-            return "cpu" if load_cpu_kernels(op) else "reference"
+            return "cpu" if _cpu_kernels_available(op) else "reference"
         if tensor.device.type == "cuda" and triton_status()[0]:
             return "triton"
         return "reference"
@@ -41,7 +50,7 @@ def resolve(backend: str | None, tensor: torch.Tensor, op: str) -> str:
     if backend == "cpu":
         if tensor.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors; got a tensor on {tensor.device}")
-        if not load_cpu_kernels(op):
+        if not _cpu_kernels_available(op):
             raise RuntimeError(f"symfast CPU kernel {op!r} is unavailable: {load_errors.get(op)}")
     if backend == "triton":
         ok, why = triton_status()

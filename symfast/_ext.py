@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -16,13 +17,23 @@ _FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 load_errors: dict[str, str] = {}
 
 
-def _prebuilt_is_current(module, source: Path) -> bool:
-    """A module built in place (editable install) goes stale when its source is edited."""
-    built = getattr(module, "__file__", None)
-    if built is None or not source.exists():
-        return True
-    newest_source = max(p.stat().st_mtime for p in [source, *_CSRC.glob("*.h")])
-    return Path(built).stat().st_mtime >= newest_source
+def _prebuilt_module(op: str, source: Path) -> str | None:
+    """Name of the module setup.py built for ``op`` if it exists and is not older than its
+    sources. Checked before importing: importing registers the ops, and a stale module's ops
+    could not be replaced by a fresh compile in the same process."""
+    name = f"symfast._cpu_{op}"
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    if source.exists():
+        newest_source = max(p.stat().st_mtime for p in [source, *_CSRC.glob("*.h")])
+        if Path(spec.origin).stat().st_mtime < newest_source:
+            logger.info("symfast: prebuilt CPU kernel %s is older than its source; recompiling", op)
+            return None
+    return name
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,13 +42,10 @@ def load_cpu_kernels(op: str) -> bool:
     neither a prebuilt module nor a compiler is available."""
     source = _CSRC / f"{op}.cpp"
     if os.environ.get("SYMFAST_FORCE_JIT") != "1":
-        try:
-            module = importlib.import_module(f"symfast._cpu_{op}")
-            if _prebuilt_is_current(module, source):
-                return True
-            logger.info("symfast: prebuilt CPU kernel %s is older than its source; recompiling", op)
-        except ImportError:
-            pass
+        prebuilt = _prebuilt_module(op, source)
+        if prebuilt is not None:
+            importlib.import_module(prebuilt)
+            return True
     if not source.exists():
         load_errors[op] = f"not built and no source at {source}"
         return False

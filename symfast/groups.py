@@ -11,6 +11,7 @@ int32 per entry: ``src`` for ``+``, ``~src`` (= -src - 1) for ``-``. Tables are 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -138,10 +139,10 @@ class Group:
         key = (tuple(int(s) for s in event_shape), torch.device(device))
         hit = self._table_cache.get(key)
         if hit is None:
+            if math.prod(key[0]) >= 2**31 - 1:
+                raise ValueError(f"event shape {key[0]} is too large for int32 gather tables")
             signed = self._signed_tables(key[0])
             encoded = torch.where(signed > 0, signed - 1, signed)  # -(src+1) == ~src
-            if encoded.numel() and encoded.abs().max() >= 2**31 - 1:
-                raise ValueError(f"event shape {key[0]} is too large for int32 gather tables")
             encoded = encoded.to(torch.int32)
             inverse = encoded[[self.inverse(k) for k in range(len(self))]]
             hit = (encoded.contiguous().to(key[1]), inverse.contiguous().to(key[1]))

@@ -23,7 +23,7 @@
 // Hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at load
 // time (GCC function multi-versioning): portable binaries that still use wide gathers/FMAs.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__AVX2__)
-#define SYMFAST_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
+#define SYMFAST_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define SYMFAST_MULTIVERSION
 #endif
