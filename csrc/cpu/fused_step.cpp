@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "orbit_plan.h"
 #include "symfast_module.h"
 
 namespace {
@@ -60,21 +61,6 @@ inline float philox_normal(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t k0, u
   const float u2 = static_cast<float>(i1) * 4.6566127342e-10f;
   const float th = 6.283185307179586f * u2;
   return std::sqrt(-2.0f * std::log(u1)) * std::cos(th);
-}
-
-template <typename scalar_t, typename acc_t, bool kSigned>
-SYMFAST_MULTIVERSION void gather_accumulate(const scalar_t* __restrict src,
-                                            const int32_t* __restrict idx, acc_t* __restrict acc,
-                                            int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t t = idx[i];
-    if constexpr (kSigned) {
-      const acc_t v = static_cast<acc_t>(src[t < 0 ? ~t : t]);
-      acc[i] += t < 0 ? -v : v;
-    } else {
-      acc[i] += static_cast<acc_t>(src[t]);
-    }
-  }
 }
 
 struct Coefs {
@@ -153,11 +139,7 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
   at::Tensor out = at::empty_like(x);
   at::Tensor den = write_denoised ? at::empty_like(x) : at::empty({0}, x.options());
   if (m == 0 || n == 0) return {out, den};
-  bool has_sign = false;
-  {
-    const int32_t* t = table.data_ptr<int32_t>();
-    for (int64_t i = 0; i < table.numel(); ++i) has_sign |= t[i] < 0;
-  }
+  const symfast::Plan plan = symfast::make_plan(table, n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -172,17 +154,11 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
     scalar_t* dp = write_denoised ? den.data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 16384 / (n * g));
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(n);
+      std::vector<acc_t> acc(n), transposed(plan.square_side ? n : 0);
       std::vector<float> z(kp ? n : 0);
       for (int64_t row = begin; row < end; ++row) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t kk = 0; kk < g; ++kk) {
-          const scalar_t* src = yp + (kk * m + row) * n;
-          if (has_sign)
-            gather_accumulate<scalar_t, acc_t, true>(src, tp + kk * n, acc.data(), n);
-          else
-            gather_accumulate<scalar_t, acc_t, false>(src, tp + kk * n, acc.data(), n);
-        }
+        symfast::orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, acc.data(),
+                                                transposed.data());
         const float* zrow = np_ ? np_ + row * n : nullptr;
         if (kp) {
           const int64_t b = row / rows_per_sample, r = row % rows_per_sample;

@@ -1,4 +1,8 @@
 """symfast's accelerated ops. Each takes ``backend=`` ("reference", "cpu", "triton", None)."""
+from symfast.ops.attention_pool import attention_pool
+from symfast.ops.classifier_select import classifier_select
+from symfast.ops.fused_step import StepCoefficients, fused_step
 from symfast.ops.group_average import orbit, orbit_mean
 
-__all__ = ["orbit", "orbit_mean"]
+__all__ = ["orbit", "orbit_mean", "fused_step", "StepCoefficients", "attention_pool",
+           "classifier_select"]
