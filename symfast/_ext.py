@@ -53,7 +53,8 @@ def load_cpu_kernels(op: str) -> bool:
         from torch.utils.cpp_extension import load
 
         extra = ["-march=native"] if os.environ.get("SYMFAST_NATIVE") == "1" else []
-        logger.warning("symfast: compiling the CPU kernel %r on first use (cached afterwards)", op)
+        logger.warning("symfast: building the CPU kernel %r with torch.utils.cpp_extension "
+                       "(compiled on first use, then loaded from its cache)", op)
         load(
             name=f"_cpu_{op}",
             sources=[str(source)],
