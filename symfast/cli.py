@@ -14,6 +14,7 @@ BENCHMARKS = {
     "tied-conv": "bench_tied_conv.py",
     "attention": "bench_attention.py",
     "classifier-select": "bench_classifier_select.py",
+    "symmetrize": "bench_symmetrize.py",
 }
 CPU_OPS = ("group_average", "fused_step", "tied_conv2d", "attention_pool", "classifier_select")
 

@@ -12,7 +12,7 @@ from symfast.ops.group_average import orbit, orbit_mean
 
 def _default_chunks(batch: int, order: int, device: torch.device) -> int:
     """One call over the whole orbit on accelerators. On CPU, calls of about the caller's own batch
-    size: measured on the 2-core machine (benchmarks/bench_symmetrize_chunks.py), per-image cost
+    size: measured on the 2-core machine (benchmarks/bench_symmetrize.py), per-image cost
     grows once a conv net's batch exceeds ~64 images, so |G|·B images in one call lose to |G|
     calls of B images for all but tiny batches."""
     if device.type != "cpu":
