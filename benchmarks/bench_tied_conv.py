@@ -123,28 +123,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--skip-e2e", action="store_true", help="only the op benchmark")
+    parser.add_argument("--skip-op", action="store_true", help="only the end-to-end benchmark")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 is steadier on a shared machine")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else 15
-    rows = bench_op(batch=32, channels=64, size=32, repeats=repeats)
-    print("TiedConv2d D4 3x3, 64->64, 32x32, batch 32, fp32 "
-          f"({torch.get_num_threads()} threads)")
-    print_table(rows, ["variant", "fwd_ms", "fwd_bwd_ms", "fwd_speedup_vs_conv2d",
-                       "fwd_bwd_speedup_vs_conv2d", "dense_equiv_GFLOPs", "rel_err"])
-    payload = {"op": rows}
+    payload = {}
+    # On the shared 2-core machine the 2-thread timings swing 5-15x with the other users' load
+    # (tied 0.022 to 0.33 s/step in runs minutes apart); --threads 1 gives steadier ratios.
     if not args.skip_e2e:
         e2e = bench_sampling(batch=4, size=32, channels=(32, 64, 64), steps=4,
                              repeats=3 if args.quick else 5)
-        print("\nD4-equivariant Euler sampling: EquivariantUNet (1 call/step) vs "
-              "symmetrize(UNet) (8 calls/step)")
+        print(f"D4-equivariant Euler sampling ({torch.get_num_threads()} threads): "
+              "EquivariantUNet (1 call/step) vs symmetrize(UNet) (8 calls/step)")
         print_table([e2e], ["batch", "size", "steps", "params_tied", "params_plain",
                             "tied_s_per_step", "fa_s_per_step", "speedup",
                             "equivariance_error_tied", "equivariance_error_fa"])
         payload["sampling"] = e2e
-    print(f"\nwrote {write_results('tied_conv', payload)}")
+    if not args.skip_op:
+        rows = bench_op(batch=32, channels=64, size=32, repeats=repeats)
+        print("\nTiedConv2d D4 3x3, 64->64, 32x32, batch 32, fp32 "
+              f"({torch.get_num_threads()} threads)")
+        print_table(rows, ["variant", "fwd_ms", "fwd_bwd_ms", "fwd_speedup_vs_conv2d",
+                           "fwd_bwd_speedup_vs_conv2d", "dense_equiv_GFLOPs", "rel_err"])
+        payload["op"] = rows
+    name = "tied_conv" if not (args.skip_op or args.skip_e2e) else \
+        ("tied_conv_e2e" if args.skip_op else "tied_conv_op")
+    print(f"\nwrote {write_results(f'{name}_t{torch.get_num_threads()}', payload)}")
 
 
 if __name__ == "__main__":
