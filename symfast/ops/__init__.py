@@ -3,6 +3,7 @@ from symfast.ops.attention_pool import attention_pool
 from symfast.ops.classifier_select import classifier_select
 from symfast.ops.fused_step import StepCoefficients, fused_step
 from symfast.ops.group_average import orbit, orbit_mean
+from symfast.ops.tied_conv2d import tied_conv2d
 
 __all__ = ["orbit", "orbit_mean", "fused_step", "StepCoefficients", "attention_pool",
-           "classifier_select"]
+           "classifier_select", "tied_conv2d"]
