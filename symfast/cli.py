@@ -54,6 +54,7 @@ def bench(name: str, args: list[str]) -> int:
               f"(pip install -e . from a checkout)", file=sys.stderr)
         return 2
     sys.argv = [str(script), *args]
+    sys.path.insert(0, str(script.parent))  # as `python benchmarks/<script>` would
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
