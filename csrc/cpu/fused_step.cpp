@@ -139,7 +139,8 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
   at::Tensor out = at::empty_like(x);
   at::Tensor den = write_denoised ? at::empty_like(x) : at::empty({0}, x.options());
   if (m == 0 || n == 0) return {out, den};
-  const symfast::Plan plan = symfast::make_plan(table, n);
+  const std::shared_ptr<const symfast::Plan> plan_owner = symfast::cached_plan(table, n);
+  const symfast::Plan& plan = *plan_owner;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "fused_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();

@@ -68,7 +68,8 @@ at::Tensor orbit_cpu(const at::Tensor& x_in, const at::Tensor& table_in) {
   const at::Tensor x = x_in.contiguous();
   const at::Tensor table = table_in.contiguous();
   const int64_t m = x.size(0), n = x.size(1);
-  const Plan plan = make_plan(table, n);
+  const std::shared_ptr<const Plan> plan_owner = cached_plan(table, n);
+  const Plan& plan = *plan_owner;
   const int64_t g = table.size(0);
   at::Tensor out = at::empty({g, m, n}, x.options());
   if (m == 0 || n == 0) return out;
@@ -92,7 +93,8 @@ at::Tensor orbit_mean_cpu(const at::Tensor& y_in, const at::Tensor& inverse_tabl
   const at::Tensor y = y_in.contiguous();
   const at::Tensor table = inverse_table_in.contiguous();
   const int64_t g = y.size(0), m = y.size(1), n = y.size(2);
-  const Plan plan = make_plan(table, n);
+  const std::shared_ptr<const Plan> plan_owner = cached_plan(table, n);
+  const Plan& plan = *plan_owner;
   TORCH_CHECK(table.size(0) == g, "table has ", table.size(0), " rows but y has G = ", g);
   at::Tensor out = at::empty({m, n}, y.options());
   if (m == 0 || n == 0) return out;
