@@ -167,22 +167,29 @@ inline std::shared_ptr<const Plan> cached_plan(const at::Tensor& table, int64_t 
   return plan;
 }
 
-// The step = +1 / -1 cases are separate loops so the compiler vectorises both (the reversed
-// one with a lane permute); other steps are strided loads.
+// Source addresses are walked in ascending order, whatever the direction of the map: rows of a
+// block in the order their sources lie in memory, reversed runs from their low end (the
+// accumulator they land in is a cache-resident buffer, so its order is free). With the rows of a
+// flip read against the direction of their elements, orbit_mean (8 x identical flip_v or flip_h
+// rows, (64,3,64,64), 2 threads) took 2.5-2.8 ms against 1.4 ms for the identity: the hardware
+// prefetcher loses mixed-direction streams.
 template <typename scalar_t, typename acc_t>
-inline void accumulate_blocks(const scalar_t* __restrict src,
-                                            const std::vector<Block>& blocks,
-                                            acc_t* __restrict acc) {
+inline void accumulate_blocks(const scalar_t* __restrict src, const std::vector<Block>& blocks,
+                              acc_t* __restrict acc) {
   for (const Block& b : blocks) {
     const acc_t sign = b.neg ? acc_t(-1) : acc_t(1);
     const int64_t len = b.len, step = b.step;
-    for (int64_t r = 0; r < b.rows; ++r) {
+    const bool rows_descending = b.src_row_stride < 0;
+    for (int64_t i = 0; i < b.rows; ++i) {
+      const int64_t r = rows_descending ? b.rows - 1 - i : i;
       acc_t* __restrict d = acc + b.dst + r * len;
       const scalar_t* __restrict s = src + b.src + r * b.src_row_stride;
       if (step == 1) {
         for (int64_t j = 0; j < len; ++j) d[j] += sign * static_cast<acc_t>(s[j]);
       } else if (step == -1) {
-        for (int64_t j = 0; j < len; ++j) d[j] += sign * static_cast<acc_t>(s[-j]);
+        const scalar_t* __restrict s_low = s - (len - 1);
+        acc_t* __restrict d_high = d + (len - 1);
+        for (int64_t j = 0; j < len; ++j) d_high[-j] += sign * static_cast<acc_t>(s_low[j]);
       } else {
         for (int64_t j = 0; j < len; ++j) d[j] += sign * static_cast<acc_t>(s[step * j]);
       }
