@@ -108,7 +108,23 @@ inline bool transposed_plan(const int32_t* t, int64_t p, std::vector<Run>& runs)
 struct Plan {
   std::vector<RowPlan> rows;
   int64_t square_side = 0;  // p if any row is kTransposed
+  // Every element is one block of p rows of p on a p x p plane (the flips and rotations of a
+  // square): orbit_sum_row then walks output rows in the outer loop and elements in the inner
+  // one, so the G source streams advance together.
+  bool row_interleaved = false;
 };
+
+// One block of `rows` x `len` covering the plane, a single run of n split into p rows of p.
+inline bool as_square_rows(std::vector<Block>& blocks, int64_t p) {
+  if (blocks.size() != 1) return false;
+  Block& b = blocks[0];
+  if (b.rows == 1 && b.len == p * p && (b.step == 1 || b.step == -1)) {
+    b.rows = p;
+    b.len = p;
+    b.src_row_stride = b.step * p;
+  }
+  return b.rows == p && b.len == p && (b.step == 1 || b.step == -1);
+}
 
 // Validates the table (every index in [0, N): the loops below never read out of bounds) and
 // plans each row. The table is small (G x N) and read once per call.
@@ -134,6 +150,12 @@ inline Plan make_plan(const at::Tensor& table, int64_t n) {
     }
     if (rp.kind != Kind::kGather) rp.blocks = merge_runs(runs);
     plan.rows.push_back(std::move(rp));
+  }
+  if (p >= 2 && p * p == n) {
+    bool all = true;
+    for (RowPlan& rp : plan.rows)
+      all = all && rp.kind != Kind::kGather && as_square_rows(rp.blocks, p);
+    plan.row_interleaved = all;
   }
   return plan;
 }
@@ -194,6 +216,25 @@ inline void accumulate_blocks(const scalar_t* __restrict src, const std::vector<
         for (int64_t j = 0; j < len; ++j) d[j] += sign * static_cast<acc_t>(s[step * j]);
       }
     }
+  }
+}
+
+// Row r of block b into acc, reading the source row upward in memory (a reversed row from its
+// low end); with rows visited in the order their sources lie, every one of a row-interleaved
+// plane's G streams ascends.
+template <typename scalar_t, typename acc_t>
+inline void accumulate_block_row(const scalar_t* __restrict src, const Block& b, int64_t r,
+                                 acc_t* __restrict acc) {
+  const acc_t sign = b.neg ? acc_t(-1) : acc_t(1);
+  const int64_t len = b.len;
+  acc_t* __restrict d = acc + b.dst + r * len;
+  const scalar_t* __restrict s = src + b.src + r * b.src_row_stride;
+  if (b.step == 1) {
+    for (int64_t j = 0; j < len; ++j) d[j] += sign * static_cast<acc_t>(s[j]);
+  } else {
+    const scalar_t* __restrict s_low = s - (len - 1);
+    acc_t* __restrict d_high = d + (len - 1);
+    for (int64_t j = 0; j < len; ++j) d_high[-j] += sign * static_cast<acc_t>(s_low[j]);
   }
 }
 
@@ -263,6 +304,20 @@ SYMFAST_MULTIVERSION void orbit_sum_row(const scalar_t* yp, const int32_t* tp, c
                           int64_t m, int64_t n, int64_t row, acc_t* acc, acc_t* transposed) {
   std::fill(acc, acc + n, acc_t(0));
   if (plan.square_side) std::fill(transposed, transposed + n, acc_t(0));
+  if (plan.row_interleaved) {
+    const int64_t p = plan.rows[0].blocks[0].rows;
+    for (int64_t r = 0; r < p; ++r)
+      for (int64_t k = 0; k < g; ++k) {
+        const RowPlan& rp = plan.rows[k];
+        // Rows whose sources descend are visited from the bottom: output row p-1-r.
+        const Block& b = rp.blocks[0];
+        const int64_t row_index = b.src_row_stride >= 0 ? r : p - 1 - r;
+        accumulate_block_row<scalar_t, acc_t>(yp + (k * m + row) * n, b, row_index,
+                                              rp.kind == Kind::kRuns ? acc : transposed);
+      }
+    if (plan.square_side) fold_transposed<acc_t>(acc, transposed, plan.square_side);
+    return;
+  }
   for (int64_t k = 0; k < g; ++k) {
     const scalar_t* src = yp + (k * m + row) * n;
     const RowPlan& rp = plan.rows[k];
