@@ -296,10 +296,13 @@ __attribute__((always_inline)) inline v8f load8(const float* p) {
   return v;
 }
 
-// In-register 8x8 transpose (unpack, shuffle, lane swap), then acc tile += transposed part tile.
-// The scalar fold ran at ~4 cycles per element: the strided side defeats the vectoriser.
-__attribute__((always_inline)) inline void fold_tile8(float* __restrict acc,
-                                                      const float* __restrict part, int64_t p) {
+// In-register 8x8 transpose (unpack, shuffle, lane swap) of the part tile, then the acc tile
+// += it (kAdd) or = it. The scalar loop ran at ~4 cycles per element: the strided side defeats
+// the vectoriser.
+template <bool kAdd>
+__attribute__((always_inline)) inline void transpose_tile8(float* __restrict acc,
+                                                           const float* __restrict part,
+                                                           int64_t p) {
   v8f r[8], t[8], u[8];
   for (int k = 0; k < 8; ++k) r[k] = load8(part + k * p);
   const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
@@ -318,9 +321,11 @@ __attribute__((always_inline)) inline void fold_tile8(float* __restrict acc,
   for (int k = 0; k < 4; ++k) {
     const v8f row_k = __builtin_shuffle(u[k], u[k + 4], low_lanes);
     const v8f row_k4 = __builtin_shuffle(u[k], u[k + 4], high_lanes);
-    v8f a = load8(acc + k * p), b = load8(acc + (k + 4) * p);
-    a += row_k;
-    b += row_k4;
+    v8f a = row_k, b = row_k4;
+    if constexpr (kAdd) {
+      a += load8(acc + k * p);
+      b += load8(acc + (k + 4) * p);
+    }
     std::memcpy(acc + k * p, &a, sizeof a);
     std::memcpy(acc + (k + 4) * p, &b, sizeof b);
   }
@@ -333,7 +338,8 @@ __attribute__((always_inline)) inline void fold_transposed(acc_t* __restrict acc
   if constexpr (std::is_same_v<acc_t, float>) {
     const int64_t p8 = p - p % 8;
     for (int64_t i = 0; i < p8; i += 8)
-      for (int64_t j = 0; j < p8; j += 8) fold_tile8(acc + i * p + j, part + j * p + i, p);
+      for (int64_t j = 0; j < p8; j += 8)
+        transpose_tile8<true>(acc + i * p + j, part + j * p + i, p);
     if (p8 == p) return;
     // The ragged edge: rows i >= p8 entirely, and columns j >= p8 of the rows below p8.
     for (int64_t i = 0; i < p; ++i)
@@ -343,15 +349,18 @@ __attribute__((always_inline)) inline void fold_transposed(acc_t* __restrict acc
   }
 }
 
+// dst[i*p + j] = b[j*p + i].
 template <typename scalar_t>
-inline void transpose_store(const scalar_t* __restrict b, int64_t p,
-                                          scalar_t* __restrict dst) {
-  for (int64_t ib = 0; ib < p; ib += kTile)
-    for (int64_t jb = 0; jb < p; jb += kTile) {
-      const int64_t ie = std::min(ib + kTile, p), je = std::min(jb + kTile, p);
-      for (int64_t i = ib; i < ie; ++i)
-        for (int64_t j = jb; j < je; ++j) dst[i * p + j] = b[j * p + i];
-    }
+__attribute__((always_inline)) inline void transpose_store(const scalar_t* __restrict b,
+                                                           int64_t p, scalar_t* __restrict dst) {
+  int64_t p8 = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    p8 = p - p % 8;
+    for (int64_t i = 0; i < p8; i += 8)
+      for (int64_t j = 0; j < p8; j += 8) transpose_tile8<false>(dst + i * p + j, b + j * p + i, p);
+  }
+  for (int64_t i = 0; i < p; ++i)  // everything outside the p8 x p8 corner done above
+    for (int64_t j = i < p8 ? p8 : 0; j < p; ++j) dst[i * p + j] = b[j * p + i];
 }
 
 // acc[i] = sum_k g_k^-1(y[k, row])[i] for one row of y (G, M, N), planned with the inverse
