@@ -113,15 +113,15 @@ class Group:
         self.check_input(x)
         return self.elements[k](x)
 
-    def orbit(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, ...) -> (|G|·B, ...), element-major: block k is g_k x (reference implementation)."""
-        from symfast.reference.group_average import orbit
-        return orbit(x, self)
+    def orbit(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """(B, ...) -> (|G|·B, ...), element-major: block k is g_k x (symfast.ops.orbit)."""
+        from symfast.ops.group_average import orbit
+        return orbit(x, self, backend=backend)
 
-    def orbit_mean(self, y: torch.Tensor) -> torch.Tensor:
-        """(|G|·B, ...) -> (B, ...) = 1/|G| Σ_k g_k⁻¹ y_k (reference implementation)."""
-        from symfast.reference.group_average import orbit_mean
-        return orbit_mean(y, self)
+    def orbit_mean(self, y: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        """(|G|·B, ...) -> (B, ...) = 1/|G| Σ_k g_k⁻¹ y_k (symfast.ops.orbit_mean)."""
+        from symfast.ops.group_average import orbit_mean
+        return orbit_mean(y, self, backend=backend)
 
     # ---- gather tables ---------------------------------------------------------------------
     def _signed_tables(self, event_shape: Sequence[int]) -> torch.Tensor:

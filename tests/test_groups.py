@@ -69,3 +69,12 @@ def test_bad_inputs_raise_clear_errors():
         groups.channel_perm([[0, 0, 1]])
     with pytest.raises(ValueError, match="positive int"):
         groups.cyclic(0)
+
+
+def test_group_methods_use_the_ops():
+    g = groups.get("d4")
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(g.orbit(x), torch.cat([g.act(x, k) for k in range(8)]))
+    y = torch.randn(16, 3, 5, 5)
+    want = sum(g.act(y[2 * k:2 * k + 2], g.inverse(k)) for k in range(8)) / 8
+    assert (g.orbit_mean(y) - want).abs().max() <= 1e-6
