@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "symfast_module.h"
@@ -31,6 +32,7 @@ struct Geometry {
 struct Orbits {
   std::vector<int32_t> positions;
   std::vector<int32_t> offsets;
+  std::vector<int32_t> row, col;  // kernel row and column of each position
   int64_t count() const { return static_cast<int64_t>(offsets.size()) - 1; }
 };
 
@@ -52,6 +54,10 @@ Orbits read_orbits(const at::Tensor& positions, const at::Tensor& offsets, int64
     TORCH_CHECK(o.offsets[r] >= o.offsets[r - 1], "offsets must be non-decreasing");
   for (int32_t p : o.positions)
     TORCH_CHECK(p >= 0 && p < kh * kw, "orbit position ", p, " outside the ", kh, "x", kw, " kernel");
+  for (int32_t p : o.positions) {
+    o.row.push_back(static_cast<int32_t>(p / kw));
+    o.col.push_back(static_cast<int32_t>(p % kw));
+  }
   return o;
 }
 
@@ -137,6 +143,47 @@ void stencil_plane_stride1(const scalar_t* src, scalar_t* dst, int64_t sr, const
   }
 }
 
+// fp32 copy of stencil_plane_stride1 (same flat algorithm) compiled as ONE multiversioned function,
+// so the zero fill, the copy into the padded plane and the copy of each orbit's rows out of the wide
+// accumulator are AVX2 too (in the template only add_flat is multiversioned; the rest is baseline
+// SSE2). Measured on the shared 2-core machine, D4 3x3 64->64 32x32 batch 32, paired forward ratio
+// vs nn.Conv2d in one run: 1 thread 2.05x -> 2.20x (min 15.2 -> 13.8 ms), 2 threads 2.21x -> 2.45x
+// (min 9.3 -> 8.0 ms). (Writing each output row straight from the padded plane, 32-wide row loops
+// per kernel position, was slower: fused stencil alone 4.9 -> 7.2 ms at 1 thread.)
+SYMFAST_MULTIVERSION void stencil_plane_stride1_f32(
+    const float* __restrict src, float* __restrict dst, int64_t sr, const int32_t* __restrict prow,
+    const int32_t* __restrict pcol, const int32_t* __restrict off, int64_t nr, int64_t h, int64_t w,
+    int64_t ho, int64_t wo, int64_t ph, int64_t pw, float* __restrict scratch) {
+  const int64_t hp = h + 2 * ph, wp = w + 2 * pw, wide = (ho - 1) * wp + wo;
+  float* __restrict pad = scratch;
+  float* __restrict acc = scratch + hp * wp;
+  for (int64_t k = 0; k < hp * wp; ++k) pad[k] = 0.f;
+  for (int64_t y = 0; y < h; ++y) {
+    float* prow_out = pad + (y + ph) * wp + pw;
+    const float* s = src + y * w;
+    for (int64_t x = 0; x < w; ++x) prow_out[x] = s[x];
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const int32_t t0 = off[r], t1 = off[r + 1];
+    if (t0 == t1) {
+      for (int64_t k = 0; k < wide; ++k) acc[k] = 0.f;
+    } else {
+      const float* a = pad + prow[t0] * wp + pcol[t0];
+      for (int64_t k = 0; k < wide; ++k) acc[k] = a[k];
+      for (int32_t t = t0 + 1; t < t1; ++t) {
+        const float* b = pad + prow[t] * wp + pcol[t];
+        for (int64_t k = 0; k < wide; ++k) acc[k] += b[k];
+      }
+    }
+    float* out = dst + r * sr;
+    for (int64_t y = 0; y < ho; ++y) {
+      const float* a = acc + y * wp;
+      float* o = out + y * wo;
+      for (int64_t x = 0; x < wo; ++x) o[x] = a[x];
+    }
+  }
+}
+
 // The adjoint: scatter each orbit's (zero-extended, wide) gradient into the padded plane.
 template <typename scalar_t, typename acc_t>
 void stencil_transpose_plane_stride1(const scalar_t* gs, int64_t sr, scalar_t* dst, const Orbits& o,
@@ -218,6 +265,13 @@ int64_t plane_scratch(const Geometry& g) {
 template <typename scalar_t, typename acc_t>
 void stencil_plane(const scalar_t* src, scalar_t* dst, int64_t sr, const Orbits& o,
                    const Geometry& g, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (g.sh == 1 && g.sw == 1) {
+      stencil_plane_stride1_f32(src, dst, sr, o.row.data(), o.col.data(), o.offsets.data(), o.count(),
+                                g.h, g.w, g.ho, g.wo, g.ph, g.pw, scratch);
+      return;
+    }
+  }
   if (g.sh == 1 && g.sw == 1)
     stencil_plane_stride1<scalar_t, acc_t>(src, dst, sr, o, g, scratch);
   else
