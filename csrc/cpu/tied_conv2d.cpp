@@ -397,8 +397,8 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   // cache, not a separate y.add_(bias) pass afterwards. Measured on the shared 2-core machine (D4 3x3,
   // 64->64, 32x32, batch 32, fp32): the separate add_ over the 8 MB output took 0.23 ms at 1 thread
   // but 2.7 ms (min) / 8 ms (median) at 2 threads, a second OpenMP fork-join after the main region;
-  // fusing it moved the 2-thread paired forward ratio vs nn.Conv2d from 1.97x to 2.85x in the same
-  // run (loaded machine; 1 thread unchanged within noise, 2.17x vs 2.11x).
+  // fusing it alone moved the paired forward ratio vs nn.Conv2d (median of back-to-back pairs, one
+  // run, loaded machine) from 1.98x to 2.21x at 2 threads and from 1.79x to 2.05x at 1 thread.
   const auto gemm = [&](at::Tensor& yb, const at::Tensor& sb) {
     if (has_bias)
       at::addmm_out(yb, bias->view({oc, 1}), w2, sb);
