@@ -38,7 +38,7 @@ SYMFAST_MULTIVERSION void orbit_rows(const scalar_t* xp, const int32_t* tp, scal
       copy_blocks<scalar_t>(src, rp.blocks, dst);
     } else if (rp.kind == Kind::kTransposed) {
       copy_blocks<scalar_t>(src, rp.blocks, tmp.data());
-      transpose_store<scalar_t>(tmp.data(), plan.square_side, dst);
+      transpose_into<false, scalar_t>(dst, tmp.data(), plan.square_side);
     } else {
       const int32_t* idx = tp + k * n;
       for (int64_t i = 0; i < n; ++i) {

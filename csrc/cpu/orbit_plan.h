@@ -197,33 +197,9 @@ inline std::shared_ptr<const Plan> cached_plan(const at::Tensor& table, int64_t 
 // flip read against the direction of their elements, orbit_mean (8 x identical flip_v or flip_h
 // rows, (64,3,64,64), 2 threads) took 2.5-2.8 ms against 1.4 ms for the identity: the hardware
 // prefetcher loses mixed-direction streams.
-template <typename scalar_t, typename acc_t>
-inline void accumulate_blocks(const scalar_t* __restrict src, const std::vector<Block>& blocks,
-                              acc_t* __restrict acc) {
-  for (const Block& b : blocks) {
-    const acc_t sign = b.neg ? acc_t(-1) : acc_t(1);
-    const int64_t len = b.len, step = b.step;
-    const bool rows_descending = b.src_row_stride < 0;
-    for (int64_t i = 0; i < b.rows; ++i) {
-      const int64_t r = rows_descending ? b.rows - 1 - i : i;
-      acc_t* __restrict d = acc + b.dst + r * len;
-      const scalar_t* __restrict s = src + b.src + r * b.src_row_stride;
-      if (step == 1) {
-        for (int64_t j = 0; j < len; ++j) d[j] += sign * static_cast<acc_t>(s[j]);
-      } else if (step == -1) {
-        const scalar_t* __restrict s_low = s - (len - 1);
-        acc_t* __restrict d_high = d + (len - 1);
-        for (int64_t j = 0; j < len; ++j) d_high[-j] += sign * static_cast<acc_t>(s_low[j]);
-      } else {
-        for (int64_t j = 0; j < len; ++j) d[j] += sign * static_cast<acc_t>(s[step * j]);
-      }
-    }
-  }
-}
-
+//
 // Row r of block b into acc, reading the source row upward in memory (a reversed row from its
-// low end); with rows visited in the order their sources lie, every one of a row-interleaved
-// plane's G streams ascends.
+// low end); a strided row (only single-element runs here) is read as it comes.
 template <typename scalar_t, typename acc_t>
 inline void accumulate_block_row(const scalar_t* __restrict src, const Block& b, int64_t r,
                                  acc_t* __restrict acc) {
@@ -233,11 +209,24 @@ inline void accumulate_block_row(const scalar_t* __restrict src, const Block& b,
   const scalar_t* __restrict s = src + b.src + r * b.src_row_stride;
   if (b.step == 1) {
     for (int64_t j = 0; j < len; ++j) d[j] += sign * static_cast<acc_t>(s[j]);
-  } else {
+  } else if (b.step == -1) {
     const scalar_t* __restrict s_low = s - (len - 1);
     acc_t* __restrict d_high = d + (len - 1);
     for (int64_t j = 0; j < len; ++j) d_high[-j] += sign * static_cast<acc_t>(s_low[j]);
+  } else {
+    for (int64_t j = 0; j < len; ++j) d[j] += sign * static_cast<acc_t>(s[b.step * j]);
   }
+}
+
+// Rows of each block in the order their sources lie in memory, so together with
+// accumulate_block_row every source stream ascends.
+template <typename scalar_t, typename acc_t>
+inline void accumulate_blocks(const scalar_t* __restrict src, const std::vector<Block>& blocks,
+                              acc_t* __restrict acc) {
+  for (const Block& b : blocks)
+    for (int64_t i = 0; i < b.rows; ++i)
+      accumulate_block_row<scalar_t, acc_t>(src, b, b.src_row_stride < 0 ? b.rows - 1 - i : i,
+                                            acc);
 }
 
 template <typename scalar_t>
@@ -270,20 +259,6 @@ inline void accumulate_gather(const scalar_t* __restrict src,
     const acc_t v = static_cast<acc_t>(src[decode(t)]);
     acc[i] += t < 0 ? -v : v;
   }
-}
-
-constexpr int64_t kTile = 16;  // 16x16 fp32 tiles: both sides of the transpose stay in L1
-
-// acc[i*p + j] += part[j*p + i], tiled so the strided side stays in cache.
-template <typename acc_t>
-inline void fold_transposed_scalar(acc_t* __restrict acc, const acc_t* __restrict part,
-                                   int64_t p) {
-  for (int64_t ib = 0; ib < p; ib += kTile)
-    for (int64_t jb = 0; jb < p; jb += kTile) {
-      const int64_t ie = std::min(ib + kTile, p), je = std::min(jb + kTile, p);
-      for (int64_t i = ib; i < ie; ++i)
-        for (int64_t j = jb; j < je; ++j) acc[i * p + j] += part[j * p + i];
-    }
 }
 
 // 8 floats as one value: one AVX register in the AVX2 clone, two SSE registers otherwise.
@@ -331,36 +306,25 @@ __attribute__((always_inline)) inline void transpose_tile8(float* __restrict acc
   }
 }
 
-template <typename acc_t>
-__attribute__((always_inline)) inline void fold_transposed(acc_t* __restrict acc,
-                                                           const acc_t* __restrict part,
-                                                           int64_t p) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    const int64_t p8 = p - p % 8;
-    for (int64_t i = 0; i < p8; i += 8)
-      for (int64_t j = 0; j < p8; j += 8)
-        transpose_tile8<true>(acc + i * p + j, part + j * p + i, p);
-    if (p8 == p) return;
-    // The ragged edge: rows i >= p8 entirely, and columns j >= p8 of the rows below p8.
-    for (int64_t i = 0; i < p; ++i)
-      for (int64_t j = i < p8 ? p8 : 0; j < p; ++j) acc[i * p + j] += part[j * p + i];
-  } else {
-    fold_transposed_scalar<acc_t>(acc, part, p);
-  }
-}
-
-// dst[i*p + j] = b[j*p + i].
-template <typename scalar_t>
-__attribute__((always_inline)) inline void transpose_store(const scalar_t* __restrict b,
-                                                           int64_t p, scalar_t* __restrict dst) {
+// dst[i*p + j] (+)= src[j*p + i]: 8x8 register tiles for fp32, a plain loop for the rest and
+// for the ragged edge (rows i >= p8 entirely, columns j >= p8 of the rows below p8).
+template <bool kAdd, typename T>
+__attribute__((always_inline)) inline void transpose_into(T* __restrict dst,
+                                                          const T* __restrict src, int64_t p) {
   int64_t p8 = 0;
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (std::is_same_v<T, float>) {
     p8 = p - p % 8;
     for (int64_t i = 0; i < p8; i += 8)
-      for (int64_t j = 0; j < p8; j += 8) transpose_tile8<false>(dst + i * p + j, b + j * p + i, p);
+      for (int64_t j = 0; j < p8; j += 8)
+        transpose_tile8<kAdd>(dst + i * p + j, src + j * p + i, p);
   }
-  for (int64_t i = 0; i < p; ++i)  // everything outside the p8 x p8 corner done above
-    for (int64_t j = i < p8 ? p8 : 0; j < p; ++j) dst[i * p + j] = b[j * p + i];
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t j = i < p8 ? p8 : 0; j < p; ++j) {
+      if constexpr (kAdd)
+        dst[i * p + j] += src[j * p + i];
+      else
+        dst[i * p + j] = src[j * p + i];
+    }
 }
 
 // acc[i] = sum_k g_k^-1(y[k, row])[i] for one row of y (G, M, N), planned with the inverse
@@ -384,19 +348,19 @@ SYMFAST_MULTIVERSION void orbit_sum_row(const scalar_t* yp, const int32_t* tp, c
         accumulate_block_row<scalar_t, acc_t>(yp + (k * m + row) * n, b, row_index,
                                               rp.kind == Kind::kRuns ? acc : transposed);
       }
-    if (plan.square_side) fold_transposed<acc_t>(acc, transposed, plan.square_side);
-    return;
-  }
-  for (int64_t k = 0; k < g; ++k) {
-    const scalar_t* src = yp + (k * m + row) * n;
-    const RowPlan& rp = plan.rows[k];
-    if (rp.kind == Kind::kGather) {
-      accumulate_gather<scalar_t, acc_t>(src, tp + k * n, acc, n);
-    } else {
-      accumulate_blocks<scalar_t, acc_t>(src, rp.blocks, rp.kind == Kind::kRuns ? acc : transposed);
+  } else {
+    for (int64_t k = 0; k < g; ++k) {
+      const scalar_t* src = yp + (k * m + row) * n;
+      const RowPlan& rp = plan.rows[k];
+      if (rp.kind == Kind::kGather) {
+        accumulate_gather<scalar_t, acc_t>(src, tp + k * n, acc, n);
+      } else {
+        accumulate_blocks<scalar_t, acc_t>(src, rp.blocks,
+                                           rp.kind == Kind::kRuns ? acc : transposed);
+      }
     }
   }
-  if (plan.square_side) fold_transposed<acc_t>(acc, transposed, plan.square_side);
+  if (plan.square_side) transpose_into<true, acc_t>(acc, transposed, plan.square_side);
 }
 
 }  // namespace symfast
