@@ -83,12 +83,11 @@ _orbit_op.register_autograd(_orbit_backward, setup_context=_setup_context)
 _orbit_mean_op.register_autograd(_orbit_mean_backward, setup_context=_setup_context)
 
 
-def _flat(t: torch.Tensor, group: Group, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tables(t: torch.Tensor, group: Group, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's (table, inverse_table) for t's trailing dims, on t's device."""
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    event_shape = t.shape[t.dim() - group.event_ndim:]
-    table, inverse_table = group.tables(event_shape, t.device)
-    return t, table, inverse_table
+    return group.tables(t.shape[t.dim() - group.event_ndim:], t.device)
 
 
 def orbit(x: torch.Tensor, group: Group | str, backend: str | None = None) -> torch.Tensor:
@@ -104,7 +103,7 @@ def orbit(x: torch.Tensor, group: Group | str, backend: str | None = None) -> to
     backend = _backend.resolve(backend, x, _OP)
     if backend == "reference":
         return reference.orbit(x, group)
-    x, table, inverse_table = _flat(x, group, "x")
+    table, inverse_table = _tables(x, group, "x")
     n = table.shape[1]
     out = _orbit_op(x.reshape(-1, n).contiguous(), table, inverse_table, backend)
     return out.reshape((len(group) * x.shape[0],) + tuple(x.shape[1:]))
@@ -122,7 +121,7 @@ def orbit_mean(y: torch.Tensor, group: Group | str, backend: str | None = None) 
     backend = _backend.resolve(backend, y, _OP)
     if backend == "reference":
         return reference.orbit_mean(y, group)
-    y, table, inverse_table = _flat(y, group, "y")
+    table, inverse_table = _tables(y, group, "y")
     n = table.shape[1]
     out = _orbit_mean_op(y.reshape(g, -1, n).contiguous(), table, inverse_table, backend)
     return out.reshape((y.shape[0] // g,) + tuple(y.shape[1:]))
