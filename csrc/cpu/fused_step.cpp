@@ -68,17 +68,17 @@ struct Coefs {
   double c_skip, c_out, a, b, p, q, c;
 };
 
-// acc holds the orbit sum on entry; on exit den (if requested) and out hold the results.
+// acc holds the orbit mean on entry; on exit den (if requested) and out hold the results.
 template <typename scalar_t, typename acc_t>
 SYMFAST_MULTIVERSION void combine_row(const scalar_t* __restrict x, const acc_t* __restrict acc,
                                       const scalar_t* __restrict u, const scalar_t* __restrict v,
-                                      const float* __restrict z, acc_t g, const Coefs& k,
+                                      const float* __restrict z, const Coefs& k,
                                       scalar_t* __restrict out, scalar_t* __restrict den,
                                       int64_t n) {
   const acc_t c_skip = k.c_skip, c_out = k.c_out, a = k.a, b = k.b, p = k.p, q = k.q, c = k.c;
   for (int64_t i = 0; i < n; ++i) {
     const acc_t xi = static_cast<acc_t>(x[i]);
-    const acc_t d = c_skip * xi + c_out * (acc[i] / g);
+    const acc_t d = c_skip * xi + c_out * acc[i];
     acc_t r = a * xi + b * d;
     if (u) r = r + p * static_cast<acc_t>(u[i]);
     if (v) r = r + q * static_cast<acc_t>(v[i]);
@@ -159,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
       std::vector<acc_t> acc(n), transposed(plan.square_side ? n : 0);
       std::vector<float> z(kp ? n : 0);
       for (int64_t row = begin; row < end; ++row) {
-        symfast::orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, acc.data(),
-                                                transposed.data());
+        symfast::orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, acc_t(1) / g,
+                                                acc.data(), transposed.data());
         const float* zrow = np_ ? np_ + row * n : nullptr;
         if (kp) {
           const int64_t b = row / rows_per_sample, r = row % rows_per_sample;
@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
           zrow = z.data();
         }
         combine_row<scalar_t, acc_t>(xp + row * n, acc.data(), up ? up + row * n : nullptr,
-                                     vp ? vp + row * n : nullptr, zrow, static_cast<acc_t>(g), k,
+                                     vp ? vp + row * n : nullptr, zrow, k,
                                      op + row * n, dp ? dp + row * n : nullptr, n);
       }
     });

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "orbit_plan.h"
@@ -50,15 +51,21 @@ SYMFAST_MULTIVERSION void orbit_rows(const scalar_t* xp, const int32_t* tp, scal
 }
 
 template <typename scalar_t, typename acc_t>
-void orbit_mean_rows(const scalar_t* yp, const int32_t* tp, scalar_t* op,
-                                          const Plan& plan, int64_t g, int64_t m, int64_t n,
-                                          int64_t begin, int64_t end) {
+void orbit_mean_rows(const scalar_t* yp, const int32_t* tp, scalar_t* op, const Plan& plan,
+                     int64_t g, int64_t m, int64_t n, int64_t begin, int64_t end) {
   const acc_t scale = acc_t(1) / static_cast<acc_t>(g);
-  std::vector<acc_t> acc(n), transposed(plan.square_side ? n : 0);
+  // fp32 sums straight into the output row; other dtypes through an accumulator row.
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  std::vector<acc_t> acc(kDirect ? 0 : n), transposed(plan.square_side ? n : 0);
   for (int64_t row = begin; row < end; ++row) {
-    orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, acc.data(), transposed.data());
     scalar_t* dst = op + row * n;
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i] * scale);
+    if constexpr (kDirect) {
+      orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, scale, dst, transposed.data());
+    } else {
+      orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, scale, acc.data(),
+                                     transposed.data());
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+    }
   }
 }
 
