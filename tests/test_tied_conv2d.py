@@ -15,6 +15,8 @@ CASES = [
     ("c4", 3, 2, 7, 7, 3, 1, 0),
     ("flip_h", 4, 3, 6, 11, (3, 5), (2, 1), (0, 2)),
     ("flip_v", 1, 2, 5, 4, (3, 2), 1, (1, 0)),
+    # wider than one 8-column chunk of the CPU stencil, and not a multiple of it
+    ("d4", 3, 4, 16, 20, 5, 1, 2),
 ]
 
 

@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "simd.h"
 #include "symfast_module.h"
 
 namespace symfast {
@@ -263,16 +264,6 @@ inline void accumulate_gather(const scalar_t* __restrict src,
   }
 }
 
-// 8 floats as one value: one AVX register in the AVX2 clone, two SSE registers otherwise.
-typedef float v8f __attribute__((vector_size(32)));
-typedef int v8i __attribute__((vector_size(32)));
-
-__attribute__((always_inline)) inline v8f load8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
 // In-register 8x8 transpose (unpack, shuffle, lane swap) of the part tile, then the acc tile
 // += it (kAdd) or = it. The scalar loop ran at ~4 cycles per element: the strided side defeats
 // the vectoriser.
@@ -303,8 +294,8 @@ __attribute__((always_inline)) inline void transpose_tile8(float* __restrict acc
       a += load8(acc + k * p);
       b += load8(acc + (k + 4) * p);
     }
-    std::memcpy(acc + k * p, &a, sizeof a);
-    std::memcpy(acc + (k + 4) * p, &b, sizeof b);
+    store8(acc + k * p, a);
+    store8(acc + (k + 4) * p, b);
   }
 }
 
@@ -373,7 +364,7 @@ __attribute__((always_inline)) inline void sum_group_row(const StreamGroup& grp,
   for (int c = 0; c < NC; ++c) {
     v8f v = scale * acc[c];
     if (add) v += load8(d + 8 * c);
-    std::memcpy(d + 8 * c, &v, sizeof v);
+    store8(d + 8 * c, v);
   }
 }
 
