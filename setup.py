@@ -8,7 +8,7 @@ import os
 
 from setuptools import find_packages, setup
 
-PORTABLE_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+PORTABLE_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
 
 
 def _extensions():

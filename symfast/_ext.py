@@ -11,7 +11,7 @@ from pathlib import Path
 logger = logging.getLogger("symfast")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
-_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
+_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
 
 # Why each op's CPU kernel is unavailable, for `symfast info` and error messages.
 load_errors: dict[str, str] = {}
