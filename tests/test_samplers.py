@@ -141,6 +141,19 @@ def test_stochastic_samplers_equivariant_with_transformed_noise(edm_fa, sampler,
     assert rel_err(plain, D4.act(out, k)) > 1e-3  # untransformed noise breaks it
 
 
+def test_heun_churn_noise_is_added_by_one_fused_op():
+    """The churn x + s·z of Heun is one fused_step call for Philox noise; it equals drawing z and
+    adding it, and the noise is the same whatever x holds."""
+    from symfast.samplers._noise import NoiseSource
+    x = torch.randn(3, 2, 8, 8)
+    src = NoiseSource(x, seed=[4, 5, 6])
+    got = src.add(x, 3, 0.37)
+    want = x + src.draw(3) * 0.37
+    assert rel_err(got, want) <= 1e-6
+    assert rel_err(src.add(torch.zeros_like(x), 3, 1.0), src.draw(3)) <= 1e-6
+    assert rel_err(src.add(x, 4, 0.37), want) > 1e-2  # another step, other noise
+
+
 def test_denoise_equivariant(edm_fa):
     y = _x() * 0.8
     out = denoise(edm_fa, y, 0.8, steps=10)

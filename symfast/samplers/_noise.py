@@ -35,6 +35,7 @@ class NoiseSource:
         self.generator = generator
         self.group, self.transform = group, transform
         self.key = None
+        self._zeros = None
         if generator is None:
             self.key = noise_key(0 if seed is None else seed, x.shape[0], x.device)
 
@@ -55,3 +56,13 @@ class NoiseSource:
             z = torch.randn(self.shape, generator=self.generator, dtype=self.dtype,
                             device=self.device)
         return self.group.act(z, self.transform) if self.transform is not None else z
+
+    def add(self, x: torch.Tensor, i: int, scale: float) -> torch.Tensor:
+        """x + scale · (the noise of step i): one fused op when the noise is untransformed Philox
+        (the op reads x and a zero model output and writes the sum), else draw and add."""
+        if self.key is not None and self.transform is None:
+            if self._zeros is None:
+                self._zeros = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            coefs = StepCoefficients(0.0, 0.0, 1.0, 0.0, 0.0, 0.0, float(scale))
+            return fused_step(x, self._zeros, coefs, key=self.key, step=i, return_denoised=False)[0]
+        return x + self.draw(i) * scale

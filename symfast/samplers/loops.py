@@ -128,7 +128,7 @@ def sample_heun(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = No
         gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
         s_hat = s * (gamma + 1)
         if gamma > 0:
-            x = x + noise.draw(i + 1) * (s_noise * math.sqrt(s_hat**2 - s**2))
+            x = noise.add(x, i + 1, s_noise * math.sqrt(s_hat**2 - s**2))
         dt = s_next - s_hat
         if s_next == 0.0:  # Euler for the last step
             r = s_next / s_hat
