@@ -29,17 +29,18 @@ template <typename scalar_t>
 SYMFAST_MULTIVERSION void orbit_rows(const scalar_t* xp, const int32_t* tp, scalar_t* op,
                                      const Plan& plan, int64_t m, int64_t n, int64_t begin,
                                      int64_t end) {
-  std::vector<scalar_t> tmp(plan.square_side ? n : 0);
+  // Task index r = (source row, element): each source row is read from cache for all G
+  // elements instead of once per element from wherever it was evicted to.
+  const int64_t g = static_cast<int64_t>(plan.rows.size());
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t k = r / m;
-    const scalar_t* src = xp + (r % m) * n;
-    scalar_t* dst = op + r * n;
+    const int64_t k = r % g, row = r / g;
+    const scalar_t* src = xp + row * n;
+    scalar_t* dst = op + (k * m + row) * n;
     const RowPlan& rp = plan.rows[k];
     if (rp.kind == Kind::kRuns) {
       copy_blocks<scalar_t>(src, rp.blocks, dst);
     } else if (rp.kind == Kind::kTransposed) {
-      copy_blocks<scalar_t>(src, rp.blocks, tmp.data());
-      transpose_into<false, scalar_t>(dst, tmp.data(), plan.square_side);
+      copy_transposed<scalar_t>(src, rp.blocks[0], dst, plan.square_side);
     } else {
       const int32_t* idx = tp + k * n;
       for (int64_t i = 0; i < n; ++i) {

@@ -264,15 +264,10 @@ inline void accumulate_gather(const scalar_t* __restrict src,
   }
 }
 
-// In-register 8x8 transpose (unpack, shuffle, lane swap) of the part tile, then the acc tile
-// += it (kAdd) or = it. The scalar loop ran at ~4 cycles per element: the strided side defeats
-// the vectoriser.
-template <bool kAdd>
-__attribute__((always_inline)) inline void transpose_tile8(float* __restrict acc,
-                                                           const float* __restrict part,
-                                                           int64_t p) {
-  v8f r[8], t[8], u[8];
-  for (int k = 0; k < 8; ++k) r[k] = load8(part + k * p);
+// In-register 8x8 transpose (unpack, shuffle, lane swap): r[k][l] becomes r[l][k]. The scalar
+// loop ran at ~4 cycles per element: the strided side defeats the vectoriser.
+__attribute__((always_inline)) inline void transpose8(v8f* r) {
+  v8f t[8], u[8];
   const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
   for (int k = 0; k < 8; k += 2) {
     t[k] = __builtin_shuffle(r[k], r[k + 1], lo);
@@ -287,43 +282,71 @@ __attribute__((always_inline)) inline void transpose_tile8(float* __restrict acc
   }
   const v8i low_lanes = {0, 1, 2, 3, 8, 9, 10, 11}, high_lanes = {4, 5, 6, 7, 12, 13, 14, 15};
   for (int k = 0; k < 4; ++k) {
-    const v8f row_k = __builtin_shuffle(u[k], u[k + 4], low_lanes);
-    const v8f row_k4 = __builtin_shuffle(u[k], u[k + 4], high_lanes);
-    v8f a = row_k, b = row_k4;
-    if constexpr (kAdd) {
-      a += load8(acc + k * p);
-      b += load8(acc + (k + 4) * p);
-    }
-    store8(acc + k * p, a);
-    store8(acc + (k + 4) * p, b);
+    r[k] = __builtin_shuffle(u[k], u[k + 4], low_lanes);
+    r[k + 4] = __builtin_shuffle(u[k], u[k + 4], high_lanes);
   }
 }
 
-// dst[i*p + j] (+)= src[j*p + i]: 8x8 register tiles for fp32, a plain loop for the rest and
-// for the ragged edge (rows i >= p8 entirely, columns j >= p8 of the rows below p8).
-template <bool kAdd, typename T>
-__attribute__((always_inline)) inline void transpose_into(T* __restrict dst,
-                                                          const T* __restrict src, int64_t p) {
-  int64_t p8 = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    p8 = p - p % 8;
-    for (int64_t i = 0; i < p8; i += 8)
-      for (int64_t j = 0; j < p8; j += 8)
-        transpose_tile8<kAdd>(dst + i * p + j, src + j * p + i, p);
-  }
-  for (int64_t i = 0; i < p; ++i)
-    for (int64_t j = i < p8 ? p8 : 0; j < p; ++j) {
-      if constexpr (kAdd)
-        dst[i * p + j] += src[j * p + i];
-      else
-        dst[i * p + j] = src[j * p + i];
-    }
+// The acc tile += the transpose of the part tile, both with row stride p.
+__attribute__((always_inline)) inline void transpose_add_tile8(float* __restrict acc,
+                                                           const float* __restrict part,
+                                                           int64_t p) {
+  v8f r[8];
+  for (int k = 0; k < 8; ++k) r[k] = load8(part + k * p);
+  transpose8(r);
+  for (int k = 0; k < 8; ++k) store8(acc + k * p, r[k] + load8(acc + k * p));
 }
 
 __attribute__((always_inline)) inline v8f reverse8(v8f v) {
   const v8i backwards = {7, 6, 5, 4, 3, 2, 1, 0};
   return __builtin_shuffle(v, backwards);
 }
+
+// dst[i*p + j] += src[j*p + i]: 8x8 register tiles for fp32, a plain loop for the rest and
+// for the ragged edge (rows i >= p8 entirely, columns j >= p8 of the rows below p8).
+template <typename T>
+__attribute__((always_inline)) inline void transpose_add(T* __restrict dst, const T* __restrict src,
+                                                         int64_t p) {
+  int64_t p8 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    p8 = p - p % 8;
+    for (int64_t i = 0; i < p8; i += 8)
+      for (int64_t j = 0; j < p8; j += 8) transpose_add_tile8(dst + i * p + j, src + j * p + i, p);
+  }
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t j = i < p8 ? p8 : 0; j < p; ++j) dst[i * p + j] += src[j * p + i];
+}
+
+// dst (p x p) = the transpose of block b (p rows of p, a row-preserving map) read straight from
+// src: dst[i*p + j] = sign * src[b.src + j*b.src_row_stride + b.step*i]. For fp32, 8x8 register
+// tiles, each filling 8 output rows; a plain loop for the rest and for the ragged edge. (Copying
+// the block out and transposing the copy cost a second pass per element.)
+template <typename T>
+__attribute__((always_inline)) inline void copy_transposed(const T* __restrict src, const Block& b,
+                                                           T* __restrict dst, int64_t p) {
+  const T* base = src + b.src;
+  int64_t p8 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    p8 = p - p % 8;
+    const float sign = b.neg ? -1.f : 1.f;
+    for (int64_t i0 = 0; i0 < p8; i0 += 8)
+      for (int64_t j0 = 0; j0 < p8; j0 += 8) {
+        v8f r[8];
+        for (int k = 0; k < 8; ++k) {
+          const float* row = base + (j0 + k) * b.src_row_stride;
+          r[k] = b.step == 1 ? load8(row + i0) : reverse8(load8(row - i0 - 7));
+        }
+        transpose8(r);
+        for (int k = 0; k < 8; ++k) store8(dst + (i0 + k) * p + j0, sign * r[k]);
+      }
+  }
+  for (int64_t i = 0; i < p; ++i)
+    for (int64_t j = i < p8 ? p8 : 0; j < p; ++j) {
+      const T v = base[j * b.src_row_stride + b.step * i];
+      dst[i * p + j] = b.neg ? -v : v;
+    }
+}
+
 
 constexpr int kMaxStreams = 32;
 
@@ -405,7 +428,7 @@ __attribute__((always_inline)) inline bool sum_plane_dispatch(int64_t p, const S
     sum_plane<NC>(groups[0], groups[1], scale, acc);
     if (!groups[2].empty() || !groups[3].empty()) {
       sum_plane<NC>(groups[2], groups[3], scale, transposed);
-      transpose_into<true, float>(acc, transposed, p);
+      transpose_add<float>(acc, transposed, p);
     }
     return true;
   }
@@ -462,7 +485,7 @@ SYMFAST_MULTIVERSION void orbit_sum_row(const scalar_t* yp, const int32_t* tp, c
       }
     }
   }
-  if (plan.square_side) transpose_into<true, acc_t>(acc, transposed, plan.square_side);
+  if (plan.square_side) transpose_add<acc_t>(acc, transposed, plan.square_side);
   for (int64_t i = 0; i < n; ++i) acc[i] *= scale;
 }
 
