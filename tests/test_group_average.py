@@ -43,19 +43,22 @@ def test_orbit_and_orbit_mean_match_reference(backend, name, dtype):
     assert rel_err(got, want) <= TOL[dtype]
 
 
-# The CPU kernel sums square planes whose side is a multiple of 8 in registers (up to 128), with
+# The CPU kernel sums fp32/bf16 square planes whose side is a multiple of 8 in registers (up to 128), with
 # its own handling of each direction a group element can read a row in; other sides take the
 # general path. Exercise both sides of each limit, and every kind of element: flips, rotations,
 # transposes, and signs (d4xsign has 16 elements).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("side", [8, 24, 128, 136])
 @pytest.mark.parametrize("name", ["d4", "c4", "flip_h", "flip_v", "c2", "sign", "d4xsign"])
-def test_orbit_mean_on_register_summed_plane_sizes(name, side):
+def test_orbit_mean_on_register_summed_plane_sizes(name, side, dtype):
     g = GROUPS[name]
-    y = torch.randn(len(g) * 2, 3, side, side)
-    assert rel_err(orbit_mean(y, g, backend="cpu"), reference.orbit_mean(y.double(), g)) <= 1e-6
+    y = torch.randn(len(g) * 2, 3, side, side).to(dtype)
+    got = orbit_mean(y, g, backend="cpu")
+    assert got.dtype == dtype
+    assert rel_err(got, reference.orbit_mean(y.double(), g)) <= TOL[dtype]
     # a non-contiguous input (made contiguous by the op) and the orbit round trip
-    x = torch.randn(2, 3, side, side).transpose(-1, -2)
-    assert rel_err(orbit_mean(orbit(x, g, backend="cpu"), g, backend="cpu"), x) <= 1e-6
+    x = torch.randn(2, 3, side, side).to(dtype).transpose(-1, -2)
+    assert rel_err(orbit_mean(orbit(x, g, backend="cpu"), g, backend="cpu"), x) <= TOL[dtype]
 
 
 def test_five_dim_input_and_noncontiguous(backend):

@@ -13,7 +13,7 @@
 //    collected in a second buffer and transposed once per plane, not walked with stride P per
 //    element.
 //  - kGather: anything else, element by element.
-// orbit_mean of fp32 on square planes whose side is a multiple of 8 (up to 128) skips the
+// orbit_mean of fp32 and bf16 on square planes whose side is a multiple of 8 (up to 128) skips the
 // per-element accumulation: sum_plane adds all G sources of a row in registers.
 #pragma once
 #include <ATen/ATen.h>
@@ -352,15 +352,17 @@ constexpr int kMaxStreams = 32;
 
 // One source plane's rows as seen by a p x p block: row i starts at row0 + i * row_stride and
 // is read forward (s[j]) or backward (s[-j]).
+template <typename T>
 struct RowStream {
-  const float* row0;
+  const T* row0;
   int64_t row_stride;
   float sign;
 };
 
 // The streams that sum into one target plane and read their rows in the same direction.
+template <typename T>
 struct StreamGroup {
-  RowStream fwd[kMaxStreams], rev[kMaxStreams];  // rows read forward s[j] / backward s[-j]
+  RowStream<T> fwd[kMaxStreams], rev[kMaxStreams];  // rows read forward s[j] / backward s[-j]
   int n_fwd = 0, n_rev = 0;
   bool empty() const { return n_fwd + n_rev == 0; }
 };
@@ -368,21 +370,22 @@ struct StreamGroup {
 // d (+)= scale * sum over the group's streams of their row for target row t (8*NC floats), summed in NC
 // registers. Every stream's row is loaded in ascending memory order, a backward row's chunks
 // reversed in register into the mirrored target chunk.
-template <int NC>
-__attribute__((always_inline)) inline void sum_group_row(const StreamGroup& grp, int64_t t,
+template <int NC, typename T>
+__attribute__((always_inline)) inline void sum_group_row(const StreamGroup<T>& grp, int64_t t,
                                                          float scale, float* __restrict d,
                                                          bool add) {
   v8f acc[NC];
   for (int c = 0; c < NC; ++c) acc[c] = v8f{};
   for (int e = 0; e < grp.n_fwd; ++e) {
-    const float* s = grp.fwd[e].row0 + t * grp.fwd[e].row_stride;
+    const T* s = grp.fwd[e].row0 + t * grp.fwd[e].row_stride;
     const float sign = grp.fwd[e].sign;
-    for (int c = 0; c < NC; ++c) acc[c] += sign * load8(s + 8 * c);
+    for (int c = 0; c < NC; ++c) acc[c] += sign * load8_as_float(s + 8 * c);
   }
   for (int e = 0; e < grp.n_rev; ++e) {
-    const float* s_low = grp.rev[e].row0 + t * grp.rev[e].row_stride - (8 * NC - 1);
+    const T* s_low = grp.rev[e].row0 + t * grp.rev[e].row_stride - (8 * NC - 1);
     const float sign = grp.rev[e].sign;
-    for (int c = 0; c < NC; ++c) acc[NC - 1 - c] += sign * reverse8(load8(s_low + 8 * c));
+    for (int c = 0; c < NC; ++c)
+      acc[NC - 1 - c] += sign * reverse8(load8_as_float(s_low + 8 * c));
   }
   for (int c = 0; c < NC; ++c) {
     v8f v = scale * acc[c];
@@ -399,8 +402,8 @@ __attribute__((always_inline)) inline void sum_group_row(const StreamGroup& grp,
 // Summing in registers replaces a load-add-store of a cache-resident buffer per element and
 // source, which had made orbit_mean compute-bound (D4 (64,3,64,64): 3.0 ms on one thread
 // against 1.9 ms for torch.sum over the same bytes).
-template <int NC>
-__attribute__((always_inline)) inline void sum_plane(const StreamGroup& down, const StreamGroup& up,
+template <int NC, typename T>
+__attribute__((always_inline)) inline void sum_plane(const StreamGroup<T>& down, const StreamGroup<T>& up,
                                                      float scale, float* __restrict target) {
   constexpr int64_t p = 8 * NC;
   if (down.empty() && up.empty()) {
@@ -409,25 +412,25 @@ __attribute__((always_inline)) inline void sum_plane(const StreamGroup& down, co
   }
   for (int64_t i = 0; i < p; ++i) {
     const bool both = !down.empty() && !up.empty();
-    if (!down.empty()) sum_group_row<NC>(down, i, scale, target + i * p, both && 2 * i > p - 1);
+    if (!down.empty()) sum_group_row<NC, T>(down, i, scale, target + i * p, both && 2 * i > p - 1);
     if (!up.empty())
-      sum_group_row<NC>(up, p - 1 - i, scale, target + (p - 1 - i) * p, both && 2 * i > p - 1);
+      sum_group_row<NC, T>(up, p - 1 - i, scale, target + (p - 1 - i) * p, both && 2 * i > p - 1);
   }
 }
 
 constexpr int kMaxRegisterChunks = 16;
 
-template <int NC>
-__attribute__((always_inline)) inline bool sum_plane_dispatch(int64_t p, const StreamGroup* groups,
+template <int NC, typename T>
+__attribute__((always_inline)) inline bool sum_plane_dispatch(int64_t p, const StreamGroup<T>* groups,
                                                               float scale, float* acc,
                                                               float* transposed) {
   if constexpr (NC > kMaxRegisterChunks) {
     return false;
   } else {
-    if (p != 8 * NC) return sum_plane_dispatch<NC + 1>(p, groups, scale, acc, transposed);
-    sum_plane<NC>(groups[0], groups[1], scale, acc);
+    if (p != 8 * NC) return sum_plane_dispatch<NC + 1, T>(p, groups, scale, acc, transposed);
+    sum_plane<NC, T>(groups[0], groups[1], scale, acc);
     if (!groups[2].empty() || !groups[3].empty()) {
-      sum_plane<NC>(groups[2], groups[3], scale, transposed);
+      sum_plane<NC, T>(groups[2], groups[3], scale, transposed);
       transpose_add<float>(acc, transposed, p);
     }
     return true;
@@ -443,21 +446,23 @@ template <typename scalar_t, typename acc_t>
 SYMFAST_MULTIVERSION void orbit_sum_row(const scalar_t* yp, const int32_t* tp, const Plan& plan,
                                        int64_t g, int64_t m, int64_t n, int64_t row, acc_t scale,
                                        acc_t* acc, acc_t* transposed) {
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+  if constexpr ((std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) &&
+                std::is_same_v<acc_t, float>) {
     const int64_t p = plan.row_interleaved ? plan.rows[0].blocks[0].rows : 0;
     if (plan.row_interleaved && g <= kMaxStreams && p % 8 == 0) {
       // groups: [0] into acc, rows down; [1] into acc, rows up; [2], [3] into `transposed`
-      StreamGroup groups[4];
+      StreamGroup<scalar_t> groups[4];
       for (int64_t k = 0; k < g; ++k) {
         const RowPlan& rp = plan.rows[k];
         const Block& b = rp.blocks[0];
-        StreamGroup& grp = groups[(rp.kind == Kind::kRuns ? 0 : 2) + (b.src_row_stride < 0)];
-        const RowStream stream{yp + (k * m + row) * n + b.src, b.src_row_stride,
+        StreamGroup<scalar_t>& grp =
+            groups[(rp.kind == Kind::kRuns ? 0 : 2) + (b.src_row_stride < 0)];
+        const RowStream<scalar_t> stream{yp + (k * m + row) * n + b.src, b.src_row_stride,
                                b.neg ? -1.f : 1.f};
         if (b.step == 1) grp.fwd[grp.n_fwd++] = stream;
         else grp.rev[grp.n_rev++] = stream;
       }
-      if (sum_plane_dispatch<1>(p, groups, scale, acc, transposed)) return;
+      if (sum_plane_dispatch<1, scalar_t>(p, groups, scale, acc, transposed)) return;
     }
   }
   std::fill(acc, acc + n, acc_t(0));
