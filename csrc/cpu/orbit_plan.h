@@ -13,7 +13,7 @@
 //    collected in a second buffer and transposed once per plane, not walked with stride P per
 //    element.
 //  - kGather: anything else, element by element.
-// orbit_mean of fp32 and bf16 on square planes whose side is a multiple of 8 (up to 128) skips the
+// orbit_mean of fp32 and bf16 on square planes of side 8, 16, 32, 64, 96 or 128 skips the
 // per-element accumulation: sum_plane adds all G sources of a row in registers.
 #pragma once
 #include <ATen/ATen.h>
@@ -418,22 +418,31 @@ __attribute__((always_inline)) inline void sum_plane(const StreamGroup<T>& down,
   }
 }
 
-constexpr int kMaxRegisterChunks = 16;
-
 template <int NC, typename T>
+__attribute__((always_inline)) inline void sum_square_plane(const StreamGroup<T>* groups, float scale,
+                                                            float* acc, float* transposed) {
+  sum_plane<NC, T>(groups[0], groups[1], scale, acc);
+  if (!groups[2].empty() || !groups[3].empty()) {
+    sum_plane<NC, T>(groups[2], groups[3], scale, transposed);
+    transpose_add<float>(acc, transposed, 8 * NC);
+  }
+}
+
+// Plane sides with a register path: the common image sizes. Each side is a separate unrolled
+// instantiation in two ISA clones and several dtypes; all 16 multiples of 8 up to 128 made this
+// header take ~3 minutes to compile per module. Other sides take the per-element path.
+template <typename T>
 __attribute__((always_inline)) inline bool sum_plane_dispatch(int64_t p, const StreamGroup<T>* groups,
                                                               float scale, float* acc,
                                                               float* transposed) {
-  if constexpr (NC > kMaxRegisterChunks) {
-    return false;
-  } else {
-    if (p != 8 * NC) return sum_plane_dispatch<NC + 1, T>(p, groups, scale, acc, transposed);
-    sum_plane<NC, T>(groups[0], groups[1], scale, acc);
-    if (!groups[2].empty() || !groups[3].empty()) {
-      sum_plane<NC, T>(groups[2], groups[3], scale, transposed);
-      transpose_add<float>(acc, transposed, p);
-    }
-    return true;
+  switch (p) {
+    case 8: sum_square_plane<1, T>(groups, scale, acc, transposed); return true;
+    case 16: sum_square_plane<2, T>(groups, scale, acc, transposed); return true;
+    case 32: sum_square_plane<4, T>(groups, scale, acc, transposed); return true;
+    case 64: sum_square_plane<8, T>(groups, scale, acc, transposed); return true;
+    case 96: sum_square_plane<12, T>(groups, scale, acc, transposed); return true;
+    case 128: sum_square_plane<16, T>(groups, scale, acc, transposed); return true;
+    default: return false;
   }
 }
 
@@ -462,7 +471,7 @@ SYMFAST_MULTIVERSION void orbit_sum_row(const scalar_t* yp, const int32_t* tp, c
         if (b.step == 1) grp.fwd[grp.n_fwd++] = stream;
         else grp.rev[grp.n_rev++] = stream;
       }
-      if (sum_plane_dispatch<1, scalar_t>(p, groups, scale, acc, transposed)) return;
+      if (sum_plane_dispatch<scalar_t>(p, groups, scale, acc, transposed)) return;
     }
   }
   std::fill(acc, acc + n, acc_t(0));
