@@ -347,7 +347,6 @@ __attribute__((always_inline)) inline void copy_transposed(const T* __restrict s
     }
 }
 
-
 constexpr int kMaxStreams = 32;
 
 // One source plane's rows as seen by a p x p block: row i starts at row0 + i * row_stride and
@@ -367,8 +366,8 @@ struct StreamGroup {
   bool empty() const { return n_fwd + n_rev == 0; }
 };
 
-// d (+)= scale * sum over the group's streams of their row for target row t (8*NC floats), summed in NC
-// registers. Every stream's row is loaded in ascending memory order, a backward row's chunks
+// d (+)= scale * sum over the group's streams of their row for target row t (8*NC floats),
+// summed in NC registers. Every stream's row is loaded in ascending memory order, a backward row's chunks
 // reversed in register into the mirrored target chunk.
 template <int NC, typename T>
 __attribute__((always_inline)) inline void sum_group_row(const StreamGroup<T>& grp, int64_t t,
@@ -394,8 +393,8 @@ __attribute__((always_inline)) inline void sum_group_row(const StreamGroup<T>& g
   }
 }
 
-// target = scale * the sum of the streams of `down` (rows ascending in memory) and `up` (descending) on a
-// p x p plane, p = 8*NC. Step i reads source row i of every stream, so all G streams ascend
+// target = scale * the sum of the streams of `down` (rows ascending in memory) and `up`
+// (descending) on a p x p plane, p = 8*NC. Step i reads source row i of every stream, so all G streams ascend
 // together, as the hardware prefetcher needs (row-major visits of the target turned flips into
 // descending or sawtooth streams: 2-3x slower). A `down` stream's row i lands in target row i,
 // an `up` stream's in row p-1-i; whichever of the two visits to a row comes first stores it.
@@ -410,11 +409,12 @@ __attribute__((always_inline)) inline void sum_plane(const StreamGroup<T>& down,
     std::fill(target, target + p * p, 0.f);
     return;
   }
+  const bool both = !down.empty() && !up.empty();
   for (int64_t i = 0; i < p; ++i) {
-    const bool both = !down.empty() && !up.empty();
-    if (!down.empty()) sum_group_row<NC, T>(down, i, scale, target + i * p, both && 2 * i > p - 1);
+    const bool second_visit = both && 2 * i > p - 1;
+    if (!down.empty()) sum_group_row<NC, T>(down, i, scale, target + i * p, second_visit);
     if (!up.empty())
-      sum_group_row<NC, T>(up, p - 1 - i, scale, target + (p - 1 - i) * p, both && 2 * i > p - 1);
+      sum_group_row<NC, T>(up, p - 1 - i, scale, target + (p - 1 - i) * p, second_visit);
   }
 }
 
@@ -457,8 +457,8 @@ SYMFAST_MULTIVERSION void orbit_sum_row(const scalar_t* yp, const int32_t* tp, c
                                        acc_t* acc, acc_t* transposed) {
   if constexpr ((std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>) &&
                 std::is_same_v<acc_t, float>) {
-    const int64_t p = plan.row_interleaved ? plan.rows[0].blocks[0].rows : 0;
-    if (plan.row_interleaved && g <= kMaxStreams && p % 8 == 0) {
+    if (plan.row_interleaved && g <= kMaxStreams) {
+      const int64_t p = plan.rows[0].blocks[0].rows;
       // groups: [0] into acc, rows down; [1] into acc, rows up; [2], [3] into `transposed`
       StreamGroup<scalar_t> groups[4];
       for (int64_t k = 0; k < g; ++k) {
