@@ -73,6 +73,37 @@ def test_non_contiguous_and_no_bias(backend):
     assert rel_err(out, ref) <= TOL[torch.float32]
 
 
+# The CPU fp32 stride-1 forward with output width >= 16 fuses the stencil into the GEMM (strips of
+# 16 columns, blocks of 6 output channels, blocks of 8 rows): widths that are not a multiple of
+# 16, output channels that leave 1..5 for the last block, heights that leave a partial row
+# block, no padding, 6- and 7-orbit kernels, one sample (fewer work items than rows x samples).
+FUSED_CASES = [
+    # (group, C, O, H, W, kernel_size, padding, batch, bias)
+    ("d4", 5, 13, 19, 16, 3, 1, 2, True),
+    ("d4", 3, 7, 9, 33, 3, 0, 1, False),
+    ("flip_h", 4, 6, 17, 24, 3, 1, 3, True),
+    ("c4", 2, 11, 12, 21, 5, 2, 2, True),
+    ("d4", 70, 5, 10, 40, 3, 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{c[0]}-{c[2]}x{c[3]}x{c[4]}-k{c[5]}")
+def test_cpu_fused_forward_elementwise(case):
+    assert load_cpu_kernels("tied_conv2d")
+    group, c, o, h, w, k, pad, batch, with_bias = case
+    gen = torch.Generator().manual_seed(3)
+    orbits = kernel_orbits(group, (k, k))
+    x = torch.randn(batch, c, h, w, generator=gen)
+    weight = torch.randn(o, c, orbits.count, generator=gen)
+    bias = torch.randn(o, generator=gen) if with_bias else None
+    out = tied_conv2d(x, weight, bias, k, group, 1, pad, backend="cpu")
+    ref = F.conv2d(x.double(), expand_weight(weight.double(), orbits),
+                   None if bias is None else bias.double(), 1, pad)
+    assert out.shape == ref.shape
+    # every output element, not just the norm: a wrong strip or channel block must fail
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["d4", "flip_h-strided"])
 def test_gradients_match_dense_conv(backend, case):
     device = device_for(backend)
