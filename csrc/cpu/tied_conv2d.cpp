@@ -3,8 +3,10 @@
 // A kernel with one value per orbit of kernel positions turns the convolution into
 //   stencil:  S[b, c, r] = sum over positions p=(i, j) of orbit r of shift_p(x[b, c])
 //   GEMM:     y[b] = theta (O, C*R) @ S[b] (C*R, Ho*Wo)
-// The stencil is a memory-bound pass (OpenMP over (b, c) planes, contiguous inner rows the
-// compiler vectorises); the GEMM goes to at::matmul (MKL/oneDNN), which is the right tool on CPU.
+// Forward, fp32, stride 1, output width >= 16, on a CPU with AVX2+FMA: the stencil is computed
+// inside the GEMM's panel packing and never stored (tied_conv2d_fused_f32 below). Otherwise the
+// stencil is a separate pass (per sample into a scratch buffer, or per (b, c) plane) and the GEMM
+// goes to at::mm (MKL/oneDNN).
 // Backward: grad S = theta^T @ grad y, then the transposed stencil scatters it back to the input
 // positions; grad theta = grad y @ S^T with S recomputed (cheaper than keeping 3x the input alive).
 //
