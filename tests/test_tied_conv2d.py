@@ -201,3 +201,28 @@ def test_cpu_kernel_rejects_bad_tables():
         torch.ops.symfast.tied_stencil_cpu(x, bad_positions, offsets, 3, 3, 1, 1, 1, 1)
     with pytest.raises(RuntimeError, match="offsets"):
         torch.ops.symfast.tied_stencil_cpu(x, bad_positions[:2], offsets, 3, 3, 1, 1, 1, 1)
+
+
+def test_eager_path_matches_the_custom_op():
+    """Eager calls skip the custom op's Python dispatch (symfast/ops/_eager.py); outputs and all
+    three gradients must equal the custom op's, with and without grad mode."""
+    from symfast.ops.tied_conv2d import _tables, _tied_conv2d_op
+
+    assert load_cpu_kernels("tied_conv2d")
+    case = ("d4", 3, 5, 9, 17, 3, 1, 1)
+    x, weight, bias, ks = _make(case, torch.float32, "cpu", seed=4)
+    positions, offsets = _tables(kernel_orbits("d4", ks), x.device)
+    geometry = ([3, 3], [1, 1], [1, 1], "cpu")
+    grad_out = None
+    results = []
+    for call in (lambda a, b, c: tied_conv2d(a, b, c, ks, "d4", 1, 1, backend="cpu"),
+                 lambda a, b, c: _tied_conv2d_op(a, b, c, positions, offsets, *geometry)):
+        args = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = call(*args)
+        grad_out = torch.randn_like(out) if grad_out is None else grad_out
+        out.backward(grad_out)
+        with torch.no_grad():
+            assert torch.equal(call(*args), out)
+        results.append([out.detach(), *(a.grad for a in args)])
+    for eager, op in zip(*results):
+        assert torch.equal(eager, op)

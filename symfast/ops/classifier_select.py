@@ -12,6 +12,7 @@ import numbers
 import torch
 
 from symfast import _backend
+from symfast.ops._eager import eager_op
 from symfast.reference import classifier_select as reference
 
 _OP = "classifier_select"
@@ -28,7 +29,7 @@ def _forward(backend, h, gate_weight, gate_bias, weight, bias, temperature):
     raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::classifier_select, got {backend!r}")
 
 
-def _backward(backend, grad_out, scores, h, gate_weight, weight, temperature):
+def _backward(grad_out, scores, h, gate_weight, weight, temperature, backend):
     if backend == "cpu":
         _backend.resolve("cpu", h, _OP)
         return torch.ops.symfast.classifier_select_bwd_cpu(grad_out, scores, h, gate_weight,
@@ -39,12 +40,14 @@ def _backward(backend, grad_out, scores, h, gate_weight, weight, temperature):
     raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::classifier_select, got {backend!r}")
 
 
-@torch.library.custom_op("symfast::classifier_select", mutates_args=())
-def _select_op(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
-               weight: torch.Tensor, bias: torch.Tensor, temperature: float,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _select_impl(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+                 weight: torch.Tensor, bias: torch.Tensor, temperature: float,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     out, scores = _forward(backend, h, gate_weight, gate_bias, weight, bias, temperature)
     return out, scores
+
+
+_select_op = torch.library.custom_op("symfast::classifier_select", mutates_args=())(_select_impl)
 
 
 @_select_op.register_fake
@@ -59,8 +62,7 @@ def _select_backward_op(grad_out: torch.Tensor, scores: torch.Tensor, h: torch.T
                         gate_weight: torch.Tensor, weight: torch.Tensor, temperature: float,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                torch.Tensor, torch.Tensor]:
-    grads = _backward(backend, grad_out, scores, h, gate_weight, weight, temperature)
-    return tuple(grads)
+    return tuple(_backward(grad_out, scores, h, gate_weight, weight, temperature, backend))
 
 
 @_select_backward_op.register_fake
@@ -81,41 +83,20 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no (B, K + K·C) zero tensor for the unused scores grad
 
 
-def _grads(ctx, grad_out, backward_op):
-    """(grad h, grad gate_weight, grad gate_bias, grad weight, grad bias) from the saved context."""
-    h, gate_weight, weight, scores = ctx.saved_tensors
-    return tuple(backward_op(grad_out.contiguous(), scores, h, gate_weight, weight,
-                             ctx.temperature, ctx.backend))
-
-
-def _select_backward(ctx, grad_out, _grad_scores):
-    if grad_out is None:
-        return (None,) * 7
-    return (*_grads(ctx, grad_out, _select_backward_op), None, None)
-
-
-_select_op.register_autograd(_select_backward, setup_context=_setup_context)
-
-
-class _EagerCpuSelect(torch.autograd.Function):
-    """The CPU kernels behind a plain autograd.Function, for eager calls: the custom op's Python
-    dispatch (schema defaults, redispatch, its own autograd wrapper) costs ~0.27 ms more per
-    forward+backward (measured on 1x1 inputs: 556 vs 287 us; the kernels alone 106 us).
-    torch.compile keeps seeing the custom op. Same context and backward as the custom op's."""
-
-    @staticmethod
-    def forward(ctx, h, gate_weight, gate_bias, weight, bias, temperature):
-        out, scores = _forward("cpu", h, gate_weight, gate_bias, weight, bias, temperature)
-        _setup_context(ctx, (h, gate_weight, gate_bias, weight, bias, temperature, "cpu"),
-                       (out, scores))
-        return out, scores
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
+def _make_backward(backward_op):
+    """The backward, through the backward custom op (or its impl when eager)."""
     def backward(ctx, grad_out, _grad_scores):
         if grad_out is None:
-            return (None,) * 6
-        return (*_grads(ctx, grad_out, lambda *a: _backward(a[-1], *a[:-1])), None)
+            return (None,) * 7
+        h, gate_weight, weight, scores = ctx.saved_tensors
+        grads = backward_op(grad_out.contiguous(), scores, h, gate_weight, weight,
+                            ctx.temperature, ctx.backend)
+        return (*grads, None, None)
+    return backward
+
+
+_select_op.register_autograd(_make_backward(_select_backward_op), setup_context=_setup_context)
+_select_eager = eager_op(_select_op, _select_impl, _setup_context, _make_backward(_backward))
 
 
 def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
@@ -163,8 +144,5 @@ def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: tor
     backend = _backend.resolve(backend, h, _OP)
     if backend == "reference":
         return reference.classifier_select(h, gate_weight, gate_bias, weight, bias, temperature)
-    if backend == "cpu" and not torch.compiler.is_compiling():
-        out, _ = _EagerCpuSelect.apply(h, gate_weight, gate_bias, weight, bias, float(temperature))
-    else:
-        out, _ = _select_op(h, gate_weight, gate_bias, weight, bias, float(temperature), backend)
+    out, _ = _select_eager(h, gate_weight, gate_bias, weight, bias, float(temperature), backend)
     return out

@@ -12,6 +12,7 @@ import functools
 import torch
 
 from symfast import _backend
+from symfast.ops._eager import eager_op
 from symfast.groups import Group, get
 from symfast.reference import tied_conv2d as reference
 from symfast.reference.tied_conv2d import KernelOrbits, kernel_orbits, output_size
@@ -41,15 +42,17 @@ def _cpu_args(kernel_size, stride, padding) -> tuple[int, ...]:
     return (*kernel_size, *stride, *padding)
 
 
-@torch.library.custom_op("symfast::tied_conv2d", mutates_args=())
-def _tied_conv2d_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
-                    stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
+def _tied_conv2d_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
+                      stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
     if backend == "cpu":
         return torch.ops.symfast.tied_conv2d_cpu(x, weight, bias, positions, offsets,
                                                  *_cpu_args(kernel_size, stride, padding))
     from symfast.kernels import tied_conv2d as triton_kernels
     return triton_kernels.tied_conv2d(x, weight, bias, positions, offsets, kernel_size, stride, padding)
+
+
+_tied_conv2d_op = torch.library.custom_op("symfast::tied_conv2d", mutates_args=())(_tied_conv2d_impl)
 
 
 @_tied_conv2d_op.register_fake
@@ -59,10 +62,9 @@ def _(x, weight, bias, positions, offsets, kernel_size, stride, padding, backend
     return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
 
 
-@torch.library.custom_op("symfast::tied_conv2d_grad_input", mutates_args=())
-def _grad_input_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                   positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
-                   stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
+def _grad_input_impl(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
+                     stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
     if backend == "cpu":
         return torch.ops.symfast.tied_conv2d_backward_cpu(
             grad_out, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding),
@@ -72,15 +74,18 @@ def _grad_input_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                                      stride, padding)
 
 
+_grad_input_op = torch.library.custom_op("symfast::tied_conv2d_grad_input",
+                                         mutates_args=())(_grad_input_impl)
+
+
 @_grad_input_op.register_fake
 def _(grad_out, x, weight, positions, offsets, kernel_size, stride, padding, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("symfast::tied_conv2d_grad_weight", mutates_args=())
-def _grad_weight_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                    positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
-                    stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
+def _grad_weight_impl(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
+                      stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
     if backend == "cpu":
         return torch.ops.symfast.tied_conv2d_backward_cpu(
             grad_out, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding),
@@ -88,6 +93,10 @@ def _grad_weight_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     from symfast.kernels import tied_conv2d as triton_kernels
     return triton_kernels.grad_weight(grad_out, x, weight.shape, positions, offsets, kernel_size,
                                       stride, padding)
+
+
+_grad_weight_op = torch.library.custom_op("symfast::tied_conv2d_grad_weight",
+                                          mutates_args=())(_grad_weight_impl)
 
 
 @_grad_weight_op.register_fake
@@ -102,17 +111,23 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
-    x, weight, positions, offsets = ctx.saved_tensors
-    args = (positions, offsets, *ctx.geometry)
-    grad = grad.contiguous()
-    gx = _grad_input_op(grad, x, weight, *args) if ctx.needs_input_grad[0] else None
-    gw = _grad_weight_op(grad, x, weight, *args) if ctx.needs_input_grad[1] else None
-    gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return gx, gw, gb, None, None, None, None, None, None
+def _make_backward(grad_input, grad_weight):
+    """The backward, through the two gradient ops (custom ops, or their impls when eager)."""
+    def backward(ctx, grad):
+        x, weight, positions, offsets = ctx.saved_tensors
+        args = (positions, offsets, *ctx.geometry)
+        grad = grad.contiguous()
+        gx = grad_input(grad, x, weight, *args) if ctx.needs_input_grad[0] else None
+        gw = grad_weight(grad, x, weight, *args) if ctx.needs_input_grad[1] else None
+        gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None, None, None, None, None
+    return backward
 
 
-_tied_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+_tied_conv2d_op.register_autograd(_make_backward(_grad_input_op, _grad_weight_op),
+                                  setup_context=_setup_context)
+_tied_conv2d_eager = eager_op(_tied_conv2d_op, _tied_conv2d_impl, _setup_context,
+                              _make_backward(_grad_input_impl, _grad_weight_impl))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, orbits: KernelOrbits,
@@ -160,5 +175,5 @@ def tied_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if backend == "reference":
         return reference.tied_conv2d(x, weight, bias, orbits, stride, padding)
     positions, offsets = _tables(orbits, x.device)
-    return _tied_conv2d_op(x, weight, bias, positions, offsets, list(kernel_size), list(stride),
-                           list(padding), backend)
+    return _tied_conv2d_eager(x, weight, bias, positions, offsets, list(kernel_size), list(stride),
+                              list(padding), backend)
