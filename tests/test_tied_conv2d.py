@@ -104,7 +104,10 @@ def test_cpu_fused_forward_elementwise(case):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=["d4", "flip_h-strided"])
+# stride 1 (the CPU's register gather for the input gradient: widths below 8, 8 and above, a
+# 5x5 and a non-square kernel, no padding) and a strided case
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4], CASES[5]],
+                         ids=["d4", "c4-nopad", "flip_h-strided", "flip_v-3x2", "d4-5x5-wide"])
 def test_gradients_match_dense_conv(backend, case):
     device = device_for(backend)
     x, weight, bias, ks = _make(case, torch.float32, device, seed=1)

@@ -192,6 +192,49 @@ SYMFAST_MULTIVERSION void stencil_plane_stride1_f32(
   }
 }
 
+// The adjoint of stencil_plane_stride1_f32, also as a gather into registers: input (y, x)
+// received orbit r(t)'s output (y + ph - i, x + pw - j) for each kernel position t = (i, j), so
+// gx(y, x) = sum over t of G_r(t)(y + ph - i + kh - 1, x + pw - j + kw - 1), where G_r is orbit
+// r's gradient plane zero-padded by kh - 1 rows and kw - 1 columns on each side (all R padded
+// planes side by side in gpad, `flat` holding each position's plane offset plus row/column
+// offset). Summed in the same position order as the template's scatter (a load-add-store pass
+// over the padded plane per position), so the results are bitwise equal; the input gradient at
+// 64 -> 64 channels, 32x32, batch 32 went 10.4 -> 9.0 ms (2 threads), 17.0 -> 15.5 ms (1 thread).
+SYMFAST_MULTIVERSION void stencil_transpose_plane_stride1_f32(
+    const float* __restrict gs, int64_t sr, float* __restrict dst, const int64_t* __restrict flat,
+    int64_t npos, int64_t nr, int64_t h, int64_t w, int64_t ho, int64_t wo, int64_t kh,
+    int64_t kw, float* __restrict gpad) {
+  const int64_t hq = ho + 2 * (kh - 1), wq = wo + 2 * (kw - 1);
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t yy = 0; yy < hq; ++yy) {
+      float* row = gpad + (r * hq + yy) * wq;
+      const int64_t y = yy - (kh - 1);
+      if (y < 0 || y >= ho) {
+        for (int64_t k = 0; k < wq; ++k) row[k] = 0.f;
+        continue;
+      }
+      const float* s = gs + r * sr + y * wo;
+      for (int64_t k = 0; k < kw - 1; ++k) row[k] = row[wq - 1 - k] = 0.f;
+      for (int64_t x = 0; x < wo; ++x) row[kw - 1 + x] = s[x];
+    }
+  for (int64_t y = 0; y < h; ++y) {
+    const float* base = gpad + y * wq;
+    float* out = dst + y * w;
+    for (int64_t x0 = 0; x0 < w && w >= 8; x0 += 8) {
+      const int64_t x = std::min(x0, w - 8);  // the last chunk ends at w (see the forward)
+      symfast::v8f sum = {};
+      for (int64_t t = 0; t < npos; ++t) sum += symfast::load8(base + x + flat[t]);
+      symfast::store8(out + x, sum);
+    }
+    if (w < 8)
+      for (int64_t x = 0; x < w; ++x) {
+        float sum = 0.f;
+        for (int64_t t = 0; t < npos; ++t) sum += base[x + flat[t]];
+        out[x] = sum;
+      }
+  }
+}
+
 // The adjoint: scatter each orbit's (zero-extended, wide) gradient into the padded plane.
 template <typename scalar_t, typename acc_t>
 void stencil_transpose_plane_stride1(const scalar_t* gs, int64_t sr, scalar_t* dst, const Orbits& o,
@@ -262,10 +305,11 @@ void stencil_transpose_plane_strided(const scalar_t* gs, int64_t sr, scalar_t* d
 }
 
 // Scratch (in acc_t) each plane function needs; callers allocate it once per thread.
-int64_t plane_scratch(const Geometry& g) {
+int64_t plane_scratch(const Geometry& g, int64_t r) {
   if (g.sh == 1 && g.sw == 1) {
     const Stride1Scratch l = stride1_layout(g);
-    return l.hp * l.wp + l.wide;
+    const int64_t padded_orbits = r * (g.ho + 2 * (g.kh - 1)) * (g.wo + 2 * (g.kw - 1));
+    return std::max(l.hp * l.wp + l.wide, padded_orbits);
   }
   return std::max(g.wo, g.h * g.w);
 }
@@ -292,6 +336,18 @@ void stencil_plane(const scalar_t* src, scalar_t* dst, int64_t sr, const Orbits&
 template <typename scalar_t, typename acc_t>
 void stencil_transpose_plane(const scalar_t* gs, int64_t sr, scalar_t* dst, const Orbits& o,
                              const Geometry& g, acc_t* scratch) {
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (g.sh == 1 && g.sw == 1 && o.positions.size() <= kMaxKernelPositions) {
+      const int64_t hq = g.ho + 2 * (g.kh - 1), wq = g.wo + 2 * (g.kw - 1);
+      int64_t flat[kMaxKernelPositions];
+      for (int64_t r = 0; r < o.count(); ++r)
+        for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t)
+          flat[t] = r * hq * wq + (g.ph - o.row[t] + g.kh - 1) * wq + (g.pw - o.col[t] + g.kw - 1);
+      stencil_transpose_plane_stride1_f32(gs, sr, dst, flat, o.positions.size(), o.count(), g.h,
+                                          g.w, g.ho, g.wo, g.kh, g.kw, scratch);
+      return;
+    }
+  }
   if (g.sh == 1 && g.sw == 1)
     stencil_transpose_plane_stride1<scalar_t, acc_t>(gs, sr, dst, o, g, scratch);
   else
@@ -306,7 +362,7 @@ void stencil_into(const at::Tensor& x, scalar_t* out, int64_t sb, int64_t sc, in
   const int64_t c = x.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   at::parallel_for(0, x.size(0) * c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(plane_scratch(g));
+    std::vector<acc_t> acc(plane_scratch(g, o.count()));
     for (int64_t plane = begin; plane < end; ++plane)
       stencil_plane<scalar_t, acc_t>(xp + plane * g.h * g.w, out + (plane / c) * sb + (plane % c) * sc,
                                      sr, o, g, acc.data());
@@ -320,7 +376,7 @@ void stencil_transpose_into(const scalar_t* gs, at::Tensor& gx, const Orbits& o,
   const int64_t hw = g.ho * g.wo;
   scalar_t* gxp = gx.data_ptr<scalar_t>();
   at::parallel_for(0, gx.size(0) * gx.size(1), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(plane_scratch(g));
+    std::vector<acc_t> acc(plane_scratch(g, o.count()));
     for (int64_t plane = begin; plane < end; ++plane)
       stencil_transpose_plane<scalar_t, acc_t>(gs + plane * o.count() * hw, hw,
                                                gxp + plane * g.h * g.w, o, g, acc.data());
@@ -607,7 +663,7 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
         // OpenMP workers do not inherit the caller's below-autograd dispatch state.
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         at::Tensor sb = at::empty({c * r, hw}, x.options());
-        std::vector<acc_t> acc(plane_scratch(g));
+        std::vector<acc_t> acc(plane_scratch(g, o.count()));
         for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
           for (int64_t ch = 0; ch < c; ++ch)
             stencil_plane<scalar_t, acc_t>(xp + (b * c + ch) * g.h * g.w,
@@ -656,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
       at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
             at::AutoDispatchBelowADInplaceOrView below_autograd;
             at::Tensor gsb = at::empty({c * r, hw}, x.options());
-            std::vector<acc_t> acc(plane_scratch(g));
+            std::vector<acc_t> acc(plane_scratch(g, o.count()));
             for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
               at::mm_out(gsb, w2t, gy[b]);
               for (int64_t ch = 0; ch < c; ++ch)
@@ -676,7 +732,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
       });
     }
   }
-  if (mask[1]) {
+  const bool full_precision = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  if (mask[1] && fuse_per_sample(bsz) && full_precision && hw > 0) {
+    // Each thread sums grad theta over whole samples into its own partial, with S[b] formed in
+    // a per-thread scratch that stays in cache: the (C, R, B, Ho*Wo) tensor of the path below
+    // (25 MB at 64 channels, 32x32, batch 32) and the transposed copy of grad_out are never
+    // written. Measured (D4 3x3, 64 -> 64, 32x32, batch 32, same-run A/B): 11.8-19.8 -> 8.9-12.6
+    // ms at 2 threads, 16.2-18.0 -> 13.1-15.7 ms at 1 thread.
+    const int64_t threads = at::get_num_threads();
+    at::Tensor partial = at::zeros({threads, oc, c * r}, x.options());
+    const at::Tensor xc = x.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tied_conv2d_bwd_w", [&] {
+      const scalar_t* xp = xc.data_ptr<scalar_t>();
+      std::atomic<int64_t> next_sample{0};
+      at::parallel_for(0, threads, 1, [&](int64_t t, int64_t) {
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        at::Tensor sb = at::empty({c * r, hw}, x.options());
+        std::vector<scalar_t> scratch(plane_scratch(g, o.count()));
+        at::Tensor acc = partial[t];
+        for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
+          for (int64_t ch = 0; ch < c; ++ch)
+            stencil_plane<scalar_t, scalar_t>(xp + (b * c + ch) * g.h * g.w,
+                                              sb.data_ptr<scalar_t>() + ch * r * hw, hw, o, g,
+                                              scratch.data());
+          acc.addmm_(gy[b], sb.t());
+        }
+      });
+    });
+    gw = partial.sum(0).view({oc, c, r});
+  } else if (mask[1]) {
     // S laid out (C, R, B, Ho*Wo) so grad theta is one GEMM with K = B*Ho*Wo (a single rounding
     // in low precision, and a long inner dimension for MKL).
     at::Tensor s = at::empty({c, r, bsz, hw}, x.options());
