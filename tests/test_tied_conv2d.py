@@ -73,10 +73,11 @@ def test_non_contiguous_and_no_bias(backend):
     assert rel_err(out, ref) <= TOL[torch.float32]
 
 
-# The CPU fp32 stride-1 forward with output width >= 16 fuses the stencil into the GEMM (strips of
-# 16 columns, blocks of 6 output channels, blocks of 8 rows): widths that are not a multiple of
-# 16, output channels that leave 1..5 for the last block, heights that leave a partial row
-# block, no padding, 6- and 7-orbit kernels, one sample (fewer work items than rows x samples).
+# The CPU fp32 stride-1 forward and input gradient with output width >= 16 fuse the stencil into
+# the GEMM (strips of 16 columns, blocks of 6 output channels or orbit planes, blocks of 8 rows):
+# widths that are not a multiple of 16, channel counts that leave 1..5 for the last block,
+# heights that leave a partial row block, no padding, 6- and 7-orbit kernels, one sample (fewer
+# work items than rows x samples; the input gradient then takes the unfused path).
 FUSED_CASES = [
     # (group, C, O, H, W, kernel_size, padding, batch, bias)
     ("d4", 5, 13, 19, 16, 3, 1, 2, True),
@@ -88,20 +89,33 @@ FUSED_CASES = [
 
 
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{c[0]}-{c[2]}x{c[3]}x{c[4]}-k{c[5]}")
-def test_cpu_fused_forward_elementwise(case):
+def test_cpu_fused_forward_and_gradients_elementwise(case):
     assert load_cpu_kernels("tied_conv2d")
     group, c, o, h, w, k, pad, batch, with_bias = case
     gen = torch.Generator().manual_seed(3)
     orbits = kernel_orbits(group, (k, k))
-    x = torch.randn(batch, c, h, w, generator=gen)
-    weight = torch.randn(o, c, orbits.count, generator=gen)
-    bias = torch.randn(o, generator=gen) if with_bias else None
+    x = torch.randn(batch, c, h, w, generator=gen).requires_grad_()
+    weight = torch.randn(o, c, orbits.count, generator=gen).requires_grad_()
+    bias = torch.randn(o, generator=gen).requires_grad_() if with_bias else None
     out = tied_conv2d(x, weight, bias, k, group, 1, pad, backend="cpu")
-    ref = F.conv2d(x.double(), expand_weight(weight.double(), orbits),
-                   None if bias is None else bias.double(), 1, pad)
+    ref_args = [t.detach().double().requires_grad_() for t in (x, weight)]
+    ref_bias = None if bias is None else bias.detach().double().requires_grad_()
+    ref = F.conv2d(ref_args[0], expand_weight(ref_args[1], orbits), ref_bias, 1, pad)
     assert out.shape == ref.shape
-    # every output element, not just the norm: a wrong strip or channel block must fail
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+    # every element, not just the norm: a wrong strip or channel block must fail
+    def close(got, want):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+    close(out.detach(), ref.detach())
+    # the input gradient goes through the same strips and blocks (fused when batch >= threads)
+    grad_out = torch.randn(out.shape, generator=gen)
+    out.backward(grad_out)
+    ref.backward(grad_out.double())
+    close(x.grad, ref_args[0].grad)
+    close(weight.grad, ref_args[1].grad)
+    if bias is not None:
+        close(bias.grad, ref_bias.grad)
 
 
 # stride 1 (the CPU's register gather for the input gradient: widths below 8, 8 and above, a
