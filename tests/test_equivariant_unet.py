@@ -164,3 +164,13 @@ def test_equivariant_unet_trains_with_the_cpu_kernel():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert equivariance_error(lambda z: model(z, 0.5), x, "d4") <= 1e-5
+
+
+def test_upsample2x_is_nearest_interpolation():
+    from symfast.nn.unet import upsample2x
+
+    for shape in [(2, 3, 5, 7), (1, 1, 1, 1), (3, 4, 8, 8)]:
+        x = torch.randn(shape)
+        assert torch.equal(upsample2x(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+    x = torch.randn(2, 3, 6, 4).transpose(2, 3)  # non-contiguous
+    assert torch.equal(upsample2x(x), F.interpolate(x, scale_factor=2, mode="nearest"))

@@ -30,6 +30,12 @@ def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(8 if channels % 8 == 0 else 1, channels)
 
 
+def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Nearest 2x upsampling, equal to F.interpolate(x, scale_factor=2, mode="nearest"), whose CPU
+    kernel took ~1 ms for a (4, 64, 16, 16) input on the development machine against ~0.3 ms."""
+    return x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+
+
 class _ResBlock(nn.Module):
     def __init__(self, cin: int, cout: int, temb: int, conv3):
         super().__init__()
@@ -154,7 +160,7 @@ class UNet(nn.Module):
         h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
         for i, (block, attn) in enumerate(zip(self.up, self.up_attn)):
             if i > 0:
-                h = F.interpolate(h, scale_factor=2, mode="nearest")
+                h = upsample2x(h)
             h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
         return self.conv_out(F.silu(self.norm_out(h)))
 
