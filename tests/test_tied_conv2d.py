@@ -116,6 +116,14 @@ def test_cpu_fused_forward_and_gradients_elementwise(case):
     close(weight.grad, ref_args[1].grad)
     if bias is not None:
         close(bias.grad, ref_bias.grad)
+    # bf16 inputs take the same path in fp32 and round once: each element within bf16's half ulp
+    xb, wb = x.detach().bfloat16(), weight.detach().bfloat16()
+    bb = None if bias is None else bias.detach().bfloat16()
+    out_b = tied_conv2d(xb, wb, bb, k, group, 1, pad, backend="cpu")
+    ref_b = F.conv2d(xb.double(), expand_weight(wb.double(), orbits), None if bb is None else bb.double(),
+                     1, pad)
+    assert out_b.dtype == torch.bfloat16
+    torch.testing.assert_close(out_b.double(), ref_b, rtol=2.0 ** -8, atol=1e-5 * float(ref_b.abs().max()))
 
 
 # stride 1 (the CPU's register gather for the input gradient: widths below 8, 8 and above, a
