@@ -251,3 +251,23 @@ def test_eager_path_matches_the_custom_op():
         results.append([out.detach(), *(a.grad for a in args)])
     for eager, op in zip(*results):
         assert torch.equal(eager, op)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    """Under torch.compile the public function hands the custom op (with its fake impl) to the
+    tracer instead of the eager autograd.Function; no graph breaks, same values and gradients."""
+    assert load_cpu_kernels("tied_conv2d")
+    case = ("d4", 3, 5, 9, 17, 3, 1, 1)
+    x, weight, bias, ks = _make(case, torch.float32, "cpu", seed=5)
+    fn = torch.compile(lambda a, b, c: tied_conv2d(a, b, c, ks, "d4", 1, 1, backend="cpu"),
+                       fullgraph=True, backend="aot_eager")
+    args = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = fn(*args)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    ref_args = [t.double().requires_grad_() for t in (x, weight, bias)]
+    ref = _dense(*ref_args, case, ks)
+    ref.backward(grad_out.double())
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    for got, want in zip(args, ref_args):
+        assert rel_err(got.grad, want.grad) <= TOL[torch.float32]
