@@ -152,6 +152,33 @@ void stencil_plane_stride1(const scalar_t* src, scalar_t* dst, int64_t sr, const
 
 constexpr size_t kMaxKernelPositions = 256;
 
+// out[x] = sum over t in [t0, t1) of base[x + flat[t]] for x < n: 8 columns per register, the
+// last chunk moved left to end at n (it overlaps its neighbour when 8 does not divide n and
+// stores the same sums there); scalar when n < 8. Positions are added in ascending t.
+__attribute__((always_inline)) inline void sum_shifted_row(const float* __restrict base,
+                                                           const int64_t* __restrict flat,
+                                                           int64_t t0, int64_t t1, int64_t n,
+                                                           float* __restrict out) {
+  for (int64_t x0 = 0; x0 < n && n >= 8; x0 += 8) {
+    const int64_t x = std::min(x0, n - 8);
+    symfast::v8f sum = {};
+    for (int64_t t = t0; t < t1; ++t) sum += symfast::load8(base + x + flat[t]);
+    symfast::store8(out + x, sum);
+  }
+  if (n < 8)
+    for (int64_t x = 0; x < n; ++x) {
+      float sum = 0.f;
+      for (int64_t t = t0; t < t1; ++t) sum += base[x + flat[t]];
+      out[x] = sum;
+    }
+}
+
+// i*Wp + j per kernel position (row i, column j): where output (y, x) meets the position in a
+// plane zero-padded to width Wp, relative to padded index y*Wp + x.
+void forward_flat(const Orbits& o, int64_t wp, int64_t* flat) {
+  for (size_t t = 0; t < o.positions.size(); ++t) flat[t] = o.row[t] * wp + o.col[t];
+}
+
 // fp32, stride 1: each orbit's sum for 8 output columns is formed in a register from the
 // zero-padded plane, one unaligned load per kernel position, and stored once. Output (y, x) and
 // kernel offset (i, j) meet at padded index (y + i)*Wp + x + j, so `flat` holds i*Wp + j per
@@ -169,27 +196,9 @@ SYMFAST_MULTIVERSION void stencil_plane_stride1_f32(
     const float* s = src + y * w;
     for (int64_t x = 0; x < w; ++x) row[x] = s[x];
   }
-  for (int64_t r = 0; r < nr; ++r) {
-    const int32_t t0 = off[r], t1 = off[r + 1];
-    for (int64_t y = 0; y < ho; ++y) {
-      const float* base = pad + y * wp;
-      float* out = dst + r * sr + y * wo;
-      // Chunks of 8 columns; the last one is moved left to end at wo (it overlaps its
-      // neighbour when 8 does not divide wo, and stores the same sums there).
-      for (int64_t x0 = 0; x0 < wo && wo >= 8; x0 += 8) {
-        const int64_t x = std::min(x0, wo - 8);
-        symfast::v8f sum = {};
-        for (int32_t t = t0; t < t1; ++t) sum += symfast::load8(base + x + flat[t]);
-        symfast::store8(out + x, sum);
-      }
-      if (wo < 8)
-        for (int64_t x = 0; x < wo; ++x) {
-          float sum = 0.f;
-          for (int32_t t = t0; t < t1; ++t) sum += base[x + flat[t]];
-          out[x] = sum;
-        }
-    }
-  }
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t y = 0; y < ho; ++y)
+      sum_shifted_row(pad + y * wp, flat, off[r], off[r + 1], wo, dst + r * sr + y * wo);
 }
 
 // The adjoint of stencil_plane_stride1_f32, also as a gather into registers: input (y, x)
@@ -203,22 +212,7 @@ SYMFAST_MULTIVERSION void stencil_plane_stride1_f32(
 SYMFAST_MULTIVERSION void gather_transposed_f32(const float* __restrict gpad, int64_t wq,
                                                const int64_t* __restrict flat, int64_t npos,
                                                int64_t h, int64_t w, float* __restrict dst) {
-  for (int64_t y = 0; y < h; ++y) {
-    const float* base = gpad + y * wq;
-    float* out = dst + y * w;
-    for (int64_t x0 = 0; x0 < w && w >= 8; x0 += 8) {
-      const int64_t x = std::min(x0, w - 8);  // the last chunk ends at w (see the forward)
-      symfast::v8f sum = {};
-      for (int64_t t = 0; t < npos; ++t) sum += symfast::load8(base + x + flat[t]);
-      symfast::store8(out + x, sum);
-    }
-    if (w < 8)
-      for (int64_t x = 0; x < w; ++x) {
-        float sum = 0.f;
-        for (int64_t t = 0; t < npos; ++t) sum += base[x + flat[t]];
-        out[x] = sum;
-      }
-  }
+  for (int64_t y = 0; y < h; ++y) sum_shifted_row(gpad + y * wq, flat, 0, npos, w, dst + y * w);
 }
 
 // Offsets of the gather above: plane offset plus row/column offset of each kernel position.
@@ -334,8 +328,7 @@ void stencil_plane(const scalar_t* src, scalar_t* dst, int64_t sr, const Orbits&
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
     if (g.sh == 1 && g.sw == 1 && o.positions.size() <= kMaxKernelPositions) {
       int64_t flat[kMaxKernelPositions];
-      for (size_t t = 0; t < o.positions.size(); ++t)
-        flat[t] = o.row[t] * (g.w + 2 * g.pw) + o.col[t];
+      forward_flat(o, g.w + 2 * g.pw, flat);
       stencil_plane_stride1_f32(src, dst, sr, flat, o.offsets.data(), o.count(), g.h, g.w, g.ho,
                                 g.wo, g.ph, g.pw, scratch);
       return;
@@ -363,6 +356,15 @@ void stencil_transpose_plane(const scalar_t* gs, int64_t sr, scalar_t* dst, cons
     stencil_transpose_plane_stride1<scalar_t, acc_t>(gs, sr, dst, o, g, scratch);
   else
     stencil_transpose_plane_strided<scalar_t, acc_t>(gs, sr, dst, o, g, scratch);
+}
+
+// One sample: xb (C, H, W) -> sb (C*R, Ho*Wo), on the calling thread.
+template <typename scalar_t, typename acc_t>
+void stencil_sample(const scalar_t* xb, int64_t c, scalar_t* sb, const Orbits& o,
+                    const Geometry& g, acc_t* scratch) {
+  const int64_t hw = g.ho * g.wo;
+  for (int64_t ch = 0; ch < c; ++ch)
+    stencil_plane<scalar_t, acc_t>(xb + ch * g.h * g.w, sb + ch * o.count() * hw, hw, o, g, scratch);
 }
 
 // S plane (b, c, r) starts at b*sb + c*sc + r*sr; OpenMP over the (b, c) planes.
@@ -498,31 +500,19 @@ SYMFAST_AVX2_FMA void pack_stencil_strip(const float* __restrict pad, int64_t pl
   }
 }
 
-// An inline copy: the rows are short (32 floats in the benchmark), too short to amortise a
-// library memcpy call each.
-SYMFAST_AVX2_FMA __attribute__((always_inline)) inline void copy_row(float* __restrict dst,
-                                                                   const float* __restrict src,
-                                                                   int64_t n) {
+// An inline copy into fp32 (bf16 widened): the rows are short (32 floats in the benchmark), too
+// short to amortise a library memcpy call each.
+template <typename scalar_t>
+__attribute__((always_inline)) inline void copy_row(float* __restrict dst,
+                                                    const scalar_t* __restrict src, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_loadu_ps(src + i));
-  for (; i < n; ++i) dst[i] = src[i];
-}
-
-// bf16 widened to fp32 on the way (its bits are the top half of an fp32).
-SYMFAST_AVX2_FMA __attribute__((always_inline)) inline void copy_row(float* __restrict dst,
-                                                                   const c10::BFloat16* __restrict src,
-                                                                   int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-  }
+  for (; i + 8 <= n; i += 8) symfast::store8(dst + i, symfast::load8_as_float(src + i));
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 struct FusedPlan {
   int64_t c, m, r, k, wp, plane;
-  std::vector<int64_t> flat;  // i*Wp + j per kernel position (row i, column j)
+  std::vector<int64_t> flat;  // forward_flat
   std::vector<float> theta;   // pack_theta layout
 };
 
@@ -572,7 +562,8 @@ void tied_conv2d_fused(const at::Tensor& x, const at::Tensor& w2, const float* b
   fp.k = w2.size(1);
   fp.wp = g.w + 2 * g.pw;
   fp.plane = (kRowBlock + g.kh - 1) * fp.wp;
-  for (size_t t = 0; t < o.positions.size(); ++t) fp.flat.push_back(o.row[t] * fp.wp + o.col[t]);
+  fp.flat.resize(o.positions.size());
+  forward_flat(o, fp.wp, fp.flat.data());
   fp.theta.resize(fp.m * fp.k);
   pack_theta(w2.data_ptr<float>(), fp.m, fp.k, fp.theta.data());
   const int64_t blocks = (g.ho + kRowBlock - 1) / kRowBlock, items = x.size(0) * blocks;
@@ -609,12 +600,12 @@ SYMFAST_AVX2_FMA void grad_stencil_into_padded(const float* __restrict gyb, cons
 // written straight into the zero-padded orbit planes the transposed gather reads, instead of an
 // MKL GEMM into a (C*R, Ho*Wo) buffer that is then copied into them. Same-run A/B (D4 3x3,
 // 64 -> 64, 32x32, batch 32): 9.6 -> 7.7 ms at 2 threads, 17.6 -> 14.4 ms at 1 thread.
-void tied_conv2d_grad_input_fused_f32(const at::Tensor& gy, const at::Tensor& weight,
+// theta_t is theta^T, (C*R, O) contiguous.
+void tied_conv2d_grad_input_fused_f32(const at::Tensor& gy, const at::Tensor& theta_t,
                                       const Orbits& o, const Geometry& g, at::Tensor& gx) {
-  const int64_t bsz = gx.size(0), c = gx.size(1), m = weight.size(0), r = o.count(), k = c * r;
+  const int64_t bsz = gx.size(0), c = gx.size(1), m = theta_t.size(1), r = o.count(), k = c * r;
   const int64_t hq = g.ho + 2 * (g.kh - 1), wq = g.wo + 2 * (g.kw - 1), plane = hq * wq;
   const int64_t hw = g.ho * g.wo, npos = static_cast<int64_t>(o.positions.size());
-  const at::Tensor theta_t = weight.reshape({m, k}).t().contiguous();
   std::vector<float> apack(k * m);
   pack_theta(theta_t.data_ptr<float>(), k, m, apack.data());
   std::vector<int64_t> flat(npos);
@@ -752,9 +743,8 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
         at::Tensor sb = at::empty({c * r, hw}, x.options());
         std::vector<acc_t> acc(plane_scratch(g, o.count()));
         for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
-          for (int64_t ch = 0; ch < c; ++ch)
-            stencil_plane<scalar_t, acc_t>(xp + (b * c + ch) * g.h * g.w,
-                                           sb.data_ptr<scalar_t>() + ch * r * hw, hw, o, g, acc.data());
+          stencil_sample<scalar_t, acc_t>(xp + b * c * g.h * g.w, c, sb.data_ptr<scalar_t>(), o, g,
+                                          acc.data());
           at::Tensor yb = y[b].view({oc, hw});
           gemm(yb, sb);
         }
@@ -794,7 +784,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
 #ifdef SYMFAST_FUSED_TIED_CONV
     const bool fused = gx.numel() > 0 && x.scalar_type() == at::kFloat && fused_applies(o, g) &&
                        fuse_per_sample(bsz);
-    if (fused) tied_conv2d_grad_input_fused_f32(gy, weight.contiguous(), o, g, gx);
+    if (fused) tied_conv2d_grad_input_fused_f32(gy, w2t, o, g, gx);
 #else
     const bool fused = false;
 #endif
@@ -845,10 +835,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
         std::vector<scalar_t> scratch(plane_scratch(g, o.count()));
         at::Tensor acc = partial[t];
         for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
-          for (int64_t ch = 0; ch < c; ++ch)
-            stencil_plane<scalar_t, scalar_t>(xp + (b * c + ch) * g.h * g.w,
-                                              sb.data_ptr<scalar_t>() + ch * r * hw, hw, o, g,
-                                              scratch.data());
+          stencil_sample<scalar_t, scalar_t>(xp + b * c * g.h * g.w, c, sb.data_ptr<scalar_t>(), o,
+                                             g, scratch.data());
           acc.addmm_(gy[b], sb.t());
         }
       });
