@@ -14,24 +14,42 @@ The state is in σ form, x = x0 + σ ε (see symfast/schedules.py). The network 
 
 With ``group=``, D is frame-averaged: D̄(x) = 1/|G| Σ_k g_k⁻¹ D(g_k x) — the same as wrapping the
 model with :func:`symfast.symmetrize`, done here by running the model on the orbit and letting
-the fused step op average the raw outputs, since c_skip and c_out are scalars.
+the fused step op average the raw outputs, since c_skip and c_out are scalars. A network that is
+equivariant by construction (an EquivariantUNet) needs no averaging: ``frame_average=False`` (the
+default when ``model.group`` is the same group) calls it once per step, and the group is still
+used to transform the noise of stochastic samplers (``transform_noise=``).
+
+Noise conditioning: the network receives t = ``schedule.model_time(σ)`` (ln σ / 4 for EDM, the
+timestep for DDPM, σ for VE) and embeds it itself; the Denoiser alone turns σ into c_in, c_skip,
+c_out and t, at sampling and in :meth:`Denoiser.loss` alike.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from symfast.groups import Group, get
 from symfast.ops.fused_step import StepCoefficients, fused_step
-from symfast.ops.group_average import orbit
+from symfast.nn.regularizer import equivariance_target
+from symfast.ops.group_average import orbit, orbit_mean
 from symfast.reference.group_average import orbit as reference_orbit
 from symfast.schedules import DDPMSchedule, EDMSchedule, Schedule, VESchedule
 from symfast.symmetrize import _default_chunks, _main_tensor
 
 PREDICTIONS = ("eps", "x0", "v", "edm")
+
+
+class LossTerms(NamedTuple):
+    """Per-sample training losses, (B,) each: ``total`` = ``dsm`` + λ·``reg`` (``reg`` None
+    without the regulariser), at the noise levels ``sigma``."""
+
+    total: torch.Tensor
+    dsm: torch.Tensor
+    reg: torch.Tensor | None
+    sigma: torch.Tensor
 
 
 class Denoiser(nn.Module):
@@ -43,7 +61,11 @@ class Denoiser(nn.Module):
         prediction: "eps", "x0", "v" (VP v-prediction) or "edm" (EDM preconditioning).
         schedule: a :class:`~symfast.schedules.Schedule`; default EDMSchedule() for "edm",
             DDPMSchedule() otherwise.
-        group: a symmetry group (or its name) to frame-average over, or None.
+        group: the symmetry group (or its name) the denoiser is equivariant under, or None.
+        frame_average: average over ``group`` (|G| network calls per step). None: True unless
+            the network declares itself equivariant under the same group (``model.group``, as
+            EquivariantUNet does). False: one call per step; the network must be equivariant
+            itself, and the group serves stochastic samplers' noise transform.
         sigma_data: σ_data for "edm" (default: the schedule's, else 0.5).
         chunks: model calls per orbit (None: chosen per device, as in symmetrize).
         backend: backend of the orbit and fused-step ops.
@@ -52,7 +74,7 @@ class Denoiser(nn.Module):
     def __init__(self, model: nn.Module | Callable, prediction: str = "eps",
                  schedule: Schedule | None = None, group: Group | str | None = None,
                  sigma_data: float | None = None, chunks: int | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, frame_average: bool | None = None):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
@@ -68,35 +90,54 @@ class Denoiser(nn.Module):
         self.prediction = prediction
         self.schedule = schedule
         self.group = get(group) if group is not None else None
+        if frame_average is not None and not isinstance(frame_average, bool):
+            raise TypeError(f"frame_average must be a bool or None, got {frame_average!r}")
+        if frame_average is None:
+            declared = getattr(model, "group", None)
+            frame_average = self.group is not None and not (
+                isinstance(declared, Group) and declared.name == self.group.name)
+        if frame_average and self.group is None:
+            raise ValueError("frame_average=True needs group=")
+        self.frame_average = frame_average
         self.sigma_data = float(sigma_data if sigma_data is not None
                                 else getattr(schedule, "sigma_data", 0.5))
         self.chunks = chunks
         self.backend = backend
 
-    def coefficients(self, sigma: float) -> tuple[float, float, float, float]:
-        """(c_skip, c_out, c_in, model time) at noise level σ, host floats."""
-        s = float(sigma)
-        t = self.schedule.model_time(s)
+    def _scalings(self, s, sqrt) -> tuple:
+        """(c_skip, c_out, c_in) at σ = s: host floats (sqrt=math.sqrt) or tensors (torch.sqrt)."""
         if self.prediction == "edm":
             sd = self.sigma_data
             denom = s * s + sd * sd
-            return sd * sd / denom, s * sd / math.sqrt(denom), 1 / math.sqrt(denom), t
-        c_in = 1 / math.sqrt(s * s + 1) if isinstance(self.schedule, DDPMSchedule) else 1.0
+            return sd * sd / denom, s * sd / sqrt(denom), 1 / sqrt(denom)
+        c_in = 1 / sqrt(s * s + 1) if isinstance(self.schedule, DDPMSchedule) else 1.0
         if self.prediction == "eps":
-            return 1.0, -s, c_in, t
+            return 1.0, -s, c_in
         if self.prediction == "x0":
-            return 0.0, 1.0, c_in, t
-        return 1 / (s * s + 1), -s / math.sqrt(s * s + 1), c_in, t
+            return 0.0, 1.0, c_in
+        return 1 / (s * s + 1), -s / sqrt(s * s + 1), c_in
+
+    def coefficients(self, sigma: float) -> tuple[float, float, float, float]:
+        """(c_skip, c_out, c_in, model time) at noise level σ, host floats."""
+        s = float(sigma)
+        return (*self._scalings(s, math.sqrt), self.schedule.model_time(s))
+
+    @property
+    def averaging_group(self) -> Group | None:
+        """The group the outputs are frame-averaged over (None without averaging)."""
+        return self.group if self.frame_average else None
 
     def orbit_outputs(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Raw network outputs at the (scaled) orbit of x: (|G|·B, ...), element-major."""
+        """Raw network outputs at the (scaled) orbit of x: (|G|·B, ...), element-major; (B, ...)
+        without frame averaging."""
         _, _, c_in, t = self.coefficients(sigma)
         x_in = x * c_in
-        if self.group is not None:
-            x_in = (reference_orbit(x_in, self.group) if torch.compiler.is_compiling()
-                    else orbit(x_in, self.group, backend=self.backend))
+        group = self.averaging_group
+        if group is not None:
+            x_in = (reference_orbit(x_in, group) if torch.compiler.is_compiling()
+                    else orbit(x_in, group, backend=self.backend))
         n = x_in.shape[0]
-        order = len(self.group) if self.group is not None else 1
+        order = len(group) if group is not None else 1
         chunks = self.chunks or (_default_chunks(x.shape[0], order, x.device) if order > 1 else 1)
         size = -(-n // chunks)
         outs = []
@@ -119,8 +160,91 @@ class Denoiser(nn.Module):
         y = self.orbit_outputs(x, sigma)
         c_skip, c_out, _, _ = self.coefficients(sigma)
         coefs = StepCoefficients(c_skip, c_out, a, b, p, q, c)
-        return fused_step(x, y, coefs, self.group, u=u, v=v, return_denoised=return_denoised,
-                          backend=self.backend, **(noise or {}))
+        return fused_step(x, y, coefs, self.averaging_group, u=u, v=v,
+                          return_denoised=return_denoised, backend=self.backend,
+                          noise_group=self.group, **(noise or {}))
+
+    def network(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The raw network output F(x_in, t), frame-averaged when the denoiser averages:
+        x_in: (B, ...) the scaled input c_in·x, t: (B,) -> (B, ...). Differentiable."""
+        group = self.averaging_group
+        if group is None:
+            return _main_tensor(self.model(x_in, t))
+        xs = orbit(x_in, group, backend=self.backend)
+        ys = _main_tensor(self.model(xs, t.repeat(len(group))))
+        return orbit_mean(ys.to(x_in.dtype), group, backend=self.backend)
+
+    def loss(self, x0: torch.Tensor, sigma: torch.Tensor | None = None,
+             noise: torch.Tensor | None = None, *, t: torch.Tensor | None = None,
+             generator: torch.Generator | None = None, reduction: str = "mean",
+             reg_weight: float = 0.0, reg_target: nn.Module | Callable | None = None,
+             reg_elements: torch.Tensor | None = None) -> torch.Tensor | LossTerms:
+        """Denoising score matching in σ form: for x = x0 + σ ε,
+
+            loss(σ) = ‖F(c_in x, t) − (x0 − c_skip x)/c_out‖² = ‖D(x, σ) − x0‖² / c_out²,
+
+        the mean over the non-batch dims. With "edm" this is EDM's loss with its weighting
+        (σ² + σ_d²)/(σ σ_d)² = 1/c_out²; on a DDPM schedule "eps", "v" and "x0" it is the usual
+        ε, v (√ᾱ ε − √(1−ᾱ) x0) and x0 regression. σ is drawn by ``schedule.training_levels``
+        when not given: lognormal(P_mean, P_std) for EDM, uniform integer timesteps for DDPM.
+
+        Args:
+            x0: (B, ...) clean data.
+            sigma: (B,) noise levels (or None to draw them); t: (B,) the network's conditioning
+                at them (default: ``schedule.model_time`` of each σ).
+            noise: (B, ...) unit normal ε (default: drawn with ``generator``).
+            reduction: "mean" (a scalar) or "none" (:class:`LossTerms` of per-sample losses).
+            reg_weight: λ of the equivariance regulariser (Reg): adds
+                λ·‖F(x_in) − g⁻¹ F_target(g x_in)‖² with g = ``reg_elements`` (B,) of the
+                denoiser's group (default: drawn with ``generator``) and F_target = ``reg_target``
+                (the frozen EMA network; default the network itself) under no_grad.
+        """
+        if not isinstance(x0, torch.Tensor) or not x0.is_floating_point() or x0.dim() < 2:
+            raise TypeError(f"x0 must be a floating-point (B, ...) tensor, got "
+                            f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        batch, device = x0.shape[0], x0.device
+        if sigma is None:
+            if t is not None:
+                raise ValueError("t is the conditioning at given noise levels: pass sigma= with it")
+            u = torch.rand(batch, generator=generator, dtype=torch.float64,
+                           device=generator.device if generator is not None else "cpu")
+            sigma, t = self.schedule.training_levels(u.to(device))
+        else:
+            sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1)
+            sigma = sigma.expand(batch) if sigma.numel() == 1 else sigma
+            if sigma.shape != (batch,):
+                raise ValueError(f"sigma must be a scalar or ({batch},), got {tuple(sigma.shape)}")
+            if t is None:
+                t = torch.tensor([self.schedule.model_time(float(v)) for v in sigma.cpu()],
+                                 dtype=torch.float32, device=device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
+                                device=generator.device if generator is not None else device).to(device)
+        elif noise.shape != x0.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
+        view = (batch,) + (1,) * (x0.dim() - 1)
+        c_skip, c_out, c_in = self._scalings(sigma.float().reshape(view), torch.sqrt)
+        x = x0 + sigma.reshape(view).to(x0.dtype) * noise
+        x_in = x * c_in
+        out = self.network(x_in, t).float()
+        target = (x0.float() - c_skip * x.float()) / c_out
+        dsm = (out - target).pow(2).flatten(1).mean(1)
+        reg = None
+        if reg_weight:
+            if self.group is None:
+                raise ValueError("reg_weight needs a denoiser with a group")
+            if reg_elements is None:
+                reg_elements = torch.randint(len(self.group), (batch,), generator=generator,
+                                             device=generator.device if generator is not None else "cpu")
+            pulled = equivariance_target(reg_target if reg_target is not None else self.model,
+                                         x_in, t, self.group, reg_elements.cpu())
+            reg = (out - pulled.float()).pow(2).flatten(1).mean(1)
+        total = dsm if reg is None else dsm + reg_weight * reg
+        if reduction == "mean":
+            return total.mean()
+        return LossTerms(total, dsm, reg, sigma)
 
     def forward(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """x: (B, ...) -> x̂0: (B, ...)."""
@@ -131,4 +255,4 @@ class Denoiser(nn.Module):
         return self.step(x, sigma, 0.0, 1.0, return_denoised=False)[0]
 
 
-__all__ = ["Denoiser", "PREDICTIONS", "DDPMSchedule", "EDMSchedule", "VESchedule"]
+__all__ = ["Denoiser", "LossTerms", "PREDICTIONS", "DDPMSchedule", "EDMSchedule", "VESchedule"]

@@ -169,6 +169,11 @@ class Schedule:
         sigmas = self.sigmas(steps, **kwargs)
         return sigmas, np.array([self.model_time(float(s)) for s in sigmas[:-1]])
 
+    def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(σ, t): the noise levels of a training batch, drawn from uniforms u: (B,) in [0, 1),
+        and the network's conditioning t at them, both (B,) float32 on u's device."""
+        raise NotImplementedError(f"{type(self).__name__} defines no training distribution of σ")
+
     def check_steps(self, steps: int) -> None:
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -244,6 +249,12 @@ class DDPMSchedule(Schedule):
     def alpha_cumprod_at(self, sigma: float) -> float:
         return 1.0 / (1.0 + sigma * sigma)
 
+    def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uniform integer timesteps t = ⌊u·T⌋ (DDPM), σ = σ(t); t is what the network sees."""
+        t = (u.double() * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)
+        table = torch.from_numpy(self.sigma_table).to(u.device)
+        return table[t].float(), t.float()
+
 
 @dataclass
 class EDMSchedule(Schedule):
@@ -253,6 +264,13 @@ class EDMSchedule(Schedule):
     sigma_max: float = 80.0
     sigma_data: float = 0.5
     rho: float = 7.0
+    p_mean: float = -1.2
+    p_std: float = 1.2
+
+    def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """EDM's training σ ~ lognormal(P_mean, P_std), by the normal quantile of u."""
+        log_sigma = self.p_mean + self.p_std * torch.special.ndtri(u.double().clamp(1e-12, 1 - 1e-12))
+        return log_sigma.exp().float(), (log_sigma / 4).float()
 
     def sigmas(self, steps: int, **kwargs) -> np.ndarray:
         self.check_steps(steps)
@@ -269,6 +287,12 @@ class VESchedule(Schedule):
 
     sigma_min: float = 0.01
     sigma_max: float = 50.0
+
+    def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-uniform σ over [σ_min, σ_max] (Song et al.'s VE training); t = σ."""
+        log_sigma = math.log(self.sigma_min) + u.double() * math.log(self.sigma_max / self.sigma_min)
+        sigma = log_sigma.exp().float()
+        return sigma, sigma.clone()
 
     def sigmas(self, steps: int, karras: bool = False, **kwargs) -> np.ndarray:
         self.check_steps(steps)

@@ -71,7 +71,7 @@ def test_unet_rejects_sizes_it_cannot_keep_exact():
         model(torch.randn(1, 1, 18, 18), 1.0)
     with pytest.raises(ValueError, match="square"):
         model(torch.randn(1, 1, 16, 32), 1.0)
-    with pytest.raises(ValueError, match="sigma"):
+    with pytest.raises(ValueError, match="noise conditioning"):
         model(torch.randn(2, 1, 16, 16), torch.ones(3))
     with pytest.raises(ValueError, match="group"):
         EquivariantUNet(1, 1, group=None)

@@ -6,6 +6,7 @@ from typing import Callable
 import torch
 
 from symfast.groups import Group, get
+from symfast.symmetrize import _main_tensor
 
 
 def act_per_sample(x: torch.Tensor, index: torch.Tensor, group: Group) -> torch.Tensor:
@@ -15,6 +16,16 @@ def act_per_sample(x: torch.Tensor, index: torch.Tensor, group: Group) -> torch.
         rows = (index == k).nonzero().squeeze(1).to(x.device)
         out[rows] = group.act(x[rows], k)
     return out
+
+
+@torch.no_grad()
+def equivariance_target(target: Callable[..., torch.Tensor], x_t: torch.Tensor,
+                        sigma: torch.Tensor | float, group: Group, index: torch.Tensor) -> torch.Tensor:
+    """g_b⁻¹ F_target(g_b x_t[b], σ) for every sample b, with g_b = element ``index[b]``, under
+    no_grad (the regulariser's stop-gradient). x_t: (B, ...), index: (B,) int64 on the CPU."""
+    target_out = _main_tensor(target(act_per_sample(x_t, index, group), sigma))
+    inverse = torch.tensor([group.inverse(k) for k in index.tolist()], dtype=torch.int64)
+    return act_per_sample(target_out, inverse, group)
 
 
 def equivariance_loss(model: Callable[..., torch.Tensor], x_t: torch.Tensor,
@@ -28,6 +39,8 @@ def equivariance_loss(model: Callable[..., torch.Tensor], x_t: torch.Tensor,
     ``target``: the frozen EMA model; None uses ``model`` itself. The target branch runs under
     no_grad (stop-gradient), so gradients reach ``model`` through F(x_t) only.
     ``generator``: a CPU torch.Generator for the choice of g.
+    (:meth:`symfast.Denoiser.loss` with ``reg_weight`` adds the same term to the training loss,
+    sharing F(x_t) with the denoising loss.)
     """
     group = get(group)
     if not isinstance(x_t, torch.Tensor) or not x_t.is_floating_point() or x_t.dim() < 1:
@@ -35,9 +48,6 @@ def equivariance_loss(model: Callable[..., torch.Tensor], x_t: torch.Tensor,
                         f"{getattr(x_t, 'dtype', type(x_t).__name__)}")
     group.check_input(x_t, "x_t")
     index = torch.randint(len(group), (x_t.shape[0],), generator=generator)
-    with torch.no_grad():
-        target_out = (target or model)(act_per_sample(x_t, index, group), sigma)
-        inverse = torch.tensor([group.inverse(k) for k in index.tolist()], dtype=torch.int64)
-        pulled_back = act_per_sample(target_out, inverse, group)
+    pulled_back = equivariance_target(target or model, x_t, sigma, group, index)
     out = model(x_t, sigma)
     return (out - pulled_back).pow(2).mean()

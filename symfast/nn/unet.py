@@ -79,9 +79,14 @@ def _sinusoidal(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class UNet(nn.Module):
-    """A small diffusion UNet: D(x, sigma). x: (B, in_channels, H, W), sigma: (B,) or a scalar
+    """A small diffusion UNet: F(x, t). x: (B, in_channels, H, W), t: (B,) or a scalar
     -> (B, out_channels, H, W). ``channels[l]`` is the width at level l (resolution H / 2^l);
     attention runs at the levels in ``attention_levels`` (default: the lowest) and in the middle.
+
+    Noise conditioning: t is whatever the caller conditions on, embedded as it is (sinusoidal
+    features, then an MLP), as EDM's and diffusers' networks do. Inside a
+    :class:`symfast.Denoiser` it is ``schedule.model_time(σ)``: ln(σ)/4 for EDM (negative below
+    σ = 1), the (fractional) timestep for DDPM (0 at the end), σ for VE. Any finite value is valid.
 
     ``group=None`` builds plain 3×3 nn.Conv2d layers; a group builds :class:`TiedConv2d` layers
     (see :class:`EquivariantUNet`). H and W must be divisible by 2^(len(channels) − 1).
@@ -143,13 +148,15 @@ class UNet(nn.Module):
         if self.group is not None:
             self.group.check_input(x)
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """x: (B, in_channels, H, W), t: the noise conditioning, a scalar or (B,) -> (B, out, H, W)."""
         self.check_size(x)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
-        if sigma.shape[0] != x.shape[0]:
-            raise ValueError(f"sigma must be a scalar or ({x.shape[0]},), got {tuple(sigma.shape)}")
-        emb = self.time_mlp(_sinusoidal(sigma.log() / 4, self.embed_dim).to(x.dtype))
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1)
+        t = t.expand(x.shape[0]) if t.numel() == 1 else t
+        if t.shape[0] != x.shape[0]:
+            raise ValueError(f"t (the noise conditioning) must be a scalar or ({x.shape[0]},), "
+                             f"got {tuple(t.shape)}")
+        emb = self.time_mlp(_sinusoidal(t, self.embed_dim).to(x.dtype))
         h = self.conv_in(x)
         skips = []
         for level, (block, attn) in enumerate(zip(self.down, self.down_attn)):
@@ -167,8 +174,11 @@ class UNet(nn.Module):
 
 class EquivariantUNet(UNet):
     """:class:`UNet` with every 3×3 convolution tied to ``group`` (default D4): exactly
-    equivariant, D(g x, σ) = g D(x, σ), at every H, W divisible by 2^(len(channels) − 1) (and
-    H == W for groups with rotations) — one network call instead of |G| for frame averaging."""
+    equivariant, F(g x, t) = g F(x, t), at every H, W divisible by 2^(len(channels) − 1) (and
+    H == W for groups with rotations) — one network call instead of |G| for frame averaging.
+    t is the noise conditioning, as for :class:`UNet`. Inside a Denoiser, pass the same group
+    (``Denoiser(net, group="d4")``): the Denoiser sees ``net.group`` and skips frame averaging,
+    while stochastic samplers still transform their noise with the state."""
 
     def __init__(self, in_channels: int, out_channels: int, channels: Sequence[int] = (32, 64, 64),
                  group: Group | str = "d4", attention_levels: Sequence[int] | None = None,

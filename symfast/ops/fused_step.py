@@ -84,8 +84,8 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
                group: Group | str | None = None, *, u: torch.Tensor | None = None,
                v: torch.Tensor | None = None, noise: torch.Tensor | None = None,
                key: torch.Tensor | None = None, step: int = 0, noise_element: int | None = None,
-               return_denoised: bool = True, backend: str | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+               noise_group: Group | str | None = None, return_denoised: bool = True,
+               backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One fused sampler step.
 
     Args:
@@ -98,7 +98,10 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
         noise: (B, ...) noise to use (e.g. drawn from a torch.Generator); else, when c != 0,
             Philox noise keyed by ``key`` (B, 2) int64 [seed, stream] (symfast.philox.noise_key)
             and ``step``.
-        noise_element: transform the Philox noise by this group element (z ← g z).
+        noise_element: transform the Philox noise by this element of ``noise_group`` (z ← g z).
+        noise_group: the group ``noise_element`` indexes; default ``group``. Give it without
+            ``group`` for a network that is equivariant by construction: one output per sample,
+            no averaging, and the noise still transformed with the state.
         return_denoised: also return x̂0 (else None).
         backend: "reference", "cpu", "triton", or None/"auto".
 
@@ -115,8 +118,10 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
         raise TypeError(f"y (the model output) has dtype {y.dtype} but x has {x.dtype}")
     coefs = StepCoefficients(*(float(c) for c in coefs))
     group = get(group) if group is not None else get("trivial")
+    noise_group = get(noise_group) if noise_group is not None else group
     order = len(group)
     group.check_input(x)
+    noise_group.check_input(x)
     if x.dim() <= group.event_ndim:
         raise ValueError(f"x has shape {tuple(x.shape)}: needs a batch dim before the "
                          f"{group.event_ndim} dims group {group.name} acts on")
@@ -135,23 +140,32 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
         if key.dtype != torch.int64 or tuple(key.shape) != (batch, 2) or key.device != x.device:
             raise ValueError(f"key must be an int64 tensor of shape ({batch}, 2) on {x.device}, "
                              f"got {key.dtype} {tuple(key.shape)} on {key.device}")
-    if noise_element is not None and not (isinstance(noise_element, int) and 0 <= noise_element < order):
-        raise ValueError(f"noise_element must be an int in [0, {order}) for group {group.name}, "
-                         f"got {noise_element!r}")
+    if noise_element is not None and not (isinstance(noise_element, int)
+                                          and 0 <= noise_element < len(noise_group)):
+        raise ValueError(f"noise_element must be an int in [0, {len(noise_group)}) for group "
+                         f"{noise_group.name}, got {noise_element!r}")
+    if noise_group.name != group.name and order > 1:
+        raise ValueError(f"noise_group is for a network equivariant by construction; with "
+                         f"group={group.name} (frame averaging) the noise is transformed by it")
     backend = _resolve(backend, x)
     if backend == "reference":
-        x_next, den = reference.fused_step(x, y, group, coefs, u, v, noise, key, step, noise_element)
+        x_next, den = reference.fused_step(x, y, group, coefs, u, v, noise, key, step, noise_element,
+                                           noise_group)
         return x_next, (den if return_denoised else None)
 
-    event_shape = tuple(x.shape[x.dim() - group.event_ndim:])
-    if order == 1:
+    transformed = noise_element is not None and coefs.c != 0.0 and noise is None
+    if order == 1 and not transformed:
         n = math.prod(x.shape[1:])
         inverse_table = _identity_table(n, x.device)
         noise_table = None
     else:
+        # the tables of both groups are over the dims the noise group acts on
+        event_shape = tuple(x.shape[x.dim() - noise_group.event_ndim:])
         n = math.prod(event_shape)
-        table, inverse_table = group.tables(event_shape, x.device)
-        noise_table = table[noise_element] if noise_element is not None else None
+        table = noise_group.tables(event_shape, x.device)[0]
+        inverse_table = (_identity_table(n, x.device) if order == 1
+                         else group.tables(event_shape, x.device)[1])
+        noise_table = table[noise_element] if transformed else None
     rows = math.prod(x.shape[1:]) // n if n else 1
     m = batch * rows
     flat = [t.reshape(m, n) if t is not None else None for t in (u, v, noise)]

@@ -39,8 +39,10 @@ class StepCoefficients(NamedTuple):
 def fused_step(x: torch.Tensor, y: torch.Tensor, group: Group, coefs: StepCoefficients,
                u: torch.Tensor | None = None, v: torch.Tensor | None = None,
                noise: torch.Tensor | None = None, key: torch.Tensor | None = None, step: int = 0,
-               noise_element: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               noise_element: int | None = None, noise_group: Group | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (B, ...), y: (|G|·B, ...), u/v/noise: (B, ...), key: (B, 2) int64 [seed, stream].
+    ``noise_element`` indexes ``noise_group`` (default ``group``).
     Returns (x_next, denoised), both (B, ...) in x's dtype."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     c_skip, c_out, a, b, p, q, c = coefs
@@ -56,7 +58,7 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, group: Group, coefs: StepCoeffi
         if noise is None:
             z = philox.sample_noise(key, step, tuple(x.shape))
             if noise_element is not None:
-                z = group.act(z, noise_element)
+                z = (noise_group or group).act(z, noise_element)
         else:
             z = noise
         x_next = x_next + c * z.to(acc)

@@ -10,6 +10,16 @@ from symfast.ops.fused_step import StepCoefficients, fused_step
 from symfast.philox import noise_key
 
 
+def philox_normal(key: torch.Tensor, step: int, shape: tuple[int, ...],
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Philox unit normals keyed by ``key`` (B, 2) [seed, stream] and ``step``: (B, ...) on the
+    key's device, the same numbers as symfast.philox.sample_noise, drawn by the fused step op's
+    kernel (c = 1 and nothing else: the op returns its noise)."""
+    coefs = StepCoefficients(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    blank = torch.zeros(shape, dtype=dtype, device=key.device)
+    return fused_step(blank, blank, coefs, key=key, step=step, return_denoised=False)[0]
+
+
 class NoiseSource:
     """Noise for step ``i`` of a sampler.
 
@@ -48,10 +58,7 @@ class NoiseSource:
     def draw(self, i: int) -> torch.Tensor:
         """The noise tensor of step i, (B, ...) in the state's dtype."""
         if self.key is not None:
-            # c = 1 and nothing else: the op returns its Philox noise.
-            coefs = StepCoefficients(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
-            blank = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-            z = fused_step(blank, blank, coefs, key=self.key, step=i, return_denoised=False)[0]
+            z = philox_normal(self.key, i, self.shape, self.dtype)
         else:
             z = torch.randn(self.shape, generator=self.generator, dtype=self.dtype,
                             device=self.device)

@@ -1,0 +1,105 @@
+"""Using what a run trained: load a checkpoint as a ready Denoiser, sample a grid, denoise images."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from symfast.denoiser import Denoiser
+from symfast.groups import get
+from symfast.train import checkpoint
+from symfast.train.build import build_model, sampling_denoiser
+from symfast.train.config import TrainConfig
+
+
+def load(path: str | os.PathLike, *, ema: int | None = 0, model: nn.Module | None = None,
+         device: str | torch.device = "cpu", group: str | None = None) -> tuple[Denoiser, TrainConfig]:
+    """A ready Denoiser and the config of a training run.
+
+    Args:
+        path: a checkpoint folder (or its state.json / tensors file), or a run folder (its newest
+            checkpoint that verifies).
+        ema: which EMA copy's weights (index into the run's ``ema_halflife_images``); None for
+            the raw trained weights.
+        model: the network to load into, for runs of a custom model (config model "custom").
+        device: where the network goes.
+        group: frame-average over this group at sampling (exactly equivariant at |G| calls per
+            step) in place of the run's own choice.
+
+    The Denoiser is set up as the run samples: frame-averaged for equivariance "fa", declared
+    equivariant (one call, noise transformed with the state) for "wt", plain otherwise.
+    """
+    ckpt = checkpoint.resolve(path)
+    cfg = TrainConfig.from_dict(ckpt.state["config"])
+    channels = cfg.data_channels
+    if model is None:
+        if cfg.model == "custom":
+            raise ValueError(f"checkpoint {ckpt.path} is of a custom model: pass model= (an "
+                             f"nn.Module of the same architecture)")
+        if channels is None:
+            channels = int(ckpt.tensors["model.conv_in.weight"].shape[1]) if \
+                "model.conv_in.weight" in ckpt.tensors else 3
+        model = build_model(cfg, channels)
+    prefix = "model." if ema is None else f"ema.{ema}."
+    weights = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"checkpoint {ckpt.path} has no weights under {prefix!r} (it holds "
+                         f"{len(cfg.ema_halflife_images)} EMA copies)")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {ckpt.path} does not fit the model: {exc}") from None
+    model.to(device).eval().requires_grad_(False)
+    denoiser = sampling_denoiser(cfg, model)
+    if group is not None:
+        denoiser = Denoiser(model, cfg.prediction, cfg.schedule(), group=get(group),
+                            sigma_data=cfg.sigma_data, frame_average=True)
+    return denoiser, cfg
+
+
+def image_shape(cfg: TrainConfig, channels: int | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of the images a run trained on."""
+    return (channels or cfg.data_channels or 3, cfg.image_size, cfg.image_size)
+
+
+def sample_to_file(checkpoint_path: str | os.PathLike, out: str | os.PathLike, n: int = 64,
+                   sampler: str = "heun", steps: int = 40, seed: int = 0, group: str | None = None,
+                   ema: int | None = 0, device: str = "cpu", progress: bool = True) -> torch.Tensor:
+    """Sample ``n`` images from a checkpoint and write them as one PNG grid to ``out``.
+    Returns the samples, (n, C, H, W) in [-1, 1]."""
+    from symfast.data.images import save_image_grid
+    from symfast.samplers import sample
+
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    denoiser, cfg = load(checkpoint_path, ema=ema, device=device, group=group)
+    x = sample(denoiser, (n,) + image_shape(cfg), sampler=sampler, steps=steps, seed=seed,
+               progress=progress, device=device).clamp(-1, 1)
+    save_image_grid(x.cpu(), out)
+    return x
+
+
+def denoise_file(checkpoint_path: str | os.PathLike, image: str | os.PathLike, out: str | os.PathLike,
+                 sigma: float, add_noise: int | None = None, sampler: str = "heun", steps: int = 40,
+                 group: str | None = None, ema: int | None = 0, device: str = "cpu") -> torch.Tensor:
+    """Denoise the image in file ``image`` (noise level ``sigma``) with a checkpoint's model and
+    write the result to ``out``. ``add_noise``: a seed; first add noise of std σ to the image
+    (to try the model on a clean image). Returns the denoised image (C, H, W) in [-1, 1]."""
+    from symfast.data.images import read_image, save_image_grid
+    from symfast.samplers import denoise
+
+    denoiser, cfg = load(checkpoint_path, ema=ema, device=device, group=group)
+    channels, size, _ = image_shape(cfg)
+    y = read_image(image, channels=channels)
+    if tuple(y.shape[-2:]) != (size, size):
+        raise ValueError(f"image {str(image)!r} is {y.shape[-2]}x{y.shape[-1]}; the model was "
+                         f"trained on {size}x{size} images")
+    y = y[None].to(device)
+    if add_noise is not None:
+        gen = torch.Generator().manual_seed(int(add_noise))
+        y = y + sigma * torch.randn(y.shape, generator=gen).to(device)
+    x = denoise(denoiser, y, sigma, sampler=sampler, steps=steps).clamp(-1, 1)
+    save_image_grid(x[0].cpu(), out, padding=0)
+    return x[0]

@@ -1,0 +1,184 @@
+"""Checkpoints that are never half-written, and a resume that never loads a torn one.
+
+A checkpoint is a folder ``checkpoints/step-<step:09d>/`` holding
+
+- ``tensors.safetensors``: the model, the EMA copies, the optimiser's tensors, RNG states;
+- ``state.json``: step, images seen, data position, the optimiser's hyperparameters, the full
+  config, the symfast version, and the size and SHA-256 of the tensors file and its tensor names.
+
+It is written into a hidden temporary folder, every file fsynced, then renamed into place (one
+atomic rename) and the parent fsynced. Old checkpoints are renamed away before they are deleted,
+so an interrupted prune leaves nothing that looks like a checkpoint. Loading verifies the size,
+the hash and the tensor names before anything is used; :func:`latest` skips (with a warning
+naming it) any checkpoint that does not verify.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from symfast._io import atomic_write_bytes, atomic_write_text, fsync_dir
+
+log = logging.getLogger("symfast.train")
+
+FORMAT = "symfast-checkpoint-1"
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+_NAME = re.compile(r"^step-(\d{9})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, torn, corrupt, or of another config."""
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint: its folder, its JSON state and its tensors (CPU)."""
+
+    path: Path
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor],
+         state: dict[str, Any], keep: int | None = None) -> Path:
+    """Write checkpoint ``step`` atomically under ``run_dir/checkpoints`` and keep the newest
+    ``keep`` (all if None). Returns its folder."""
+    from safetensors.torch import save as safetensors_bytes
+
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:09d}"
+    tmp = root / f".step-{step:09d}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        # safetensors needs contiguous, unshared storage
+        blob = safetensors_bytes({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
+        atomic_write_bytes(tmp / TENSORS, blob)
+        full_state = dict(state, format=FORMAT, step=int(step), tensors={
+            "file": TENSORS, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+            "names": sorted(tensors)})
+        atomic_write_text(tmp / STATE, json.dumps(full_state, indent=1, sort_keys=True))
+        if final.exists():  # the same step written again (a resumed run that re-reached it)
+            _remove(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if keep is not None:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            _remove(old)
+    return final
+
+
+def _remove(path: Path) -> None:
+    """Rename away, then delete: a kill in between leaves a hidden folder, not a torn checkpoint."""
+    trash = path.parent / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders of a run, oldest first (by step); hidden temporary folders are not
+    listed."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+    return found
+
+
+def clean_leftovers(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary and trash folders a killed writer left behind; returns them. Only
+    the process that writes checkpoints calls this, before it writes any."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.iterdir() if p.name.startswith((".step-", ".trash-"))]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return leftovers
+
+
+def load(path: str | os.PathLike) -> Checkpoint:
+    """Load and verify one checkpoint folder (or its state.json / tensors file). Raises
+    CheckpointError naming the path and what is wrong."""
+    from safetensors.torch import load as safetensors_load
+
+    path = Path(path)
+    if path.is_file() and path.name in (STATE, TENSORS):
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = json.loads((path / STATE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no {STATE}: not a symfast checkpoint, "
+                              f"or a torn one") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {STATE} is corrupt ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a symfast checkpoint "
+                              f"(format {state.get('format') if isinstance(state, dict) else None!r}, "
+                              f"expected {FORMAT!r})")
+    meta = state["tensors"]
+    try:
+        blob = (path / meta["file"]).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {str(path)!r} is missing {meta['file']}") from None
+    if len(blob) != meta["bytes"] or hashlib.sha256(blob).hexdigest() != meta["sha256"]:
+        raise CheckpointError(f"checkpoint {str(path)!r}: {meta['file']} is truncated or corrupt "
+                              f"({len(blob)} bytes, expected {meta['bytes']}, or its hash differs)")
+    tensors = safetensors_load(blob)
+    missing = sorted(set(meta["names"]) - set(tensors))
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is missing tensors {missing[:5]}"
+                              f"{' ...' if len(missing) > 5 else ''}")
+    return Checkpoint(path, state, tensors)
+
+
+def latest(run_dir: str | os.PathLike) -> Checkpoint | None:
+    """The newest checkpoint of a run that loads and verifies; torn or corrupt ones are skipped
+    with a warning naming them. None if there is none."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return load(path)
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s", path, exc)
+    return None
+
+
+def resolve(spec: str | os.PathLike) -> Checkpoint:
+    """A checkpoint from a path: a checkpoint folder or file, or a run folder (its newest valid
+    checkpoint)."""
+    path = Path(spec)
+    if path.name == "checkpoints" and path.is_dir():
+        path = path.parent
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir() and not (path / STATE).exists() and checkpoint_dir(path).is_dir():
+        found = latest(path)
+        if found is None:
+            raise CheckpointError(f"run folder {str(path)!r} holds no valid checkpoint")
+        return found
+    return load(path)

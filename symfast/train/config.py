@@ -1,0 +1,249 @@
+"""The training configuration: one dataclass, checked in full before any work starts.
+
+A config comes from keyword arguments, a dict, or a JSON/TOML file (``load_config_file``), with
+command-line flags laid over it. It is written to ``OUT/config.json`` and into every checkpoint,
+so a run can be resumed, and a checkpoint loaded, without the flags that made it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODELS = ("unet", "equivariant-unet", "diffusers-unet", "custom")
+EQUIVARIANCE = ("none", "augment", "wt", "fa", "reg")
+PREDICTIONS = ("edm", "eps", "v", "x0")
+PRECISIONS = ("fp32", "bf16")
+LR_SCHEDULES = ("constant", "cosine", "inverse-sqrt")
+BUILTIN_DATA = ("digits", "digits-d4", "gmm-d4")
+
+# What a checkpoint's weights and objective depend on: loading into a config that differs in any
+# of these is refused, naming the fields. The rest (steps, lr, logging) may change on resume.
+MODEL_FIELDS = ("data_channels", "image_size", "model", "channels", "attention_levels", "heads",
+                "group", "equivariance", "fa_train", "prediction", "sigma_data")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; see ``symfast train --help`` for each field's flag.
+
+    Data: ``data`` is "digits" (scikit-learn's 8×8 digits resized to ``image_size``),
+    "digits-d4" (every digit under every D4 element: an exactly D4-invariant set), "gmm-d4" (a
+    D4-invariant Gaussian mixture with an exact score) or a folder of PNG/JPEG images.
+    Model: "unet", "equivariant-unet" (tied convolutions, needs ``group``), "diffusers-unet"
+    (diffusers' UNet2DModel), or "custom" (an nn.Module passed to ``train(model=...)``).
+    Equivariance: "none"; "augment" (a random group element per training image); "wt" (an
+    EquivariantUNet, one call per step); "fa" (frame averaging at sampling; in training too with
+    ``fa_train``); "reg" (denoising loss + ``reg_weight``·equivariance loss against the EMA).
+    """
+
+    # data
+    data: str = "digits"
+    image_size: int = 16
+    data_channels: int | None = None
+    dataset_size: int = 4096
+    # model
+    model: str | None = None
+    channels: tuple[int, ...] = (32, 64, 64)
+    attention_levels: tuple[int, ...] | None = None
+    heads: int = 4
+    group: str | None = None
+    equivariance: str = "none"
+    fa_train: bool = False
+    reg_weight: float = 1.0
+    prediction: str = "edm"
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    # optimisation
+    batch_size: int = 64
+    steps: int = 2000
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    lr_schedule: str = "constant"
+    grad_clip: float | None = 1.0
+    max_nonfinite: int = 20
+    ema_halflife_images: tuple[float, ...] = (500_000.0,)
+    ema_rampup: float | None = 0.05
+    precision: str = "fp32"
+    compile: bool = False
+    seed: int = 0
+    # output
+    out: str = "runs/train"
+    checkpoint_every: int = 500
+    keep: int = 3
+    resume: str = "auto"
+    sample_every: int = 0
+    sample_n: int = 16
+    sample_steps: int = 18
+    log_every: int = 10
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "attention_levels", "adam_betas", "ema_halflife_images"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = (value,)
+            if isinstance(value, str):
+                value = tuple(float(v) if name in ("adam_betas", "ema_halflife_images") else int(v)
+                              for v in value.split(",") if v.strip())
+            if isinstance(value, list):
+                value = tuple(value)
+            setattr(self, name, value)
+        if self.group == "none":
+            self.group = None
+        if self.group is None and self.equivariance != "none":
+            self.group = "d4"
+        if self.model is None:
+            self.model = "equivariant-unet" if self.equivariance == "wt" else "unet"
+        if self.data_channels is None and self.data in BUILTIN_DATA:
+            self.data_channels = 1
+
+    # ---- checks ----------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError/TypeError naming the first bad field; returns self."""
+        def positive_int(name: str, allow_zero: bool = False) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+                need = "a non-negative" if allow_zero else "a positive"
+                raise ValueError(f"{name} must be {need} int, got {value!r}")
+
+        def choice(name: str, options: tuple) -> None:
+            if getattr(self, name) not in options:
+                raise ValueError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+
+        for name in ("image_size", "heads", "batch_size", "steps", "checkpoint_every", "keep",
+                     "sample_n", "sample_steps", "log_every", "dataset_size", "max_nonfinite"):
+            positive_int(name)
+        for name in ("warmup_steps", "sample_every"):
+            positive_int(name, allow_zero=True)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int in [0, 2^63), got {self.seed!r}")
+        choice("model", MODELS)
+        choice("equivariance", EQUIVARIANCE)
+        choice("prediction", PREDICTIONS)
+        choice("precision", PRECISIONS)
+        choice("lr_schedule", LR_SCHEDULES)
+        if not self.channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                        for c in self.channels):
+            raise ValueError(f"channels must be a non-empty list of positive ints, got {self.channels!r}")
+        if self.data_channels is not None and self.data_channels not in (1, 3):
+            raise ValueError(f"data_channels must be 1 or 3, got {self.data_channels!r}")
+        multiple = 2 ** (len(self.channels) - 1)
+        if self.model in ("unet", "equivariant-unet", "diffusers-unet") and self.image_size % multiple:
+            raise ValueError(f"image_size={self.image_size} cannot be pooled {len(self.channels) - 1} "
+                             f"times by a UNet with channels={list(self.channels)}: it must be "
+                             f"divisible by {multiple}")
+        if self.group is not None:
+            from symfast.groups import get
+            get(self.group)  # names the group in its error when unknown
+            if self.equivariance == "none":
+                raise ValueError(f"group={self.group!r} needs equivariance= one of "
+                                 f"{EQUIVARIANCE[1:]} (it says how the group is used)")
+        if self.equivariance == "wt" and self.model not in ("equivariant-unet", "custom"):
+            raise ValueError(f"equivariance='wt' (weight tying) needs model='equivariant-unet' (or "
+                             f"an equivariant custom model), got model={self.model!r}")
+        if self.model == "equivariant-unet" and self.equivariance not in ("wt",):
+            raise ValueError(f"model='equivariant-unet' is equivariance='wt'; got "
+                             f"equivariance={self.equivariance!r}")
+        if self.fa_train and self.equivariance != "fa":
+            raise ValueError("fa_train=True needs equivariance='fa'")
+        for name in ("lr", "sigma_data", "p_std"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not math.isfinite(self.p_mean):
+            raise ValueError(f"p_mean must be finite, got {self.p_mean!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.reg_weight < 0 or not math.isfinite(self.reg_weight):
+            raise ValueError(f"reg_weight must be a finite number >= 0, got {self.reg_weight!r}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if not self.ema_halflife_images or not all(h > 0 for h in self.ema_halflife_images):
+            raise ValueError(f"ema_halflife_images must be positive numbers, got "
+                             f"{self.ema_halflife_images!r}")
+        if self.ema_rampup is not None and not self.ema_rampup > 0:
+            raise ValueError(f"ema_rampup must be > 0 or None, got {self.ema_rampup!r}")
+        if self.attention_levels is not None and any(
+                not 0 <= a < len(self.channels) for a in self.attention_levels):
+            raise ValueError(f"attention_levels {self.attention_levels} must lie in "
+                             f"[0, {len(self.channels)})")
+        if self.data not in BUILTIN_DATA + ("custom",) and not Path(self.data).is_dir():
+            raise ValueError(f"data must be one of {BUILTIN_DATA}, an image folder, or 'custom' "
+                             f"(a dataset passed to train()); {self.data!r} is none of these")
+        if self.resume not in ("auto", "none") and not Path(self.resume).exists():
+            raise ValueError(f"resume={self.resume!r}: no such checkpoint (give 'auto', 'none' or "
+                             f"the path of a checkpoint or run folder)")
+        return self
+
+    def schedule(self):
+        """The noise schedule the prediction type trains on: EDM's for "edm", DDPM's otherwise."""
+        from symfast.schedules import DDPMSchedule, EDMSchedule
+        if self.prediction == "edm":
+            return EDMSchedule(sigma_data=self.sigma_data, p_mean=self.p_mean, p_std=self.p_std)
+        return DDPMSchedule()
+
+    # ---- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    def mismatches(self, other: "TrainConfig") -> list[str]:
+        """The MODEL_FIELDS in which the two configs differ, as 'field: self vs other'."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{name}: {mine[name]!r} vs {theirs[name]!r}" for name in MODEL_FIELDS
+                if mine[name] != theirs[name]]
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file's fields: JSON (``.json``) or TOML (``.toml``), flat or under [train]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+        values = tomllib.loads(text)
+    elif path.suffix == ".json":
+        values = json.loads(text)
+    else:
+        raise ValueError(f"config file {str(path)!r}: expected a .json or .toml file")
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a table of fields")
+    return values.get("train", values)
+
+
+def make_config(config: TrainConfig | dict[str, Any] | str | os.PathLike | None = None,
+                **overrides: Any) -> TrainConfig:
+    """A checked TrainConfig from a config, a dict or a file, with ``overrides`` laid over it."""
+    if config is None:
+        values: dict[str, Any] = {}
+    elif isinstance(config, TrainConfig):
+        values = config.to_dict()
+    elif isinstance(config, dict):
+        values = dict(config)
+    elif isinstance(config, (str, os.PathLike)):
+        values = load_config_file(config)
+    else:
+        raise TypeError(f"config must be a TrainConfig, a dict or a file path, got {type(config).__name__}")
+    values.update({k.replace("-", "_"): v for k, v in overrides.items()})
+    return TrainConfig.from_dict(values).validate()

@@ -1,0 +1,514 @@
+"""symfast.train.train: the training loop, from one process to many (torchrun + DDP).
+
+Determinism, and so a bit-exact resume, comes from deriving every random draw from counters
+instead of carrying generator state (as EDM2 does):
+- data order: epoch e is a permutation of the dataset seeded by (seed, e); step s takes the global
+  positions [s·B, (s+1)·B) of the concatenated epochs, and rank r its r-th slice of them;
+- σ, the noise ε, the augmentation's and the regulariser's group elements of the sample at
+  position j of the global batch of step s: Philox keyed by (seed, s, j), so one process and N
+  processes draw the same numbers for the same sample;
+- torch's global generator (dropout, user code) is reseeded from (seed, step, rank) every step.
+A checkpoint therefore needs only the step to restore the data position and every stream; it
+also stores the weights, EMA copies, optimiser state and torch's RNG state.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import symfast
+from symfast import philox
+from symfast._io import atomic_write_text
+from symfast.groups import get
+from symfast.nn.regularizer import act_per_sample
+from symfast.samplers._noise import philox_normal
+from symfast.train import checkpoint
+from symfast.train.build import (build_dataset, build_model, check_dataset, sampling_denoiser,
+                                 training_denoiser)
+from symfast.train.config import MODEL_FIELDS, TrainConfig, make_config
+from symfast.train.distributed import World, setup
+from symfast.train.ema import EMA
+
+log = logging.getLogger("symfast.train")
+
+_MASK64 = (1 << 64) - 1
+# Philox lanes of the per-sample uniforms (counter c0); c3 = 1 keeps them apart from the noise.
+_LANE_SIGMA, _LANE_AUGMENT, _LANE_REG = 0, 1, 2
+# The loss is logged per σ-bin; bins hold equal shares of the training σ distribution.
+_BIN_QUANTILES = (0.2, 0.4, 0.6, 0.8)
+# Fields that may differ between a run and the checkpoint it resumes without a warning.
+_FREE_ON_RESUME = ("steps", "out", "resume", "progress", "checkpoint_every", "keep", "sample_every",
+                   "sample_n", "sample_steps", "log_every")
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss or the gradients stay non-finite for ``max_nonfinite`` steps."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run leaves: its folder, its last step and checkpoint, the EMA networks."""
+
+    run_dir: Path
+    step: int
+    nimg: int
+    checkpoint: Path | None
+    last_loss: float | None
+    skipped_steps: int
+    model: nn.Module
+    ema_models: list[nn.Module]
+
+
+def mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over each value in turn)."""
+    z = 0x9E3779B97F4A7C15
+    for v in values:
+        z = (z ^ (int(v) & _MASK64)) & _MASK64
+        z = (z + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z ^= z >> 31
+    return z >> 1
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): linear warm-up over
+    ``warmup_steps``, then constant, cosine to 0 at ``steps``, or 1/√(step / warmup_steps)."""
+    lr = cfg.lr
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "cosine":
+        span = max(cfg.steps - cfg.warmup_steps, 1)
+        return lr * 0.5 * (1 + math.cos(math.pi * min(step - cfg.warmup_steps, span) / span))
+    if cfg.lr_schedule == "inverse-sqrt":
+        return lr / math.sqrt(max(step / max(cfg.warmup_steps, 1), 1.0))
+    return lr
+
+
+class DataOrder:
+    """Which dataset rows a step's batch holds (see the module docstring)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(mix(self.seed, 0xDA7A, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=gen)
+        return self._perm
+
+    def position(self, step: int, batch: int) -> tuple[int, int]:
+        """(epoch, offset in it) where step ``step`` starts."""
+        return divmod(step * batch, self.size)
+
+    def indices(self, step: int, batch: int, start: int, stop: int) -> torch.Tensor:
+        """Dataset rows of global positions [step·batch + start, step·batch + stop)."""
+        pos = step * batch + start
+        out = []
+        while len(out) < stop - start:
+            epoch, offset = divmod(pos, self.size)
+            take = min(stop - start - len(out), self.size - offset)
+            out.extend(self._permutation(epoch)[offset:offset + take].tolist())
+            pos += take
+        return torch.tensor(out, dtype=torch.int64)
+
+
+def sample_uniforms(seed: int, step: int, streams: torch.Tensor, lanes: int) -> torch.Tensor:
+    """(len(streams), lanes) float64 uniforms in [0, 1), one per (seed, step, stream, lane)."""
+    c0 = torch.arange(lanes, dtype=torch.int64)[None, :]
+    r0, _, _, _ = philox.philox(seed, c0, step, streams.to(torch.int64)[:, None].cpu(), 1)
+    return r0.double() / 2.0**32
+
+
+def sample_normals(seed: int, step: int, streams: torch.Tensor, shape: tuple[int, ...],
+                   device: torch.device) -> torch.Tensor:
+    """Unit normals of ``shape`` (B, ...), sample b from the stream (seed, step, streams[b])."""
+    key = torch.stack([torch.full_like(streams, seed), streams], dim=1).to(device)
+    return philox_normal(key, step, shape)
+
+
+def _get_batch(dataset: Any, index: torch.Tensor) -> torch.Tensor:
+    if hasattr(dataset, "get_batch"):
+        return dataset.get_batch(index)
+    return torch.stack([torch.as_tensor(dataset[i]) for i in index.tolist()])
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class MetricsLog:
+    """metrics.csv, appended a row per log interval. On resume, rows after the checkpoint's step
+    (logged by the killed run, logged again now) and a torn last line are dropped first."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int):
+        self.path, self.columns = path, columns
+        kept: list[dict[str, str]] = []
+        if path.exists() and resume_step > 0:
+            text = path.read_text()
+            complete = text[:text.rfind("\n") + 1]  # a line without its newline is torn
+            for row in csv.DictReader(io.StringIO(complete)):
+                if row.get("step", "").isdigit() and int(row["step"]) <= resume_step:
+                    kept.append(row)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(path, buf.getvalue())
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, columns, extrasaction="ignore", lineterminator="\n")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def train(config: TrainConfig | dict | str | None = None, *, model: nn.Module | None = None,
+          dataset: Any = None, device: str | torch.device | None = None, **overrides: Any) -> TrainResult:
+    """Train a diffusion model; see :class:`TrainConfig` for every option.
+
+    Under torchrun (``torchrun --nproc_per_node N -m symfast train ...``, or a script that calls
+    this) every rank runs this function: the global ``batch_size`` is split over the ranks and
+    gradients are averaged by DistributedDataParallel (gloo on CPU, NCCL on CUDA). Rank 0 writes
+    checkpoints, metrics and samples; the others wait at a barrier.
+
+    Args:
+        config: a TrainConfig, a dict of its fields, or a JSON/TOML file; ``overrides`` are laid
+            over it (``train(steps=100, out="runs/x")``).
+        model: any nn.Module F(x, t) -> like x, instead of the config's (config model "custom").
+        dataset: images (N, C, H, W) in [-1, 1] as a dataset (``len`` and ``[i]``, or
+            ``get_batch(indices)``), instead of the config's data (config data "custom").
+        device: "cpu", "cuda", ... (default: cuda:LOCAL_RANK when CUDA is available).
+
+    Returns a :class:`TrainResult`. Raises :class:`TrainingDiverged` when the loss stays
+    non-finite (the last good checkpoint is kept and named).
+    """
+    if model is not None:
+        overrides.setdefault("model", "custom")
+    if dataset is not None:
+        overrides.setdefault("data", "custom")
+    cfg = make_config(config, **overrides)
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    world = setup(device)
+    try:
+        return _Run(cfg, world, model, dataset).run()
+    finally:
+        world.close()
+
+
+class _Run:
+    """One training run on one rank."""
+
+    def __init__(self, cfg: TrainConfig, world: World, model: nn.Module | None, dataset: Any):
+        self.cfg, self.world = cfg, world
+        if cfg.batch_size % world.size:
+            raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of "
+                             f"processes ({world.size}): the global batch is split over the ranks")
+        self.local_batch = cfg.batch_size // world.size
+        self.dataset = dataset if dataset is not None else build_dataset(cfg)
+        self.shape = check_dataset(cfg, self.dataset)
+        self.run_dir = Path(cfg.out)
+        resumed = self._resume_checkpoint()
+        # the same initial weights on every rank, and in a resumed run before it loads
+        torch.manual_seed(mix(cfg.seed, 0x1417))
+        self.net = (model if model is not None else build_model(cfg, self.shape[0])).to(world.device)
+        self.ema = EMA(self.net, cfg.ema_halflife_images, cfg.ema_rampup)
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                           weight_decay=cfg.weight_decay)
+        self.step, self.nimg, self.skipped = 0, 0, 0
+        self.last_checkpoint: Path | None = None
+        if resumed is not None:
+            self._restore(resumed)
+        train_net: Any = self.net
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            train_net = DistributedDataParallel(
+                self.net, device_ids=[world.device] if world.device.type == "cuda" else None)
+        if cfg.compile:
+            train_net = torch.compile(train_net)
+        self.denoiser = training_denoiser(cfg, train_net)
+        self.sampler = sampling_denoiser(cfg, self.ema.models[0])
+        self.group = get(cfg.group) if cfg.group is not None else None
+        self.schedule = self.denoiser.schedule
+        edges = self.schedule.training_levels(torch.tensor(_BIN_QUANTILES, dtype=torch.float64))[0]
+        self.bin_edges = edges.to(world.device)
+        names = [0.0] + edges.tolist() + [math.inf]
+        self.bin_names = [f"loss_sigma_{lo:.3g}-{hi:.3g}" for lo, hi in zip(names[:-1], names[1:])]
+        self.order = DataOrder(len(self.dataset), cfg.seed)
+
+    # ---- resume ----------------------------------------------------------------------------
+    def _resume_checkpoint(self) -> checkpoint.Checkpoint | None:
+        """Rank 0 chooses the checkpoint (or the error); every rank loads that same one."""
+        cfg = self.cfg
+        choice: dict[str, Any] = {"path": None, "error": None}
+        if self.world.is_main:
+            try:
+                choice["path"] = self._choose_checkpoint()
+            except (ValueError, checkpoint.CheckpointError) as exc:
+                choice["error"] = f"{type(exc).__name__}: {exc}"
+        choice = self.world.broadcast(choice)
+        if choice["error"]:
+            raise ValueError(choice["error"].split(": ", 1)[1])
+        if choice["path"] is None:
+            return None
+        found = checkpoint.load(choice["path"])
+        saved = TrainConfig.from_dict(found.state["config"])
+        wrong = cfg.mismatches(saved)
+        if wrong:
+            raise ValueError(f"checkpoint {choice['path']} was trained with another config; "
+                             f"mismatching fields (this run vs checkpoint): {'; '.join(wrong)}")
+        mine, theirs = cfg.to_dict(), saved.to_dict()
+        changed = [k for k in mine if k not in MODEL_FIELDS + _FREE_ON_RESUME and mine[k] != theirs[k]]
+        if changed and self.world.is_main:
+            log.warning("resuming %s with changed settings %s: the run will not match an "
+                        "uninterrupted one", choice["path"], changed)
+        return found
+
+    def _choose_checkpoint(self) -> str | None:
+        cfg = self.cfg
+        if cfg.resume == "none":
+            if checkpoint.list_checkpoints(self.run_dir):
+                raise ValueError(f"resume='none' but {checkpoint.checkpoint_dir(self.run_dir)} "
+                                 f"already holds checkpoints: use resume='auto' to continue that "
+                                 f"run, or another out folder")
+            return None
+        if cfg.resume == "auto":
+            found = checkpoint.latest(self.run_dir)
+            return str(found.path) if found is not None else None
+        return str(checkpoint.resolve(cfg.resume).path)
+
+    def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        t = ckpt.tensors
+        self.net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        self.ema.load_state_tensors(t)
+        opt = ckpt.state["optimizer"]
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in t.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                state.setdefault(int(index), {})[name] = value
+        for index, scalars in opt["scalars"].items():
+            state.setdefault(int(index), {}).update(scalars)
+        groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in opt["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        if "rng.torch_cpu" in t:
+            torch.set_rng_state(t["rng.torch_cpu"])
+        self.step = ckpt.step
+        self.nimg = int(ckpt.state["nimg"])
+        self.skipped = int(ckpt.state.get("nonfinite_skipped", 0))
+        self.last_checkpoint = ckpt.path
+        if self.world.is_main:
+            log.info("resumed from %s (step %d, %d images)", ckpt.path, self.step, self.nimg)
+
+    def _checkpoint_payload(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        tensors.update(self.ema.state_tensors())
+        opt = self.optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entries in opt["state"].items():
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{index}.{name}"] = value
+                else:
+                    scalars.setdefault(str(index), {})[name] = value
+        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        epoch, offset = self.order.position(self.step, self.cfg.batch_size)
+        state = {
+            "step": self.step, "nimg": self.nimg, "nonfinite_skipped": self.skipped,
+            "data": {"epoch": epoch, "offset": offset, "dataset_size": len(self.dataset),
+                     "global_batch": self.cfg.batch_size},
+            "rng": {"seed": self.cfg.seed, "scheme": "philox(seed, step, global sample position) "
+                    "for data noise, σ and group elements; torch reseeded per (seed, step, rank)"},
+            "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+            "lr": lr_at(self.cfg, max(self.step - 1, 0)),
+            "world_size": self.world.size,
+            "config": self.cfg.to_dict(),
+            "symfast_version": symfast.__version__,
+            "torch_version": torch.__version__,
+        }
+        return tensors, state
+
+    def _save_checkpoint(self) -> None:
+        if self.world.is_main:
+            tensors, state = self._checkpoint_payload()
+            self.last_checkpoint = checkpoint.save(self.run_dir, self.step, tensors, state,
+                                                   keep=self.cfg.keep)
+        self.world.barrier()
+
+    # ---- one step --------------------------------------------------------------------------
+    def _batch(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """This rank's images and the loss's random draws for step ``step``."""
+        cfg, device = self.cfg, self.world.device
+        start = self.world.rank * self.local_batch
+        streams = torch.arange(start, start + self.local_batch, dtype=torch.int64)
+        x0 = _get_batch(self.dataset, self.order.indices(step, cfg.batch_size, start,
+                                                          start + self.local_batch))
+        x0 = x0.to(device=device, dtype=torch.float32)
+        u = sample_uniforms(cfg.seed, step, streams, 3)
+        sigma, t = self.schedule.training_levels(u[:, _LANE_SIGMA].to(device))
+        noise = sample_normals(cfg.seed, step, streams, tuple(x0.shape), device)
+        extra: dict[str, Any] = {}
+        if cfg.equivariance == "augment":
+            x0 = act_per_sample(x0, (u[:, _LANE_AUGMENT] * len(self.group)).long(), self.group)
+        if cfg.equivariance == "reg" and cfg.reg_weight > 0:
+            extra = {"reg_weight": cfg.reg_weight, "reg_target": self.ema.models[0],
+                     "reg_elements": (u[:, _LANE_REG] * len(self.group)).long()}
+        return x0, dict(sigma=sigma, noise=noise, t=t, **extra)
+
+    def _train_step(self, step: int):
+        cfg = self.cfg
+        torch.manual_seed(mix(cfg.seed, step, self.world.rank))
+        x0, draws = self._batch(step)
+        with torch.autocast(self.world.device.type, dtype=torch.bfloat16,
+                            enabled=cfg.precision == "bf16"):
+            terms = self.denoiser.loss(x0, reduction="none", **draws)
+        loss = terms.total.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip, foreach=True)
+        return terms, grad_norm
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, world = self.cfg, self.world
+        metrics = writer = None
+        columns = (["step", "nimg", "loss"] + self.bin_names
+                   + (["reg_loss"] if cfg.equivariance == "reg" else [])
+                   + ["lr", "grad_norm", "images_per_s", "peak_memory_mb", "skipped_steps"])
+        if world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in checkpoint.clean_leftovers(self.run_dir):
+                log.warning("removed %s, left by an interrupted checkpoint write", leftover)
+            atomic_write_text(self.run_dir / "config.json", _json(cfg.to_dict()))
+            metrics = MetricsLog(self.run_dir / "metrics.csv", columns, self.step)
+            writer = _tensorboard(self.run_dir, self.step)
+        world.barrier()
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
+        nbins = len(self.bin_names)
+        # sums over a log interval: loss, count, reg, grad norm, then per bin (loss, count)
+        acc = torch.zeros(4 + 2 * nbins, dtype=torch.float64, device=world.device)
+        consecutive_bad, last_loss, tick, tick_nimg = 0, None, time.perf_counter(), self.nimg
+        try:
+            while self.step < cfg.steps:
+                terms, grad_norm = self._train_step(self.step)
+                if torch.isfinite(grad_norm):
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr_at(cfg, self.step)
+                    self.optimizer.step()
+                    self.ema.update(self.nimg, cfg.batch_size)
+                    consecutive_bad = 0
+                    self._accumulate(acc, terms, grad_norm)
+                else:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.skipped += 1
+                    consecutive_bad += 1
+                    if consecutive_bad >= cfg.max_nonfinite:
+                        raise TrainingDiverged(
+                            f"the loss or its gradients were non-finite for {consecutive_bad} "
+                            f"consecutive steps (step {self.step}): training stopped. The last good "
+                            f"checkpoint is {self.last_checkpoint or 'none (none was written yet)'}; "
+                            f"lower lr (now {cfg.lr}) or set grad_clip, then resume from it")
+                self.step += 1
+                self.nimg += cfg.batch_size
+                bar.update(1)
+                done = self.step == cfg.steps
+                if self.step % cfg.log_every == 0 or done:
+                    now = time.perf_counter()
+                    row = self._log_row(acc, (self.nimg - tick_nimg) / max(now - tick, 1e-9))
+                    tick, tick_nimg = now, self.nimg
+                    acc.zero_()
+                    if row.get("loss") is not None:
+                        last_loss = row["loss"]
+                    if metrics is not None:
+                        metrics.write(row)
+                        bar.set_postfix(loss=row["loss"], img_s=f"{row['images_per_s']:.0f}")
+                        if writer is not None:
+                            for k, v in row.items():
+                                if k != "step" and isinstance(v, float) and math.isfinite(v):
+                                    writer.add_scalar(k, v, self.step)
+                if self.step % cfg.checkpoint_every == 0 or done:
+                    self._save_checkpoint()
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
+                    self._write_samples()
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+            if writer is not None:
+                writer.close()
+        return TrainResult(self.run_dir, self.step, self.nimg, self.last_checkpoint, last_loss,
+                           self.skipped, self.net, self.ema.models)
+
+    def _accumulate(self, acc: torch.Tensor, terms, grad_norm: torch.Tensor) -> None:
+        dsm = terms.dsm.detach().double()
+        acc[0] += terms.total.detach().double().sum()
+        acc[1] += dsm.numel()
+        if terms.reg is not None:
+            acc[2] += terms.reg.detach().double().sum()
+        acc[3] += grad_norm.detach().double()
+        which = torch.bucketize(terms.sigma.detach().to(self.bin_edges.dtype), self.bin_edges)
+        nbins = len(self.bin_names)
+        acc[4:4 + nbins] += torch.zeros(nbins, dtype=torch.float64, device=dsm.device).index_add_(0, which, dsm)
+        acc[4 + nbins:] += torch.bincount(which, minlength=nbins).double()
+
+    def _log_row(self, acc: torch.Tensor, images_per_s: float) -> dict[str, Any]:
+        self.world.all_reduce_sum(acc)
+        n, nbins = float(acc[1]), len(self.bin_names)
+        steps = n / self.cfg.batch_size  # finite steps in the interval
+        row: dict[str, Any] = {"step": self.step, "nimg": self.nimg,
+                               "loss": float(acc[0]) / n if n else None,
+                               "lr": lr_at(self.cfg, self.step - 1),
+                               "grad_norm": float(acc[3]) / self.world.size / steps if steps else None,
+                               "images_per_s": images_per_s,
+                               "peak_memory_mb": _peak_memory_mb(self.world.device),
+                               "skipped_steps": self.skipped}
+        if self.cfg.equivariance == "reg":
+            row["reg_loss"] = float(acc[2]) / n if n else None
+        for i, name in enumerate(self.bin_names):
+            count = float(acc[4 + nbins + i])
+            row[name] = float(acc[4 + i]) / count if count else None
+        return row
+
+    def _write_samples(self) -> None:
+        if self.world.is_main:
+            from symfast.data.images import save_image_grid
+            from symfast.samplers import sample
+            shape = (self.cfg.sample_n,) + tuple(self.shape)
+            x = sample(self.sampler, shape, sampler="heun", steps=self.cfg.sample_steps, seed=0,
+                       progress=False, device=self.world.device)
+            save_image_grid(x.clamp(-1, 1).cpu(), self.run_dir / "samples" / f"step-{self.step:09d}.png")
+        self.world.barrier()
+
+
+def _json(values: dict[str, Any]) -> str:
+    import json
+    return json.dumps(values, indent=1, sort_keys=True)
+
+
+def _tensorboard(run_dir: Path, step: int):
+    """A SummaryWriter when tensorboard is installed (events purged past ``step`` on resume)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=step if step > 0 else None)
