@@ -1,7 +1,9 @@
-"""The `symfast` command: `symfast info`, `symfast bench <name> [args]`."""
+"""The `symfast` command: `symfast info`, `symfast bench <name> [args]`, `symfast train`,
+`symfast sample`, `symfast denoise`. Flags become a config or arguments of one library call."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import runpy
 import sys
@@ -62,18 +64,139 @@ def bench(name: str, args: list[str]) -> int:
     return 0
 
 
+TRAIN_HELP = {
+    "data": "digits, digits-d4 (every digit under D4), gmm-d4 (exact-score Gaussian mixture) or "
+            "a folder of PNG/JPEG images",
+    "image_size": "images are resized to N x N",
+    "data_channels": "image channels (1 or 3; digits: 1, folders: 3)",
+    "dataset_size": "images drawn from gmm-d4",
+    "model": "unet, equivariant-unet or diffusers-unet (default: equivariant-unet for wt)",
+    "channels": "UNet widths per level, e.g. 32,64,64",
+    "attention_levels": "levels with self-attention, e.g. 1,2 (default: the lowest)",
+    "group": "symmetry group (default d4 when --equivariance is not none)",
+    "equivariance": "none, augment, wt (weight tying), fa (frame averaging) or reg (regulariser)",
+    "fa_train": "with fa: frame-average in training too (|G| network calls per step)",
+    "reg_weight": "lambda of the equivariance regulariser (reg)",
+    "prediction": "edm (EDM preconditioning), eps, v or x0 (DDPM schedule)",
+    "batch_size": "global batch, split over the torchrun ranks",
+    "lr_schedule": "constant, cosine or inverse-sqrt, after --warmup-steps",
+    "grad_clip": "clip the gradient norm to C ('none' to disable)",
+    "max_nonfinite": "stop after this many consecutive non-finite steps",
+    "ema_halflife_images": "EMA half-life(s) in images, e.g. 500000 or 10000,50000",
+    "ema_rampup": "EMA ramp-up ratio ('none' to disable)",
+    "precision": "fp32 or bf16 (autocast)",
+    "compile": "run the network under torch.compile",
+    "checkpoint_every": "steps between checkpoints",
+    "keep": "checkpoints kept",
+    "resume": "auto (newest valid checkpoint in --out), none, or a checkpoint/run path",
+    "sample_every": "steps between sample grids in OUT/samples (0: never)",
+    "out": "run folder: checkpoints/, metrics.csv, config.json, samples/",
+}
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    return parse
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; only the flags given override --config."""
+    from symfast.train.config import TrainConfig
+
+    parser.add_argument("--config", help="JSON or TOML file of config fields (flags override it)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": TRAIN_HELP.get(f.name)}
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if isinstance(default, (tuple, list)) or f.name == "attention_levels":
+            kind = str  # comma-separated, parsed by TrainConfig
+        elif f.name in ("grad_clip", "ema_rampup"):
+            kind = _optional(float)
+        elif f.name == "data_channels":
+            kind = int
+        else:
+            kind = type(default) if default is not None else str
+        parser.add_argument(flag, type=kind, **kwargs)
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from symfast.train import train
+
+    values = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
+    result = train(ns.config, **values)
+    print(f"trained to step {result.step} ({result.nimg} images); checkpoint: {result.checkpoint}")
+    return 0
+
+
+def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder")
+    parser.add_argument("--sampler", default="heun")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--group", help="frame-average over this group at sampling")
+    parser.add_argument("--ema", type=_optional(int), default=0,
+                        help="EMA copy index, or 'none' for the raw trained weights")
+    parser.add_argument("--device", default="cpu")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("symfast").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(prog="symfast", description="symfast command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, torch, and which backends are available (and why not)")
     bench_parser = sub.add_parser("bench", help="run a benchmark script (args are passed on)")
     bench_parser.add_argument("name", choices=sorted(BENCHMARKS))
     bench_parser.add_argument("args", nargs=argparse.REMAINDER)
+    train_parser = sub.add_parser("train", help="train a diffusion model (torchrun -m symfast "
+                                                "train ... for DDP)")
+    _add_train_flags(train_parser)
+    sample_parser = sub.add_parser("sample", help="sample a grid of images from a checkpoint")
+    _checkpoint_flags(sample_parser)
+    sample_parser.add_argument("--n", type=int, default=64)
+    sample_parser.add_argument("--seed", type=int, default=0)
+    sample_parser.add_argument("--out", required=True, help="the PNG grid to write")
+    denoise_parser = sub.add_parser("denoise", help="denoise an image with a checkpoint's model")
+    _checkpoint_flags(denoise_parser)
+    denoise_parser.add_argument("--sigma", type=float, required=True, help="the image's noise level")
+    denoise_parser.add_argument("--add-noise", type=int, metavar="SEED",
+                                help="first add noise of std sigma to the (clean) input")
+    denoise_parser.add_argument("input")
+    denoise_parser.add_argument("output")
     ns = parser.parse_args(argv)
     if ns.command == "info":
         return info()
-    return bench(ns.name, ns.args)
+    if ns.command == "bench":
+        return bench(ns.name, ns.args)
+    try:
+        return _run_job(ns)
+    except (ValueError, TypeError) as exc:  # bad input: the message names the argument
+        print(f"symfast {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_job(ns: argparse.Namespace) -> int:
+    if ns.command == "train":
+        return _train(ns)
+    if ns.command == "sample":
+        from symfast.train import sample_to_file
+        sample_to_file(ns.checkpoint, ns.out, n=ns.n, sampler=ns.sampler, steps=ns.steps,
+                       seed=ns.seed, group=ns.group, ema=ns.ema, device=ns.device)
+        print(f"wrote {ns.out}")
+        return 0
+    if ns.command == "denoise":
+        from symfast.train import denoise_file
+        denoise_file(ns.checkpoint, ns.input, ns.output, ns.sigma, add_noise=ns.add_noise,
+                     sampler=ns.sampler, steps=ns.steps, group=ns.group, ema=ns.ema,
+                     device=ns.device)
+        print(f"wrote {ns.output}")
+        return 0
+    raise AssertionError(ns.command)
 
 
 if __name__ == "__main__":

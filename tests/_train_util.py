@@ -1,0 +1,59 @@
+"""Helpers of the training tests: run `symfast train` in a subprocess (plain or under torchrun),
+read a run's final checkpoint."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from symfast.train import checkpoint
+
+# A tiny run: a few ms per step, checkpoints of about a megabyte.
+TINY = ["--data", "gmm-d4", "--image-size", "8", "--channels", "16,32", "--batch-size", "8",
+        "--log-every", "1", "--no-progress", "--warmup-steps", "3", "--lr", "1e-3"]
+
+
+def child_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def train_command(out: Path, steps: int, *extra: str, nproc: int = 1) -> list[str]:
+    args = ["-m", "symfast", "train", *TINY, "--steps", str(steps), "--out", str(out), *extra]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *args]
+
+
+def run_train(out: Path, steps: int, *extra: str, nproc: int = 1, check: bool = True,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(out, steps, *extra, nproc=nproc), env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def final_tensors(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The newest checkpoint's tensors (RNG state aside) and state."""
+    found = checkpoint.latest(run_dir)
+    assert found is not None, f"no checkpoint in {run_dir}"
+    return {k: v for k, v in found.tensors.items() if not k.startswith("rng.")}, found.state
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    differing = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differing, f"tensors differ: {differing[:8]}"
+
+
+def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
