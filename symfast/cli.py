@@ -130,7 +130,8 @@ def _train(ns: argparse.Namespace) -> int:
 
     values = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
     result = train(ns.config, **values)
-    print(f"trained to step {result.step} ({result.nimg} images); checkpoint: {result.checkpoint}")
+    if result.rank == 0:
+        print(f"trained to step {result.step} ({result.nimg} images); checkpoint: {result.checkpoint}")
     return 0
 
 

@@ -64,6 +64,37 @@ def test_matches_reference(backend, group, shape, dtype, noise_mode):
     _check([t.cpu() for t in out], ref, dtype)
 
 
+@pytest.mark.parametrize("group,shape", [("d4", (2, 3, 9, 9)), ("c2", (3, 2, 5, 7)), ("flip_h", (2, 11))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noise_group_transforms_the_noise_without_averaging(backend, group, shape, dtype):
+    """A network equivariant by construction: one output per sample (no orbit), and the Philox
+    noise still transformed by g_k — z ← g_k z, exactly as the frame-averaged step does."""
+    dev = device_for(backend)
+    g = get(group)
+    x, _, u, v = _inputs(group, shape, dtype, dev, noncontiguous=True)
+    y = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device=dev, dtype=dtype)
+    key = noise_key(99, shape[0], dev)
+    k = len(g) - 1
+    out = fused_step(x, y, COEFS, None, u=u, v=v, key=key, step=5, noise_element=k,
+                     noise_group=group, backend=backend)
+    ref = reference_step(x.cpu(), y.cpu(), get("trivial"), COEFS, u.cpu(), v.cpu(), None,
+                         key.cpu(), 5, k, g)
+    _check([t.cpu() for t in out], ref, dtype)
+    # the reference's noise is g_k of the untransformed draw
+    acc = x.cpu().float()
+    den = COEFS.c_skip * acc + COEFS.c_out * y.cpu().float()
+    manual = (COEFS.a * acc + COEFS.b * den + COEFS.p * u.cpu().float() + COEFS.q * v.cpu().float()
+              + COEFS.c * g.act(sample_noise(key.cpu(), 5, shape), k))
+    assert rel_err(ref[0], manual.to(dtype)) <= TOL[dtype]
+
+
+def test_noise_group_with_averaging_is_refused():
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="noise_group"):
+        fused_step(x, torch.randn(16, 1, 4, 4), COEFS, "d4", key=noise_key(0, 2), noise_element=1,
+                   noise_group="c4")
+
+
 def test_optional_terms_and_no_denoised(backend):
     dev = device_for(backend)
     x, y, _, _ = _inputs("d4", (2, 1, 6, 6), torch.float32, dev)

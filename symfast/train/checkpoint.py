@@ -58,6 +58,11 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def path_for(run_dir: str | os.PathLike, step: int) -> Path:
+    """The folder of checkpoint ``step`` of a run."""
+    return checkpoint_dir(run_dir) / f"step-{step:09d}"
+
+
 def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor],
          state: dict[str, Any], keep: int | None = None) -> Path:
     """Write checkpoint ``step`` atomically under ``run_dir/checkpoints`` and keep the newest
@@ -66,7 +71,7 @@ def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor]
 
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:09d}"
+    final = path_for(run_dir, step)
     tmp = root / f".step-{step:09d}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

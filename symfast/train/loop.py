@@ -60,6 +60,7 @@ class TrainResult:
     """What a finished run leaves: its folder, its last step and checkpoint, the EMA networks."""
 
     run_dir: Path
+    rank: int
     step: int
     nimg: int
     checkpoint: Path | None
@@ -348,9 +349,9 @@ class _Run:
     def _save_checkpoint(self) -> None:
         if self.world.is_main:
             tensors, state = self._checkpoint_payload()
-            self.last_checkpoint = checkpoint.save(self.run_dir, self.step, tensors, state,
-                                                   keep=self.cfg.keep)
+            checkpoint.save(self.run_dir, self.step, tensors, state, keep=self.cfg.keep)
         self.world.barrier()
+        self.last_checkpoint = checkpoint.path_for(self.run_dir, self.step)
 
     # ---- one step --------------------------------------------------------------------------
     def _batch(self, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -456,7 +457,7 @@ class _Run:
                 metrics.close()
             if writer is not None:
                 writer.close()
-        return TrainResult(self.run_dir, self.step, self.nimg, self.last_checkpoint, last_loss,
+        return TrainResult(self.run_dir, self.world.rank, self.step, self.nimg, self.last_checkpoint, last_loss,
                            self.skipped, self.net, self.ema.models)
 
     def _accumulate(self, acc: torch.Tensor, terms, grad_norm: torch.Tensor) -> None:
