@@ -14,7 +14,7 @@ from symfast.train.build import build_model, sampling_denoiser
 from symfast.train.config import TrainConfig
 
 
-def load(path: str | os.PathLike, *, ema: int | None = 0, model: nn.Module | None = None,
+def load(path: str | os.PathLike, *, ema: int | None = 0, network: nn.Module | None = None,
          device: str | torch.device = "cpu", group: str | None = None) -> tuple[Denoiser, TrainConfig]:
     """A ready Denoiser and the config of a training run.
 
@@ -23,7 +23,7 @@ def load(path: str | os.PathLike, *, ema: int | None = 0, model: nn.Module | Non
             checkpoint that verifies).
         ema: which EMA copy's weights (index into the run's ``ema_halflife_images``); None for
             the raw trained weights.
-        model: the network to load into, for runs of a custom model (config model "custom").
+        network: the network to load into, for runs of a custom model (config model "custom").
         device: where the network goes.
         group: frame-average over this group at sampling (exactly equivariant at |G| calls per
             step) in place of the run's own choice.
@@ -33,15 +33,12 @@ def load(path: str | os.PathLike, *, ema: int | None = 0, model: nn.Module | Non
     """
     ckpt = checkpoint.resolve(path)
     cfg = TrainConfig.from_dict(ckpt.state["config"])
-    channels = cfg.data_channels
+    model = network
     if model is None:
         if cfg.model == "custom":
-            raise ValueError(f"checkpoint {ckpt.path} is of a custom model: pass model= (an "
+            raise ValueError(f"checkpoint {ckpt.path} is of a custom model: pass network= (an "
                              f"nn.Module of the same architecture)")
-        if channels is None:
-            channels = int(ckpt.tensors["model.conv_in.weight"].shape[1]) if \
-                "model.conv_in.weight" in ckpt.tensors else 3
-        model = build_model(cfg, channels)
+        model = build_model(cfg, image_shape(cfg)[0])
     prefix = "model." if ema is None else f"ema.{ema}."
     weights = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
     if not weights:

@@ -51,6 +51,9 @@ def check_dataset(cfg: TrainConfig, dataset: Any) -> tuple[int, ...]:
     c, h, w = shape
     if cfg.data_channels is not None and c != cfg.data_channels:
         raise ValueError(f"the dataset has {c} channels but data_channels={cfg.data_channels}")
+    if cfg.group is not None:
+        from symfast.groups import get
+        get(cfg.group).check_input(torch.empty(1, *shape), "dataset images")
     if (h, w) != (cfg.image_size, cfg.image_size) and cfg.model != "custom":
         raise ValueError(f"the dataset's images are {h}x{w} but image_size={cfg.image_size}")
     if cfg.model != "custom":
@@ -58,9 +61,6 @@ def check_dataset(cfg: TrainConfig, dataset: Any) -> tuple[int, ...]:
         if h % multiple or w % multiple:
             raise ValueError(f"images of {h}x{w} cannot be pooled by a UNet with channels="
                              f"{list(cfg.channels)}: H and W must be divisible by {multiple}")
-    if cfg.group is not None:
-        from symfast.groups import get
-        get(cfg.group).check_input(torch.empty(1, *shape), "dataset images")
     return shape
 
 

@@ -180,7 +180,7 @@ class MetricsLog:
         self.file.close()
 
 
-def train(config: TrainConfig | dict | str | None = None, *, model: nn.Module | None = None,
+def train(config: TrainConfig | dict | str | None = None, *, network: nn.Module | None = None,
           dataset: Any = None, device: str | torch.device | None = None, **overrides: Any) -> TrainResult:
     """Train a diffusion model; see :class:`TrainConfig` for every option.
 
@@ -192,7 +192,8 @@ def train(config: TrainConfig | dict | str | None = None, *, model: nn.Module | 
     Args:
         config: a TrainConfig, a dict of its fields, or a JSON/TOML file; ``overrides`` are laid
             over it (``train(steps=100, out="runs/x")``).
-        model: any nn.Module F(x, t) -> like x, instead of the config's (config model "custom").
+        network: any nn.Module F(x, t) -> like x, instead of the config's model (the config's
+            model is then "custom").
         dataset: images (N, C, H, W) in [-1, 1] as a dataset (``len`` and ``[i]``, or
             ``get_batch(indices)``), instead of the config's data (config data "custom").
         device: "cpu", "cuda", ... (default: cuda:LOCAL_RANK when CUDA is available).
@@ -200,16 +201,16 @@ def train(config: TrainConfig | dict | str | None = None, *, model: nn.Module | 
     Returns a :class:`TrainResult`. Raises :class:`TrainingDiverged` when the loss stays
     non-finite (the last good checkpoint is kept and named).
     """
-    if model is not None:
-        overrides.setdefault("model", "custom")
+    if network is not None:
+        if not isinstance(network, nn.Module):
+            raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
+        overrides["model"] = "custom"
     if dataset is not None:
-        overrides.setdefault("data", "custom")
+        overrides["data"] = "custom"
     cfg = make_config(config, **overrides)
-    if model is not None and not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     world = setup(device)
     try:
-        return _Run(cfg, world, model, dataset).run()
+        return _Run(cfg, world, network, dataset).run()
     finally:
         world.close()
 
@@ -217,7 +218,7 @@ def train(config: TrainConfig | dict | str | None = None, *, model: nn.Module | 
 class _Run:
     """One training run on one rank."""
 
-    def __init__(self, cfg: TrainConfig, world: World, model: nn.Module | None, dataset: Any):
+    def __init__(self, cfg: TrainConfig, world: World, network: nn.Module | None, dataset: Any):
         self.cfg, self.world = cfg, world
         if cfg.batch_size % world.size:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of "
@@ -225,11 +226,12 @@ class _Run:
         self.local_batch = cfg.batch_size // world.size
         self.dataset = dataset if dataset is not None else build_dataset(cfg)
         self.shape = check_dataset(cfg, self.dataset)
+        cfg.data_channels = self.shape[0]  # recorded, so that load() rebuilds the same network
         self.run_dir = Path(cfg.out)
         resumed = self._resume_checkpoint()
         # the same initial weights on every rank, and in a resumed run before it loads
         torch.manual_seed(mix(cfg.seed, 0x1417))
-        self.net = (model if model is not None else build_model(cfg, self.shape[0])).to(world.device)
+        self.net = (network if network is not None else build_model(cfg, self.shape[0])).to(world.device)
         self.ema = EMA(self.net, cfg.ema_halflife_images, cfg.ema_rampup)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
                                            weight_decay=cfg.weight_decay)

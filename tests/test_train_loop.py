@@ -1,0 +1,304 @@
+"""symfast.train in one process: every equivariance variant and prediction end to end (train,
+checkpoint, load, sample), that training learns the exact score, EMA, LR, data order, resume,
+non-finite steps, and bad input caught before any work."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from _train_util import assert_bitwise_equal, final_tensors, metrics_rows
+from conftest import rel_err
+from symfast import sample
+from symfast.data.images import ImageTensorDataset, gaussian_mixture, save_image_grid
+from symfast.groups import get
+from symfast.train import EMA, TrainConfig, TrainingDiverged, load, lr_at, make_config, train
+from symfast.train.loop import DataOrder, _Run, sample_normals, sample_uniforms
+from symfast.train.distributed import World
+
+TINY = dict(data="gmm-d4", image_size=8, channels=(8, 16), heads=2, batch_size=8, progress=False,
+            warmup_steps=2, dataset_size=64)
+
+VARIANTS = [  # (equivariance, prediction, extra)
+    ("none", "edm", {}),
+    ("none", "x0", {}),
+    ("augment", "eps", {}),
+    ("wt", "edm", {}),
+    ("fa", "v", {}),
+    ("fa", "edm", {"fa_train": True}),
+    ("reg", "edm", {"reg_weight": 0.5}),
+]
+
+
+@pytest.mark.parametrize("equivariance,prediction,extra", VARIANTS)
+def test_variant_trains_checkpoints_loads_and_samples(tmp_path, equivariance, prediction, extra):
+    result = train(**TINY, equivariance=equivariance, prediction=prediction, steps=4,
+                   checkpoint_every=2, log_every=2, sample_every=4, sample_n=4, sample_steps=3,
+                   out=str(tmp_path), **extra)
+    assert result.step == 4 and result.nimg == 32 and math.isfinite(result.last_loss)
+    assert (tmp_path / "samples" / "step-000000004.png").is_file()
+    assert json.loads((tmp_path / "config.json").read_text())["equivariance"] == equivariance
+    rows = metrics_rows(tmp_path)
+    assert [r["step"] for r in rows] == ["2", "4"]
+    assert any(k.startswith("loss_sigma_") for k in rows[0])
+    assert ("reg_loss" in rows[0]) == (equivariance == "reg")
+    denoiser, cfg = load(tmp_path)
+    assert cfg.equivariance == equivariance
+    tensors, _ = final_tensors(tmp_path)
+    ema = {k[len("ema.0."):]: v for k, v in tensors.items() if k.startswith("ema.0.")}
+    assert all(torch.equal(v, ema[k]) for k, v in denoiser.model.state_dict().items())
+    assert (denoiser.group is not None) == (equivariance in ("wt", "fa"))
+    assert denoiser.frame_average == (equivariance == "fa")
+    x_t = torch.randn(2, 1, 8, 8)
+    out = sample(denoiser, x_t, sampler="heun", steps=3, progress=False)
+    assert torch.isfinite(out).all()
+    if equivariance in ("wt", "fa"):  # what the run trained samples exactly equivariantly
+        g = get("d4")
+        for k in (1, 5):
+            moved = sample(denoiser, g.act(x_t, k), sampler="heun", steps=3, progress=False)
+            assert rel_err(moved, g.act(out, k)) <= 1e-5
+
+
+def _posterior_error(denoiser, mixture, sigmas, n=256):
+    x0 = mixture.sample(n, seed=123)
+    gen = torch.Generator().manual_seed(9)
+    errs = []
+    with torch.no_grad():
+        for s in sigmas:
+            y = x0 + s * torch.randn(x0.shape, generator=gen)
+            errs.append(float((denoiser(y, s) - mixture.posterior_mean(y, s)).pow(2).mean()))
+    return errs
+
+
+def test_training_learns_the_exact_posterior_mean(tmp_path):
+    """On the D4-invariant Gaussian mixture the optimal denoiser is known exactly; a short run
+    must move the EMA denoiser well towards it at every σ."""
+    mixture = gaussian_mixture("d4", size=8, channels=1, seed=0)
+    cfg = dict(TINY, channels=(16, 32), batch_size=32, dataset_size=2048, lr=2e-3,
+               ema_halflife_images=2000, steps=150, checkpoint_every=150, out=str(tmp_path))
+    sigmas = (0.1, 0.3, 1.0)
+    untrained = train(**dict(cfg, steps=1, out=str(tmp_path / "init")))
+    before = _posterior_error(load(untrained.run_dir)[0], mixture, sigmas)
+    train(**cfg)
+    after = _posterior_error(load(tmp_path)[0], mixture, sigmas)
+    for b, a in zip(before, after):
+        assert a < 0.25 * b, (before, after)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_in_process_is_bitwise_equal(tmp_path, monkeypatch):
+    """Crash right after the checkpoint of step 5 and resume to 9 (Reg, whose target is the EMA,
+    two EMA widths, a cosine LR): the same tensors as 9 steps straight."""
+    from symfast.train import checkpoint
+    cfg = dict(TINY, equivariance="reg", lr_schedule="cosine", checkpoint_every=5, log_every=1,
+               ema_halflife_images=(100, 400), steps=9)
+    train(**cfg, out=str(tmp_path / "a"))
+    save = checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        path = save(*args, **kwargs)
+        raise _Crash(path)
+
+    monkeypatch.setattr(checkpoint, "save", save_then_crash)
+    with pytest.raises(_Crash, match="step-000000005"):
+        train(**cfg, out=str(tmp_path / "b"))
+    monkeypatch.setattr(checkpoint, "save", save)
+    train(**cfg, out=str(tmp_path / "b"), resume="auto")
+    a, _ = final_tensors(tmp_path / "a")
+    b, _ = final_tensors(tmp_path / "b")
+    assert_bitwise_equal(a, b)
+    assert any(k.startswith("ema.1.") for k in a)
+    assert [r["loss"] for r in metrics_rows(tmp_path / "a")] == \
+        [r["loss"] for r in metrics_rows(tmp_path / "b")]
+
+
+class _NaNAfter(nn.Module):
+    """A small conv net whose output turns NaN on the calls listed in ``bad``."""
+
+    def __init__(self, bad):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.calls, self.bad = 0, bad
+
+    def forward(self, x, t):
+        self.calls += 1
+        out = self.conv(x)
+        return out * float("nan") if self.calls in self.bad else out
+
+
+def test_a_run_whose_loss_turns_nan_stops_and_keeps_its_last_good_checkpoint(tmp_path):
+    # one network call per step: steps 0-4 are fine, from step 5 on the output is NaN; the
+    # skipped step 5 leaves the weights as they were, so checkpoint 6 is still a good one
+    model = _NaNAfter(bad=set(range(6, 1000)))
+    with pytest.raises(TrainingDiverged, match="step 7.*last good checkpoint is .*step-000000006"):
+        train(**TINY, network=model, steps=20, checkpoint_every=2, max_nonfinite=3, out=str(tmp_path))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-000000002", "step-000000004", "step-000000006"]
+    denoiser, _ = load(tmp_path, network=_NaNAfter(bad=set()))
+    assert all(torch.isfinite(p).all() for p in denoiser.model.parameters())
+
+
+def test_non_finite_steps_are_skipped_and_counted(tmp_path):
+    model = _NaNAfter(bad={3, 4})
+    result = train(**TINY, network=model, steps=6, checkpoint_every=6, log_every=1, out=str(tmp_path))
+    assert result.skipped_steps == 2 and result.step == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert metrics_rows(tmp_path)[-1]["skipped_steps"] == "2"
+
+
+def test_ema_follows_edm():
+    net = nn.Linear(3, 2)
+    ema = EMA(net, (1000.0, 50.0), rampup=0.05)
+    assert ema.beta(0, nimg=0, batch=10) == 0.0  # ramp-up: the first step copies the weights
+    assert ema.beta(0, nimg=4000, batch=10) == pytest.approx(0.5 ** (10 / 200))
+    assert ema.beta(1, nimg=4000, batch=10) == pytest.approx(0.5 ** (10 / 50))
+    assert EMA(net, (1000.0,), rampup=None).beta(0, nimg=0, batch=10) == pytest.approx(0.5 ** 0.01)
+    before = [p.clone() for p in ema.models[1].parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(nimg=4000, batch=10)
+    beta = 0.5 ** (10 / 50)
+    for old, new, p in zip(before, ema.models[1].parameters(), net.parameters()):
+        assert rel_err(new, beta * old + (1 - beta) * p) <= 1e-6
+    assert not any(p.requires_grad for p in ema.models[0].parameters())
+    copy = EMA(net, (1000.0, 50.0))
+    copy.load_state_tensors(ema.state_tensors())
+    assert all(torch.equal(a, b) for a, b in zip(copy.models[1].parameters(), ema.models[1].parameters()))
+
+
+def test_learning_rate_schedules():
+    base = dict(TINY, lr=1.0, warmup_steps=10, steps=110)
+    const = TrainConfig(**base)
+    assert [lr_at(const, s) for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
+    cos = TrainConfig(**base, lr_schedule="cosine")
+    assert lr_at(cos, 10) == 1.0 and lr_at(cos, 60) == pytest.approx(0.5) and lr_at(cos, 110) < 1e-9
+    inv = TrainConfig(**base, lr_schedule="inverse-sqrt")
+    assert lr_at(inv, 10) == 1.0 and lr_at(inv, 40) == pytest.approx(0.5)
+
+
+def test_data_order_covers_every_image_each_epoch_and_splits_over_ranks():
+    order = DataOrder(10, seed=3)
+    epoch0 = order.indices(0, 10, 0, 10)
+    assert sorted(epoch0.tolist()) == list(range(10))
+    # batches of 4 straddle the epoch boundary: positions 8..11 are epoch 0's last two, then epoch 1's first two
+    straddle = order.indices(2, 4, 0, 4)
+    assert straddle[:2].tolist() == epoch0[8:].tolist()
+    assert straddle[2:].tolist() == order.indices(1, 10, 0, 2).tolist()
+    assert not torch.equal(order.indices(1, 10, 0, 10), epoch0)
+    whole = order.indices(5, 6, 0, 6)
+    assert torch.equal(torch.cat([order.indices(5, 6, 0, 3), order.indices(5, 6, 3, 6)]), whole)
+    assert torch.equal(DataOrder(10, seed=3).indices(5, 6, 0, 6), whole)
+
+
+def test_per_sample_draws_do_not_depend_on_the_split():
+    streams = torch.arange(8)
+    u = sample_uniforms(7, 3, streams, 3)
+    assert u.shape == (8, 3) and (u >= 0).all() and (u < 1).all()
+    assert torch.equal(torch.cat([sample_uniforms(7, 3, streams[:5], 3),
+                                  sample_uniforms(7, 3, streams[5:], 3)]), u)
+    z = sample_normals(7, 3, streams, (8, 1, 4, 4), torch.device("cpu"))
+    assert torch.equal(sample_normals(7, 3, streams[5:], (3, 1, 4, 4), torch.device("cpu")), z[5:])
+    assert not torch.equal(sample_normals(7, 4, streams, (8, 1, 4, 4), torch.device("cpu")), z)
+
+
+def test_precision_bf16_and_a_diffusers_model_and_an_image_folder(tmp_path):
+    r = train(**TINY, equivariance="wt", precision="bf16", steps=2, out=str(tmp_path / "bf16"))
+    assert math.isfinite(r.last_loss)
+    pytest.importorskip("diffusers")
+    r = train(**TINY, model="diffusers-unet", steps=2, out=str(tmp_path / "diffusers"))
+    assert math.isfinite(r.last_loss)
+    denoiser, _ = load(tmp_path / "diffusers")
+    assert torch.isfinite(sample(denoiser, (2, 1, 8, 8), steps=2, progress=False)).all()
+    folder = tmp_path / "images"
+    for i in range(3):
+        save_image_grid(torch.rand(3, 12, 10) * 2 - 1, folder / f"{i}.png", padding=0)
+    r = train(**dict(TINY, data=str(folder), data_channels=3), steps=2, out=str(tmp_path / "folder"))
+    assert math.isfinite(r.last_loss)
+    assert load(tmp_path / "folder")[1].data_channels == 3
+
+
+def test_compile_runs_the_network_under_torch_compile(tmp_path):
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x) * torch.cos(t)[:, None, None, None]
+
+    torch.manual_seed(0)
+    eager = train(**TINY, network=Small(), steps=3, out=str(tmp_path / "eager"))
+    torch.manual_seed(0)
+    compiled = train(**TINY, network=Small(), steps=3, compile=True, out=str(tmp_path / "compiled"))
+    a, _ = final_tensors(tmp_path / "eager")
+    b, _ = final_tensors(tmp_path / "compiled")
+    for k in a:
+        assert rel_err(b[k], a[k]) <= 1e-5, k
+    assert eager.step == compiled.step == 3
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    train(**TINY, steps=2, log_every=1, out=str(tmp_path))
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# ---- bad input, caught before any work --------------------------------------------------------
+
+def _nothing_written(path):
+    return not path.exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"image_size": 10, "channels": (8, 16, 16)}, "image_size=10 cannot be pooled"),
+    ({"equivariance": "wt", "model": "unet"}, "equivariance='wt'.*needs model='equivariant-unet'"),
+    ({"group": "d4"}, "group='d4' needs equivariance"),
+    ({"group": "d5", "equivariance": "fa"}, "unknown group name 'd5'"),
+    ({"prediction": "score"}, "prediction must be one of"),
+    ({"batch_size": 0}, "batch_size must be a positive int"),
+    ({"data": "/no/such/folder"}, "data must be one of"),
+    ({"resume": "/no/such/checkpoint"}, "resume='/no/such/checkpoint': no such checkpoint"),
+    ({"fa_train": True}, "fa_train=True needs equivariance='fa'"),
+    ({"channels": (8, 0)}, "channels must be a non-empty list of positive ints"),
+    ({"learning_rate": 1.0}, r"unknown config field\(s\) \['learning_rate'\]"),
+])
+def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train(**dict(TINY, steps=2, out=str(out), **overrides))
+    assert _nothing_written(out)
+
+
+def test_rotation_group_with_non_square_images_is_refused(tmp_path):
+    data = ImageTensorDataset(torch.zeros(4, 1, 8, 12))
+    with pytest.raises(ValueError, match="dataset images.*square"):
+        train(**dict(TINY, image_size=8), dataset=data, equivariance="augment", steps=1,
+              out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="dataset's images are 8x12"):
+        train(**dict(TINY, image_size=8), dataset=data, steps=1, out=str(tmp_path / "run"))
+    assert _nothing_written(tmp_path / "run")
+
+
+def test_batch_not_divisible_by_the_ranks_is_refused():
+    cfg = make_config(dict(TINY, batch_size=8, steps=1, out="unused"))
+    with pytest.raises(ValueError, match="batch_size=8 must be divisible by the number of processes"):
+        _Run(cfg, World(rank=0, size=3), None, None)
+
+
+def test_a_checkpoint_of_another_config_is_refused_naming_the_fields(tmp_path):
+    train(**TINY, steps=2, out=str(tmp_path))
+    with pytest.raises(ValueError, match=r"channels: \[8, 32\] vs \[8, 16\].*prediction: 'eps' vs 'edm'"):
+        train(**dict(TINY, channels=(8, 32), prediction="eps"), steps=4, out=str(tmp_path))
+    with pytest.raises(ValueError, match="resume='none' but .* already holds checkpoints"):
+        train(**TINY, steps=4, out=str(tmp_path), resume="none")
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match="group: 'd4' vs None"):
+        train(**dict(TINY, equivariance="fa"), steps=4, out=str(other), resume=str(tmp_path))
+    assert _nothing_written(other)
