@@ -25,6 +25,24 @@ def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) ->
     return statistics.median(times)
 
 
+def paired_ratio(base, fn, repeats: int) -> float:
+    """Median over repeats of t(base) / t(fn), the two timed back to back: on the shared 2-core
+    machine the other users' load drifts between (and inflates) the separate medians, and slows
+    the 2-thread dense conv more than the tied op; a ratio taken from adjacent calls follows the
+    same load (measured: separate medians gave 2t ratios from 1.6x to 5x within minutes)."""
+    for _ in range(2):
+        base(), fn()
+    ratios = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        base()
+        t1 = time.perf_counter()
+        fn()
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / (t2 - t1))
+    return statistics.median(ratios)
+
+
 def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 15) -> float:
     """Copy bandwidth in bytes/s (bytes read + bytes written per second) of a large fp32
     tensor copy, measured now, so a kernel's share of it is a ratio from the same run."""

@@ -16,16 +16,14 @@ Op case (issue 4): D4, 3×3, 64 -> 64 channels, 32×32, batch 32, fp32. Baseline
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_time, print_table, write_results  # noqa: E402
+from _common import median_time, paired_ratio, print_table, write_results  # noqa: E402
 
 from symfast import equivariance_error, symmetrize  # noqa: E402
 from symfast.groups import get  # noqa: E402
@@ -41,24 +39,6 @@ def _fwd_bwd(fn, x, params, grad):
         x.grad = None
         fn(x).backward(grad)
     return step
-
-
-def paired_ratio(base, fn, repeats: int) -> float:
-    """Median over repeats of t(base) / t(fn), the two timed back to back: on the shared 2-core
-    machine the other users' load drifts between (and inflates) the separate medians, and slows
-    the 2-thread dense conv more than the tied op; a ratio taken from adjacent calls follows the
-    same load (measured: separate medians gave 2t ratios from 1.6x to 5x within minutes)."""
-    for _ in range(2):
-        base(), fn()
-    ratios = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        base()
-        t1 = time.perf_counter()
-        fn()
-        t2 = time.perf_counter()
-        ratios.append((t1 - t0) / (t2 - t1))
-    return statistics.median(ratios)
 
 
 def bench_op(batch: int, channels: int, size: int, repeats: int) -> list[dict]:

@@ -382,18 +382,36 @@ void stencil_into(const at::Tensor& x, scalar_t* out, int64_t sb, int64_t sc, in
   });
 }
 
-// gS (B, C, R, Ho*Wo) contiguous -> gx (B, C, H, W).
+// gS -> gx (B, C, H, W), gS plane (b, c, r) starting at b*sb + c*sc + r*sr (the layout of
+// stencil_into); OpenMP over the (b, c) planes.
 template <typename scalar_t>
-void stencil_transpose_into(const scalar_t* gs, at::Tensor& gx, const Orbits& o, const Geometry& g) {
+void stencil_transpose_into(const scalar_t* gs, int64_t sb, int64_t sc, int64_t sr, at::Tensor& gx,
+                            const Orbits& o, const Geometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t hw = g.ho * g.wo;
+  const int64_t c = gx.size(1);
   scalar_t* gxp = gx.data_ptr<scalar_t>();
-  at::parallel_for(0, gx.size(0) * gx.size(1), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, gx.size(0) * c, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(plane_scratch(g, o.count()));
     for (int64_t plane = begin; plane < end; ++plane)
-      stencil_transpose_plane<scalar_t, acc_t>(gs + plane * o.count() * hw, hw,
+      stencil_transpose_plane<scalar_t, acc_t>(gs + (plane / c) * sb + (plane % c) * sc, sr,
                                                gxp + plane * g.h * g.w, o, g, acc.data());
   });
+}
+
+// Small output planes: S in the layout (C, R, B, Ho*Wo), so that the GEMM of every sample is
+// one GEMM with N = B*Ho*Wo. Per-sample GEMMs with N = Ho*Wo of 16 or 64 spent their time in
+// dispatch and packing: a UNet training step at 16x16 (levels at 8x8 and 4x4, batch 64) made
+// ~1,900 at::mm/addmm calls of 12-45 us each.
+constexpr int64_t kSmallPlane = 256;
+bool small_plane(const Geometry& g) { return g.ho * g.wo < kSmallPlane; }
+
+// x (B, C, H, W) -> S (C*R, B*Ho*Wo).
+template <typename scalar_t>
+at::Tensor stencil_batched(const at::Tensor& x, const Orbits& o, const Geometry& g) {
+  const int64_t bsz = x.size(0), c = x.size(1), r = o.count(), hw = g.ho * g.wo;
+  at::Tensor s = at::empty({c * r, bsz * hw}, x.options());
+  stencil_into<scalar_t>(x, s.data_ptr<scalar_t>(), hw, r * bsz * hw, bsz * hw, o, g);
+  return s;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -670,7 +688,8 @@ at::Tensor tied_stencil_transpose_cpu(const at::Tensor& gs_in, const at::Tensor&
   at::Tensor gx = at::empty({gs.size(0), gs.size(1), h, w}, gs.options());
   if (gx.numel() == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gs.scalar_type(), "tied_stencil_t_cpu", [&] {
-    stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), gx, o, g);
+    const int64_t r = o.count(), hw = g.ho * g.wo;
+    stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), gs.size(1) * r * hw, r * hw, hw, gx, o, g);
   });
   return gx;
 }
@@ -732,7 +751,14 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
     else
       at::mm_out(yb, w2, sb);
   };
-  if (fuse_per_sample(bsz)) {
+  if (small_plane(g)) {
+    at::Tensor s;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_small", [&] {
+      s = stencil_batched<scalar_t>(x, o, g);
+    });
+    const at::Tensor y2 = has_bias ? at::addmm(bias->view({oc, 1}), w2, s) : at::mm(w2, s);
+    y.copy_(y2.view({oc, bsz, g.ho, g.wo}).transpose(0, 1));
+  } else if (fuse_per_sample(bsz)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -778,6 +804,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
               ", ", g.wo, ")");
   const at::Tensor gy = grad_out.contiguous().view({bsz, oc, hw});
   at::Tensor gx, gw, gb;
+  if (small_plane(g) && (mask[0] || mask[1])) {
+    // Both gradients as single GEMMs over the (C, R, B, Ho*Wo) layout (see stencil_batched).
+    const at::Tensor gy2 = gy.transpose(0, 1).reshape({oc, bsz * hw});
+    const at::Tensor xc = x.contiguous();
+    if (mask[0]) {
+      gx = at::empty(x.sizes(), x.options());
+      const at::Tensor gs = at::mm(weight.reshape({oc, c * r}).t(), gy2);
+      if (gx.numel() > 0) {
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_small_bwd_x", [&] {
+          stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), hw, r * bsz * hw, bsz * hw, gx, o, g);
+        });
+      }
+    }
+    if (mask[1]) {
+      at::Tensor s;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_small_bwd_w", [&] {
+        s = stencil_batched<scalar_t>(xc, o, g);
+      });
+      gw = at::mm(gy2, s.t()).view({oc, c, r});
+    }
+    if (mask[2]) gb = gy.sum({0, 2});
+    return {gx, gw, gb};
+  }
   if (mask[0]) {
     const at::Tensor w2t = weight.reshape({oc, c * r}).t().contiguous();
     gx = at::empty(x.sizes(), x.options());
@@ -811,7 +860,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
             at::Tensor gsb = gs[b];
             at::mm_out(gsb, w2t, gy[b]);
           }
-          stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), gx, o, g);
+          stencil_transpose_into<scalar_t>(gs.data_ptr<scalar_t>(), c * r * hw, r * hw, hw, gx, o, g);
         }
       });
     }
@@ -845,14 +894,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
   } else if (mask[1]) {
     // S laid out (C, R, B, Ho*Wo) so grad theta is one GEMM with K = B*Ho*Wo (a single rounding
     // in low precision, and a long inner dimension for MKL).
-    at::Tensor s = at::empty({c, r, bsz, hw}, x.options());
     const at::Tensor xc = x.contiguous();
-    if (s.numel() > 0) {
+    if (xc.numel() > 0 && hw > 0) {
+      at::Tensor s;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_bwd_w", [&] {
-        stencil_into<scalar_t>(xc, s.data_ptr<scalar_t>(), hw, r * bsz * hw, bsz * hw, o, g);
+        s = stencil_batched<scalar_t>(xc, o, g);
       });
       const at::Tensor gy2 = gy.transpose(0, 1).reshape({oc, bsz * hw});
-      gw = at::mm(gy2, s.view({c * r, bsz * hw}).t()).view({oc, c, r});
+      gw = at::mm(gy2, s.t()).view({oc, c, r});
     } else {
       gw = at::zeros(weight.sizes(), weight.options());
     }

@@ -1,0 +1,83 @@
+"""The `symfast train / sample / denoise` commands: flags and config files become one config,
+a checkpoint becomes PNGs, bad input becomes a one-line error and exit code 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import rel_err
+from symfast.cli import main
+from symfast.data.images import digits, read_image, save_image_grid
+from symfast.groups import get
+from symfast.train import denoise_file
+
+FLAGS = ["--data", "digits", "--image-size", "8", "--channels", "8,16", "--heads", "2",
+         "--batch-size", "8", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def wt_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wt")
+    assert main(["train", *FLAGS, "--equivariance", "wt", "--steps", "3", "--out", str(out)]) == 0
+    return out
+
+
+def test_config_file_with_flags_laid_over_it(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\nsteps = 2\nlr = 0.0005\nchannels = [8, 16]\nheads = 2\n'
+                      'ema_halflife_images = [100, 400]\ngrad_clip = 2.0\nimage_size = 8\n')
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(config), "--lr", "0.001", "--grad-clip", "none",
+                 "--batch-size", "4", "--no-progress", "--out", str(out)])
+    assert code == 0 and "trained to step 2" in capsys.readouterr().out
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["steps"] == 2 and saved["lr"] == 0.001 and saved["grad_clip"] is None
+    assert saved["channels"] == [8, 16] and saved["ema_halflife_images"] == [100.0, 400.0]
+    assert saved["batch_size"] == 4
+    assert (out / "metrics.csv").is_file() and (out / "checkpoints" / "step-000000002").is_dir()
+
+
+def test_sample_writes_a_grid(wt_run, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(wt_run), "--n", "4", "--steps", "3",
+                 "--out", str(out)]) == 0
+    grid = read_image(out, channels=1)
+    assert grid.shape == (1, 2 * 8 + 3, 2 * 8 + 3)  # 2x2 images, 1 pixel of padding
+
+
+def test_denoise_is_equivariant_for_an_equivariant_model(wt_run, tmp_path):
+    image = digits(8).images[5]
+    g = get("d4")
+    noisy = (image + 0.3 * torch.randn(image.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    save_image_grid(noisy, tmp_path / "y.png", padding=0)
+    save_image_grid(g.act(noisy, 3), tmp_path / "gy.png", padding=0)
+    assert main(["denoise", "--checkpoint", str(wt_run), "--sigma", "0.3", "--steps", "4",
+                 str(tmp_path / "y.png"), str(tmp_path / "out.png")]) == 0
+    assert read_image(tmp_path / "out.png").shape == (1, 8, 8)
+    x = denoise_file(wt_run, tmp_path / "y.png", tmp_path / "a.png", 0.3, steps=4)
+    gx = denoise_file(wt_run, tmp_path / "gy.png", tmp_path / "b.png", 0.3, steps=4)
+    assert rel_err(gx, g.act(x, 3)) <= 1e-5
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", *FLAGS, "--image-size", "10", "--channels", "8,16,16"], "image_size=10 cannot be pooled"),
+    (["train", *FLAGS, "--resume", "/no/such/run"], "no such checkpoint"),
+    (["train", *FLAGS, "--equivariance", "fa", "--group", "d5"], "unknown group name"),
+    (["sample", "--checkpoint", "/no/such/run", "--out", "x.png"], "does not exist"),
+    (["denoise", "--checkpoint", "/no/such/run", "--sigma", "0.5", "a.png", "b.png"], "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_denoise_refuses_an_image_of_another_size(wt_run, tmp_path, capsys):
+    save_image_grid(torch.zeros(1, 12, 12), tmp_path / "big.png", padding=0)
+    assert main(["denoise", "--checkpoint", str(wt_run), "--sigma", "0.3", str(tmp_path / "big.png"),
+                 str(tmp_path / "out.png")]) == 2
+    assert "12x12" in capsys.readouterr().err and not (tmp_path / "out.png").exists()
