@@ -13,9 +13,10 @@ training loop's own overhead, and 2-process DDP scaling.
      it: nn.Conv2d layers (1x1 ones included) whose 3x3 kernels are symmetrised through
      torch.nn.utils.parametrize (weight = the mean of the kernel over the 8 D4 elements).
    Target: wt >= 2x "wt (parametrize)" per step, as the median of back-to-back step pairs.
-2. The loop's overhead: symfast.train.train (EMA, counter-based randomness, metrics, a checkpoint
-   every 50 steps, all amortised) against a bare forward/backward/step loop of the same network,
-   data and loss, per step. Target: <= 5% of a step.
+2. The loop's overhead: an iteration of symfast.train's loop (EMA, counter-based randomness,
+   metrics, a log row every 10 steps, a checkpoint every 50, amortised) against a bare
+   forward/backward/step of an identical network drawing its batch and noise with torch, the
+   two alternated step by step. Target: <= 5% of a step.
 3. DDP: `torchrun --nproc_per_node 2` (gloo, 1 thread each) against 1 process with 1 thread, the
    same global batch; images/s from metrics.csv after the first log interval. Target: >= 80%
    scaling efficiency.
@@ -43,7 +44,9 @@ from symfast import Denoiser  # noqa: E402
 from symfast.data.images import digits  # noqa: E402
 from symfast.nn import EquivariantUNet, UNet  # noqa: E402
 from symfast.nn.unet import PointwiseConv2d  # noqa: E402
-from symfast.train import train  # noqa: E402
+from symfast.train import make_config  # noqa: E402
+from symfast.train.distributed import setup  # noqa: E402
+from symfast.train.loop import _Run  # noqa: E402
 
 CHANNELS = (32, 64, 64)
 BATCH = 64
@@ -74,15 +77,23 @@ def paper_style_wt(channels=CHANNELS) -> nn.Module:
     return net
 
 
-def bare_step(net: nn.Module, x0: torch.Tensor, seed: int = 0):
-    """One training step of ``net`` on the fixed batch x0: EDM loss, backward, clip, AdamW."""
+def bare_step(net: nn.Module, data: torch.Tensor, fresh_draws: bool = False, seed: int = 0):
+    """One training step of ``net``: EDM loss, backward, clip, AdamW. The batch, σ and noise are
+    drawn once (the first BATCH images), or every step as a hand-written loop draws them
+    (``fresh_draws``: a random batch of ``data``, torch.rand σ quantiles, torch.randn noise)."""
     denoiser = Denoiser(net, "edm", frame_average=False)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     gen = torch.Generator().manual_seed(seed)
-    sigma, t = denoiser.schedule.training_levels(torch.rand(x0.shape[0], generator=gen, dtype=torch.float64))
-    noise = torch.randn(x0.shape, generator=gen)
+
+    def draws():
+        x0 = data[torch.randint(len(data), (BATCH,), generator=gen)] if fresh_draws else data[:BATCH]
+        sigma, t = denoiser.schedule.training_levels(torch.rand(BATCH, generator=gen, dtype=torch.float64))
+        return x0, sigma, t, torch.randn(x0.shape, generator=gen)
+
+    fixed = draws()
 
     def step():
+        x0, sigma, t, noise = draws() if fresh_draws else fixed
         opt.zero_grad(set_to_none=True)
         loss = denoiser.loss(x0, sigma, noise, t=t)
         loss.backward()
@@ -94,11 +105,11 @@ def bare_step(net: nn.Module, x0: torch.Tensor, seed: int = 0):
 def bench_steps(sizes, repeats: int) -> list[dict]:
     rows = []
     for size in sizes:
-        x0 = digits(size).images[:BATCH].contiguous()
+        data = digits(size).images
         torch.manual_seed(0)
         nets = {"unet": UNet(1, 1, CHANNELS), "wt": EquivariantUNet(1, 1, CHANNELS, "d4"),
                 "wt (parametrize)": paper_style_wt()}
-        steps = {name: bare_step(net, x0) for name, net in nets.items()}
+        steps = {name: bare_step(net, data) for name, net in nets.items()}
         times = {name: median_time(fn, repeats, warmup=2) for name, fn in steps.items()}
         ratio = paired_ratio(steps["wt (parametrize)"], steps["wt"], repeats)
         for name, net in nets.items():
@@ -108,65 +119,93 @@ def bench_steps(sizes, repeats: int) -> list[dict]:
     return rows
 
 
-def _interval_seconds(run_dir: Path, batch: int, log_every: int) -> list[float]:
+def _interval_seconds(run_dir: Path, batch: int) -> list[float]:
     """Seconds per step of each logged interval after the first (which holds the warm-up)."""
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     return [batch / float(r["images_per_s"]) for r in rows[1:]]
 
 
-def bench_overhead(rounds: int, steps: int) -> dict:
-    """train() vs the bare loop, alternated; the per-round ratio of mean step times."""
+def bench_overhead(pairs: int) -> dict:
+    """symfast's loop iteration (its train step plus EMA, counter-based draws, metrics, a log row
+    every 10 steps and a checkpoint every 50) against a bare step of an identical network, the
+    two alternated step by step so both see the same machine load; the overhead is the ratio
+    of their summed times (checkpoints and log rows amortised)."""
     size, log_every, ckpt_every = 16, 10, 50
-    x0 = digits(size).images[:BATCH].contiguous()
-    ratios, loop_ms, bare_ms = [], [], []
-    for r in range(rounds):
+    data = digits(size).images
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = make_config(data="digits", image_size=size, channels=CHANNELS, equivariance="wt",
+                          batch_size=BATCH, steps=10**6, log_every=log_every,
+                          checkpoint_every=ckpt_every, progress=False, out=tmp)
+        run = _Run(cfg, setup(), None, None)
+        run.open_outputs()
         torch.manual_seed(0)
-        step = bare_step(EquivariantUNet(1, 1, CHANNELS, "d4"), x0)
+        bare = bare_step(EquivariantUNet(1, 1, CHANNELS, "d4"), data, fresh_draws=True)
         for _ in range(3):
-            step()
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        bare = (time.perf_counter() - start) / steps
-        with tempfile.TemporaryDirectory() as tmp:
-            train(data="digits", image_size=size, channels=CHANNELS, equivariance="wt",
-                  batch_size=BATCH, steps=steps + log_every, log_every=log_every,
-                  checkpoint_every=ckpt_every, progress=False, out=tmp)
-            loop = statistics.fmean(_interval_seconds(Path(tmp), BATCH, log_every))
-        ratios.append(loop / bare)
-        loop_ms.append(loop * 1e3)
-        bare_ms.append(bare * 1e3)
-    return {"size": size, "model": "wt", "steps": steps, "checkpoint_every": ckpt_every,
-            "log_every": log_every, "loop_ms_per_step": loop_ms, "bare_ms_per_step": bare_ms,
-            "overhead": statistics.median(ratios) - 1.0, "overhead_per_round": [x - 1 for x in ratios]}
+            run.iteration()
+            bare()
+        loop_t, bare_t = [], []
+        for _ in range(pairs):
+            t0 = time.perf_counter()
+            run.iteration()
+            t1 = time.perf_counter()
+            bare()
+            loop_t.append(t1 - t0)
+            bare_t.append(time.perf_counter() - t1)
+        run.close_outputs()
+    return {"size": size, "model": "wt", "pairs": pairs, "checkpoint_every": ckpt_every,
+            "log_every": log_every, "loop_ms_per_step": 1e3 * sum(loop_t) / pairs,
+            "bare_ms_per_step": 1e3 * sum(bare_t) / pairs,
+            "overhead": sum(loop_t) / sum(bare_t) - 1.0,
+            "median_pair_ratio": statistics.median(a / b for a, b in zip(loop_t, bare_t))}
 
 
-def _run_cli(out: Path, nproc: int, steps: int, size: int) -> float:
-    """images/s of a `symfast train` run (1 thread per process) after its first log interval."""
+def _cli_command(out: Path, nproc: int, steps: int, size: int, batch: int) -> list[str]:
     args = ["-m", "symfast", "train", "--data", "digits", "--image-size", str(size), "--channels",
-            ",".join(map(str, CHANNELS)), "--equivariance", "wt", "--batch-size", str(BATCH),
+            ",".join(map(str, CHANNELS)), "--equivariance", "wt", "--batch-size", str(batch),
             "--steps", str(steps), "--log-every", "5", "--checkpoint-every", "1000",
             "--no-progress", "--out", str(out)]
-    cmd = [sys.executable, *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    seconds = _interval_seconds(out, BATCH, 5)
-    return BATCH / statistics.fmean(seconds)
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", *args]
+
+
+def _images_per_s(out: Path, batch: int) -> float:
+    """images/s of a finished run after its first log interval."""
+    return batch / statistics.fmean(_interval_seconds(out, batch))
 
 
 def bench_ddp(rounds: int, steps: int) -> dict:
+    """1 process x 1 thread (global batch 64) vs torchrun 2 x 1 thread (32 per rank); and, as the
+    machine's own limit for 2 processes, two independent 1-thread runs of batch 32 at once (no
+    communication at all): their summed images/s over twice the 1-process rate."""
     size = 16
-    one, two = [], []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one, two, pair = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            one.append(_run_cli(Path(tmp) / f"one{r}", 1, steps, size))
-            two.append(_run_cli(Path(tmp) / f"two{r}", 2, steps, size))
+            base = Path(tmp) / str(r)
+            subprocess.run(_cli_command(base / "one", 1, steps, size, BATCH), env=env, check=True,
+                           capture_output=True)
+            one.append(_images_per_s(base / "one", BATCH))
+            subprocess.run(_cli_command(base / "two", 2, steps, size, BATCH), env=env, check=True,
+                           capture_output=True)
+            two.append(_images_per_s(base / "two", BATCH))
+            procs = [subprocess.Popen(_cli_command(base / f"half{i}", 1, steps, size, BATCH // 2),
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for i in range(2)]
+            for p in procs:
+                if p.wait() != 0:
+                    raise RuntimeError("an independent half-batch run failed")
+            pair.append(sum(_images_per_s(base / f"half{i}", BATCH // 2) for i in range(2)))
     eff = [b / (2 * a) for a, b in zip(one, two)]
+    limit = [b / (2 * a) for a, b in zip(one, pair)]
     return {"size": size, "model": "wt", "global_batch": BATCH, "steps": steps,
             "images_per_s_1proc": one, "images_per_s_2proc": two,
-            "efficiency": statistics.median(eff), "efficiency_per_round": eff}
+            "images_per_s_2_independent": pair,
+            "efficiency": statistics.median(eff), "efficiency_per_round": eff,
+            "machine_limit": statistics.median(limit), "machine_limit_per_round": limit}
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -209,14 +248,17 @@ def main() -> None:
         if png:
             print(f"wrote {png}")
     if "overhead" in parts:
-        over = bench_overhead(rounds=2 if args.quick else 5, steps=20 if args.quick else 100)
-        print(f"\nLoop overhead (train() vs a bare loop, WT 16x16): {100 * over['overhead']:.1f}% "
-              f"of a step (per round: {', '.join(f'{100 * o:.1f}%' for o in over['overhead_per_round'])})")
+        over = bench_overhead(pairs=30 if args.quick else 150)
+        print(f"\nLoop overhead (symfast's iteration vs a bare step, WT 16x16, alternated): "
+              f"{100 * over['overhead']:.1f}% of a step ({over['loop_ms_per_step']:.1f} vs "
+              f"{over['bare_ms_per_step']:.1f} ms; median pair ratio {over['median_pair_ratio']:.3f})")
         payload["overhead"] = over
     if "ddp" in parts:
         ddp = bench_ddp(rounds=1 if args.quick else 3, steps=20 if args.quick else 40)
         print(f"\nDDP, 2 processes x 1 thread vs 1 process x 1 thread: {100 * ddp['efficiency']:.0f}% "
-              f"scaling efficiency ({ddp['images_per_s_1proc']} vs {ddp['images_per_s_2proc']} images/s)")
+              f"scaling efficiency (per round {[f'{100 * e:.0f}%' for e in ddp['efficiency_per_round']]}); "
+              f"two independent half-batch runs at once reach {100 * ddp['machine_limit']:.0f}% "
+              f"(per round {[f'{100 * e:.0f}%' for e in ddp['machine_limit_per_round']]})")
         payload["ddp"] = ddp
     print(f"\nwrote {write_results('train', payload)}")
 

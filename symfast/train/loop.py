@@ -391,8 +391,20 @@ class _Run:
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        self.open_outputs()
+        try:
+            while self.step < self.cfg.steps:
+                self.iteration()
+        finally:
+            self.close_outputs()
+        return TrainResult(self.run_dir, self.world.rank, self.step, self.nimg, self.last_checkpoint,
+                           self.last_loss, self.skipped, self.net, self.ema.models)
+
+    def open_outputs(self) -> None:
+        """Rank 0: the run folder, config.json, metrics.csv (repaired on resume), TensorBoard;
+        every rank: the progress bar and the log interval's accumulators."""
         cfg, world = self.cfg, self.world
-        metrics = writer = None
+        self.metrics = self.writer = None
         columns = (["step", "nimg", "loss"] + self.bin_names
                    + (["reg_loss"] if cfg.equivariance == "reg" else [])
                    + ["lr", "grad_norm", "images_per_s", "peak_memory_mb", "skipped_steps"])
@@ -401,66 +413,71 @@ class _Run:
             for leftover in checkpoint.clean_leftovers(self.run_dir):
                 log.warning("removed %s, left by an interrupted checkpoint write", leftover)
             atomic_write_text(self.run_dir / "config.json", _json(cfg.to_dict()))
-            metrics = MetricsLog(self.run_dir / "metrics.csv", columns, self.step)
-            writer = _tensorboard(self.run_dir, self.step)
+            self.metrics = MetricsLog(self.run_dir / "metrics.csv", columns, self.step)
+            self.writer = _tensorboard(self.run_dir, self.step)
         world.barrier()
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
-                   disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
-        nbins = len(self.bin_names)
+        self.bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                        disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
         # sums over a log interval: loss, count, reg, grad norm, then per bin (loss, count)
-        acc = torch.zeros(4 + 2 * nbins, dtype=torch.float64, device=world.device)
-        consecutive_bad, last_loss, tick, tick_nimg = 0, None, time.perf_counter(), self.nimg
-        try:
-            while self.step < cfg.steps:
-                terms, grad_norm = self._train_step(self.step)
-                if torch.isfinite(grad_norm):
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr_at(cfg, self.step)
-                    self.optimizer.step()
-                    self.ema.update(self.nimg, cfg.batch_size)
-                    consecutive_bad = 0
-                    self._accumulate(acc, terms, grad_norm)
-                else:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.skipped += 1
-                    consecutive_bad += 1
-                    if consecutive_bad >= cfg.max_nonfinite:
-                        raise TrainingDiverged(
-                            f"the loss or its gradients were non-finite for {consecutive_bad} "
-                            f"consecutive steps (step {self.step}): training stopped. The last good "
-                            f"checkpoint is {self.last_checkpoint or 'none (none was written yet)'}; "
-                            f"lower lr (now {cfg.lr}) or set grad_clip, then resume from it")
-                self.step += 1
-                self.nimg += cfg.batch_size
-                bar.update(1)
-                done = self.step == cfg.steps
-                if self.step % cfg.log_every == 0 or done:
-                    now = time.perf_counter()
-                    row = self._log_row(acc, (self.nimg - tick_nimg) / max(now - tick, 1e-9))
-                    tick, tick_nimg = now, self.nimg
-                    acc.zero_()
-                    if row.get("loss") is not None:
-                        last_loss = row["loss"]
-                    if metrics is not None:
-                        metrics.write(row)
-                        bar.set_postfix(loss=row["loss"], img_s=f"{row['images_per_s']:.0f}")
-                        if writer is not None:
-                            for k, v in row.items():
-                                if k != "step" and isinstance(v, float) and math.isfinite(v):
-                                    writer.add_scalar(k, v, self.step)
-                if self.step % cfg.checkpoint_every == 0 or done:
-                    self._save_checkpoint()
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
-                    self._write_samples()
-        finally:
-            bar.close()
-            if metrics is not None:
-                metrics.close()
-            if writer is not None:
-                writer.close()
-        return TrainResult(self.run_dir, self.world.rank, self.step, self.nimg, self.last_checkpoint, last_loss,
-                           self.skipped, self.net, self.ema.models)
+        self.acc = torch.zeros(4 + 2 * len(self.bin_names), dtype=torch.float64, device=world.device)
+        self.consecutive_bad, self.last_loss = 0, None
+        self.tick, self.tick_nimg = time.perf_counter(), self.nimg
+
+    def close_outputs(self) -> None:
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    def iteration(self) -> None:
+        """One optimiser step and what the loop does around it: EMA, metrics, and the log row,
+        checkpoint and samples when they are due."""
+        cfg = self.cfg
+        terms, grad_norm = self._train_step(self.step)
+        if torch.isfinite(grad_norm):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(cfg, self.step)
+            self.optimizer.step()
+            self.ema.update(self.nimg, cfg.batch_size)
+            self.consecutive_bad = 0
+            self._accumulate(self.acc, terms, grad_norm)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+            self.consecutive_bad += 1
+            if self.consecutive_bad >= cfg.max_nonfinite:
+                raise TrainingDiverged(
+                    f"the loss or its gradients were non-finite for {self.consecutive_bad} "
+                    f"consecutive steps (step {self.step}): training stopped. The last good "
+                    f"checkpoint is {self.last_checkpoint or 'none (none was written yet)'}; "
+                    f"lower lr (now {cfg.lr}) or set grad_clip, then resume from it")
+        self.step += 1
+        self.nimg += cfg.batch_size
+        self.bar.update(1)
+        done = self.step == cfg.steps
+        if self.step % cfg.log_every == 0 or done:
+            self._log()
+        if self.step % cfg.checkpoint_every == 0 or done:
+            self._save_checkpoint()
+        if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
+            self._write_samples()
+
+    def _log(self) -> None:
+        now = time.perf_counter()
+        row = self._log_row(self.acc, (self.nimg - self.tick_nimg) / max(now - self.tick, 1e-9))
+        self.tick, self.tick_nimg = now, self.nimg
+        self.acc.zero_()
+        if row.get("loss") is not None:
+            self.last_loss = row["loss"]
+        if self.metrics is not None:
+            self.metrics.write(row)
+            self.bar.set_postfix(loss=row["loss"], img_s=f"{row['images_per_s']:.0f}")
+            if self.writer is not None:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, float) and math.isfinite(v):
+                        self.writer.add_scalar(k, v, self.step)
 
     def _accumulate(self, acc: torch.Tensor, terms, grad_norm: torch.Tensor) -> None:
         dsm = terms.dsm.detach().double()
