@@ -73,11 +73,11 @@ def test_non_contiguous_and_no_bias(backend):
     assert rel_err(out, ref) <= TOL[torch.float32]
 
 
-# The CPU fp32 stride-1 forward and input gradient with output width >= 16 fuse the stencil into
-# the GEMM (strips of 16 columns, blocks of 6 output channels or orbit planes, blocks of 8 rows):
-# widths that are not a multiple of 16, channel counts that leave 1..5 for the last block,
-# heights that leave a partial row block, no padding, 6- and 7-orbit kernels, one sample (fewer
-# work items than rows x samples; the input gradient then takes the unfused path).
+# The CPU fp32 stride-1 forward and both gradients fuse the stencil into the GEMM (strips of 16
+# columns, blocks of up to 6 output channels, blocks of 8 rows; the input gradient is the forward
+# kernel run on grad_out): widths that are not a multiple of 16, channel counts that leave every
+# tail for the last blocks, heights that leave a partial row block, no padding, 6- and 7-orbit
+# kernels, one sample (fewer work items than threads).
 FUSED_CASES = [
     # (group, C, O, H, W, kernel_size, padding, batch, bias)
     ("d4", 5, 13, 19, 16, 3, 1, 2, True),
@@ -271,3 +271,127 @@ def test_compile_fullgraph_forward_and_backward():
     assert rel_err(out, ref) <= TOL[torch.float32]
     for got, want in zip(args, ref_args):
         assert rel_err(got.grad, want.grad) <= TOL[torch.float32]
+
+
+# The CPU fp32/bf16 stride-1 kernels put several samples side by side on one "canvas" when a plane
+# is narrower than (or not a multiple of) the 16-column strips, and run the input gradient as the
+# forward op on grad_out (theta transposed, positions reflected). Shapes: planes 5x7, 8x8, 4x4,
+# 3x3, 1x1 and 19x40 (every column tail); batches of 1, 3 and 37 (a last canvas group of one
+# sample, with 1 and 2 threads: the canvas width depends on the thread count); channel counts 1,
+# 2, 7, 32, 33 (every tail of the 6-row output blocks, 1-row blocks split over k, the 8- and
+# 16-wide weight-gradient panels); padding 0 and 2 and a padding the input gradient cannot
+# reflect (3 on a 3x3 kernel: the unfused path).
+CANVAS_CASES = [
+    # (group, C, O, H, W, kernel_size, padding, batch)
+    ("d4", 1, 32, 8, 8, 3, 1, 37),
+    ("d4", 32, 1, 4, 4, 3, 1, 37),
+    ("d4", 7, 33, 5, 7, 3, 1, 37),
+    ("d4", 33, 7, 8, 8, 3, 1, 3),
+    ("d4", 2, 2, 4, 4, 3, 1, 1),
+    ("d4", 32, 32, 3, 3, 3, 1, 37),
+    ("c4", 7, 2, 5, 7, 3, 0, 13),
+    ("flip_h", 2, 33, 8, 8, 3, 2, 37),
+    ("d4", 33, 32, 19, 40, 3, 1, 3),
+    ("d4", 3, 5, 1, 1, 3, 1, 37),
+    ("d4", 2, 7, 6, 9, 5, 2, 5),
+    ("d4", 3, 4, 4, 4, 3, 3, 37),
+    ("d4", 3, 4, 16, 16, 3, 3, 2),
+]
+
+
+def _reference_grads(x, weight, bias, group, k, pad, grad_out):
+    from symfast.reference.tied_conv2d import tied_conv2d as reference_tied_conv2d
+
+    args = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    out = reference_tied_conv2d(*args, kernel_orbits(group, (k, k)), (1, 1), (pad, pad))
+    out.backward(grad_out.double())
+    return out.detach(), [a.grad for a in args]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", CANVAS_CASES,
+                         ids=lambda c: f"{c[0]}-{c[1]}to{c[2]}-{c[3]}x{c[4]}-k{c[5]}p{c[6]}-b{c[7]}")
+def test_cpu_canvas_forward_and_gradients_match_reference(case, threads):
+    assert load_cpu_kernels("tied_conv2d")
+    group, c, o, h, w, k, pad, batch = case
+    gen = torch.Generator().manual_seed(11)
+    orbits = kernel_orbits(group, (k, k))
+    # a non-contiguous input: every other sample of a larger batch, channels-last storage
+    x = torch.randn(2 * batch, h, w, c, generator=gen).permute(0, 3, 1, 2)[::2]
+    assert not x.is_contiguous()
+    weight = torch.randn(o, c, orbits.count, generator=gen)
+    bias = torch.randn(o, generator=gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = tied_conv2d(*args, k, group, 1, pad, backend="cpu")
+        grad_out = torch.randn(out.shape, generator=gen)
+        out.backward(grad_out)
+        # bf16 takes the same kernels in fp32 and rounds once
+        xb, wb, bb = (t.detach().bfloat16().requires_grad_() for t in (x, weight, bias))
+        out_b = tied_conv2d(xb, wb, bb, k, group, 1, pad, backend="cpu")
+        out_b.backward(grad_out.bfloat16())
+    finally:
+        torch.set_num_threads(previous)
+    ref, ref_grads = _reference_grads(x, weight, bias, group, k, pad, grad_out)
+    assert out.shape == ref.shape
+    for got, want in zip([out.detach(), *(a.grad for a in args)], [ref, *ref_grads]):
+        assert rel_err(got, want) <= TOL[torch.float32]
+        # every element, not just the norm: a strip stored to the wrong sample must fail
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    ref_b, ref_grads_b = _reference_grads(xb.float(), wb.float(), bb.float(), group, k, pad,
+                                          grad_out.bfloat16().float())
+    assert out_b.dtype == torch.bfloat16
+    for got, want in zip([out_b.detach(), xb.grad, wb.grad, bb.grad], [ref_b, *ref_grads_b]):
+        assert got.dtype == torch.bfloat16
+        assert rel_err(got, want) <= TOL[torch.bfloat16]
+
+
+def test_cpu_weight_gradient_is_deterministic():
+    """The weight gradient's partial sums are fixed runs of work items added in order: two calls
+    (threads racing for the runs differently) give the same bits."""
+    assert load_cpu_kernels("tied_conv2d")
+    gen = torch.Generator().manual_seed(12)
+    orbits = kernel_orbits("d4", (3, 3))
+    x = torch.randn(37, 33, 8, 8, generator=gen)
+    grad_out = torch.randn(37, 32, 8, 8, generator=gen)
+    weight = torch.randn(32, 33, orbits.count, generator=gen)
+    args = (grad_out, x, weight, orbits.positions, orbits.offsets, 3, 3, 1, 1, 1, 1, [False, True, False])
+    first = torch.ops.symfast.tied_conv2d_backward_cpu(*args)[1]
+    for _ in range(3):
+        assert torch.equal(torch.ops.symfast.tied_conv2d_backward_cpu(*args)[1], first)
+
+
+def test_cpu_backward_rejects_mismatched_grad_out_dtype():
+    assert load_cpu_kernels("tied_conv2d")
+    orbits = kernel_orbits("d4", (3, 3))
+    x = torch.randn(2, 3, 8, 8)
+    weight = torch.randn(4, 3, orbits.count)
+    with pytest.raises(RuntimeError, match="grad_out dtype"):
+        torch.ops.symfast.tied_conv2d_backward_cpu(torch.randn(2, 4, 8, 8).double(), x, weight,
+                                                   orbits.positions, orbits.offsets, 3, 3, 1, 1, 1, 1,
+                                                   [True, True, False])
+
+
+# fp64 skips the fused kernels: the stencil + at::mm paths that also serve CPUs without AVX2+FMA
+# (small planes as one GEMM over the batch, per-sample GEMMs inside the parallel region when there
+# are at least as many samples as threads, whole-batch GEMMs otherwise).
+@pytest.mark.parametrize("case", [("d4", 7, 33, 4, 4, 3, 1, 3), ("d4", 2, 3, 19, 40, 3, 1, 1),
+                                  ("c4", 33, 2, 17, 16, 3, 0, 5), ("d4", 3, 4, 4, 4, 3, 3, 2)],
+                         ids=["small-plane", "one-sample", "per-sample", "pad3"])
+def test_cpu_unfused_paths_fp64(case):
+    assert load_cpu_kernels("tied_conv2d")
+    group, c, o, h, w, k, pad, batch = case
+    gen = torch.Generator().manual_seed(13)
+    orbits = kernel_orbits(group, (k, k))
+    x = torch.randn(batch, c, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(o, c, orbits.count, generator=gen, dtype=torch.float64)
+    bias = torch.randn(o, generator=gen, dtype=torch.float64)
+    args = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = tied_conv2d(*args, k, group, 1, pad, backend="cpu")
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    out.backward(grad_out)
+    ref, ref_grads = _reference_grads(x, weight, bias, group, k, pad, grad_out)
+    for got, want in zip([out.detach(), *(a.grad for a in args)], [ref, *ref_grads]):
+        assert rel_err(got, want) <= TOL[torch.float64]

@@ -2,8 +2,9 @@
 
 ``symfast::tied_conv2d`` takes the kernel's orbit tables (CSR positions/offsets, see
 symfast/reference/tied_conv2d.py) as tensors, so ``torch.compile`` sees a plain op with a fake
-implementation; its backward is two more ops (input gradient: GEMM + transposed stencil; weight
-gradient: stencil + one GEMM).
+implementation; its backward is two more ops (input gradient: GEMM + transposed stencil, which on
+the CPU is the forward kernel run on grad_out with theta transposed and the kernel reflected;
+weight gradient: stencil + one GEMM).
 """
 from __future__ import annotations
 
