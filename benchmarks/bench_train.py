@@ -64,8 +64,9 @@ class D4Symmetric(nn.Module):
 
 
 def paper_style_wt(channels=CHANNELS) -> nn.Module:
-    """The UNet architecture in plain PyTorch layers with parametrize-tied 3x3 kernels."""
-    net = UNet(1, 1, channels)
+    """The UNet architecture in plain PyTorch layers with parametrize-tied 3x3 kernels
+    (backend="reference": F.group_norm + F.silu, not symfast's fused op)."""
+    net = UNet(1, 1, channels, backend="reference")
     for name, module in list(net.named_modules()):
         if isinstance(module, PointwiseConv2d):
             plain = nn.Conv2d(module.in_channels, module.out_channels, 1)

@@ -17,8 +17,10 @@ BENCHMARKS = {
     "attention": "bench_attention.py",
     "classifier-select": "bench_classifier_select.py",
     "symmetrize": "bench_symmetrize.py",
+    "group-norm-silu": "bench_group_norm_silu.py",
 }
-CPU_OPS = ("group_average", "fused_step", "tied_conv2d", "attention_pool", "classifier_select")
+CPU_OPS = ("group_average", "fused_step", "tied_conv2d", "attention_pool", "classifier_select",
+           "group_norm_silu")
 
 
 def info() -> int:

@@ -174,3 +174,60 @@ def test_upsample2x_is_nearest_interpolation():
         assert torch.equal(upsample2x(x), F.interpolate(x, scale_factor=2, mode="nearest"))
     x = torch.randn(2, 3, 6, 4).transpose(2, 3)  # non-contiguous
     assert torch.equal(upsample2x(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def _unfused_copy(model):
+    """The same modules and weights, with every GroupNorm + SiLU as plain F.group_norm / F.silu
+    (the backend="reference" composition); the tied convolutions keep their own backend."""
+    from symfast.nn.unet import _ResBlock
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        if isinstance(module, (_ResBlock, UNet)):
+            module.backend = "reference"
+    return clone
+
+
+@pytest.mark.parametrize("cls", [EquivariantUNet, UNet])
+def test_fused_group_norm_silu_matches_the_unfused_composition(cls):
+    """The blocks' norm1+SiLU, norm2+SiLU with the time embedding as the shift, and norm_out+SiLU
+    run as symfast::group_norm_silu; output and every parameter gradient must equal those of the
+    unfused composition of the same modules to fp32 tolerance."""
+    torch.manual_seed(5)
+    # Groups of >= 2 channels: with one channel per group, the per-channel constants (conv1's
+    # bias, the time embedding) are normalised away and their exact gradients are 0, leaving
+    # only rounding to compare.
+    fused = cls(2, 2, channels=(16, 32, 32), heads=2)
+    unfused = _unfused_copy(fused)
+    x = torch.randn(3, 2, 16, 16)
+    sigma = _sigma(3)
+    out, ref = fused(x, sigma), unfused(x, sigma)
+    assert rel_err(out, ref) <= TOL[torch.float32]
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    named = dict(unfused.named_parameters())
+    assert fused.state_dict().keys() == unfused.state_dict().keys()
+    for name, p in fused.named_parameters():
+        assert p.grad is not None and rel_err(p.grad, named[name].grad) <= TOL[torch.float32], name
+
+
+def test_equivariant_unet_runs_the_fused_op_and_stays_exact(monkeypatch):
+    import symfast.nn.unet as unet_module
+
+    calls = []
+    real = unet_module.group_norm_silu
+
+    def counting(x, *args, **kwargs):
+        calls.append(kwargs.get("shift") is not None)
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(unet_module, "group_norm_silu", counting)
+    torch.manual_seed(6)
+    model = EquivariantUNet(1, 1, group="d4", **SMALL)
+    x = torch.randn(2, 1, 32, 32)
+    err = equivariance_error(lambda z: model(z, _sigma(2)), x, "d4")
+    assert err <= 1e-5
+    # per call of the network: 2 per residual block (one with the time shift) + norm_out
+    blocks = len(model.down) + 2 + len(model.up)
+    assert len(calls) % (2 * blocks + 1) == 0 and sum(calls) == len(calls) // (2 * blocks + 1) * blocks

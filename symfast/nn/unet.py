@@ -24,10 +24,22 @@ from torch import nn
 
 from symfast.groups import Group, get
 from symfast.nn.tied import TiedConv2d
+from symfast.ops.group_norm_silu import group_norm_silu
 
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(8 if channels % 8 == 0 else 1, channels)
+
+
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, backend: str | None,
+               shift: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(norm(x + shift[:, :, None, None])) in one fused op with ``norm``'s parameters (the
+    modules stay, so parameter names and state dicts do not change); backend="reference" is
+    the unfused composition. Parameters and shift are used in x's dtype: under bf16 autocast
+    x and the shift arrive in bf16 while the parameters stay fp32."""
+    weight, bias = (None if p is None else p.to(x.dtype) for p in (norm.weight, norm.bias))
+    shift = None if shift is None else shift.to(x.dtype)
+    return group_norm_silu(x, norm.num_groups, weight, bias, norm.eps, shift=shift, backend=backend)
 
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
@@ -58,17 +70,19 @@ class PointwiseConv2d(nn.Conv2d):
 
 
 class _ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, temb: int, conv3):
+    def __init__(self, cin: int, cout: int, temb: int, conv3, backend: str | None = None):
         super().__init__()
         self.norm1, self.conv1 = _norm(cin), conv3(cin, cout)
         self.time = nn.Linear(temb, cout)
         self.norm2, self.conv2 = _norm(cout), conv3(cout, cout)
         self.skip = PointwiseConv2d(cin, cout) if cin != cout else nn.Identity()
+        self.backend = backend
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time(emb)[:, :, None, None]  # one value per channel: position-free
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_norm_silu(self.norm1, x, self.backend))
+        # The time embedding, one value per channel (position-free), is added inside the fused
+        # op, before norm2: no separate pass over h and its gradient.
+        h = self.conv2(_norm_silu(self.norm2, h, self.backend, shift=self.time(emb)))
         return self.skip(x) + h
 
 
@@ -111,6 +125,9 @@ class UNet(nn.Module):
 
     ``group=None`` builds plain 3×3 nn.Conv2d layers; a group builds :class:`TiedConv2d` layers
     (see :class:`EquivariantUNet`). H and W must be divisible by 2^(len(channels) − 1).
+    ``backend`` picks the kernels of the tied convolutions and of the fused GroupNorm + SiLU
+    (:func:`symfast.ops.group_norm_silu`); "reference" runs the latter as plain F.group_norm
+    and F.silu (the unfused composition).
     """
 
     def __init__(self, in_channels: int, out_channels: int, channels: Sequence[int] = (32, 64, 64),
@@ -141,21 +158,22 @@ class UNet(nn.Module):
         self.down_attn = nn.ModuleList()
         cin = channels[0]
         for level, ch in enumerate(channels):
-            self.down.append(_ResBlock(cin, ch, temb, conv3))
+            self.down.append(_ResBlock(cin, ch, temb, conv3, backend))
             self.down_attn.append(_Attention(ch, heads) if level in attention_levels else nn.Identity())
             cin = ch
-        self.mid1 = _ResBlock(cin, cin, temb, conv3)
+        self.mid1 = _ResBlock(cin, cin, temb, conv3, backend)
         self.mid_attn = _Attention(cin, heads)
-        self.mid2 = _ResBlock(cin, cin, temb, conv3)
+        self.mid2 = _ResBlock(cin, cin, temb, conv3, backend)
         self.up = nn.ModuleList()
         self.up_attn = nn.ModuleList()
         for level in reversed(range(levels)):
             ch = channels[level]
-            self.up.append(_ResBlock(cin + ch, ch, temb, conv3))
+            self.up.append(_ResBlock(cin + ch, ch, temb, conv3, backend))
             self.up_attn.append(_Attention(ch, heads) if level in attention_levels else nn.Identity())
             cin = ch
         self.norm_out = _norm(cin)
         self.conv_out = conv3(cin, out_channels)
+        self.backend = backend
 
     def check_size(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -190,7 +208,7 @@ class UNet(nn.Module):
             if i > 0:
                 h = upsample2x(h)
             h = attn(block(torch.cat([h, skips.pop()], dim=1), emb))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_norm_silu(self.norm_out, h, self.backend))
 
 
 class EquivariantUNet(UNet):
