@@ -5,8 +5,9 @@ training loop's own overhead, and 2-process DDP scaling.
     python benchmarks/bench_train.py --quick     # fewer repeats and steps
     python benchmarks/bench_train.py --only step,overhead,ddp
 
-1. Per training step (batch 64, digits at 16x16 and 32x32, channels 32,64,64, EDM loss, AdamW,
-   gradient clipping; the same batch every step), in a bare loop:
+1. Per training step (batch 64, digits at 16x16 and 32x32, channels 32,64,64, EDM loss, the
+   fused AdamW of symfast's loop, gradient clipping; the same batch every step), in a bare loop,
+   every model with the same loss and optimiser code:
    - "unet": symfast's plain UNet;
    - "wt": EquivariantUNet (D4 tied convolutions, symfast's CPU kernels);
    - "wt (parametrize)": the same D4 weight-tied architecture written as the paper's code writes
@@ -44,9 +45,9 @@ from symfast import Denoiser  # noqa: E402
 from symfast.data.images import digits  # noqa: E402
 from symfast.nn import EquivariantUNet, UNet  # noqa: E402
 from symfast.nn.unet import PointwiseConv2d  # noqa: E402
-from symfast.train import make_config  # noqa: E402
+from symfast.train import TrainConfig, make_config  # noqa: E402
 from symfast.train.distributed import setup  # noqa: E402
-from symfast.train.loop import _Run  # noqa: E402
+from symfast.train.loop import _Run, make_optimizer  # noqa: E402
 
 CHANNELS = (32, 64, 64)
 BATCH = 64
@@ -83,7 +84,7 @@ def bare_step(net: nn.Module, data: torch.Tensor, fresh_draws: bool = False, see
     drawn once (the first BATCH images), or every step as a hand-written loop draws them
     (``fresh_draws``: a random batch of ``data``, torch.rand σ quantiles, torch.randn noise)."""
     denoiser = Denoiser(net, "edm", frame_average=False)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    opt = make_optimizer(net.parameters(), TrainConfig(lr=1e-4))
     gen = torch.Generator().manual_seed(seed)
 
     def draws():

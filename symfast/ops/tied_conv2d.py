@@ -125,10 +125,24 @@ def _make_backward(grad_input, grad_weight):
     return backward
 
 
+def _eager_backward(ctx, grad):
+    """The eager backward: on the CPU, one kernel call for all three gradients (one dispatch,
+    and the bias gradient summed in C++), else the two gradient impls."""
+    kernel_size, stride, padding, backend = ctx.geometry
+    if backend != "cpu":
+        return _split_backward(ctx, grad)
+    x, weight, positions, offsets = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.symfast.tied_conv2d_backward_cpu(
+        grad, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding), mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None, None, None, None)
+
+
+_split_backward = _make_backward(_grad_input_impl, _grad_weight_impl)
 _tied_conv2d_op.register_autograd(_make_backward(_grad_input_op, _grad_weight_op),
                                   setup_context=_setup_context)
-_tied_conv2d_eager = eager_op(_tied_conv2d_op, _tied_conv2d_impl, _setup_context,
-                              _make_backward(_grad_input_impl, _grad_weight_impl))
+_tied_conv2d_eager = eager_op(_tied_conv2d_op, _tied_conv2d_impl, _setup_context, _eager_backward)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, orbits: KernelOrbits,

