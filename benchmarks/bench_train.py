@@ -18,14 +18,14 @@ training loop's own overhead, and 2-process DDP scaling.
    metrics, a log row every 10 steps, a checkpoint every 50, amortised) against a bare
    forward/backward/step of an identical network drawing its batch and noise with torch, the
    two alternated step by step. Target: <= 5% of a step.
-3. DDP: `torchrun --nproc_per_node 2` (gloo, 1 thread each) against 1 process with 1 thread, the
-   same global batch; images/s from metrics.csv after the first log interval. Target: >= 80%
-   scaling efficiency.
+3. DDP: 2 processes (gloo, 1 thread each, 32 images per rank) against 1 process with 1 thread
+   (batch 64), symfast's loop in both, alternated phase by phase in one torchrun job, beside the
+   machine's limit for two processes in lock step (no communication). Target: >= 80% scaling
+   efficiency.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import subprocess
@@ -46,7 +46,7 @@ from symfast.data.images import digits  # noqa: E402
 from symfast.nn import EquivariantUNet, UNet  # noqa: E402
 from symfast.nn.unet import PointwiseConv2d  # noqa: E402
 from symfast.train import TrainConfig, make_config  # noqa: E402
-from symfast.train.distributed import setup  # noqa: E402
+from symfast.train.distributed import World, setup  # noqa: E402
 from symfast.train.loop import _Run, make_optimizer  # noqa: E402
 
 CHANNELS = (32, 64, 64)
@@ -121,13 +121,6 @@ def bench_steps(sizes, repeats: int) -> list[dict]:
     return rows
 
 
-def _interval_seconds(run_dir: Path, batch: int) -> list[float]:
-    """Seconds per step of each logged interval after the first (which holds the warm-up)."""
-    with open(run_dir / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    return [batch / float(r["images_per_s"]) for r in rows[1:]]
-
-
 def bench_overhead(pairs: int) -> dict:
     """symfast's loop iteration (its train step plus EMA, counter-based draws, metrics, a log row
     every 10 steps and a checkpoint every 50) against a bare step of an identical network, the
@@ -162,52 +155,71 @@ def bench_overhead(pairs: int) -> dict:
             "median_pair_ratio": statistics.median(a / b for a, b in zip(loop_t, bare_t))}
 
 
-def _cli_command(out: Path, nproc: int, steps: int, size: int, batch: int) -> list[str]:
-    args = ["-m", "symfast", "train", "--data", "digits", "--image-size", str(size), "--channels",
-            ",".join(map(str, CHANNELS)), "--equivariance", "wt", "--batch-size", str(batch),
-            "--steps", str(steps), "--log-every", "5", "--checkpoint-every", "1000",
-            "--no-progress", "--out", str(out)]
-    if nproc == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", *args]
+def ddp_worker(pairs: int, steps: int, out: str) -> None:
+    """Run under torchrun with 2 processes of 1 thread. Alternates, `pairs` times, `steps`
+    iterations of each of three phases, so that every ratio compares phases seconds apart
+    (separate runs minutes apart swung 51-101% on this shared machine):
+    - "ddp": symfast's loop under DDP, 32 images per rank (global batch 64);
+    - "solo": symfast's loop on rank 0 alone, batch 64 (rank 1 waits at a barrier);
+    - "lockstep": each rank its own loop of batch 32 with no gradient communication at all,
+      ranks held together by a barrier per step: the machine's own limit for two processes
+      working in step (their memory-bound phases coincide on the shared caches and memory).
+    Rank 0 writes the per-step times to `out` (JSON)."""
+    import json
 
+    import torch.distributed as dist
 
-def _images_per_s(out: Path, batch: int) -> float:
-    """images/s of a finished run after its first log interval."""
-    return batch / statistics.fmean(_interval_seconds(out, batch))
-
-
-def bench_ddp(rounds: int, steps: int) -> dict:
-    """1 process x 1 thread (global batch 64) vs torchrun 2 x 1 thread (32 per rank); and, as the
-    machine's own limit for 2 processes, two independent 1-thread runs of batch 32 at once (no
-    communication at all): their summed images/s over twice the 1-process rate."""
-    size = 16
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one, two, pair = [], [], []
+    world = setup()
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(rounds):
-            base = Path(tmp) / str(r)
-            subprocess.run(_cli_command(base / "one", 1, steps, size, BATCH), env=env, check=True,
-                           capture_output=True)
-            one.append(_images_per_s(base / "one", BATCH))
-            subprocess.run(_cli_command(base / "two", 2, steps, size, BATCH), env=env, check=True,
-                           capture_output=True)
-            two.append(_images_per_s(base / "two", BATCH))
-            procs = [subprocess.Popen(_cli_command(base / f"half{i}", 1, steps, size, BATCH // 2),
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                     for i in range(2)]
-            for p in procs:
-                if p.wait() != 0:
-                    raise RuntimeError("an independent half-batch run failed")
-            pair.append(sum(_images_per_s(base / f"half{i}", BATCH // 2) for i in range(2)))
-    eff = [b / (2 * a) for a, b in zip(one, two)]
-    limit = [b / (2 * a) for a, b in zip(one, pair)]
-    return {"size": size, "model": "wt", "global_batch": BATCH, "steps": steps,
-            "images_per_s_1proc": one, "images_per_s_2proc": two,
-            "images_per_s_2_independent": pair,
+        base = dict(data="digits", image_size=16, channels=CHANNELS, equivariance="wt",
+                    batch_size=BATCH, steps=10**6, log_every=10**6, checkpoint_every=10**6,
+                    progress=False)
+        runs = {"ddp": _Run(make_config(base, out=f"{tmp}/ddp"), world, None, None),
+                "lockstep": _Run(make_config(base, batch_size=BATCH // 2, out=f"{tmp}/lock{world.rank}"),
+                                 World(), None, None)}
+        if world.is_main:
+            runs["solo"] = _Run(make_config(base, out=f"{tmp}/solo"), World(), None, None)
+        for run in runs.values():
+            run.open_outputs()
+        times = {"ddp": [], "solo": [], "lockstep": []}
+        for i in range(pairs + 1):  # the first round warms up
+            for phase in ("ddp", "solo", "lockstep"):
+                dist.barrier()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    if phase in runs:
+                        runs[phase].iteration()
+                    if phase == "lockstep":
+                        dist.barrier()
+                dist.barrier()
+                if i:
+                    times[phase].append((time.perf_counter() - t0) / steps)
+        if world.is_main:
+            Path(out).write_text(json.dumps(times))
+    world.close()
+
+
+def bench_ddp(pairs: int, steps: int) -> dict:
+    """2-process DDP (gloo, 1 thread each) against 1 process with 1 thread, same global batch,
+    and the lock-step limit, alternated inside one torchrun job (see ddp_worker)."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "ddp.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__).resolve()), "--ddp-worker", str(pairs), str(steps), str(out)]
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        times = json.loads(out.read_text())
+    eff = [s / (2 * d) for s, d in zip(times["solo"], times["ddp"])]
+    limit = [s / (2 * d) for s, d in zip(times["solo"], times["lockstep"])]
+    return {"size": 16, "model": "wt", "global_batch": BATCH, "rounds": pairs, "steps_per_phase": steps,
+            "ms_per_step_1proc": [1e3 * t for t in times["solo"]],
+            "ms_per_step_2proc": [1e3 * t for t in times["ddp"]],
+            "ms_per_step_lockstep": [1e3 * t for t in times["lockstep"]],
             "efficiency": statistics.median(eff), "efficiency_per_round": eff,
-            "machine_limit": statistics.median(limit), "machine_limit_per_round": limit}
+            "lockstep_limit": statistics.median(limit), "lockstep_limit_per_round": limit,
+            "share_of_limit": statistics.median(e / lim for e, lim in zip(eff, limit))}
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -238,7 +250,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="step,overhead,ddp")
+    parser.add_argument("--ddp-worker", nargs=3, metavar=("PAIRS", "STEPS", "OUT"),
+                        help=argparse.SUPPRESS)  # the torchrun side of the DDP benchmark
     args = parser.parse_args()
+    if args.ddp_worker:
+        pairs, steps, out = args.ddp_worker
+        ddp_worker(int(pairs), int(steps), out)
+        return
     parts = set(args.only.split(","))
     payload = {}
     if "step" in parts:
@@ -256,11 +274,14 @@ def main() -> None:
               f"{over['bare_ms_per_step']:.1f} ms; median pair ratio {over['median_pair_ratio']:.3f})")
         payload["overhead"] = over
     if "ddp" in parts:
-        ddp = bench_ddp(rounds=1 if args.quick else 3, steps=20 if args.quick else 40)
-        print(f"\nDDP, 2 processes x 1 thread vs 1 process x 1 thread: {100 * ddp['efficiency']:.0f}% "
-              f"scaling efficiency (per round {[f'{100 * e:.0f}%' for e in ddp['efficiency_per_round']]}); "
-              f"two independent half-batch runs at once reach {100 * ddp['machine_limit']:.0f}% "
-              f"(per round {[f'{100 * e:.0f}%' for e in ddp['machine_limit_per_round']]})")
+        ddp = bench_ddp(pairs=3 if args.quick else 8, steps=5 if args.quick else 10)
+        print(f"\nDDP, 2 processes x 1 thread vs 1 process x 1 thread, alternated phases: "
+              f"{100 * ddp['efficiency']:.0f}% scaling efficiency (median; per round "
+              f"{', '.join(f'{100 * e:.0f}%' for e in ddp['efficiency_per_round'])}). "
+              f"Two processes in lock step with no communication reach "
+              f"{100 * ddp['lockstep_limit']:.0f}% (per round "
+              f"{', '.join(f'{100 * e:.0f}%' for e in ddp['lockstep_limit_per_round'])}); "
+              f"DDP is at {100 * ddp['share_of_limit']:.0f}% of that limit")
         payload["ddp"] = ddp
     print(f"\nwrote {write_results('train', payload)}")
 

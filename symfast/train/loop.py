@@ -252,8 +252,10 @@ class _Run:
         train_net: Any = self.net
         if world.distributed:
             from torch.nn.parallel import DistributedDataParallel
+            # Gradients live in the communication buckets (no copy in and out of them per step).
             train_net = DistributedDataParallel(
-                self.net, device_ids=[world.device] if world.device.type == "cuda" else None)
+                self.net, device_ids=[world.device] if world.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
         if cfg.compile:
             train_net = torch.compile(train_net)
         self.denoiser = training_denoiser(cfg, train_net)
