@@ -78,7 +78,7 @@ def test_training_learns_the_exact_posterior_mean(tmp_path):
     must move the EMA denoiser well towards it at every σ."""
     mixture = gaussian_mixture("d4", size=8, channels=1, seed=0)
     cfg = dict(TINY, channels=(16, 32), batch_size=32, dataset_size=2048, lr=2e-3,
-               ema_halflife_images=2000, steps=150, checkpoint_every=150, out=str(tmp_path))
+               ema_halflife_images=2000, steps=300, checkpoint_every=300, out=str(tmp_path))
     sigmas = (0.1, 0.3, 1.0)
     untrained = train(**dict(cfg, steps=1, out=str(tmp_path / "init")))
     before = _posterior_error(load(untrained.run_dir)[0], mixture, sigmas)
@@ -200,7 +200,10 @@ def test_data_order_covers_every_image_each_epoch_and_splits_over_ranks():
 def test_per_sample_draws_do_not_depend_on_the_split():
     streams = torch.arange(8)
     u = sample_uniforms(7, 3, streams, 3)
-    assert u.shape == (8, 3) and (u >= 0).all() and (u < 1).all()
+    assert u.shape == (8, 3) and (u > 0).all() and (u < 1).all()
+    assert not torch.equal(sample_uniforms(7, 4, streams, 3), u)
+    many = sample_uniforms(7, 3, torch.arange(20000), 3)  # uniform: mean 1/2, variance 1/12
+    assert abs(float(many.mean()) - 0.5) < 0.005 and abs(float(many.var()) - 1 / 12) < 0.002
     assert torch.equal(torch.cat([sample_uniforms(7, 3, streams[:5], 3),
                                   sample_uniforms(7, 3, streams[5:], 3)]), u)
     z = sample_normals(7, 3, streams, (8, 1, 4, 4), torch.device("cpu"))
