@@ -1,5 +1,5 @@
 """The `symfast` command: `symfast info`, `symfast bench <name> [args]`, `symfast train`,
-`symfast sample`, `symfast denoise`. Flags become a config or arguments of one library call."""
+`symfast sfbd`, `symfast sample`, `symfast denoise`. Flags become a config or arguments of one library call."""
 from __future__ import annotations
 
 import argparse
@@ -91,6 +91,7 @@ TRAIN_HELP = {
     "checkpoint_every": "steps between checkpoints",
     "keep": "checkpoints kept",
     "resume": "auto (newest valid checkpoint in --out), none, or a checkpoint/run path",
+    "init_from": "start from this checkpoint's EMA weights (fine-tuning; fresh optimiser and EMA)",
     "sample_every": "steps between sample grids in OUT/samples (0: never)",
     "out": "run folder: checkpoints/, metrics.csv, config.json, samples/",
 }
@@ -102,13 +103,13 @@ def _optional(kind):
     return parse
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; only the flags given override --config."""
+def _add_train_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    """One flag per TrainConfig field (but ``skip``); only the flags given override --config."""
     from symfast.train.config import TrainConfig
 
     parser.add_argument("--config", help="JSON or TOML file of config fields (flags override it)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "extra":
+        if f.name == "extra" or f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -125,6 +126,55 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         else:
             kind = type(default) if default is not None else str
         parser.add_argument(flag, type=kind, **kwargs)
+
+
+SFBD_HELP = {
+    "tau": "noise level of the observations y = x + tau * eps",
+    "clean_fraction": "share of the images seen clean (the rest only noisy)",
+    "rounds": "backward/forward rounds (online: rounds x steps-per-round training steps)",
+    "pretrain_steps": "training steps on the clean images",
+    "steps_per_round": "fine-tuning steps per round",
+    "denoise_steps": "steps of the EDM grid the backward step's ODE is cut from (at tau)",
+    "denoise_sampler": "sampler of the backward step (heun: EDM's PF-ODE solver)",
+    "denoise_batch": "images per network batch in the backward step",
+    "shard_size": "denoised images per shard file",
+    "merge_clean": "train each round on the denoised images and the clean ones",
+    "mode": "rounds, or online (refresh part of the denoised set during training)",
+    "refresh_every": "online: steps between refreshes",
+    "refresh_fraction": "online: share of the denoised set refreshed each time",
+    "ramp_steps": "online: steps over which the denoised images' loss weight ramps to 1",
+    "data_seed": "seed of the clean/noisy split and of the observation noise",
+    "out": "output folder: pretrain/, round-K/ (or online/), sfbd.json",
+    "progress": "progress bars and a summary line per stage",
+}
+
+
+def _add_sfbd_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SFBDConfig field, then the training flags not already taken."""
+    from symfast.train.sfbd import SFBDConfig
+
+    taken = set()
+    for f in dataclasses.fields(SFBDConfig):
+        if f.name == "train":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": SFBD_HELP.get(f.name)}
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(flag, type=type(f.default), **kwargs)
+        taken.add(f.name)
+    _add_train_flags(parser, skip=taken | {"steps", "init_from", "resume"})
+
+
+def _sfbd(ns: argparse.Namespace) -> int:
+    from symfast.train.sfbd import run
+
+    values = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
+    result = run(ns.config, **values)
+    print(f"SFBD finished: {len(result.summaries) - 1} stage(s) after pretraining; final checkpoint: "
+          f"{result.checkpoint}")
+    return 0
 
 
 def _train(ns: argparse.Namespace) -> int:
@@ -159,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     train_parser = sub.add_parser("train", help="train a diffusion model (torchrun -m symfast "
                                                 "train ... for DDP)")
     _add_train_flags(train_parser)
+    sfbd_parser = sub.add_parser("sfbd", help="SFBD: train from noisy images and a few clean ones "
+                                              "(torchrun -m symfast sfbd ... to scale out)")
+    _add_sfbd_flags(sfbd_parser)
     sample_parser = sub.add_parser("sample", help="sample a grid of images from a checkpoint")
     _checkpoint_flags(sample_parser)
     sample_parser.add_argument("--n", type=int, default=64)
@@ -186,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run_job(ns: argparse.Namespace) -> int:
     if ns.command == "train":
         return _train(ns)
+    if ns.command == "sfbd":
+        return _sfbd(ns)
     if ns.command == "sample":
         from symfast.train import sample_to_file
         sample_to_file(ns.checkpoint, ns.out, n=ns.n, sampler=ns.sampler, steps=ns.steps,

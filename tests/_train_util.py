@@ -24,7 +24,13 @@ def child_env(threads: int = 1) -> dict[str, str]:
 
 
 def train_command(out: Path, steps: int, *extra: str, nproc: int = 1) -> list[str]:
-    args = ["-m", "symfast", "train", *TINY, "--steps", str(steps), "--out", str(out), *extra]
+    return symfast_command("train", *TINY, "--steps", str(steps), "--out", str(out), *extra,
+                           nproc=nproc)
+
+
+def symfast_command(*args: str, nproc: int = 1) -> list[str]:
+    """`python -m symfast ARGS`, under torchrun with ``nproc`` CPU processes when nproc > 1."""
+    args = ("-m", "symfast", *args)
     if nproc == 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -39,6 +39,9 @@ class TrainConfig:
     Equivariance: "none"; "augment" (a random group element per training image); "wt" (an
     EquivariantUNet, one call per step); "fa" (frame averaging at sampling; in training too with
     ``fa_train``); "reg" (denoising loss + ``reg_weight``·equivariance loss against the EMA).
+    Fine-tuning: ``init_from`` (a checkpoint or run folder) starts a new run from that run's first
+    EMA weights, with a fresh optimiser and the EMA restarted at them (EDM's ``--transfer``; set
+    ``ema_rampup=None`` as it does). A run that resumes from its own checkpoint ignores it.
     """
 
     # data
@@ -79,6 +82,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep: int = 3
     resume: str = "auto"
+    init_from: str | None = None
     sample_every: int = 0
     sample_n: int = 16
     sample_steps: int = 18
@@ -181,6 +185,9 @@ class TrainConfig:
         if self.data not in BUILTIN_DATA + ("custom",) and not Path(self.data).is_dir():
             raise ValueError(f"data must be one of {BUILTIN_DATA}, an image folder, or 'custom' "
                              f"(a dataset passed to train()); {self.data!r} is none of these")
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise TypeError(f"init_from must be a checkpoint path (str) or None, got "
+                            f"{type(self.init_from).__name__}")
         if self.resume not in ("auto", "none") and not Path(self.resume).exists():
             raise ValueError(f"resume={self.resume!r}: no such checkpoint (give 'auto', 'none' or "
                              f"the path of a checkpoint or run folder)")
@@ -216,6 +223,12 @@ class TrainConfig:
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A config file's fields: JSON (``.json``) or TOML (``.toml``), flat or under [train]."""
+    values = read_config_file(path)
+    return values.get("train", values)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The top-level table of a JSON (``.json``) or TOML (``.toml``) file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
@@ -229,21 +242,30 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r}: expected a .json or .toml file")
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r} must hold a table of fields")
-    return values.get("train", values)
+    return values
 
 
 def make_config(config: TrainConfig | dict[str, Any] | str | os.PathLike | None = None,
                 **overrides: Any) -> TrainConfig:
     """A checked TrainConfig from a config, a dict or a file, with ``overrides`` laid over it."""
+    values = config_values(config, TrainConfig, load_config_file, overrides)
+    return TrainConfig.from_dict(values).validate()
+
+
+def config_values(config: Any, kind: type, read_file, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``config`` (None, a ``kind`` instance, a dict, or a file ``read_file``
+    reads), names with '-' as '_', and ``overrides`` laid over them."""
     if config is None:
         values: dict[str, Any] = {}
-    elif isinstance(config, TrainConfig):
+    elif isinstance(config, kind):
         values = config.to_dict()
     elif isinstance(config, dict):
         values = dict(config)
     elif isinstance(config, (str, os.PathLike)):
-        values = load_config_file(config)
+        values = read_file(config)
     else:
-        raise TypeError(f"config must be a TrainConfig, a dict or a file path, got {type(config).__name__}")
+        raise TypeError(f"config must be a {kind.__name__}, a dict or a file path, got "
+                        f"{type(config).__name__}")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
     values.update({k.replace("-", "_"): v for k, v in overrides.items()})
-    return TrainConfig.from_dict(values).validate()
+    return values

@@ -206,7 +206,8 @@ def train(config: TrainConfig | dict | str | None = None, *, network: nn.Module 
         network: any nn.Module F(x, t) -> like x, instead of the config's model (the config's
             model is then "custom").
         dataset: images (N, C, H, W) in [-1, 1] as a dataset (``len`` and ``[i]``, or
-            ``get_batch(indices)``), instead of the config's data (config data "custom").
+            ``get_batch(indices)``), instead of the config's data (config data "custom"). A
+            dataset with ``loss_weights(indices, step)`` (a (B,) tensor) weights each image's loss.
         device: "cpu", "cuda", ... (default: cuda:LOCAL_RANK when CUDA is available).
 
     Returns a :class:`TrainResult`. Raises :class:`TrainingDiverged` when the loss stays
@@ -243,6 +244,8 @@ class _Run:
         # the same initial weights on every rank, and in a resumed run before it loads
         torch.manual_seed(mix(cfg.seed, 0x1417))
         self.net = (network if network is not None else build_model(cfg, self.shape[0])).to(world.device)
+        if resumed is None and cfg.init_from is not None:
+            self._init_from(cfg.init_from)
         self.ema = EMA(self.net, cfg.ema_halflife_images, cfg.ema_rampup)
         self.optimizer = make_optimizer(self.net.parameters(), cfg)
         self.step, self.nimg, self.skipped = 0, 0, 0
@@ -309,6 +312,20 @@ class _Run:
             return str(found.path) if found is not None else None
         return str(checkpoint.resolve(cfg.resume).path)
 
+    def _init_from(self, path: str) -> None:
+        """The network's weights from the first EMA copy of another run's checkpoint."""
+        try:
+            found = checkpoint.resolve(path)
+        except checkpoint.CheckpointError as exc:
+            raise ValueError(f"init_from={path!r}: {exc}") from None
+        wrong = self.cfg.mismatches(TrainConfig.from_dict(found.state["config"]))
+        if wrong:
+            raise ValueError(f"init_from={path!r} was trained with another config; mismatching "
+                             f"fields (this run vs checkpoint): {'; '.join(wrong)}")
+        self.net.load_state_dict({k[6:]: v for k, v in found.tensors.items() if k.startswith("ema.0.")})
+        if self.world.is_main:
+            log.info("initialised from %s (EMA weights, step %d)", found.path, found.step)
+
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
         t = ckpt.tensors
         self.net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
@@ -373,9 +390,8 @@ class _Run:
         cfg, device = self.cfg, self.world.device
         start = self.world.rank * self.local_batch
         streams = torch.arange(start, start + self.local_batch, dtype=torch.int64)
-        x0 = _get_batch(self.dataset, self.order.indices(step, cfg.batch_size, start,
-                                                          start + self.local_batch))
-        x0 = x0.to(device=device, dtype=torch.float32)
+        index = self.order.indices(step, cfg.batch_size, start, start + self.local_batch)
+        x0 = _get_batch(self.dataset, index).to(device=device, dtype=torch.float32)
         u = sample_uniforms(cfg.seed, step, streams, 3)
         sigma, t = self.schedule.training_levels(u[:, _LANE_SIGMA].to(device))
         noise = sample_normals(cfg.seed, step, streams, tuple(x0.shape), device)
@@ -385,6 +401,8 @@ class _Run:
         if cfg.equivariance == "reg" and cfg.reg_weight > 0:
             extra = {"reg_weight": cfg.reg_weight, "reg_target": self.ema.models[0],
                      "reg_elements": (u[:, _LANE_REG] * len(self.group)).long()}
+        if hasattr(self.dataset, "loss_weights"):  # per-image weights (online SFBD's ramp)
+            extra["weights"] = self.dataset.loss_weights(index, step).to(device=device, dtype=torch.float32)
         return x0, dict(sigma=sigma, noise=noise, t=t, **extra)
 
     def _train_step(self, step: int):
@@ -396,10 +414,11 @@ class _Run:
         if self.world.device.type == "cuda":
             torch.cuda.manual_seed(rng_seed)
         x0, draws = self._batch(step)
+        weights = draws.pop("weights", None)
         with torch.autocast(self.world.device.type, dtype=torch.bfloat16,
                             enabled=cfg.precision == "bf16"):
             terms = self.denoiser.loss(x0, reduction="none", **draws)
-        loss = terms.total.mean()
+        loss = terms.total.mean() if weights is None else (terms.total * weights).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf

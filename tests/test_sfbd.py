@@ -1,0 +1,318 @@
+"""SFBD: the noisy data, the backward step's shards, the rounds and the online mode end to end,
+resume after a real SIGKILL, and 2 torchrun processes against one."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_util import assert_bitwise_equal, child_env, final_tensors, symfast_command
+from conftest import rel_err
+from symfast.data import NoisyDataset, clean_split, digits, gaussian_mixture
+from symfast.train import checkpoint, load
+from symfast.train.sfbd import make_sfbd_config, read_shard, run, shard_path
+
+# 160 images of an 8x8 mixture: 16 clean, 144 noisy in 9 shards of 16; a few steps per stage.
+TINY = dict(data="gmm-d4", image_size=8, channels=(16, 32), dataset_size=160, batch_size=8,
+            clean_fraction=0.1, tau=0.5, rounds=2, pretrain_steps=6, steps_per_round=6,
+            denoise_steps=6, denoise_batch=16, shard_size=16, checkpoint_every=2, keep=2,
+            ema_halflife_images=50, lr=1e-3, warmup_steps=2, log_every=1, progress=False)
+
+
+def _flags(values: dict) -> list[str]:
+    out = []
+    for k, v in values.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            out.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            out += [flag, ",".join(map(str, v)) if isinstance(v, tuple) else str(v)]
+    return out
+
+
+def sfbd_command(out: Path, nproc: int = 1, **changes) -> list[str]:
+    return symfast_command("sfbd", *_flags(dict(TINY, out=str(out), **changes)), nproc=nproc)
+
+
+def run_cli(out: Path, nproc: int = 1, **changes) -> None:
+    proc = subprocess.run(sfbd_command(out, nproc, **changes), env=child_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"sfbd failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+
+
+def shards(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: read_shard(p) for p in sorted(folder.glob("shard-*.safetensors"))}
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+def test_noisy_dataset_noise_is_fixed_per_image():
+    data = digits(8)
+    clean, noisy = clean_split(len(data), 0.04, seed=3)
+    assert len(clean) == round(0.04 * len(data)) and len(clean) + len(noisy) == len(data)
+    assert not set(clean.tolist()) & set(noisy.tolist())
+    assert torch.equal(clean_split(len(data), 0.04, seed=3)[0], clean)
+    assert not torch.equal(clean_split(len(data), 0.04, seed=4)[0], clean)
+    ys = NoisyDataset(data, 0.3, seed=5, indices=noisy)
+    batch = ys.get_batch(torch.tensor([4, 0, 9]))
+    again = NoisyDataset(data, 0.3, seed=5, indices=noisy)  # another instance, other batches
+    assert torch.equal(again.get_batch(torch.tensor([9]))[0], batch[2])
+    assert torch.equal(again[0], batch[1])
+    # the noise belongs to the image, not to its position in a subset
+    whole = NoisyDataset(data, 0.3, seed=5)
+    assert torch.equal(whole.get_batch(noisy[[4, 0, 9]]), batch)
+    assert torch.equal(ys.clean_batch(torch.tensor([4, 0, 9])), data.images[noisy[[4, 0, 9]]])
+    eps = (whole.get_batch(torch.arange(len(data))) - data.images) / 0.3  # 115k values
+    assert abs(float(eps.mean())) < 0.01 and abs(float(eps.std()) - 1) < 0.01
+    assert not torch.equal(NoisyDataset(data, 0.3, seed=6)[0], whole[0])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tau=0.0), "tau"), (dict(tau=float("nan")), "tau"), (dict(seed=-1), "seed"),
+    (dict(indices=torch.tensor([0, 5000])), "indices"), (dict(indices=torch.tensor([0.5])), "indices"),
+])
+def test_noisy_dataset_rejects_bad_input(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        NoisyDataset(digits(8), **dict(dict(tau=0.5), **kwargs))
+    with pytest.raises(ValueError, match="clean_fraction"):
+        clean_split(10, 0.0)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(tau=-1.0), "tau"), (dict(tau=100.0), "sigma_max"), (dict(clean_fraction=0.0), "clean_fraction"),
+    (dict(clean_fraction=1.5), "clean_fraction"), (dict(rounds=0), "rounds"),
+    (dict(clean_fraction=0.01), "fewer than one batch"), (dict(mode="batch"), "mode"),
+    (dict(denoise_sampler="rk4"), "denoise_sampler"), (dict(channels="16,x"), "channels|invalid"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, changes, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        run(dict(TINY, out=str(tmp_path / "out"), **changes))
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_from_a_toml_file_with_flags_over_it(tmp_path):
+    path = tmp_path / "sfbd.toml"
+    path.write_text('[sfbd]\ntau = 0.25\nrounds = 3\n[train]\nbatch_size = 16\nlr = 1e-3\n')
+    cfg = make_sfbd_config(str(path), rounds=5, channels="16,32")
+    assert (cfg.tau, cfg.rounds, cfg.train.batch_size, cfg.train.channels) == (0.25, 5, 16, (16, 32))
+
+
+# ---- the run end to end --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny rounds run to the end (in-process)."""
+    out = tmp_path_factory.mktemp("sfbd") / "run"
+    result = run(dict(TINY, out=str(out)), device="cpu")
+    return out, result
+
+
+def test_rounds_write_every_stage_and_the_backward_step_is_the_pf_ode(finished):
+    out, result = finished
+    assert [s["stage"] for s in result.summaries] == ["pretrain", "round 1", "round 2"]
+    assert result.checkpoint == checkpoint.latest(out / "round-2").path
+    for k in (1, 2):
+        found = shards(out / f"round-{k}" / "denoised")
+        assert len(found) == 9
+        index = torch.cat([s["index"] for s in found.values()])
+        assert torch.equal(index, torch.arange(144))
+        assert all(s["x"].shape[1:] == (1, 8, 8) for s in found.values())
+        summary = json.loads((out / f"round-{k}" / "summary.json").read_text())
+        assert summary["denoised_mse"] > 0 and summary["backward_seconds"] > 0
+        assert checkpoint.latest(out / f"round-{k}").step == TINY["steps_per_round"]
+    assert checkpoint.latest(out / "pretrain").step == TINY["pretrain_steps"]
+    # round 1's set is the pretrained EMA model's PF-ODE from tau on the fixed noisy images
+    from symfast import denoise
+    cfg = make_sfbd_config(dict(TINY))
+    mixture = gaussian_mixture("d4", size=8, channels=1, seed=0)
+    data = mixture.dataset(160, seed=0)
+    _, noisy_idx = clean_split(160, TINY["clean_fraction"], 0)
+    y = NoisyDataset(data, cfg.tau, 0, noisy_idx).get_batch(torch.arange(16, 32))
+    denoiser, _ = load(out / "pretrain")
+    expected = denoise(denoiser, y, cfg.tau, steps=cfg.denoise_steps)
+    assert torch.equal(shards(out / "round-1" / "denoised")["shard-00001.safetensors"]["x"], expected)
+    # the denoised images are closer to the clean ones than the noisy ones are
+    clean = data.images[noisy_idx]
+    denoised = torch.cat([s["x"] for s in shards(out / "round-1" / "denoised").values()])
+    assert (denoised - clean).pow(2).mean() < 0.9 * TINY["tau"] ** 2
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory):
+    """The same run through the CLI in a child process with one thread, as the runs it is
+    compared with bit for bit (the thread count changes how some kernels add up)."""
+    out = tmp_path_factory.mktemp("sfbd-cli") / "run"
+    run_cli(out)
+    return out
+
+
+def test_each_round_starts_from_the_previous_ema_weights(tmp_path, finished):
+    """init_from: the fine-tuning run's first weights are the previous stage's EMA weights."""
+    from symfast.train import train
+    out, _ = finished
+    result = train(dict(TINY_TRAIN, out=str(tmp_path / "ft"), steps=1, lr=1e-30, warmup_steps=0,
+                        init_from=str(out / "pretrain"), ema_rampup=None))
+    source = checkpoint.latest(out / "pretrain").tensors
+    for name, value in result.model.state_dict().items():
+        assert torch.equal(value, source["ema.0." + name]), name
+    with pytest.raises(ValueError, match="channels"):
+        train(dict(TINY_TRAIN, channels=(8, 16), out=str(tmp_path / "ft2"), steps=1,
+                   init_from=str(out / "pretrain")))
+
+
+TINY_TRAIN = {k: v for k, v in TINY.items() if k in ("data", "image_size", "channels",
+                                                      "dataset_size", "batch_size", "log_every",
+                                                      "progress")}
+
+
+def test_a_finished_run_redoes_nothing_and_a_damaged_shard_is_redone(tmp_path, finished):
+    source, _ = finished
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    before = shards(out / "round-2" / "denoised")
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    result = run(dict(TINY, out=str(out)), device="cpu")
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing rewritten
+    assert [s["stage"] for s in result.summaries] == ["pretrain", "round 1", "round 2"]
+    # round 2 unfinished, one shard torn and one gone: those two are denoised again, equal
+    (out / "round-2" / "summary.json").unlink()
+    damaged = shard_path(out / "round-2" / "denoised", 3)
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    shard_path(out / "round-2" / "denoised", 7).unlink()
+    kept = shard_path(out / "round-2" / "denoised", 0).stat().st_mtime_ns
+    run(dict(TINY, out=str(out)), device="cpu")
+    after = shards(out / "round-2" / "denoised")
+    assert sorted(after) == sorted(before)
+    for name in before:
+        assert torch.equal(after[name]["x"], before[name]["x"]), name
+    assert shard_path(out / "round-2" / "denoised", 0).stat().st_mtime_ns == kept
+
+
+def test_another_experiment_in_the_same_folder_is_refused(tmp_path, finished):
+    source, _ = finished
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    with pytest.raises(ValueError, match="tau: 0.3 vs 0.5"):
+        run(dict(TINY, out=str(out), tau=0.3), device="cpu")
+    # more rounds is the same experiment, continued
+    result = run(dict(TINY, out=str(out), rounds=3), device="cpu")
+    assert result.summaries[-1]["stage"] == "round 3"
+
+
+def _kill_when(out: Path, ready, **changes) -> None:
+    """Start the CLI run and SIGKILL it once ``ready(out)`` holds."""
+    proc = subprocess.Popen(sfbd_command(out, **changes), env=child_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if ready(out):
+                break
+        except OSError:  # a folder renamed or removed under the scan
+            pass
+        time.sleep(0.002)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def _shard_count(folder: Path) -> int:
+    return len(list(folder.glob("shard-*.safetensors"))) if folder.is_dir() else 0
+
+
+def test_sigkill_in_the_backward_and_the_forward_step_then_resume_is_bitwise(tmp_path, cli_reference):
+    reference = cli_reference
+    out = tmp_path / "killed"
+    # in round 1's backward step (a few shards written), then in its forward step
+    _kill_when(out, lambda o: _shard_count(o / "round-1" / "denoised") >= 3, denoise_steps=40)
+    assert not (out / "round-1" / "summary.json").exists()
+    # (the test's first run used 40 denoising steps to be slow enough to catch; the finished
+    # shards of that run would be of another experiment, so the folder is refused)
+    with pytest.raises(ValueError, match="denoise_steps"):
+        run(dict(TINY, out=str(out)), device="cpu")
+    shutil.rmtree(out)
+    _kill_when(out, lambda o: 1 <= _shard_count(o / "round-1" / "denoised") < 9)
+    _kill_when(out, lambda o: any(p.name.startswith("step-")
+                                  for p in (o / "round-1" / "checkpoints").glob("step-*")))
+    run_cli(out)
+    for k in (1, 2):
+        a, b = shards(out / f"round-{k}" / "denoised"), shards(reference / f"round-{k}" / "denoised")
+        assert sorted(a) == sorted(b)
+        for name in a:
+            assert torch.equal(a[name]["x"], b[name]["x"]), (k, name)
+    assert_bitwise_equal(final_tensors(out / "round-2")[0], final_tensors(reference / "round-2")[0])
+
+
+def test_two_processes_denoise_the_same_set_bit_for_bit_and_train_the_same_model(tmp_path, cli_reference):
+    one, two = cli_reference, tmp_path / "two"  # one process with one thread; two with one each
+    two.mkdir()
+    shutil.copytree(one / "pretrain", two / "pretrain")  # the same pretrained model
+    run_cli(two, nproc=2)
+    a, b = shards(one / "round-1" / "denoised"), shards(two / "round-1" / "denoised")
+    assert sorted(a) == sorted(b) and len(a) == 9
+    for name in a:
+        assert torch.equal(a[name]["x"], b[name]["x"]), name
+    ta, _ = final_tensors(one / "round-2")
+    tb, state = final_tensors(two / "round-2")
+    assert state["world_size"] == 2
+    for prefix in ("model.", "ema.0."):
+        keys = [k for k in ta if k.startswith(prefix)]
+        va = torch.cat([ta[k].flatten() for k in keys])
+        vb = torch.cat([tb[k].flatten() for k in keys])
+        assert rel_err(vb, va) < 1e-4, prefix
+
+
+# ---- online mode ---------------------------------------------------------------------------
+
+ONLINE = dict(mode="online", refresh_every=3, refresh_fraction=0.5, ramp_steps=4)
+
+
+def test_online_mode_refreshes_the_denoised_set_and_resumes_bitwise(tmp_path):
+    out = tmp_path / "online"
+    run_cli(out, **ONLINE)  # one thread, as the killed run below
+    folder = out / "online"
+    assert json.loads((folder / "summary.json").read_text())["stage"] == "online"
+    assert checkpoint.latest(folder).step == TINY["rounds"] * TINY["steps_per_round"]
+    # refresh 0: every noisy image; refreshes 1..3: alternate halves of a seeded permutation
+    assert _shard_count(folder / "refresh-0000") == 9
+    halves = [torch.cat([s["index"] for s in shards(folder / f"refresh-{j:04d}").values()])
+              for j in (1, 2, 3)]
+    assert len(halves[0]) == 72 and torch.equal(halves[0], halves[2])
+    assert sorted(torch.cat(halves[:2]).tolist()) == list(range(144))
+    # refresh 1 is the EMA at step 3's PF-ODE, not the pretrained model's
+    first = shards(folder / "refresh-0000")
+    x0 = torch.cat([s["x"] for s in first.values()])
+    x1 = torch.cat([s["x"] for s in shards(folder / "refresh-0001").values()])
+    assert not torch.equal(x1, x0[halves[0]])
+    reference = final_tensors(folder)[0]
+    killed = tmp_path / "killed"
+    _kill_when(killed, lambda o: _shard_count(o / "online" / "refresh-0002") >= 1,
+               **ONLINE)
+    run_cli(killed, **ONLINE)
+    assert_bitwise_equal(final_tensors(killed / "online")[0], reference)
+
+
+def test_loss_weights_ramp_in_the_denoised_images():
+    from symfast.train.sfbd import _WeightedUnion
+    union = _WeightedUnion(torch.zeros(3, 1, 2, 2), torch.ones(5, 1, 2, 2), ramp_steps=4)
+    w = union.loss_weights(torch.tensor([0, 2, 3, 7]), step=1)
+    assert w.tolist() == [1.0, 1.0, 0.5, 0.5]
+    assert union.loss_weights(torch.tensor([5]), step=10).tolist() == [1.0]
+    assert torch.equal(union.get_batch(torch.tensor([2, 3])), torch.tensor([0.0, 1.0])[:, None, None, None]
+                       .expand(2, 1, 2, 2))
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run(sfbd_command(tmp_path / "x", clean_fraction=0.01), env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "clean_fraction=0.01" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
