@@ -1,0 +1,209 @@
+"""SFBD's backward step on the CPU: noisy images denoised per second by the PF-ODE from σ = τ.
+
+    python benchmarks/bench_sfbd.py            # writes results/sfbd.json and results/sfbd.png
+    python benchmarks/bench_sfbd.py --quick    # fewer repeats
+
+1. Throughput (batch 64 noisy digits, τ = 0.5, Heun with S_churn = 0 on the 40-step ρ = 7 EDM grid
+   cut at τ, channels 32,64,64) at 16x16 and 32x32 for the plain UNet, EquivariantUNet (WT, D4)
+   and the plain UNet frame-averaged over D4 (FA: 8 network calls per evaluation):
+   - "fused": symfast.denoise (the sampler core with the fused step op), as SFBD runs it;
+   - "eager": the same ODE written as the official code writes it (EDM's edm_sampler loop:
+     float64 state, t_hat/x_hat/d_cur/d_prime in eager torch ops), with the same network and
+     preconditioning, so the two differ only in the loop.
+   Targets: fused >= eager with the same network (paired ratio); WT >= 6x FA (paired ratio).
+2. 2-process scaling: under torchrun, 2 processes x 1 thread each denoising their shards of 128
+   images (symfast.train.sfbd.denoise_into_shards, shard files written) against rank 0 alone
+   denoising all 128 with 1 thread, phases alternated in one job. Target: >= 85% efficiency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, median_time, paired_ratio, print_table, write_results  # noqa: E402
+
+from symfast import Denoiser, denoise  # noqa: E402
+from symfast.data import NoisyDataset, digits  # noqa: E402
+from symfast.groups import get  # noqa: E402
+from symfast.nn import EquivariantUNet, UNet  # noqa: E402
+from symfast.samplers.api import sampling_sigmas  # noqa: E402
+
+CHANNELS = (32, 64, 64)
+BATCH = 64
+TAU = 0.5
+STEPS = 40
+
+
+def denoisers(size: int) -> dict[str, Denoiser]:
+    torch.manual_seed(0)
+    d4 = get("d4")
+    plain = UNet(1, 1, CHANNELS).eval().requires_grad_(False)
+    tied = EquivariantUNet(1, 1, CHANNELS, "d4").eval().requires_grad_(False)
+    return {"unet": Denoiser(plain, "edm"),
+            "wt": Denoiser(tied, "edm"),  # declared equivariant: one call per evaluation
+            "fa": Denoiser(plain, "edm", group=d4, frame_average=True)}
+
+
+def edm_loop(denoiser: Denoiser, y: torch.Tensor, tau: float, steps: int) -> torch.Tensor:
+    """EDM's edm_sampler (S_churn = 0) as SFBD's code calls it: the grid cut at τ with τ first,
+    float64 state, the network called on float32 input."""
+    full = sampling_sigmas(denoiser, "heun", steps, karras=True)
+    t_steps = torch.as_tensor(np.concatenate([[tau], full[full < tau * (1 - 1e-9)]]), dtype=torch.float64)
+    x_next = y.to(torch.float64)
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_hat, t_hat = x_next, t_cur
+        denoised = denoiser(x_hat.float(), float(t_hat)).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if t_next > 0:
+            denoised = denoiser(x_next.float(), float(t_next)).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next.float()
+
+
+def noisy_batch(size: int, n: int = BATCH) -> torch.Tensor:
+    return NoisyDataset(digits(size), TAU, seed=0).get_batch(torch.arange(n))
+
+
+def bench_throughput(sizes, repeats: int) -> list[dict]:
+    rows = []
+    with torch.no_grad():
+        for size in sizes:
+            y = noisy_batch(size)
+            models = denoisers(size)
+            fused = {m: (lambda d=d: denoise(d, y, TAU, steps=STEPS)) for m, d in models.items()}
+            eager = {m: (lambda d=d: edm_loop(d, y, TAU, STEPS)) for m, d in models.items()}
+            diff = max(float((fused[m]() - eager[m]()).abs().max()) for m in models)
+            wt_vs_fa = paired_ratio(fused["fa"], fused["wt"], max(2, repeats // 2))
+            for m in models:
+                reps = max(2, repeats // 3) if m == "fa" else repeats
+                t_fused = median_time(fused[m], reps, warmup=1)
+                t_eager = median_time(eager[m], reps, warmup=1)
+                rows.append({"size": size, "model": m, "fused_img_per_s": BATCH / t_fused,
+                             "eager_img_per_s": BATCH / t_eager,
+                             "fused_vs_eager_paired": paired_ratio(eager[m], fused[m], reps),
+                             "wt_vs_fa_paired": wt_vs_fa if m == "wt" else None,
+                             "max_abs_diff_fused_eager": diff})
+    return rows
+
+
+def scaling_worker(rounds: int, n: int, out: str) -> None:
+    """Under torchrun, 2 processes of 1 thread: "two" (each rank its shards of n images) and
+    "solo" (rank 0 all n; rank 1 waits at the barrier), alternated ``rounds`` times."""
+    import torch.distributed as dist
+
+    from symfast.train.distributed import World, setup
+    from symfast.train.sfbd import denoise_into_shards
+
+    world = setup()
+    noisy = NoisyDataset(digits(16), TAU, seed=0)
+    model = denoisers(16)["wt"]
+    positions = torch.arange(n)
+    times = {"two": [], "solo": []}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for i in range(rounds + 1):  # the first round warms up
+            for phase in ("two", "solo"):
+                folder = Path(tmp) / f"{phase}-{i}-{world.rank}"
+                dist.barrier()
+                t0 = time.perf_counter()
+                if phase == "two":
+                    denoise_into_shards(model, noisy, positions, Path(tmp) / f"two-{i}", world,
+                                        steps=STEPS, sampler="heun", batch=32, shard_size=32)
+                elif world.is_main:
+                    denoise_into_shards(model, noisy, positions, folder, World(), steps=STEPS,
+                                        sampler="heun", batch=32, shard_size=32)
+                dist.barrier()
+                if i:
+                    times[phase].append(time.perf_counter() - t0)
+    if world.is_main:
+        Path(out).write_text(json.dumps(times))
+    world.close()
+
+
+def bench_scaling(rounds: int, n: int = 128) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "scaling.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(__file__).resolve()), "--scaling-worker", str(rounds), str(n), str(out)]
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        times = json.loads(out.read_text())
+    eff = [s / (2 * t) for s, t in zip(times["solo"], times["two"])]
+    return {"size": 16, "model": "wt", "images": n, "rounds": rounds,
+            "img_per_s_1proc": [n / t for t in times["solo"]],
+            "img_per_s_2proc": [n / t for t in times["two"]],
+            "efficiency": statistics.median(eff), "efficiency_per_round": eff}
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sizes = sorted({r["size"] for r in rows})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.2))
+    for ax, size in zip(np.atleast_1d(axes), sizes):
+        sub = [r for r in rows if r["size"] == size]
+        xs = np.arange(len(sub))
+        ax.bar(xs - 0.2, [r["fused_img_per_s"] for r in sub], 0.4, label="symfast.denoise (fused)")
+        ax.bar(xs + 0.2, [r["eager_img_per_s"] for r in sub], 0.4, label="EDM loop (eager)")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([r["model"] for r in sub])
+        ax.set_yscale("log")
+        ax.set_title(f"{size}x{size}, batch {BATCH}")
+        ax.set_ylabel("noisy images denoised / s")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.suptitle(f"SFBD backward step, PF-ODE from tau={TAU} ({torch.get_num_threads()} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="throughput,scaling")
+    parser.add_argument("--scaling-worker", nargs=3, metavar=("ROUNDS", "N", "OUT"),
+                        help=argparse.SUPPRESS)  # the torchrun side of the scaling benchmark
+    args = parser.parse_args()
+    if args.scaling_worker:
+        rounds, n, out = args.scaling_worker
+        scaling_worker(int(rounds), int(n), out)
+        return
+    parts = set(args.only.split(","))
+    payload = {}
+    if "throughput" in parts:
+        rows = bench_throughput((16, 32), repeats=3 if args.quick else 7)
+        print(f"SFBD backward step: PF-ODE from tau={TAU}, {STEPS}-step grid, batch {BATCH}, "
+              f"channels {CHANNELS} ({torch.get_num_threads()} threads)")
+        print_table(rows, ["size", "model", "fused_img_per_s", "eager_img_per_s",
+                           "fused_vs_eager_paired", "wt_vs_fa_paired", "max_abs_diff_fused_eager"])
+        payload["throughput"] = rows
+        png = plot(rows, RESULTS / "sfbd.png")
+        if png:
+            print(f"wrote {png}")
+    if "scaling" in parts:
+        sc = bench_scaling(rounds=3 if args.quick else 7)
+        print(f"\n2 processes x 1 thread vs 1 process x 1 thread (WT 16x16, {sc['images']} images): "
+              f"{100 * sc['efficiency']:.0f}% scaling efficiency (median; per round "
+              f"{', '.join(f'{100 * e:.0f}%' for e in sc['efficiency_per_round'])})")
+        payload["scaling"] = sc
+    print(f"\nwrote {write_results('sfbd', payload)}")
+
+
+if __name__ == "__main__":
+    main()
