@@ -316,3 +316,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert "clean_fraction=0.01" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_users_dataset_of_colour_images(tmp_path):
+    from symfast.data import ImageTensorDataset
+    images = torch.rand(40, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    values = {k: v for k, v in TINY.items() if k not in ("data", "dataset_size")}
+    result = run(dict(values, rounds=1, clean_fraction=0.25, shard_size=64, out=str(tmp_path / "rgb")),
+                 dataset=ImageTensorDataset(images), device="cpu")
+    assert [s["stage"] for s in result.summaries] == ["pretrain", "round 1"]
+    assert shards(tmp_path / "rgb" / "round-1" / "denoised")["shard-00000.safetensors"]["x"].shape == (30, 3, 8, 8)
+    denoiser, cfg = load(result.checkpoint)
+    assert cfg.data_channels == 3

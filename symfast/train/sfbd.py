@@ -179,6 +179,8 @@ def run(config: SFBDConfig | dict | str | None = None, *, dataset: ImageTensorDa
             the stage's summary (e.g. an exact error on a Gaussian mixture).
         device: "cpu", "cuda", ... (default: cuda:LOCAL_RANK when CUDA is available).
     """
+    if dataset is not None:
+        overrides["data"] = "custom"
     cfg = make_sfbd_config(config, **overrides)
     world = setup(device)
     try:
