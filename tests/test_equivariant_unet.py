@@ -176,6 +176,68 @@ def test_upsample2x_is_nearest_interpolation():
     assert torch.equal(upsample2x(x), F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
+def test_upsample2x_gradient_is_the_2x2_block_sum():
+    from symfast.nn.unet import upsample2x
+
+    for shape, dtype in [((2, 3, 5, 7), torch.float64), ((3, 4, 8, 8), torch.float32),
+                         ((1, 2, 4, 6), torch.bfloat16)]:
+        x = torch.randn(shape, dtype=dtype, requires_grad=True)
+        g = torch.randn(shape[0], shape[1], 2 * shape[2], 2 * shape[3], dtype=dtype)
+        (gx,) = torch.autograd.grad(upsample2x(x), x, g)
+        (ref,) = torch.autograd.grad(F.interpolate(x, scale_factor=2, mode="nearest"), x, g)
+        assert gx.dtype == dtype and gx.shape == x.shape
+        assert rel_err(gx, ref) <= (1e-12 if dtype == torch.float64 else TOL[dtype])
+    x = torch.randn(2, 3, 6, 4, dtype=torch.float64).transpose(2, 3).requires_grad_()
+    g = torch.randn(2, 3, 12, 8, dtype=torch.float64).transpose(2, 3)  # non-contiguous gradient
+    (gx,) = torch.autograd.grad(upsample2x(x), x, g)
+    (ref,) = torch.autograd.grad(F.interpolate(x, scale_factor=2, mode="nearest"), x, g)
+    assert rel_err(gx, ref) <= 1e-12
+    assert torch.autograd.gradcheck(upsample2x, (torch.randn(1, 2, 3, 2, dtype=torch.float64,
+                                                             requires_grad=True),))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv2d_matches_conv2d_with_gradients(bias):
+    from symfast.nn.unet import PointwiseConv2d
+
+    torch.manual_seed(3)
+    layer = PointwiseConv2d(6, 5, bias=bias)
+    x = torch.randn(4, 8, 3, 7)[:, 1:7].requires_grad_()  # non-contiguous, odd plane
+    y = layer(x)
+    ref = F.conv2d(x.double(), layer.weight.double(),
+                   None if layer.bias is None else layer.bias.double())
+    assert rel_err(y, ref) <= TOL[torch.float32]
+    g = torch.randn_like(y)
+    params = [x, layer.weight] + ([layer.bias] if bias else [])
+    got = torch.autograd.grad(y, params, g)
+    want = torch.autograd.grad(ref, params, g.double())
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32 and rel_err(a, b) <= TOL[torch.float32]
+    layer64 = PointwiseConv2d(3, 2, bias=bias).double()
+    assert torch.autograd.gradcheck(layer64, (torch.randn(2, 3, 2, 3, dtype=torch.float64,
+                                                          requires_grad=True),))
+
+
+def test_pointwise_conv2d_under_bf16_autocast_matches_conv2d():
+    """Under autocast the product runs in bf16 (as nn.Conv2d's does) and each gradient comes
+    back in its input's dtype."""
+    from symfast.nn.unet import PointwiseConv2d
+
+    torch.manual_seed(4)
+    layer = PointwiseConv2d(16, 8)
+    x = torch.randn(4, 16, 4, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = F.conv2d(x, layer.weight, layer.bias)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(y, ref) <= TOL[torch.bfloat16]
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
+    want = torch.autograd.grad(ref, (x, layer.weight, layer.bias), g)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32 and rel_err(a, b) <= TOL[torch.bfloat16]
+
+
 def _unfused_copy(model):
     """The same modules and weights, with every GroupNorm + SiLU as plain F.group_norm / F.silu
     (the backend="reference" composition); the tied convolutions keep their own backend."""
