@@ -80,15 +80,14 @@ def noisy_batch(size: int, n: int = BATCH) -> torch.Tensor:
 
 def paired_times(base, fn, repeats: int) -> tuple[float, float, float]:
     """Medians of t(base) and t(fn) and of t(base)/t(fn), the two timed back to back each
-    repeat (the caller has called each once: the warm-up)."""
+    repeat, in alternating order (whichever runs second was measured up to 10% slower here);
+    the caller has called each once: the warm-up."""
     tb, tf = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        base()
-        t1 = time.perf_counter()
-        fn()
-        tb.append(t1 - t0)
-        tf.append(time.perf_counter() - t1)
+    for i in range(repeats):
+        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            (base, fn)[which]()
+            (tb, tf)[which].append(time.perf_counter() - t0)
     return statistics.median(tb), statistics.median(tf), statistics.median(b / f for b, f in zip(tb, tf))
 
 
@@ -104,7 +103,7 @@ def bench_throughput(sizes, repeats: int) -> list[dict]:
             for m in models:
                 diff = float((fused[m]() - eager[m]()).abs().max())
                 # FA makes 8 network calls per evaluation (~20 s per call at 32x32 here): one pair
-                reps = 1 if m == "fa" else repeats
+                reps = 2 if m == "fa" else repeats
                 t_eager, t_fused, ratio = paired_times(eager[m], fused[m], reps)
                 times[m] = t_fused
                 print(f"  {size}x{size} {m}: fused {t_fused:.2f} s, eager {t_eager:.2f} s", flush=True)
@@ -129,7 +128,8 @@ def scaling_worker(rounds: int, n: int, out: str) -> None:
     model = denoisers(16)["wt"]
     positions = torch.arange(n)
     times = {"two": [], "solo": []}
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+    tmp = Path(out).parent  # the parent's temporary folder: the same on both ranks
+    with torch.no_grad():
         for i in range(rounds + 1):  # the first round warms up
             for phase in ("two", "solo"):
                 folder = Path(tmp) / f"{phase}-{i}-{world.rank}"

@@ -38,8 +38,8 @@ from symfast.train.sfbd import run
 RESULTS = Path(__file__).resolve().parent / "results"
 SIGMAS = (0.05, 0.1, 0.2, 0.5, 1.0)
 
-FULL = dict(n_images=4096, clean_fraction=0.04, tau=0.5, pretrain_steps=1500, rounds=4,
-            steps_per_round=600, n_eval=2048, sample_steps=32, channels=(32, 64), batch_size=64,
+FULL = dict(n_images=4096, clean_fraction=0.04, tau=0.5, pretrain_steps=1000, rounds=3,
+            steps_per_round=500, n_eval=2048, sample_steps=32, channels=(32, 64), batch_size=64,
             lr=2e-3, ema_halflife_images=20000)
 QUICK = dict(FULL, n_images=256, pretrain_steps=10, rounds=2, steps_per_round=5, n_eval=64,
              sample_steps=4, channels=(8, 16), batch_size=8, ema_halflife_images=200)

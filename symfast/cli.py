@@ -18,6 +18,8 @@ BENCHMARKS = {
     "classifier-select": "bench_classifier_select.py",
     "symmetrize": "bench_symmetrize.py",
     "group-norm-silu": "bench_group_norm_silu.py",
+    "train": "bench_train.py",
+    "sfbd": "bench_sfbd.py",
 }
 CPU_OPS = ("group_average", "fused_step", "tied_conv2d", "attention_pool", "classifier_select",
            "group_norm_silu")
