@@ -2,7 +2,7 @@
 model is closer to the clean distribution than a model trained on the noisy images only, and
 than one trained on the clean images only.
 
-    python experiments/sfbd_gmm.py            # writes experiments/results/sfbd_gmm.{json,png}
+    python experiments/sfbd_gmm.py            # (~1 hour) writes experiments/results/sfbd_gmm.{json,png}
     python experiments/sfbd_gmm.py --quick    # a few seconds (the test runs this)
 
 The data: 4096 images from symfast's D4-invariant Gaussian mixture on 8x8 images (32 components
@@ -128,7 +128,7 @@ def plot(runs: list[dict], path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--out", default="runs/sfbd_gmm", help="training runs (resumable)")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
