@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
+import tempfile
 import statistics
 import time
 from pathlib import Path
@@ -79,3 +83,15 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+def run_two_process_worker(script: str, flag: str, *args) -> dict:
+    """Run ``script flag ARGS OUT`` under torchrun with 2 processes of 1 thread each and return
+    the JSON its rank 0 wrote to OUT (a file in a temporary folder both ranks share)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "times.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(Path(script).resolve()), flag, *map(str, args), str(out)]
+        subprocess.run(cmd, env=env, check=True, capture_output=True)
+        return json.loads(out.read_text())

@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, print_table, write_results  # noqa: E402
+from _common import RESULTS, print_table, run_two_process_worker, write_results  # noqa: E402
 
 from symfast import Denoiser, denoise  # noqa: E402
 from symfast.data import NoisyDataset, digits  # noqa: E402
@@ -150,13 +147,7 @@ def scaling_worker(rounds: int, n: int, out: str) -> None:
 
 
 def bench_scaling(rounds: int, n: int = 128) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "scaling.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(__file__).resolve()), "--scaling-worker", str(rounds), str(n), str(out)]
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        times = json.loads(out.read_text())
+    times = run_two_process_worker(__file__, "--scaling-worker", rounds, n)
     eff = [s / (2 * t) for s, t in zip(times["solo"], times["two"])]
     return {"size": 16, "model": "wt", "images": n, "rounds": rounds,
             "img_per_s_1proc": [n / t for t in times["solo"]],

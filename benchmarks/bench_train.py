@@ -26,9 +26,7 @@ training loop's own overhead, and 2-process DDP scaling.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +37,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, median_time, paired_ratio, print_table, write_results  # noqa: E402
+from _common import (RESULTS, median_time, paired_ratio, print_table,  # noqa: E402
+                     run_two_process_worker, write_results)  # noqa: E402
 
 from symfast import Denoiser  # noqa: E402
 from symfast.data.images import digits  # noqa: E402
@@ -202,15 +201,7 @@ def ddp_worker(pairs: int, steps: int, out: str) -> None:
 def bench_ddp(pairs: int, steps: int) -> dict:
     """2-process DDP (gloo, 1 thread each) against 1 process with 1 thread, same global batch,
     and the lock-step limit, alternated inside one torchrun job (see ddp_worker)."""
-    import json
-
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ddp.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(Path(__file__).resolve()), "--ddp-worker", str(pairs), str(steps), str(out)]
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        times = json.loads(out.read_text())
+    times = run_two_process_worker(__file__, "--ddp-worker", pairs, steps)
     eff = [s / (2 * d) for s, d in zip(times["solo"], times["ddp"])]
     limit = [s / (2 * d) for s, d in zip(times["solo"], times["lockstep"])]
     return {"size": 16, "model": "wt", "global_batch": BATCH, "rounds": pairs, "steps_per_phase": steps,

@@ -214,6 +214,11 @@ def read_shard(path: Path, positions: torch.Tensor | None = None,
     return {"index": index, "x": x}
 
 
+def shard_spans(positions: torch.Tensor, shard_size: int) -> list[torch.Tensor]:
+    """The positions of each shard: shard j holds positions[j·shard_size : (j+1)·shard_size]."""
+    return [positions[start:start + shard_size] for start in range(0, len(positions), shard_size)]
+
+
 def denoise_into_shards(denoiser, noisy: NoisyDataset, positions: torch.Tensor, folder: Path,
                         world: World, *, steps: int, sampler: str, batch: int, shard_size: int,
                         progress: bool = False, desc: str = "denoise") -> torch.Tensor:
@@ -228,8 +233,8 @@ def denoise_into_shards(denoiser, noisy: NoisyDataset, positions: torch.Tensor, 
     from safetensors.torch import save as safetensors_save
 
     shape = tuple(noisy.shape)
-    n_shards = math.ceil(len(positions) / shard_size)
-    spans = [positions[j * shard_size:(j + 1) * shard_size] for j in range(n_shards)]
+    spans = shard_spans(positions, shard_size)
+    n_shards = len(spans)
     mine = [j for j in range(world.rank, n_shards, world.size)]
     todo = [j for j in mine if read_shard(shard_path(folder, j), spans[j], shape) is None]
     if world.is_main:
@@ -478,10 +483,8 @@ class _SFBD:
 
     def _needs(self, folder: Path, positions: torch.Tensor) -> bool:
         """Whether any shard of ``folder`` for ``positions`` is missing or damaged (every rank)."""
-        shards = math.ceil(len(positions) / self.cfg.shard_size)
-        spans = [positions[j * self.cfg.shard_size:(j + 1) * self.cfg.shard_size] for j in range(shards)]
-        return any(read_shard(shard_path(folder, j), spans[j], tuple(self.noisy.shape)) is None
-                   for j in range(shards))
+        return any(read_shard(shard_path(folder, j), span, tuple(self.noisy.shape)) is None
+                   for j, span in enumerate(shard_spans(positions, self.cfg.shard_size)))
 
     def _refresh(self, denoiser, chunk: torch.Tensor, folder: Path, j: int) -> torch.Tensor:
         if denoiser is None and self._needs(folder, chunk):
