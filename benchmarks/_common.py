@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from symfast._io import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -68,7 +70,7 @@ def machine_info() -> dict:
 def write_results(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine_info(), **payload}, indent=2))
+    atomic_write_text(path, json.dumps({"machine": machine_info(), **payload}, indent=2))
     return path
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, print_table, run_two_process_worker, write_results  # noqa: E402
 
 from symfast import Denoiser, denoise  # noqa: E402
+from symfast._io import atomic_path  # noqa: E402
 from symfast.data import NoisyDataset, digits  # noqa: E402
 from symfast.groups import get  # noqa: E402
 from symfast.nn import EquivariantUNet, UNet  # noqa: E402
@@ -177,7 +178,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.suptitle(f"SFBD backward step, PF-ODE from tau={TAU} ({torch.get_num_threads()} threads)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return path
 
 

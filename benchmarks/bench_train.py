@@ -41,6 +41,7 @@ from _common import (RESULTS, median_time, paired_ratio, print_table,  # noqa: E
                      run_two_process_worker, write_results)  # noqa: E402
 
 from symfast import Denoiser  # noqa: E402
+from symfast._io import atomic_path  # noqa: E402
 from symfast.data.images import digits  # noqa: E402
 from symfast.nn import EquivariantUNet, UNet  # noqa: E402
 from symfast.nn.unet import PointwiseConv2d  # noqa: E402
@@ -233,7 +234,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ax.set_title(f"CPU training step, batch {BATCH} ({torch.get_num_threads()} threads)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return path
 
 

@@ -1,5 +1,5 @@
 """The `symfast` command: `symfast info`, `symfast bench <name> [args]`, `symfast train`,
-`symfast sfbd`, `symfast sample`, `symfast denoise`. Flags become a config or arguments of one library call."""
+`symfast sfbd`, `symfast sample`, `symfast denoise`, `symfast demo`. Flags become a config or arguments of one library call."""
 from __future__ import annotations
 
 import argparse
@@ -226,6 +226,15 @@ def main(argv: list[str] | None = None) -> int:
                                 help="first add noise of std sigma to the (clean) input")
     denoise_parser.add_argument("input")
     denoise_parser.add_argument("output")
+    demo_parser = sub.add_parser("demo", help="sample and denoise digits with the shipped "
+                                              "equivariant model (seconds, offline)")
+    demo_parser.add_argument("--out", default="symfast-demo", help="folder for the PNGs and summary")
+    demo_parser.add_argument("--checkpoint", help="another checkpoint (default: the shipped one)")
+    demo_parser.add_argument("--n", type=int, default=64, help="digits to sample")
+    demo_parser.add_argument("--steps", type=int, default=18)
+    demo_parser.add_argument("--sigma", type=float, default=0.5, help="noise level to denoise")
+    demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.add_argument("--device", default="cpu")
     ns = parser.parse_args(argv)
     if ns.command == "info":
         return info()
@@ -255,6 +264,12 @@ def _run_job(ns: argparse.Namespace) -> int:
                      sampler=ns.sampler, steps=ns.steps, group=ns.group, ema=ns.ema,
                      device=ns.device)
         print(f"wrote {ns.output}")
+        return 0
+    if ns.command == "demo":
+        from symfast import demo
+        summary = demo.run(ns.out, checkpoint=ns.checkpoint, n=ns.n, steps=ns.steps,
+                           sigma=ns.sigma, seed=ns.seed, device=ns.device)
+        print(demo.format_summary(summary, ns.out))
         return 0
     raise AssertionError(ns.command)
 

@@ -1,29 +1,98 @@
 """Evaluation: how close a model's samples are to a reference set, and how close a denoiser is to
 the exact one where the exact one is known (the Gaussian mixture of symfast.data).
 
-``frechet_distance`` compares two sets in a feature space: by default the images' pixels
-themselves (the shipped digit feature network of the evaluation issue is not there yet); pass
-``features`` (a callable images -> (N, D)) for another.
+``frechet_distance`` compares two sets in a feature space: by default that of
+:func:`digit_features`, a small digit classifier shipped with the package (trained by
+experiments/train_digit_features.py; no download); ``features="pixels"`` uses the pixels
+themselves, and any callable images -> (N, D) another space.
 """
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from symfast.data.images import GaussianMixture
+from symfast.groups import get as get_group
 
 
-def _features(images: torch.Tensor, features: Callable | None, name: str) -> np.ndarray:
+DIGIT_FEATURES = Path(__file__).resolve().parent / "assets" / "digit_features.safetensors"
+
+
+class DigitClassifier(nn.Module):
+    """The digit classifier whose penultimate activations are symfast's default FD features:
+    two 3×3 conv + ReLU + 2×2 max-pool stages (16, 32 channels) on 16×16 single-channel images in
+    [-1, 1] (other sizes are resized bilinearly), a 64-unit ReLU layer (the features) and a
+    10-way linear head."""
+
+    feature_dim = 64
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.hidden = nn.Linear(32 * 4 * 4, self.feature_dim)
+        self.head = nn.Linear(self.feature_dim, 10)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, H, W) in [-1, 1] -> (N, 64)."""
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"the digit features take single-channel images (N, 1, H, W), got "
+                             f"shape {tuple(x.shape)}; pass features='pixels' or a callable")
+        if x.shape[-2:] != (16, 16):
+            x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False,
+                              antialias=x.shape[-1] > 16)
+        h = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        h = F.max_pool2d(F.relu(self.conv2(h)), 2)
+        return F.relu(self.hidden(h.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits (N, 10)."""
+        return self.head(self.features(x))
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_classifier() -> DigitClassifier:
+    from safetensors.torch import load_file
+
+    if not DIGIT_FEATURES.exists():
+        raise FileNotFoundError(f"the shipped digit classifier {DIGIT_FEATURES} is missing (make it "
+                                f"with python experiments/train_digit_features.py)")
+    model = DigitClassifier()
+    model.load_state_dict(load_file(str(DIGIT_FEATURES)))
+    return model.eval().requires_grad_(False)
+
+
+def digit_features(images: torch.Tensor) -> torch.Tensor:
+    """The shipped digit classifier's 64 penultimate features of images (N, 1, H, W) in [-1, 1]
+    (computed in fp32 on the CPU, in batches)."""
+    model = _shipped_classifier()
+    x = images.detach().float().cpu()
+    with torch.no_grad():
+        return torch.cat([model.features(x[i:i + 1024]) for i in range(0, len(x), 1024)])
+
+
+def _features(images: torch.Tensor, features, name: str) -> np.ndarray:
     if not isinstance(images, torch.Tensor) or images.dim() < 2 or not images.is_floating_point():
         got = (f"shape {tuple(images.shape)} dtype {images.dtype}" if isinstance(images, torch.Tensor)
                else type(images).__name__)
         raise TypeError(f"{name} must be a floating tensor (N, ...), got {got}")
     if images.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 images, got {images.shape[0]}")
+    if features is None:
+        features = digit_features
+    elif features == "pixels":
+        features = lambda x: x.flatten(1)  # noqa: E731
+    elif not callable(features):
+        raise TypeError(f"features must be None (the digit features), 'pixels' or a callable, "
+                        f"got {features!r}")
     with torch.no_grad():
-        f = features(images) if features is not None else images.flatten(1)
+        f = features(images)
     f = f.detach().double().cpu().numpy()
     if not np.isfinite(f).all():
         raise ValueError(f"{name} has non-finite values (or features)")
@@ -31,9 +100,11 @@ def _features(images: torch.Tensor, features: Callable | None, name: str) -> np.
 
 
 def frechet_distance(samples: torch.Tensor, reference: torch.Tensor,
-                     features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+                     features: Callable[[torch.Tensor], torch.Tensor] | str | None = None) -> float:
     """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^½) between Gaussians fitted to the features
-    of ``samples`` and ``reference`` (N, ...) (pixels when ``features`` is None)."""
+    of ``samples`` and ``reference`` (N, ...): :func:`digit_features` when ``features`` is None
+    (single-channel images in [-1, 1]), the pixels for "pixels", else ``features(images)``.
+    The value depends on the set sizes (its bias shrinks as 1/N): compare at fixed sizes."""
     a, b = _features(samples, features, "samples"), _features(reference, features, "reference")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"samples and reference have {a.shape[1]} and {b.shape[1]} features")
@@ -46,6 +117,48 @@ def frechet_distance(samples: torch.Tensor, reference: torch.Tensor,
     middle = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
     trace_root = np.sqrt(np.clip(middle, 0, None)).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
+
+
+def equivariant_fd(samples: torch.Tensor, reference: torch.Tensor, group,
+                   features: Callable[[torch.Tensor], torch.Tensor] | str | None = None) -> dict:
+    """The Fréchet distance of g·samples to ``reference`` for every element g of ``group``, and
+    its spread (max − min), as the structure-preserving paper reports it: a model whose samples
+    are distributed G-invariantly has spread ≈ 0 (up to the FD's sampling noise) against a
+    G-invariant reference. Returns {"fd": [per element], "spread": float}."""
+    group = get_group(group)
+    group.check_input(samples, "samples")
+    fds = [frechet_distance(group.act(samples, k), reference, features) for k in range(len(group))]
+    return {"fd": fds, "spread": max(fds) - min(fds)}
+
+
+def sampler_equivariance(denoiser, group, x_T_or_shape: torch.Tensor | Sequence[int],
+                         sampler: str = "heun", steps: int = 18, seed: int = 0,
+                         **sample_options) -> float:
+    """max over g of ‖S(g x_T) − g S(x_T)‖ / ‖S(x_T)‖ for the sampler S = symfast.sample(denoiser,
+    ·, sampler, steps, seed) from the unit starting noise ``x_T`` (or noise of that shape drawn
+    from ``seed``). A stochastic sampler's noise is transformed with the state
+    (``transform_noise=k``) when the denoiser has a group; with a deterministic sampler (the
+    default) no noise is drawn, so any denoiser can be measured. 0 (up to rounding) means the
+    sampler is exactly equivariant."""
+    from symfast.samplers import sample
+
+    group = get_group(group)
+    if isinstance(x_T_or_shape, torch.Tensor):
+        x_T = x_T_or_shape
+    else:
+        x_T = torch.randn(tuple(x_T_or_shape), generator=torch.Generator().manual_seed(seed))
+    group.check_input(x_T, "x_T")
+
+    has_group = getattr(denoiser, "group", None) is not None
+
+    def run(x, k):
+        return sample(denoiser, x, sampler=sampler, steps=steps, seed=seed, progress=False,
+                      transform_noise=k if has_group else None, **sample_options).double()
+
+    base = run(x_T, 0)
+    norm = base.norm().clamp_min(torch.finfo(torch.float64).tiny)
+    return max(float((run(group.act(x_T, k), k) - group.act(base, k)).norm() / norm)
+               for k in range(1, len(group)))
 
 
 def posterior_mse(denoiser, mixture: GaussianMixture, sigmas: Sequence[float], n: int = 1024,

@@ -22,8 +22,8 @@ def test_frechet_distance_matches_the_closed_form_for_gaussians():
     a = torch.randn(20000, 1, 2, 2, generator=gen)
     b = 1.5 * torch.randn(20000, 1, 2, 2, generator=gen) + 0.5
     # N(0, I) vs N(0.5, 2.25 I) in 4 dims: 4 * (0.25 + 1 + 2.25 - 2 * 1.5) = 2
-    assert frechet_distance(a, b) == pytest.approx(2.0, abs=0.08)
-    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    assert frechet_distance(a, b, "pixels") == pytest.approx(2.0, abs=0.08)
+    assert frechet_distance(a, a, "pixels") == pytest.approx(0.0, abs=1e-9)
     # a feature map is applied to both sets
     assert frechet_distance(a, b, features=lambda x: x.flatten(1)[:, :1]) == pytest.approx(0.5, abs=0.04)
 
@@ -32,9 +32,9 @@ def test_frechet_distance_matches_the_closed_form_for_gaussians():
                                         (torch.full((3, 4), math.nan), "non-finite")])
 def test_frechet_distance_rejects_bad_input(bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        frechet_distance(bad, torch.zeros(3, 4))
+        frechet_distance(bad, torch.zeros(3, 4), "pixels")
     with pytest.raises(ValueError, match="features"):
-        frechet_distance(torch.randn(3, 4), torch.randn(3, 5))
+        frechet_distance(torch.randn(3, 4), torch.randn(3, 5), "pixels")
 
 
 class _Exact(nn.Module):

@@ -112,9 +112,14 @@ def _raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return _DIGITS
 
 
-def digits(size: int = 16, mode: str = "resize") -> ImageTensorDataset:
+DIGITS_TRAIN = 1500  # split="train": the first 1500 digits; split="test": the other 297
+
+
+def digits(size: int = 16, mode: str = "resize", split: str | None = None) -> ImageTensorDataset:
     """scikit-learn's 8×8 digits (1,797 images, bundled with the package, no download), values
     0..16 mapped to [-1, 1] by x/8 − 1. Returns images (1797, 1, size, size) and ``labels`` (1797,).
+    ``split``: None (all), "train" (the first 1500) or "test" (the other 297, held out by the
+    shipped models and the evaluation).
 
     mode="resize": bilinear resampling (antialiased when size < 8), clamped to [-1, 1]; size must be
     an int >= 4, and size 8 gives the raw images. mode="pad": the raw image centred on a size×size
@@ -122,8 +127,13 @@ def digits(size: int = 16, mode: str = "resize") -> ImageTensorDataset:
     """
     if mode not in ("resize", "pad"):
         raise ValueError(f"mode must be 'resize' or 'pad', got {mode!r}")
+    if split not in (None, "train", "test"):
+        raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
     _check_int("size", size, 4 if mode == "resize" else 8)
     raw, labels = _raw_digits()
+    if split is not None:
+        part = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
+        raw, labels = raw[part], labels[part]
     if size == 8:
         images = raw.clone()
     elif mode == "resize":
@@ -133,7 +143,8 @@ def digits(size: int = 16, mode: str = "resize") -> ImageTensorDataset:
         if (size - 8) % 2:
             raise ValueError(f"size must be 8 plus an even number for mode='pad', got {size}")
         images = F.pad(raw, [(size - 8) // 2] * 4, value=-1.0)
-    return ImageTensorDataset(images, name=f"digits{size}", labels=labels.clone())
+    return ImageTensorDataset(images, name=f"digits{size}" + (f"-{split}" if split else ""),
+                              labels=labels.clone())
 
 
 # ---- orbit augmentation --------------------------------------------------------------------

@@ -56,6 +56,29 @@ def load(path: str | os.PathLike, *, ema: int | None = 0, network: nn.Module | N
     return denoiser, cfg
 
 
+def export(path: str | os.PathLike, out: str | os.PathLike, *, ema: int = 0,
+           command: str | None = None) -> Path:
+    """Write the weights a run samples with, and nothing else, as a checkpoint folder ``out``
+    (tensors.safetensors + state.json, written atomically) that :func:`load` reads: one EMA copy
+    (index ``ema``), without the raw weights, optimiser state or RNG states (a quarter of a
+    training checkpoint's size). ``path``: a checkpoint or run folder, as for :func:`load`;
+    ``command``: how the run was made, recorded in state.json for whoever loads it."""
+    ckpt = checkpoint.resolve(path)
+    cfg = TrainConfig.from_dict(ckpt.state["config"])
+    if not isinstance(ema, int) or isinstance(ema, bool) or not 0 <= ema < len(cfg.ema_halflife_images):
+        raise ValueError(f"ema must be an index into the run's {len(cfg.ema_halflife_images)} EMA "
+                         f"copies, got {ema!r}")
+    prefix = f"ema.{ema}."
+    tensors = {"ema.0." + k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+    config = dict(ckpt.state["config"], ema_halflife_images=[cfg.ema_halflife_images[ema]])
+    state = {"step": ckpt.step, "nimg": ckpt.state.get("nimg"), "config": config,
+             "symfast_version": ckpt.state.get("symfast_version"),
+             "exported_from": {"path": str(ckpt.path), "ema": ema}}
+    if command is not None:
+        state["command"] = str(command)
+    return checkpoint.write_folder(Path(out), tensors, state)
+
+
 def image_shape(cfg: TrainConfig, channels: int | None = None) -> tuple[int, int, int]:
     """(C, H, W) of the images a run trained on."""
     return (channels or cfg.data_channels or 3, cfg.image_size, cfg.image_size)

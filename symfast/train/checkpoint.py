@@ -67,18 +67,27 @@ def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor]
          state: dict[str, Any], keep: int | None = None) -> Path:
     """Write checkpoint ``step`` atomically under ``run_dir/checkpoints`` and keep the newest
     ``keep`` (all if None). Returns its folder."""
+    final = write_folder(path_for(run_dir, step), tensors, dict(state, step=int(step)))
+    if keep is not None:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            _remove(old)
+    return final
+
+
+def write_folder(final: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write a checkpoint folder ``final`` (tensors + state.json) atomically: built in a hidden
+    sibling folder, fsynced, renamed into place (replacing an older one of the same name)."""
     from safetensors.torch import save as safetensors_bytes
 
-    root = checkpoint_dir(run_dir)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = path_for(run_dir, step)
-    tmp = root / f".step-{step:09d}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         # safetensors needs contiguous, unshared storage
         blob = safetensors_bytes({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()})
         atomic_write_bytes(tmp / TENSORS, blob)
-        full_state = dict(state, format=FORMAT, step=int(step), tensors={
+        full_state = dict(state, format=FORMAT, tensors={
             "file": TENSORS, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
             "names": sorted(tensors)})
         atomic_write_text(tmp / STATE, json.dumps(full_state, indent=1, sort_keys=True))
@@ -89,9 +98,6 @@ def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor]
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if keep is not None:
-        for old in list_checkpoints(run_dir)[:-keep]:
-            _remove(old)
     return final
 
 

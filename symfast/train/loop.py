@@ -287,6 +287,10 @@ class _Run:
         if choice["path"] is None:
             return None
         found = checkpoint.load(choice["path"])
+        if "exported_from" in found.state:
+            raise ValueError(f"resume={cfg.resume!r}: {choice['path']} is an exported checkpoint "
+                             f"(EMA weights only, no optimiser state); start from it with "
+                             f"init_from instead")
         saved = TrainConfig.from_dict(found.state["config"])
         wrong = cfg.mismatches(saved)
         if wrong:
