@@ -37,6 +37,9 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=find_packages(include=["symfast", "symfast.*"]) + ["symfast.kernels"],
     package_dir={"symfast.kernels": "kernels"},
+    # the shipped digit classifier (FD features) and the demo checkpoint
+    package_data={"symfast": ["assets/*.json", "assets/*.safetensors", "assets/*/*.json",
+                              "assets/*/*.safetensors"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

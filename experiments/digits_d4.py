@@ -26,7 +26,6 @@ The WT run is also what ships as the demo checkpoint (``--export-demo``).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,8 +33,9 @@ from pathlib import Path
 
 import torch
 
+from _common import save_figure, write_json  # experiments/ is on sys.path
+from symfast._io import atomic_write_text
 from symfast import denoise, sample
-from symfast._io import atomic_path, atomic_write_text
 from symfast.data import ImageTensorDataset, digits, orbit_augmented
 from symfast.groups import d4
 from symfast.metrics import equivariant_fd, frechet_distance, sampler_equivariance
@@ -62,8 +62,9 @@ def split() -> tuple[ImageTensorDataset, torch.Tensor]:
     return orbit_augmented(digits(16, split="train"), "d4"), digits(16, split="test").images
 
 
-def train_runs(p: dict, seed: int, out: Path) -> dict[str, Path]:
-    """Train (or resume, or find finished) every distinct run; returns run name -> folder."""
+def train_runs(p: dict, seed: int, out: Path, only: set[str] | None = None) -> dict[str, Path]:
+    """Train (or resume, or find finished) every distinct run (those named in ``only``, when
+    given: two processes can train disjoint runs side by side); returns run name -> folder."""
     data, _ = split()
     common = dict(data="custom", data_channels=1, image_size=16, channels=p["channels"],
                   batch_size=p["batch_size"], lr=p["lr"], warmup_steps=p["warmup_steps"],
@@ -71,7 +72,7 @@ def train_runs(p: dict, seed: int, out: Path) -> dict[str, Path]:
                   checkpoint_every=500, keep=2, log_every=50, progress=True)
     folders = {}
     for run_name, overrides, _ in VARIANTS.values():
-        if run_name in folders:
+        if run_name in folders or (only is not None and run_name not in only):
             continue
         folder = out / f"seed-{seed}" / run_name
         t0 = time.perf_counter()
@@ -103,8 +104,7 @@ def evaluate(denoiser, p: dict, reference: torch.Tensor, held_out: torch.Tensor,
     row = {"fd": statistics.fmean(fds), "fd_spread": max(fds) - min(fds),
            "equivariant_fd_spread": statistics.fmean(spreads),
            "sampler_equivariance": sampler_equivariance(
-               denoiser, group, (p["equiv_n"], 1, 16, 16), sampler="heun", steps=p["sample_steps"],
-               seed=7),
+               denoiser, group, "heun", (p["equiv_n"], 1, 16, 16), steps=p["sample_steps"], seed=7),
            "samples_per_s": statistics.median(rates), "psnr": {}, "noisy_psnr": {}}
     clean = held_out[:p["denoise_n"]]
     gen = torch.Generator().manual_seed(11)
@@ -146,10 +146,7 @@ def plot(table: dict, p: dict, path: Path) -> Path | None:
     axes[2].set_ylabel("PSNR of denoised held-out digits (dB)")
     axes[2].legend(fontsize=7)
     fig.suptitle(f"D4-augmented digits 16x16, {p['steps']} steps x batch {p['batch_size']} per model")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def markdown(table: dict, p: dict, command: str) -> str:
@@ -180,12 +177,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--eval-seeds", type=int, default=3)
     parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--runs", help="with --train-only: train only these runs (comma list of "
+                                       "plain, augment, wt, reg)")
     parser.add_argument("--export-demo", metavar="DIR", help="also export the WT run's EMA weights")
     parser.add_argument("--out", default="runs/digits_d4", help="training runs (resumable)")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     p = QUICK if args.quick else FULL
-    folders = train_runs(p, args.seed, Path(args.out))
+    if args.runs and not args.train_only:
+        parser.error("--runs needs --train-only")
+    folders = train_runs(p, args.seed, Path(args.out), set(args.runs.split(",")) if args.runs else None)
     if args.export_demo:
         export(folders["wt"], args.export_demo, command=" ".join(
             ["python", "experiments/digits_d4.py"] + (argv if argv is not None else sys.argv[1:])))
@@ -210,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     name = "digits_d4_quick" if args.quick else "digits_d4"
     command = ("python experiments/digits_d4.py" + (" --quick" if args.quick else "")
                + f" --seed {args.seed} --eval-seeds {args.eval_seeds}")
-    atomic_write_text(results / f"{name}.json", json.dumps(
-        {"command": command, "params": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
-         "table": table}, indent=1))
+    write_json(results / f"{name}.json",
+        {"command": command, "params": p,
+         "table": table})
     atomic_write_text(results / f"{name}.md", markdown(table, p, command))
     png = plot(table, p, results / f"{name}.png")
     print(f"wrote {results / (name + '.json')}" + (f" and {png}" if png else ""))

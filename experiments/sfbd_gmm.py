@@ -27,7 +27,6 @@ between n model samples and n clean training images (the floor: two disjoint set
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -35,8 +34,8 @@ from pathlib import Path
 
 import torch
 
+from _common import save_figure, write_json  # experiments/ is on sys.path
 from symfast import sample
-from symfast._io import atomic_path, atomic_write_text
 from symfast.data import (ImageTensorDataset, NoisyDataset, clean_split, digits, gaussian_mixture,
                           orbit_augmented)
 from symfast.metrics import frechet_distance, posterior_mse
@@ -178,10 +177,7 @@ def plot(runs: list[dict], measures: tuple[str, ...], title: str, path: Path) ->
         ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"SFBD on {title}, 4% clean, tau = 0.5 (lower is better)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,9 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     name = f"sfbd_{args.data}" + ("_quick" if args.quick else "")
     command = ("python experiments/sfbd_gmm.py" + (" --quick" if args.quick else "")
                + f" --seeds {args.seeds}" + (" --data digits" if args.data == "digits" else ""))
-    atomic_write_text(results / f"{name}.json", json.dumps(
-        {"command": command, "params": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
-         "table": rows, "runs": runs}, indent=1))
+    write_json(results / f"{name}.json",
+        {"command": command, "params": p,
+         "table": rows, "runs": runs})
     png = plot(runs, task.measures, TITLES[args.data], results / f"{name}.png")
     print(f"wrote {results / (name + '.json')}" + (f" and {png}" if png else ""))
 

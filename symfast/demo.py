@@ -83,8 +83,8 @@ def run(out: str | os.PathLike = "symfast-demo", checkpoint: str | os.PathLike |
     x = sample(denoiser, (n,) + shape, sampler="heun", steps=steps, seed=seed, progress=False,
                device=device).clamp(-1, 1).cpu()
     seconds = time.perf_counter() - t0
-    sampler_error = sampler_equivariance(denoiser, group, (8,) + shape, sampler="heun",
-                                         steps=steps, seed=seed + 1)
+    sampler_error = sampler_equivariance(denoiser, group, "heun", (8,) + shape, steps=steps,
+                                         seed=seed + 1)
 
     # Held-out digits when the model makes digit-like images, its own samples otherwise.
     clean = (digits(shape[-1], split="test").images[:8] if shape[0] == 1 else x[:8]).to(device)

@@ -131,9 +131,8 @@ def equivariant_fd(samples: torch.Tensor, reference: torch.Tensor, group,
     return {"fd": fds, "spread": max(fds) - min(fds)}
 
 
-def sampler_equivariance(denoiser, group, x_T_or_shape: torch.Tensor | Sequence[int],
-                         sampler: str = "heun", steps: int = 18, seed: int = 0,
-                         **sample_options) -> float:
+def sampler_equivariance(denoiser, group, sampler: str, x_T_or_shape: torch.Tensor | Sequence[int],
+                         steps: int = 18, seed: int = 0, **sample_options) -> float:
     """max over g of ‖S(g x_T) − g S(x_T)‖ / ‖S(x_T)‖ for the sampler S = symfast.sample(denoiser,
     ·, sampler, steps, seed) from the unit starting noise ``x_T`` (or noise of that shape drawn
     from ``seed``). A stochastic sampler's noise is transformed with the state

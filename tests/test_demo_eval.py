@@ -82,11 +82,11 @@ def test_sampler_equivariance_is_exact_for_wt_and_fa_and_not_for_a_plain_unet(sa
     fa = Denoiser(UNet(1, 1, (4, 8)), "edm", group=group)
     plain = Denoiser(UNet(1, 1, (4, 8)), "edm")
     for denoiser in (wt, fa):
-        assert sampler_equivariance(denoiser, group, (3, 1, 8, 8), sampler=sampler, steps=3) < 1e-5
+        assert sampler_equivariance(denoiser, group, sampler, (3, 1, 8, 8), steps=3) < 1e-5
     if sampler == "heun":  # deterministic: a plain model can be measured, and is not equivariant
-        assert sampler_equivariance(plain, group, (3, 1, 8, 8), sampler=sampler, steps=3) > 1e-3
+        assert sampler_equivariance(plain, group, sampler, (3, 1, 8, 8), steps=3) > 1e-3
     x_T = torch.randn(2, 1, 8, 8)
-    assert sampler_equivariance(wt, group, x_T, sampler=sampler, steps=2) < 1e-5
+    assert sampler_equivariance(wt, group, sampler, x_T, steps=2) < 1e-5
 
 
 # ---- exported checkpoints -------------------------------------------------------------------
