@@ -328,3 +328,26 @@ def test_a_users_dataset_of_colour_images(tmp_path):
     assert shards(tmp_path / "rgb" / "round-1" / "denoised")["shard-00000.safetensors"]["x"].shape == (30, 3, 8, 8)
     denoiser, cfg = load(result.checkpoint)
     assert cfg.data_channels == 3
+
+
+@pytest.mark.parametrize("equivariance", ["wt", "fa"])
+def test_sfbd_with_an_equivariant_model_denoises_equivariantly(tmp_path, equivariance):
+    """A WT or FA model through the whole loop: the backward step's shards are the loaded
+    model's (equivariant) PF-ODE, so denoising g·y gives g·(the shard) for every g."""
+    from symfast import denoise
+    from symfast.groups import d4
+    from symfast.nn import EquivariantUNet
+    config = dict(TINY, rounds=1, equivariance=equivariance, group="d4", out=str(tmp_path / "run"))
+    result = run(config, device="cpu")
+    assert [s["stage"] for s in result.summaries] == ["pretrain", "round 1"]
+    denoiser, cfg = load(tmp_path / "run" / "pretrain")
+    assert isinstance(denoiser.model, EquivariantUNet) == (equivariance == "wt")
+    data = gaussian_mixture("d4", size=8, channels=1, seed=0).dataset(160, seed=0)
+    _, noisy_idx = clean_split(160, TINY["clean_fraction"], 0)
+    y = NoisyDataset(data, TINY["tau"], 0, noisy_idx).get_batch(torch.arange(16, 32))
+    x = shards(tmp_path / "run" / "round-1" / "denoised")["shard-00001.safetensors"]["x"]
+    assert torch.equal(x, denoise(denoiser, y, TINY["tau"], steps=TINY["denoise_steps"]))
+    group = d4()
+    for k in range(1, len(group)):
+        got = denoise(denoiser, group.act(y, k), TINY["tau"], steps=TINY["denoise_steps"])
+        assert rel_err(got, group.act(x, k)) < 1e-5
