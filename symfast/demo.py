@@ -10,7 +10,8 @@ convolutions trained by symfast on D4-augmented digits, EMA weights only, ~1.4 M
 - denoises noisy held-out digits y and their rotated copies g·y (symfast.denoise) and measures
   ‖D(g·y) − g·D(y)‖ / ‖D(y)‖, beside the PSNR before and after denoising.
 
-It writes ``samples.png``, ``denoise.png`` and ``summary.json`` into ``out`` (each atomically).
+It writes ``samples.png``, ``denoise.png`` (enlarged 3x, each pixel a 3x3 block) and
+``summary.json`` into ``out`` (each atomically).
 """
 from __future__ import annotations
 
@@ -67,14 +68,15 @@ def run(out: str | os.PathLike = "symfast-demo", checkpoint: str | os.PathLike |
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} "
                              f"int, got {value!r}")
-    if not isinstance(sigma, (int, float)) or not 0 < sigma < 80:
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma < 80:
         raise ValueError(f"sigma must be a number in (0, 80), got {sigma!r}")
     folder = _writable_folder(out)
+    label = "symfast/assets/demo-d4-digits (shipped)" if checkpoint is None else str(checkpoint)
     checkpoint = DEMO_CHECKPOINT if checkpoint is None else checkpoint
     denoiser, cfg = load(checkpoint, device=device)
     group = denoiser.group
     if group is None:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} is of a model without a group "
+        raise ValueError(f"checkpoint {label!r} is of a model without a group "
                          f"(equivariance {cfg.equivariance!r}): the demo shows equivariance, so it "
                          f"needs one trained with equivariance 'wt' or 'fa'")
     shape = image_shape(cfg)
@@ -98,7 +100,7 @@ def run(out: str | os.PathLike = "symfast-demo", checkpoint: str | os.PathLike |
     denoise_error = float((d_g_y - g_d_y).double().norm() / d_y.double().norm())
 
     summary = {
-        "checkpoint": str(checkpoint), "model": type(denoiser.model).__name__,
+        "checkpoint": label, "model": type(denoiser.model).__name__,
         "group": group.name, "equivariance": cfg.equivariance,
         "n": n, "steps": steps, "sampler": "heun", "sample_seconds": seconds,
         "ms_per_sample": 1000 * seconds / n,
@@ -107,10 +109,10 @@ def run(out: str | os.PathLike = "symfast-demo", checkpoint: str | os.PathLike |
                     "psnr_denoised": psnr(d_y, clean), "equivariance_error": denoise_error},
         "files": ["samples.png", "denoise.png", "summary.json"],
     }
-    save_image_grid(x, folder / "samples.png")
+    save_image_grid(x, folder / "samples.png", scale=3)
     # rows: clean, noisy y, D(y), g·y, D(g·y), g·D(y)
     rows = torch.cat([clean, y, d_y, g_y, d_g_y, g_d_y]).cpu()
-    save_image_grid(rows, folder / "denoise.png", nrow=len(clean))
+    save_image_grid(rows, folder / "denoise.png", nrow=len(clean), scale=3)
     from symfast._io import atomic_write_text
     atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1))
     return summary

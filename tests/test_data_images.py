@@ -246,6 +246,12 @@ def test_save_image_grid_layout(tmp_path):
     save_image_grid(x, path)  # overwrite; default nrow = ceil(sqrt(5)) = 3
     assert read_image(path).shape == (1, 2 * 5 + 1, 3 * 4 + 1)
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+    save_image_grid(x, path, nrow=2, padding=1, scale=3)  # each pixel a 3x3 block
+    big = read_image(path)[0]
+    assert big.shape == (3 * grid.shape[0], 3 * grid.shape[1])
+    assert torch.equal(big, grid.repeat_interleave(3, 0).repeat_interleave(3, 1))
+    with pytest.raises(ValueError, match="scale"):
+        save_image_grid(x, path, scale=0)
 
 
 def test_save_image_grid_errors_write_nothing(tmp_path, monkeypatch):

@@ -149,7 +149,7 @@ def test_demo_on_the_shipped_checkpoint_samples_digits_and_is_equivariant(tmp_pa
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
     from PIL import Image
     grid = Image.open(tmp_path / "out" / "samples.png")
-    assert grid.size == (3 * 17 + 1, 3 * 17 + 1)
+    assert grid.size == (3 * (3 * 17 + 1), 3 * (3 * 17 + 1))  # 3x3 digits of 16+1 pixels, x3
 
 
 def _demo_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

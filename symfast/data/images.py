@@ -222,13 +222,14 @@ def image_folder(path: str | os.PathLike, size: int, channels: int = 3) -> Image
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
-                    padding: int = 1) -> None:
+                    padding: int = 1, scale: int = 1) -> None:
     """Write images (B, C, H, W) or one image (C, H, W), C in (1, 3), values in [-1, 1], as one PNG
     grid, atomically (a reader sees the old file or the new one).
 
     ``nrow`` images per row (default ceil(sqrt(B))); ``padding`` pixels of −1 (black) around and
     between the images, as in torchvision's make_grid; unused cells of the last row are black too.
-    Values are clamped to [-1, 1] and stored as round((x + 1)·127.5).
+    Values are clamped to [-1, 1] and stored as round((x + 1)·127.5). ``scale``: enlarge the grid
+    by this integer factor, each pixel a scale×scale block (for viewing small images).
     """
     from PIL import Image
     if not isinstance(images, torch.Tensor):
@@ -247,6 +248,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
         nrow = math.ceil(math.sqrt(b))
     _check_int("nrow", nrow, 1)
     _check_int("padding", padding, 0)
+    _check_int("scale", scale, 1)
     rows = math.ceil(b / nrow)
     grid = torch.zeros(c, rows * (h + padding) + padding, nrow * (w + padding) + padding,
                        dtype=torch.uint8)
@@ -254,6 +256,8 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     for i in range(b):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         grid[:, top:top + h, left:left + w] = pixels[i]
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     array = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).contiguous().numpy()
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
