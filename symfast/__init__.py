@@ -10,3 +10,19 @@ from symfast.symmetrize import equivariance_error, symmetrize  # noqa: E402
 
 __all__ = ["groups", "nn", "ops", "schedules", "symmetrize", "equivariance_error", "Denoiser", "sample",
            "denoise", "__version__"]
+
+# The documented namespaces that import more (sklearn, safetensors, PIL, ...), reachable as
+# attributes of the package without paying for them in `import symfast`.
+_LAZY = ("models", "data", "integrations", "attention_dynamics", "metrics", "train", "demo",
+         "samplers", "philox", "denoiser")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return importlib.import_module(f"symfast.{name}")
+    raise AttributeError(f"module 'symfast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

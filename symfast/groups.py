@@ -246,15 +246,18 @@ def product(a: Group, b: Group) -> Group:
 
 _NAMED = {"trivial": trivial, "flip_h": flip_h, "flip_v": flip_v, "c2": c2, "c4": c4, "d4": d4,
           "sign": sign_flip}
+_ALIASES = {"sign_flip": "sign"}  # the function's name, for the group's
 _NAMED_CACHE: dict[str, Group] = {}
 
 
 def get(name: str | Group) -> Group:
-    """A group by name: one of "trivial", "flip_h", "flip_v", "c2", "c4", "d4", "sign"."""
+    """A group by name: one of "trivial", "flip_h", "flip_v", "c2", "c4", "d4", "sign" (or
+    "sign_flip", as the function that makes it is called)."""
     if isinstance(name, Group):
         return name
     if not isinstance(name, str):
         raise TypeError(f"group must be a str or a symfast.groups.Group, got {type(name).__name__}")
+    name = _ALIASES.get(name, name)
     if name not in _NAMED:
         raise ValueError(f"unknown group name {name!r}; expected one of {sorted(_NAMED)}")
     if name not in _NAMED_CACHE:

@@ -202,3 +202,17 @@ def test_digits_experiment_quick(tmp_path):
     assert table["plain"]["sampler_equivariance"] > 1e-4
     assert all(table[n]["fd"] > 0 for n in table)
     assert (tmp_path / "results" / "digits_d4_quick.png").exists()
+
+
+def test_import_is_light_and_the_documented_namespaces_are_reachable():
+    """`import symfast` must not import torch._dynamo (4.7 s here) or the lazily reached packages;
+    each documented namespace is an attribute of the package."""
+    code = ("import sys, symfast; heavy = [m for m in ('torch._dynamo', 'sklearn', 'symfast.train', "
+            "'symfast.models', 'PIL') if m in sys.modules]; print(heavy); "
+            "print(symfast.models.CABCNN.__name__, symfast.data.digits.__name__, "
+            "symfast.metrics.frechet_distance.__name__, symfast.attention_dynamics.__name__, "
+            "symfast.integrations.__name__, symfast.train.load.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "CABCNN digits frechet_distance "
+                                        "symfast.attention_dynamics symfast.integrations load"]

@@ -44,6 +44,8 @@ def test_orders_and_named_lookup():
         [1, 2, 2, 2, 4, 8, 2]
     assert groups.get("d4") is groups.get("d4")  # tables are cached on the shared instance
     assert len(groups.product(groups.d4(), groups.sign_flip())) == 16
+    # the README's spelling (the function's name) and the group's own name are the same group
+    assert groups.get("sign_flip") is groups.get("sign") and groups.get("sign").name == "sign"
 
 
 def test_tables_are_cached_per_shape_and_device():
