@@ -124,6 +124,21 @@ def test_noise_is_exact_philox_and_batch_independent(backend):
     assert rel_err(zg, g.act(expected, 3).to(dev)) <= 1e-6
 
 
+def test_a_key_of_any_layout_gives_the_same_noise(backend):
+    """A (B, 2) key that is a column-major copy or a slice of a wider table is read by value."""
+    dev = device_for(backend)
+    coefs = StepCoefficients(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    x, y, _, _ = _inputs(None, (3, 1, 4, 4), torch.float32, dev)
+    key = noise_key([5, 6, 7], 3, dev)
+    expected, _ = fused_step(x, y, coefs, backend=backend, key=key, step=1)
+    column_major = key.t().contiguous().t()
+    wide = torch.cat([key, torch.zeros_like(key)], dim=1)[:, :2]
+    for variant in (column_major, wide):
+        assert not variant.is_contiguous()
+        got, _ = fused_step(x, y, coefs, backend=backend, key=variant, step=1)
+        assert torch.equal(got, expected)
+
+
 def test_cpu_noise_matches_reference_elementwise_over_many_draws():
     """The CPU kernel's Box-Muller uses its own vectorisable log and cos; over ~200k draws (tails
     out to |z| ~ 4.5 included) each normal stays within 2e-6 of the reference's torch.log/cos."""
@@ -178,6 +193,16 @@ def test_bad_inputs():
         fused_step(x, y, COEFS, "d4", key=noise_key(1, 3))
     with pytest.raises(ValueError, match="noise_element"):
         fused_step(x, y, COEFS, "d4", key=noise_key(1, 2), noise_element=8)
+    with pytest.raises(ValueError, match="noise_element"):  # a bool is not an element index
+        fused_step(x, y, COEFS, "d4", key=noise_key(1, 2), noise_element=True)
+    with pytest.raises(ValueError, match="coefs must have 7 values"):
+        fused_step(x, y, tuple(COEFS)[:6], "d4", key=noise_key(1, 2))
+    with pytest.raises(ValueError, match="coefs must have 7 values"):
+        fused_step(x, y, tuple(COEFS) + (1.0,), "d4", key=noise_key(1, 2))
+    with pytest.raises(TypeError, match="coefs.a must be a real number"):
+        fused_step(x, y, (1.0, 0.5, "0.3", 0.0, 0.0, 0.0, 0.0), "d4")
+    with pytest.raises(TypeError, match="coefs must be"):
+        fused_step(x, y, "1,0,0,0,0,0,0", "d4")
     with pytest.raises(ValueError, match="u has shape"):
         fused_step(x, y, COEFS, "d4", key=noise_key(1, 2), u=x[:1])
     with pytest.raises(ValueError, match="step"):

@@ -80,6 +80,27 @@ def _check_like(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
+def _check_coefs(coefs) -> StepCoefficients:
+    """``coefs`` as StepCoefficients of 7 finite-or-not host floats; a clear error otherwise."""
+    n = len(StepCoefficients._fields)
+    if isinstance(coefs, StepCoefficients):
+        values = tuple(coefs)
+    elif isinstance(coefs, (tuple, list)):
+        if len(coefs) != n:
+            raise ValueError(f"coefs must have {n} values {StepCoefficients._fields}, got "
+                             f"{len(coefs)}")
+        values = tuple(coefs)
+    else:
+        raise TypeError(f"coefs must be a StepCoefficients or a tuple/list of {n} floats, got "
+                        f"{type(coefs).__name__}")
+    for name, value in zip(StepCoefficients._fields, values):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+            continue  # a 0-d tensor reads as a float (a host sync, the caller's choice)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"coefs.{name} must be a real number, got {value!r}")
+    return StepCoefficients(*(float(v) for v in values))
+
+
 def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple[float, ...],
                group: Group | str | None = None, *, u: torch.Tensor | None = None,
                v: torch.Tensor | None = None, noise: torch.Tensor | None = None,
@@ -116,7 +137,7 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if y.dtype != x.dtype:
         raise TypeError(f"y (the model output) has dtype {y.dtype} but x has {x.dtype}")
-    coefs = StepCoefficients(*(float(c) for c in coefs))
+    coefs = _check_coefs(coefs)
     group = get(group) if group is not None else get("trivial")
     noise_group = get(noise_group) if noise_group is not None else group
     order = len(group)
@@ -137,10 +158,15 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
     if coefs.c != 0.0 and noise is None:
         if key is None:
             raise ValueError("coefs.c != 0 needs noise= or key= (symfast.philox.noise_key)")
-        if key.dtype != torch.int64 or tuple(key.shape) != (batch, 2) or key.device != x.device:
+        if (not isinstance(key, torch.Tensor) or key.dtype != torch.int64
+                or tuple(key.shape) != (batch, 2) or key.device != x.device):
+            got = (f"{key.dtype} {tuple(key.shape)} on {key.device}" if isinstance(key, torch.Tensor)
+                   else type(key).__name__)
             raise ValueError(f"key must be an int64 tensor of shape ({batch}, 2) on {x.device}, "
-                             f"got {key.dtype} {tuple(key.shape)} on {key.device}")
+                             f"got {got}")
+        key = key.contiguous()  # the kernels read (seed, stream) pairs as rows of 2
     if noise_element is not None and not (isinstance(noise_element, int)
+                                          and not isinstance(noise_element, bool)
                                           and 0 <= noise_element < len(noise_group)):
         raise ValueError(f"noise_element must be an int in [0, {len(noise_group)}) for group "
                          f"{noise_group.name}, got {noise_element!r}")
