@@ -149,9 +149,12 @@ def test_bad_inputs_raise_clear_errors(backend):
         orbit(torch.randn(2, 3, 4, 4, device=dev), "d4", backend="cuda")
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         orbit([[1.0]], "d4", backend=backend)
-    if backend != "reference":
-        with pytest.raises(TypeError, match="floating-point"):
-            orbit(torch.ones(2, 3, 4, 4, dtype=torch.int64, device=dev), "d4", backend=backend)
+    # every backend refuses what the kernels cannot average (bool + bool is OR, not a sum)
+    for dtype in (torch.int64, torch.bool, torch.complex64):
+        with pytest.raises(TypeError, match="x must be a real floating-point"):
+            orbit(torch.ones(2, 3, 4, 4, dtype=dtype, device=dev), "d4", backend=backend)
+        with pytest.raises(TypeError, match="y must be a real floating-point"):
+            orbit_mean(torch.ones(8, 3, 4, 4, dtype=dtype, device=dev), "d4", backend=backend)
 
 
 def test_raw_op_rejects_wrong_device_and_out_of_bounds_tables():

@@ -83,10 +83,17 @@ _orbit_op.register_autograd(_orbit_backward, setup_context=_setup_context)
 _orbit_mean_op.register_autograd(_orbit_mean_backward, setup_context=_setup_context)
 
 
-def _tables(t: torch.Tensor, group: Group, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's (table, inverse_table) for t's trailing dims, on t's device."""
+def _check_floating(t: torch.Tensor, name: str) -> None:
+    # every backend, the reference included: an average of ints or bools has no meaning here
+    # (bool + bool is OR), and the kernels take real floating point only
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
+
+
+def _tables(t: torch.Tensor, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group's (table, inverse_table) for t's trailing dims, on t's device."""
     return group.tables(t.shape[t.dim() - group.event_ndim:], t.device)
 
 
@@ -96,6 +103,7 @@ def orbit(x: torch.Tensor, group: Group | str, backend: str | None = None) -> to
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for x's device.
     """
     group = get(group)
+    _check_floating(x, "x")
     group.check_input(x)
     if x.dim() == group.event_ndim:
         raise ValueError(f"x has shape {tuple(x.shape)}: needs a batch dim before the "
@@ -103,7 +111,7 @@ def orbit(x: torch.Tensor, group: Group | str, backend: str | None = None) -> to
     backend = _backend.resolve(backend, x, _OP)
     if backend == "reference":
         return reference.orbit(x, group)
-    table, inverse_table = _tables(x, group, "x")
+    table, inverse_table = _tables(x, group)
     n = table.shape[1]
     out = _orbit_op(x.reshape(-1, n).contiguous(), table, inverse_table, backend)
     return out.reshape((len(group) * x.shape[0],) + tuple(x.shape[1:]))
@@ -113,6 +121,7 @@ def orbit_mean(y: torch.Tensor, group: Group | str, backend: str | None = None) 
     """Average over the orbit: y (|G|·B, ...) -> (B, ...) = 1/|G| Σ_k g_k⁻¹ y_k, where
     y_k = y[k·B:(k+1)·B] (the layout :func:`orbit` produces)."""
     group = get(group)
+    _check_floating(y, "y")
     group.check_input(y, "y")
     g = len(group)
     if y.dim() == group.event_ndim or y.shape[0] % g != 0:
@@ -121,7 +130,7 @@ def orbit_mean(y: torch.Tensor, group: Group | str, backend: str | None = None) 
     backend = _backend.resolve(backend, y, _OP)
     if backend == "reference":
         return reference.orbit_mean(y, group)
-    table, inverse_table = _tables(y, group, "y")
+    table, inverse_table = _tables(y, group)
     n = table.shape[1]
     out = _orbit_mean_op(y.reshape(g, -1, n).contiguous(), table, inverse_table, backend)
     return out.reshape((y.shape[0] // g,) + tuple(y.shape[1:]))
