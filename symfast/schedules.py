@@ -125,7 +125,8 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     trailing zero (diffusers' ``_convert_to_karras``; k-diffusion's get_sigmas_karras without the 0)."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if not 0 < sigma_min < sigma_max:
+    # one step is σ_max alone, so a one-point range (a 1-step grid of a DDPM schedule) is valid
+    if not (0 < sigma_min < sigma_max or (steps == 1 and 0 < sigma_min <= sigma_max)):
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     ramp = np.linspace(0, 1, steps)
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)

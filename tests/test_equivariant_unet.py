@@ -293,3 +293,18 @@ def test_equivariant_unet_runs_the_fused_op_and_stays_exact(monkeypatch):
     # per call of the network: 2 per residual block (one with the time shift) + norm_out
     blocks = len(model.down) + 2 + len(model.up)
     assert len(calls) % (2 * blocks + 1) == 0 and sum(calls) == len(calls) // (2 * blocks + 1) * blocks
+
+
+@pytest.mark.parametrize("cls", ["UNet", "EquivariantUNet"])
+def test_a_1x1_bottom_level_with_single_channel_groups_is_refused_clearly(cls):
+    """4x4 input, three levels: the bottom is 1x1 and GroupNorm(8, 8) there normalises single
+    values (output = bias whatever the input): refused at any batch size, naming the sizes."""
+    import symfast.nn as snn
+    net = getattr(snn, cls)(1, 1, (4, 8, 8))
+    for batch in (1, 3):
+        with pytest.raises(ValueError, match=r"bottom level would be 1x1.*at least 8x8"):
+            net(torch.randn(batch, 1, 4, 4), torch.tensor(0.3))
+    assert net(torch.randn(2, 1, 8, 8), torch.tensor(0.3)).shape == (2, 1, 8, 8)
+    # 16 channels in 8 groups at the bottom: two values per group, a valid 1x1 bottom level
+    wide = getattr(snn, cls)(1, 1, (16, 16, 16))
+    assert wide(torch.randn(1, 1, 4, 4), torch.tensor(0.3)).isfinite().all()

@@ -246,3 +246,21 @@ def test_bad_inputs(eps_fa, edm_fa):
                progress=False)
     with pytest.raises(TypeError, match="sigma must be a host float"):
         denoise(edm_fa, _x(), torch.tensor(0.5))
+
+
+def test_one_step_on_a_ddpm_schedule_with_karras_sigmas():
+    """steps=1 with Karras σ on a DDPM schedule: the grid is [σ(t), 0] as diffusers' Euler gives
+    (it used to fail with 'need 0 < sigma_min < sigma_max'), and sample/denoise run."""
+    from symfast import Denoiser, denoise, sample
+    from symfast.nn import UNet
+    from symfast.schedules import DDPMSchedule, karras_sigmas
+    schedule = DDPMSchedule()
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.EulerDiscreteScheduler(use_karras_sigmas=True)
+    reference.set_timesteps(1)
+    assert np.allclose(schedule.sigmas(1, karras=True), reference.sigmas.double().numpy(), rtol=1e-6)
+    d = Denoiser(UNet(1, 1, (4, 8)), "eps", schedule)
+    assert denoise(d, torch.randn(2, 1, 8, 8), 0.5, steps=1).isfinite().all()
+    assert sample(d, (2, 1, 8, 8), sampler="heun", steps=1, karras=True, progress=False).isfinite().all()
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        karras_sigmas(2, 0.5, 0.5)  # more than one step needs a range

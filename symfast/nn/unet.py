@@ -243,6 +243,19 @@ class UNet(nn.Module):
             raise ValueError(f"x has spatial size ({h}, {w}); this UNet pools {len(self.channels) - 1} "
                              f"times, so H and W must be divisible by {self.multiple} (2×2 average "
                              f"pooling is only exactly equivariant on even sizes)")
+        if h == self.multiple and w == self.multiple:
+            # The bottom level is 1×1: a GroupNorm there with one channel per group normalises a
+            # single value (its output is its bias whatever the input; F.group_norm refuses it
+            # at batch 1 in training, the kernels would not)
+            bottom = (self.down[-1], self.mid1, self.mid_attn, self.mid2, self.up[0])
+            single = [m for b in bottom for m in b.modules()
+                      if isinstance(m, nn.GroupNorm) and m.num_channels == m.num_groups]
+            if single:
+                raise ValueError(f"x has spatial size ({h}, {w}): this UNet's bottom level would be "
+                                 f"1x1, where its GroupNorm of {single[0].num_channels} channels in "
+                                 f"{single[0].num_groups} groups normalises single values; use "
+                                 f"inputs of at least {2 * self.multiple}x{2 * self.multiple} or "
+                                 f"fewer levels")
         if self.group is not None:
             self.group.check_input(x)
 
