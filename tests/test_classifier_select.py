@@ -133,6 +133,9 @@ def test_empty_batch(backend):
     (dict(gate_bias=[0.0, 0.0, 0.0]), TypeError, "gate_bias must be a torch.Tensor"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(temperature=float("nan")), ValueError, "temperature"),
+    # 1/T overflows fp32: the kernels' gates would all be NaN, so every backend refuses it
+    (dict(temperature=1e-39), ValueError, r"temperature must be >= 2.94e-39"),
+    (dict(temperature=1e-39, backend="reference"), ValueError, "temperature must be >="),
     (dict(temperature="1"), TypeError, "temperature"),
     (dict(backend="gpu"), ValueError, "backend"),
 ])

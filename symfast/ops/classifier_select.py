@@ -99,6 +99,9 @@ _select_op.register_autograd(_make_backward(_select_backward_op), setup_context=
 _select_eager = eager_op(_select_op, _select_impl, _setup_context, _make_backward(_backward))
 
 
+_MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
 def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
     named = {"h": h, "gate_weight": gate_weight, "gate_bias": gate_bias, "weight": weight,
              "bias": bias}
@@ -128,6 +131,10 @@ def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     if not (0 < float(temperature) < float("inf")):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    # the kernels scale by 1/temperature in fp32: below this it is inf and every gate NaN
+    if float(temperature) < _MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {_MIN_TEMPERATURE:.3g} (1 / the largest fp32), "
+                         f"got {temperature}")
 
 
 def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
