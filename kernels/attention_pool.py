@@ -112,8 +112,10 @@ def _table_grad_kernel(offsets_ptr, order_ptr, grad_pooled_ptr, weights_ptr, ds_
                 offs_k = k0 + tl.arange(0, BLOCK_DK)
                 kmask = offs_k < DK
                 q = tl.load(query_ptr + offs_k, mask=kmask, other=0.0).to(ACC)
+                # a word in no sentence has gradient exactly 0, even where q holds inf or NaN
+                row = tl.where(hi > lo, tl.sum(total, axis=0) * q, 0.0)
                 tl.store(grad_keys_ptr + v * DK + offs_k,
-                         (tl.sum(total, axis=0) * q).to(grad_keys_ptr.dtype.element_ty), mask=kmask)
+                         row.to(grad_keys_ptr.dtype.element_ty), mask=kmask)
 
 
 def _acc(dtype: torch.dtype):
@@ -121,8 +123,9 @@ def _acc(dtype: torch.dtype):
 
 
 def _blocks(l: int, d: int, dk: int) -> tuple[int, int, int]:
-    return (triton.next_power_of_2(l), min(_BLOCK_D, triton.next_power_of_2(d)),
-            min(_BLOCK_D, triton.next_power_of_2(dk)))
+    # at least 1: a block of 0 is a loop step of 0 (d = 0 or d_k = 0 are valid, empty inputs)
+    return (triton.next_power_of_2(max(l, 1)), min(_BLOCK_D, triton.next_power_of_2(max(d, 1))),
+            min(_BLOCK_D, triton.next_power_of_2(max(dk, 1))))
 
 
 def forward(tokens: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,
@@ -179,7 +182,8 @@ def backward(grad_pooled: torch.Tensor, grad_weights: Optional[torch.Tensor], to
         counts = torch.bincount(flat, minlength=v + 1)[:v]
         offsets = torch.zeros(v + 1, dtype=torch.int64, device=dev)
         offsets[1:] = torch.cumsum(counts, 0)
-        _table_grad_kernel[(v, triton.cdiv(d, block_d))](
+        # one d-chunk at least: the first chunk's programs also write the key rows
+        _table_grad_kernel[(v, max(1, triton.cdiv(d, block_d)))](
             offsets, order, grad_pooled, weights, ds, query, grad_embedding, grad_keys, l, d, dk,
             NEED_E=need_embedding, NEED_K=need_keys, BLOCK_D=block_d, BLOCK_DK=block_dk, ACC=acc)
     return grad_embedding, grad_keys, grad_query

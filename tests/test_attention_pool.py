@@ -191,3 +191,35 @@ def test_cpu_kernel_checks_bounds_itself():
     with pytest.raises(RuntimeError, match="tokens"):
         torch.ops.symfast.attention_pool_bwd_cpu(torch.ones(4, 5), None, tokens + 10, lengths, emb,
                                                  keys, query, weights, True, True, True, True)
+
+
+@pytest.mark.parametrize("d, dk", [(0, 4), (6, 0)])
+def test_empty_feature_dims_match_the_reference(backend, d, dk):
+    """d = 0 (no values) or d_k = 0 (no keys: uniform attention) are valid inputs on every
+    backend (Triton's blocks of 0 made loops of step 0)."""
+    dev = device_for(backend)
+    tokens, lengths, embedding, keys, query = _inputs(3, 5, 10, d, dk, torch.float32, dev,
+                                                      requires_grad=True)
+    pooled, weights = attention_pool(tokens, lengths, embedding, keys, query,
+                                     return_weights=True, backend=backend)
+    (pooled.sum() + (weights * torch.arange(5.0, device=dev)).sum()).backward()
+    ref_pooled, ref_weights, ref_tables = _reference64(tokens, lengths, embedding, keys, query,
+                                                       True)
+    (ref_pooled.sum() + (ref_weights * torch.arange(5.0, device=dev)).sum()).backward()
+    assert pooled.shape == (3, d) and rel_err(weights, ref_weights) <= 1e-6
+    if dk == 0:  # no scores: the mean over the sentence's words
+        assert torch.allclose(weights.sum(1), torch.ones(3, device=dev))
+    for got, ref in zip((embedding.grad, keys.grad, query.grad), ref_tables):
+        assert got.shape == ref.shape and rel_err(got, ref.grad) <= 1e-6
+
+
+def test_nan_query_leaves_unseen_words_key_gradient_zero(backend):
+    """A word in no sentence has key gradient exactly 0 on every backend, even with NaN in q."""
+    dev = device_for(backend)
+    tokens = torch.randint(0, 6, (3, 5), device=dev)  # words 6..9 appear nowhere
+    _, lengths, embedding, keys, query = _inputs(3, 5, 10, 6, 4, torch.float32, dev)
+    query = query.clone()
+    query[1] = float("nan")
+    keys.requires_grad_(True)
+    attention_pool(tokens, lengths, embedding, keys, query, backend=backend).sum().backward()
+    assert torch.equal(keys.grad[6:], torch.zeros(4, 4, device=dev))
