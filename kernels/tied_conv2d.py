@@ -128,11 +128,13 @@ def stencil_transpose(gs: torch.Tensor, positions: torch.Tensor, offsets: torch.
 def tied_conv2d(x, weight, bias, positions, offsets, kernel_size, stride, padding) -> torch.Tensor:
     """x: (B, C, H, W), weight: (O, C, R), bias: (O,) or None -> (B, O, Ho, Wo)."""
     s = stencil(x, positions, offsets, kernel_size, stride, padding)
-    bsz, _, _, ho, wo = s.shape
-    y = torch.matmul(weight.reshape(weight.shape[0], -1), s.view(bsz, -1, ho * wo))
+    bsz, c, r, ho, wo = s.shape
+    o = weight.shape[0]
+    # explicit sizes, no -1: B = 0 or O = 0 are valid and -1 is ambiguous for 0 elements
+    y = torch.matmul(weight.reshape(o, c * r), s.view(bsz, c * r, ho * wo))
     if bias is not None:
-        y = y + bias.view(1, -1, 1)
-    return y.view(bsz, -1, ho, wo)
+        y = y + bias.view(1, o, 1)
+    return y.view(bsz, o, ho, wo)
 
 
 def grad_input(grad_out, x_size, weight, positions, offsets, kernel_size, stride, padding):
@@ -150,4 +152,4 @@ def grad_weight(grad_out, x, weight_shape, positions, offsets, kernel_size, stri
     s = stencil(x, positions, offsets, kernel_size, stride, padding, layout="crb")
     bsz, _, ho, wo = grad_out.shape
     gy = grad_out.transpose(0, 1).reshape(o, bsz * ho * wo)
-    return torch.mm(gy, s.view(c * r, -1).t()).view(o, c, r)
+    return torch.mm(gy, s.view(c * r, bsz * ho * wo).t()).view(o, c, r)

@@ -61,6 +61,9 @@ def resolve(backend: str | None, tensor: torch.Tensor, op: str) -> str:
         ok, why = triton_status()
         if not ok:
             raise RuntimeError(f"backend='triton' is unavailable: {why}")
+        if tensor.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or CPU ones under "
+                             f"TRITON_INTERPRET=1); got a tensor on {tensor.device}")
         if tensor.device.type == "cpu" and not triton_interpret():
             raise ValueError(
                 "backend='triton' got CPU tensors; run on a CUDA device, or set "

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import TOL, device_for, rel_err
+from conftest import TOL, available_backends, device_for, rel_err
 
 from symfast.ops.classifier_select import classifier_select
 from symfast.reference import classifier_select as reference
@@ -159,3 +159,15 @@ def test_cpu_kernel_rejects_bad_shapes_without_crashing():
         torch.ops.symfast.classifier_select_bwd_cpu(out, scores[:, :-1], h, gw, w, 1.0)
     with pytest.raises(RuntimeError, match="temperature"):
         torch.ops.symfast.classifier_select_fwd_cpu(h, gw, gb, w, b, -1.0)
+
+
+def test_meta_tensors_with_an_explicit_kernel_backend_are_a_clear_error():
+    args = [torch.empty(4, 5, device="meta"), torch.empty(3, 5, device="meta"),
+            torch.empty(3, device="meta"), torch.empty(3, 2, 5, device="meta"),
+            torch.empty(3, 2, device="meta")]
+    assert classifier_select(*args).shape == (4, 2)  # "auto" on meta: the reference's shapes
+    with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
+        classifier_select(*args, backend="cpu")
+    if "triton" in available_backends():
+        with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+            classifier_select(*args, backend="triton")

@@ -395,3 +395,22 @@ def test_cpu_unfused_paths_fp64(case):
     ref, ref_grads = _reference_grads(x, weight, bias, group, k, pad, grad_out)
     for got, want in zip([out.detach(), *(a.grad for a in args)], [ref, *ref_grads]):
         assert rel_err(got, want) <= TOL[torch.float64]
+
+
+def test_empty_batch_and_no_output_channels_on_every_backend(backend):
+    """B = 0 and O = 0 are valid: empty outputs and gradients of the right shapes (Triton's
+    reshapes with -1 used to fail on 0 elements)."""
+    from symfast.nn import TiedConv2d
+    dev = device_for(backend)
+    m = TiedConv2d(3, 4, 3, "d4", padding=1, backend=backend).to(dev)
+    x = torch.randn(0, 3, 8, 8, device=dev, requires_grad=True)
+    y = m(x)
+    y.sum().backward()
+    assert y.shape == (0, 4, 8, 8) and x.grad.shape == x.shape
+    assert torch.equal(m.weight.grad, torch.zeros_like(m.weight))
+    w = m.weight.detach()[:0].requires_grad_(True)
+    x = torch.randn(2, 3, 8, 8, device=dev, requires_grad=True)
+    y = tied_conv2d(x, w, None, 3, "d4", padding=1, backend=backend)
+    y.sum().backward()
+    assert y.shape == (2, 0, 8, 8) and torch.equal(x.grad, torch.zeros_like(x))
+    assert w.grad.shape == (0, 3, 3)
