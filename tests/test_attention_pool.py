@@ -223,3 +223,26 @@ def test_nan_query_leaves_unseen_words_key_gradient_zero(backend):
     keys.requires_grad_(True)
     attention_pool(tokens, lengths, embedding, keys, query, backend=backend).sum().backward()
     assert torch.equal(keys.grad[6:], torch.zeros(4, 4, device=dev))
+
+
+def test_masked_positions_take_no_part_even_with_nan_tables(backend):
+    """The spec: with mask_padding, words past a sentence's length affect nothing; NaN in their
+    embedding or key rows gives the same outputs and gradients as finite rows, on every backend
+    (the reference used to give NaN through 0·NaN)."""
+    dev = device_for(backend)
+    tokens = torch.randint(0, 5, (3, 6), device=dev)
+    lengths = torch.tensor([6, 2, 4], device=dev)
+    for b in range(3):
+        tokens[b, lengths[b]:] = 7  # padding word 7: in no sentence's valid part
+    results = []
+    for poison in (False, True):
+        _, _, embedding, keys, query = _inputs(3, 6, 8, 5, 3, torch.float32, dev)
+        if poison:
+            embedding[7], keys[7] = float("nan"), float("nan")
+        tables = [t.requires_grad_(True) for t in (embedding, keys, query)]
+        pooled, weights = attention_pool(tokens, lengths, *tables, return_weights=True,
+                                         backend=backend)
+        (pooled.sum() + weights.pow(2).sum()).backward()
+        results.append([pooled, weights] + [t.grad[:7] for t in tables[:2]] + [tables[2].grad])
+    for clean, poisoned in zip(*results):
+        assert poisoned.isfinite().all() and rel_err(poisoned, clean) <= 1e-6
