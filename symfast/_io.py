@@ -13,6 +13,20 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    # Linux shows it in /proc without changing it; elsewhere set and restore (a brief window in
+    # which another thread's new files would get mode 0666)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """fsync a directory so that renames inside it are durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -29,6 +43,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -421,3 +421,18 @@ def test_gaussian_mixture_errors():
         gaussian_mixture(components=0)
     with pytest.raises(ValueError, match="n must"):
         gaussian_mixture().sample(0)
+
+
+def test_files_written_atomically_get_the_usual_mode(tmp_path):
+    """Not mkstemp's 0600: 0666 less the umask, as open() would give (users share results)."""
+    import os
+    from symfast._io import atomic_write_text
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "b.txt", "x")
+        assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(mask)
