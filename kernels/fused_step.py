@@ -83,8 +83,10 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, inverse_table: torch.Tensor,
     den = torch.empty_like(x) if write_denoised else x.new_empty((0,))
     if out.numel() == 0:
         return out, den
-    u = u.to(x.dtype).contiguous() if u is not None else None
-    v = v.to(x.dtype).contiguous() if v is not None else None
+    # read in their own dtype and converted to ACC in the kernel, as the reference computes (an
+    # fp16 copy of a large u was inf)
+    u = u.contiguous() if u is not None else None
+    v = v.contiguous() if v is not None else None
     noise = noise.contiguous() if mode == 1 else None
     block = min(_BLOCK, triton.next_power_of_2(n))
     _fused_step_kernel[(m, triton.cdiv(n, block))](

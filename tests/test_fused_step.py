@@ -214,3 +214,19 @@ def test_bad_inputs():
         torch.ops.symfast.fused_step_cpu(x.reshape(6, 36), y.reshape(8, 6, 36),
                                          torch.full((8, 36), 36, dtype=torch.int32), None, None,
                                          None, None, None, 3, 0, [0.0] * 7, True)
+
+
+def test_extra_terms_and_given_noise_are_read_at_the_accumulation_precision(backend):
+    """u, v and noise take part at fp32 (fp64 for fp64 x) as in the reference: an fp16 state
+    with u = 1e5 (inf in fp16) and p = 1e-3 gives 100, and fp64 noise is not cut to fp32."""
+    dev = device_for(backend)
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.float16, device=dev)
+    u = torch.full((2, 1, 4, 4), 1e5, device=dev)
+    coefs = StepCoefficients(1.0, 0.0, 0.0, 0.0, 1e-3, 0.0, 0.0)
+    out, _ = fused_step(x, x, coefs, u=u, backend=backend)
+    ref, _ = fused_step(x.cpu(), x.cpu(), coefs, u=u.cpu(), backend="reference")
+    assert torch.equal(ref, torch.full_like(ref, 100.0)) and torch.equal(out.cpu(), ref)
+    x64 = torch.zeros(2, 1, 4, 4, dtype=torch.float64, device=dev)
+    noise = torch.randn(2, 1, 4, 4, dtype=torch.float64, device=dev) * (1 + 1e-9)
+    out, _ = fused_step(x64, x64, StepCoefficients(c=1.0), noise=noise, backend=backend)
+    assert (out - noise).abs().max() <= 1e-15

@@ -14,8 +14,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "orbit_plan.h"
@@ -119,6 +121,13 @@ SYMFAST_MULTIVERSION void philox_normals(const uint32_t* __restrict c0_in, int64
   }
 }
 
+// Philox normals are drawn in fp32; an fp64 step reads them widened.
+inline const float* in_acc_type(std::vector<float>& z, std::vector<float>&) { return z.data(); }
+inline const double* in_acc_type(std::vector<float>& z, std::vector<double>& wide) {
+  std::copy(z.begin(), z.end(), wide.begin());
+  return wide.data();
+}
+
 struct Coefs {
   double c_skip, c_out, a, b, p, q, c;
 };
@@ -126,8 +135,8 @@ struct Coefs {
 // acc holds the orbit mean on entry; on exit den (if requested) and out hold the results.
 template <typename scalar_t, typename acc_t>
 SYMFAST_MULTIVERSION void combine_row(const scalar_t* __restrict x, const acc_t* __restrict acc,
-                                      const scalar_t* __restrict u, const scalar_t* __restrict v,
-                                      const float* __restrict z, const Coefs& k,
+                                      const acc_t* __restrict u, const acc_t* __restrict v,
+                                      const acc_t* __restrict z, const Coefs& k,
                                       scalar_t* __restrict out, scalar_t* __restrict den,
                                       int64_t n) {
   const acc_t c_skip = k.c_skip, c_out = k.c_out, a = k.a, b = k.b, p = k.p, q = k.q, c = k.c;
@@ -135,19 +144,22 @@ SYMFAST_MULTIVERSION void combine_row(const scalar_t* __restrict x, const acc_t*
     const acc_t xi = static_cast<acc_t>(x[i]);
     const acc_t d = c_skip * xi + c_out * acc[i];
     acc_t r = a * xi + b * d;
-    if (u) r = r + p * static_cast<acc_t>(u[i]);
-    if (v) r = r + q * static_cast<acc_t>(v[i]);
-    if (z) r = r + c * static_cast<acc_t>(z[i]);
+    if (u) r = r + p * u[i];
+    if (v) r = r + q * v[i];
+    if (z) r = r + c * z[i];
     out[i] = static_cast<scalar_t>(r);
     if (den) den[i] = static_cast<scalar_t>(d);
   }
 }
 
-at::Tensor contiguous_like(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+// u, v and a given noise are read in the accumulation type (fp32, or fp64 for fp64 x), as the
+// reference computes: rounding them to an fp16 x's type first turned a large u into inf, and a
+// float64 noise was truncated to float32.
+at::Tensor contiguous_acc(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
   if (!t.has_value()) return at::Tensor();
   TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t->sizes() == x.sizes(), name, " must have shape ", x.sizes(), ", got ", t->sizes());
-  return t->to(x.scalar_type()).contiguous();
+  return t->to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
@@ -170,16 +182,14 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
   const at::Tensor table = inverse_table_in.contiguous();
   const int64_t g = y.size(0), m = x.size(0), n = x.size(1);
   check_table(table, g, n, "inverse_table", /*check_bounds=*/false);
-  const at::Tensor u = contiguous_like(u_in, x, "u");
-  const at::Tensor v = contiguous_like(v_in, x, "v");
+  const at::Tensor u = contiguous_acc(u_in, x, "u");
+  const at::Tensor v = contiguous_acc(v_in, x, "v");
   const Coefs k{coefs[0], coefs[1], coefs[2], coefs[3], coefs[4], coefs[5], coefs[6]};
   const bool use_noise = k.c != 0.0;
-  const at::Tensor noise = use_noise ? contiguous_like(noise_in, x, "noise") : at::Tensor();
-  at::Tensor noise_f, key, noise_table;
+  const at::Tensor noise = use_noise ? contiguous_acc(noise_in, x, "noise") : at::Tensor();
+  at::Tensor key, noise_table;
   const int64_t batch = m / rows_per_sample;
-  if (use_noise && noise.defined()) {
-    noise_f = noise.to(at::kFloat).contiguous();
-  } else if (use_noise) {
+  if (use_noise && !noise.defined()) {
     TORCH_CHECK(key_in.has_value(), "c != 0 needs either noise or key");
     key = key_in->contiguous();
     TORCH_CHECK(key.device().is_cpu() && key.scalar_type() == at::kLong && key.dim() == 2 &&
@@ -201,9 +211,9 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* yp = y.data_ptr<scalar_t>();
-    const scalar_t* up = u.defined() ? u.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* vp = v.defined() ? v.data_ptr<scalar_t>() : nullptr;
-    const float* np_ = noise_f.defined() ? noise_f.data_ptr<float>() : nullptr;
+    const acc_t* up = u.defined() ? u.data_ptr<acc_t>() : nullptr;
+    const acc_t* vp = v.defined() ? v.data_ptr<acc_t>() : nullptr;
+    const acc_t* np_ = noise.defined() ? noise.data_ptr<acc_t>() : nullptr;
     const int64_t* kp = key.defined() ? key.data_ptr<int64_t>() : nullptr;
     const int32_t* ntp = noise_table.defined() ? noise_table.data_ptr<int32_t>() : nullptr;
     const int32_t* tp = table.data_ptr<int32_t>();
@@ -213,11 +223,12 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(n), transposed(plan.square_side ? n : 0);
       std::vector<float> z(kp ? n : 0);
+      std::vector<acc_t> z_wide(kp && !std::is_same<acc_t, float>::value ? n : 0);  // fp64 only
       std::vector<uint32_t> counters(kp ? n : 0);
       for (int64_t row = begin; row < end; ++row) {
         symfast::orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, acc_t(1) / g,
                                                 acc.data(), transposed.data());
-        const float* zrow = np_ ? np_ + row * n : nullptr;
+        const acc_t* zrow = np_ ? np_ + row * n : nullptr;
         if (kp) {
           const int64_t b = row / rows_per_sample, r = row % rows_per_sample;
           const uint64_t seed = static_cast<uint64_t>(kp[2 * b]);
@@ -229,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
           philox_normals(counters.data(), n, static_cast<uint32_t>(step), stream, k0, k1, z.data());
           if (ntp)
             for (int64_t i = 0; i < n; ++i) z[i] = ntp[i] < 0 ? -z[i] : z[i];
-          zrow = z.data();
+          zrow = in_acc_type(z, z_wide);
         }
         combine_row<scalar_t, acc_t>(xp + row * n, acc.data(), up ? up + row * n : nullptr,
                                      vp ? vp + row * n : nullptr, zrow, k,
