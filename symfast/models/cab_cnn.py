@@ -1,4 +1,4 @@
-"""CAB-CNN (arXiv 2006.09815; DESIGN.md §4): a log-mel front end, a small CNN backbone and a
+"""CAB-CNN (arXiv 2006.09815; the CAB-CNN paper): a log-mel front end, a small CNN backbone and a
 classifier-selection head (K linear classifiers mixed by a softmax gate, symfast::classifier_select),
 plus :class:`BaselineCNN`, the same network with one wider (two-layer) head for comparison.
 """

@@ -1,6 +1,6 @@
 """A small diffusion UNet, plain (nn.Conv2d) or exactly equivariant (tied convolutions).
 
-Exactness (see DESIGN.md, "Exact equivariance on pixel grids"): every layer commutes with the
+Exactness (see docs/design.md, "Exact equivariance on pixel grids"): every layer commutes with the
 group's flips/rotations —
 - 3×3 convolutions with G-invariant kernels, stride 1, symmetric zero padding (TiedConv2d);
 - 1×1 convolutions, GroupNorm, SiLU, and the time embedding added per channel (they never look at

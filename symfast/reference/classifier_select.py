@@ -1,4 +1,4 @@
-"""Reference classifier selection (CAB-CNN head, DESIGN.md §4): plain PyTorch, the specification.
+"""Reference classifier selection (CAB-CNN head, the CAB-CNN paper): plain PyTorch, the specification.
 
 K simple linear classifiers share the features h; a gate scores them, a softmax over the K
 scores selects among them, and the output is the selection-weighted mix of their logits.
