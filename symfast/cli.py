@@ -1,5 +1,5 @@
 """The `symfast` command: `symfast info`, `symfast bench <name> [args]`, `symfast train`,
-`symfast sfbd`, `symfast sample`, `symfast denoise`, `symfast demo`. Flags become a config or arguments of one library call."""
+`symfast sfbd`, `symfast sample`, `symfast denoise`, `symfast export`, `symfast demo`. Flags become a config or arguments of one library call."""
 from __future__ import annotations
 
 import argparse
@@ -226,6 +226,11 @@ def main(argv: list[str] | None = None) -> int:
                                 help="first add noise of std sigma to the (clean) input")
     denoise_parser.add_argument("input")
     denoise_parser.add_argument("output")
+    export_parser = sub.add_parser("export", help="write a run's sampling weights (one EMA copy) "
+                                                  "as a small checkpoint that load() and demo read")
+    export_parser.add_argument("checkpoint", help="a checkpoint folder or a run folder")
+    export_parser.add_argument("out", help="the folder to write")
+    export_parser.add_argument("--ema", type=int, default=0, help="which EMA copy (index)")
     demo_parser = sub.add_parser("demo", help="sample and denoise digits with the shipped "
                                               "equivariant model (seconds, offline)")
     demo_parser.add_argument("--out", default="symfast-demo", help="folder for the PNGs and summary")
@@ -264,6 +269,10 @@ def _run_job(ns: argparse.Namespace) -> int:
                      sampler=ns.sampler, steps=ns.steps, group=ns.group, ema=ns.ema,
                      device=ns.device)
         print(f"wrote {ns.output}")
+        return 0
+    if ns.command == "export":
+        from symfast.train import export
+        print(f"wrote {export(ns.checkpoint, ns.out, ema=ns.ema)}")
         return 0
     if ns.command == "demo":
         from symfast import demo

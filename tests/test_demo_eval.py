@@ -126,6 +126,22 @@ def test_export_keeps_one_ema_copy_and_loads_to_the_same_denoiser(tiny_runs, tmp
           equivariance="wt", group="d4", progress=False, out=str(tmp_path / "r"), init_from=str(out))
 
 
+def test_export_cli_then_demo_on_the_exported_checkpoint(tiny_runs, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "symfast", "export", str(tiny_runs / "wt"),
+                           str(tmp_path / "small"), "--ema", "1"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "small" / "state.json").read_text())["exported_from"]["ema"] == 1
+    from symfast import demo
+    summary = demo.run(tmp_path / "out", checkpoint=tmp_path / "small", n=2, steps=2)
+    assert summary["model"] == "EquivariantUNet" and summary["sampler_equivariance_error"] < 1e-5
+    done = subprocess.run([sys.executable, "-m", "symfast", "export", str(tiny_runs / "wt"),
+                           str(tmp_path / "bad"), "--ema", "5"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "ema must be" in done.stderr and not (tmp_path / "bad").exists()
+
+
 # ---- the demo -------------------------------------------------------------------------------
 
 def test_shipped_demo_checkpoint_is_small_and_records_how_it_was_made():
