@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seed", type=int, default=0, help="training seed")
     parser.add_argument("--eval-seeds", type=int, default=3)
+    parser.add_argument("--n-eval", type=int, help="samples per FD (default 1000; FA costs 8x)")
     parser.add_argument("--train-only", action="store_true")
     parser.add_argument("--runs", help="with --train-only: train only these runs (comma list of "
                                        "plain, augment, wt, reg)")
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/digits_d4", help="training runs (resumable)")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
-    p = QUICK if args.quick else FULL
+    p = dict(QUICK if args.quick else FULL)
+    if args.n_eval is not None:
+        p["n_eval"] = args.n_eval
     if args.runs and not args.train_only:
         parser.error("--runs needs --train-only")
     folders = train_runs(p, args.seed, Path(args.out), set(args.runs.split(",")) if args.runs else None)
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     name = "digits_d4_quick" if args.quick else "digits_d4"
     command = ("python experiments/digits_d4.py" + (" --quick" if args.quick else "")
-               + f" --seed {args.seed} --eval-seeds {args.eval_seeds}")
+               + f" --seed {args.seed} --eval-seeds {args.eval_seeds}"
+               + (f" --n-eval {args.n_eval}" if args.n_eval is not None else ""))
     write_json(results / f"{name}.json",
         {"command": command, "params": p,
          "table": table})
