@@ -78,6 +78,8 @@ def _check_like(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)} but the sample x has shape {tuple(x.shape)}")
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not t.is_floating_point():  # complex was cast to real, ints and bools taken silently
+        raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
 
 
 def _check_coefs(coefs) -> StepCoefficients:
@@ -174,6 +176,8 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
         raise ValueError(f"noise_group is for a network equivariant by construction; with "
                          f"group={group.name} (frame averaging) the noise is transformed by it")
     backend = _resolve(backend, x)
+    if x.numel() == 0:  # nothing to compute (and no rows for the kernels to split)
+        return torch.empty_like(x), (torch.empty_like(x) if return_denoised else None)
     if backend == "reference":
         x_next, den = reference.fused_step(x, y, group, coefs, u, v, noise, key, step, noise_element,
                                            noise_group)

@@ -109,7 +109,7 @@ def orbit(x: torch.Tensor, group: Group | str, backend: str | None = None) -> to
         raise ValueError(f"x has shape {tuple(x.shape)}: needs a batch dim before the "
                          f"{group.event_ndim} dims group {group.name} acts on")
     backend = _backend.resolve(backend, x, _OP)
-    if backend == "reference":
+    if backend == "reference" or x.numel() == 0:  # empty: no work, and the kernels' tables need N > 0
         return reference.orbit(x, group)
     table, inverse_table = _tables(x, group)
     n = table.shape[1]
@@ -128,7 +128,7 @@ def orbit_mean(y: torch.Tensor, group: Group | str, backend: str | None = None) 
         raise ValueError(f"y has shape {tuple(y.shape)}: its first dim must be a multiple of "
                          f"|G| = {g} (group {group.name})")
     backend = _backend.resolve(backend, y, _OP)
-    if backend == "reference":
+    if backend == "reference" or y.numel() == 0:
         return reference.orbit_mean(y, group)
     table, inverse_table = _tables(y, group)
     n = table.shape[1]
