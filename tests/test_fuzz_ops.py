@@ -50,13 +50,13 @@ Defects found are at the end of the file as minimal, deterministic ``xfail(stric
 the fuzz tests keep clear of exactly those input regions and say where:
 
 * fused_step, cpu and triton: float64 state with Philox noise is ~3e-8 off (TOL 1e-12);
-* orbit_mean, reference, float16: partial sums overflow (inf for a representable mean);
 * group_norm_silu, reference: one-element groups with weight/bias are not silu(bias); cpu: not
   silu(bias) either with a shift;
 * attention_pool, reference, bf16/fp16: table gradients accumulate repeated words in bf16 (2-4%).
 Fixed since, their tests kept as plain tests: orbit/orbit_mean with zero-size event dims and
 fused_step with an empty state (crashed on the kernels), unchecked u/v/noise dtypes in
-fused_step, and the reference group_norm_silu refusing one sample of one-element groups.
+fused_step, the reference group_norm_silu refusing one sample of one-element groups, and the
+reference orbit_mean's float16 partial sums overflowing.
 """
 from __future__ import annotations
 
@@ -1410,12 +1410,8 @@ def test_fused_step_fp64_philox_noise_matches_reference(backend):
     assert rel_err(out, ref) <= TOL[torch.float64]
 
 
-FP16_SUM = ("reference: orbit_mean of float16 input adds the |G| blocks in float16, so blocks "
-            "above 65504/|G| overflow to inf although their mean is representable (30000 "
-            "everywhere under d4 gives inf, not 30000); cpu and triton accumulate in float32")
 
-
-@pytest.mark.parametrize("backend", _xfail_on({"reference": FP16_SUM}))
+@pytest.mark.parametrize("backend", BACKENDS)  # fixed: the reference sums fp16 in fp32
 def test_orbit_mean_fp16_large_values(backend):
     y = torch.full((8, 1, 3, 3), 30000.0, dtype=torch.float16)
     y[1::2] = 20000.0

@@ -22,8 +22,10 @@ def orbit_mean(y: torch.Tensor, group: Group) -> torch.Tensor:
     if y.dim() == group.event_ndim or y.shape[0] % n != 0:
         raise ValueError(f"y has shape {tuple(y.shape)}: its first dim must be a multiple of "
                          f"|G| = {n} (group {group.name})")
-    blocks = y.chunk(n, dim=0)
+    # summed in fp32 for fp16/bf16 (as the kernels do): |G| fp16 blocks near 65504/|G| overflow
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    blocks = y.to(acc).chunk(n, dim=0)
     total = group.elements[group.inverse(0)](blocks[0])
     for k in range(1, n):
         total = total + group.elements[group.inverse(k)](blocks[k])
-    return total / n
+    return (total / n).to(y.dtype)
