@@ -37,6 +37,7 @@ from _common import save_figure, write_json  # experiments/ is on sys.path
 from symfast._io import atomic_write_text
 from symfast import denoise, sample
 from symfast.data import ImageTensorDataset, digits, orbit_augmented
+from symfast.demo import psnr
 from symfast.groups import d4
 from symfast.metrics import equivariant_fd, frechet_distance, sampler_equivariance
 from symfast.train import export, load, train
@@ -80,12 +81,6 @@ def train_runs(p: dict, seed: int, out: Path, only: set[str] | None = None) -> d
         print(f"run {run_name}: {time.perf_counter() - t0:.0f} s", flush=True)
         folders[run_name] = folder
     return folders
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB for images in [-1, 1] (peak-to-peak 2)."""
-    mse = (x.clamp(-1, 1) - ref).pow(2).mean().item()
-    return 10 * torch.log10(torch.tensor(4.0 / mse)).item()
 
 
 def evaluate(denoiser, p: dict, reference: torch.Tensor, held_out: torch.Tensor,
