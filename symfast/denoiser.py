@@ -82,7 +82,7 @@ class Denoiser(nn.Module):
             schedule = EDMSchedule() if prediction == "edm" else DDPMSchedule()
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a symfast.schedules.Schedule, got {type(schedule).__name__}")
-        if prediction == "v" and not isinstance(schedule, DDPMSchedule):
+        if prediction == "v" and not schedule.variance_preserving:
             raise ValueError("prediction='v' is defined for variance-preserving (DDPMSchedule) schedules")
         if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
             raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
@@ -110,7 +110,7 @@ class Denoiser(nn.Module):
             sd = self.sigma_data
             denom = s * s + sd * sd
             return sd * sd / denom, s * sd / sqrt(denom), 1 / sqrt(denom)
-        c_in = 1 / sqrt(s * s + 1) if isinstance(self.schedule, DDPMSchedule) else 1.0
+        c_in = self.schedule.input_scale(s, sqrt)
         if self.prediction == "eps":
             return 1.0, -s, c_in
         if self.prediction == "x0":

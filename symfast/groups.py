@@ -41,14 +41,26 @@ class Group:
         probe_shape: a trailing shape on which all elements are defined and distinct; used to
             verify closure and to build the multiplication table.
         square: the action needs the last two dims to be equal (rotations).
+        fixed_sizes: per event dim, the size the action needs there, or None for any size
+            (cyclic(n) needs n; channel_perm needs its channel count); default all None.
+
+    The group ops live in symfast.ops (orbit, orbit_mean): this module imports nothing of symfast,
+    so every layer above it can use it.
     """
 
     def __init__(self, name: str, elements: Sequence[Action], event_ndim: int,
-                 probe_shape: Sequence[int], square: bool = False):
+                 probe_shape: Sequence[int], square: bool = False,
+                 fixed_sizes: Sequence[int | None] | None = None):
         if len(elements) == 0:
             raise ValueError("elements must hold at least the identity")
         if len(probe_shape) != event_ndim:
             raise ValueError(f"probe_shape {tuple(probe_shape)} must have event_ndim={event_ndim} dims")
+        fixed_sizes = [None] * event_ndim if fixed_sizes is None else list(fixed_sizes)
+        if len(fixed_sizes) != event_ndim or not all(
+                s is None or (isinstance(s, int) and s >= 1) for s in fixed_sizes):
+            raise ValueError(f"fixed_sizes must hold event_ndim={event_ndim} entries, each a positive "
+                             f"int or None; got {fixed_sizes!r}")
+        self.fixed_sizes = fixed_sizes
         self.name = name
         self.elements = list(elements)
         self.event_ndim = event_ndim
@@ -100,28 +112,15 @@ class Group:
         if self.square and x.shape[-1] != x.shape[-2]:
             raise ValueError(f"{name} has shape {tuple(x.shape)}; group {self.name} contains rotations, "
                              f"which need square trailing dims (H == W)")
-        for dim, need in zip(range(-self.event_ndim, 0), self._fixed_sizes()):
+        for dim, need in zip(range(-self.event_ndim, 0), self.fixed_sizes):
             if need is not None and x.shape[dim] != need:
                 raise ValueError(f"{name} has shape {tuple(x.shape)}; group {self.name} needs size "
                                  f"{need} at dim {dim}")
-
-    def _fixed_sizes(self) -> list[int | None]:
-        return getattr(self, "fixed_sizes", [None] * self.event_ndim)
 
     def act(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """g_k x. x: (..., *event_shape)."""
         self.check_input(x)
         return self.elements[k](x)
-
-    def orbit(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        """(B, ...) -> (|G|·B, ...), element-major: block k is g_k x (symfast.ops.orbit)."""
-        from symfast.ops.group_average import orbit
-        return orbit(x, self, backend=backend)
-
-    def orbit_mean(self, y: torch.Tensor, backend: str | None = None) -> torch.Tensor:
-        """(|G|·B, ...) -> (B, ...) = 1/|G| Σ_k g_k⁻¹ y_k (symfast.ops.orbit_mean)."""
-        from symfast.ops.group_average import orbit_mean
-        return orbit_mean(y, self, backend=backend)
 
     # ---- gather tables ---------------------------------------------------------------------
     def _signed_tables(self, event_shape: Sequence[int]) -> torch.Tensor:
@@ -192,10 +191,8 @@ def cyclic(n: int) -> Group:
     """Cyclic shifts of the last dim, whose size must be ``n``."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    group = Group(f"cyclic({n})", [lambda x, s=s: torch.roll(x, s, dims=-1) for s in range(n)],
-                  event_ndim=1, probe_shape=(n,))
-    group.fixed_sizes = [n]
-    return group
+    return Group(f"cyclic({n})", [lambda x, s=s: torch.roll(x, s, dims=-1) for s in range(n)],
+                 event_ndim=1, probe_shape=(n,), fixed_sizes=[n])
 
 
 def channel_perm(perms: Sequence[Sequence[int]]) -> Group:
@@ -212,9 +209,8 @@ def channel_perm(perms: Sequence[Sequence[int]]) -> Group:
     if identity in perms:
         perms.remove(identity)
     elements = [_identity] + [lambda x, p=p: x[..., p, :, :] for p in perms]
-    group = Group(f"channel_perm({c})", elements, event_ndim=3, probe_shape=(c, 1, 1))
-    group.fixed_sizes = [c, None, None]
-    return group
+    return Group(f"channel_perm({c})", elements, event_ndim=3, probe_shape=(c, 1, 1),
+                 fixed_sizes=[c, None, None])
 
 
 def sign_flip() -> Group:
@@ -233,15 +229,13 @@ def product(a: Group, b: Group) -> Group:
     if a.square or b.square:
         probe[-1] = probe[-2] = max(probe[-1], probe[-2])
     elements = [_then(gb, ga) for ga in a.elements for gb in b.elements]
-    group = Group(f"{a.name}×{b.name}", elements, event_ndim=ndim, probe_shape=probe,
-                  square=a.square or b.square)
     fixed = [None] * ndim
     for g in (a, b):
-        for i, need in enumerate(g._fixed_sizes()):
+        for i, need in enumerate(g.fixed_sizes):
             if need is not None:
                 fixed[ndim - g.event_ndim + i] = need
-    group.fixed_sizes = fixed
-    return group
+    return Group(f"{a.name}×{b.name}", elements, event_ndim=ndim, probe_shape=probe,
+                 square=a.square or b.square, fixed_sizes=fixed)
 
 
 _NAMED = {"trivial": trivial, "flip_h": flip_h, "flip_v": flip_v, "c2": c2, "c4": c4, "d4": d4,

@@ -78,11 +78,6 @@ def randn_counter(seed: torch.Tensor | int, c0: torch.Tensor, c1: torch.Tensor |
     return box_muller(uint_to_uniform(r0), uint_to_uniform(r1))
 
 
-def tl_randn(seed: int, offset: torch.Tensor) -> torch.Tensor:
-    """What ``tl.randn(seed, offset)`` returns for int32 offsets (offset < 2^31)."""
-    return randn_counter(seed, offset.to(torch.int64))
-
-
 def noise_key(seed: int | list[int] | tuple[int, ...] | torch.Tensor, batch: int,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """(batch, 2) int64 [seed, stream] rows: one int seed -> streams 0..batch-1; one seed per

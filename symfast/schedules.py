@@ -19,7 +19,7 @@ Functions mirror diffusers' code paths (diffusers 0.42) so that its drop-ins can
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -150,9 +150,13 @@ def append_zero(sigmas: np.ndarray) -> np.ndarray:
 
 class Schedule:
     """A noise process in σ form. Subclasses give the σ range, how the model is conditioned
-    (:meth:`model_time`) and the default sampling σ grid (:meth:`sigmas`)."""
+    (:meth:`model_time`) and the default sampling σ grid (:meth:`sigmas`). What samplers and the
+    Denoiser do differently per schedule is asked of the schedule (:meth:`input_scale`,
+    :meth:`start_scale`, :meth:`sampling_sigmas`), never decided by its type."""
 
-    kind = "continuous"
+    # x_σ = x0 + σε is stored as the VP state x_σ / √(σ²+1) by the network's convention
+    # (DDPM); v-prediction is defined only there.
+    variance_preserving = False
     sigma_min: float
     sigma_max: float
 
@@ -164,11 +168,19 @@ class Schedule:
         """The conditioning value the network is called with at noise level σ."""
         return float(sigma)
 
-    def grid(self, steps: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-        """(σ grid as :meth:`sigmas`, model times at its first ``steps`` entries): host tables a
-        sampler reads per step."""
-        sigmas = self.sigmas(steps, **kwargs)
-        return sigmas, np.array([self.model_time(float(s)) for s in sigmas[:-1]])
+    def input_scale(self, sigma, sqrt=math.sqrt):
+        """c_in of the eps / x0 / v parametrisations at σ: what the network's input x_σ is
+        multiplied by (σ a host float with math.sqrt, or a tensor with torch.sqrt)."""
+        return 1.0
+
+    def start_scale(self, sigma0: float) -> float:
+        """The factor that turns unit-variance noise ε_T into the sampler's start state at σ₀."""
+        return sigma0
+
+    def sampling_sigmas(self, sampler: str, steps: int, spacing: str = "leading",
+                        karras: bool = False) -> np.ndarray:
+        """The host σ grid a ``sampler`` runs on (steps + 1 values, last 0)."""
+        return self.sigmas(steps, karras=karras)
 
     def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(σ, t): the noise levels of a training batch, drawn from uniforms u: (B,) in [0, 1),
@@ -198,7 +210,7 @@ class DDPMSchedule(Schedule):
     beta_end: float = 0.02
     trained_betas: Sequence[float] | None = None
     rescale_zero_terminal_snr: bool = False
-    kind: str = field(default="discrete", init=False)
+    variance_preserving = True
 
     def __post_init__(self) -> None:
         self.betas = betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
@@ -231,24 +243,27 @@ class DDPMSchedule(Schedule):
             s = karras_sigmas(steps, float(s[-1]), float(s[0]))
         return append_zero(s)
 
-    def grid(self, steps: int, spacing: str = "leading", karras: bool = False,
-             steps_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Like diffusers' Euler schedulers: the model is called at the inference timesteps
-        themselves, or at σ→t of the Karras σ."""
-        sigmas = self.sigmas(steps, spacing, karras, steps_offset)
-        if karras:
-            return sigmas, sigma_to_t(sigmas[:-1], self.log_sigmas)
-        return sigmas, timesteps(self.num_train_timesteps, steps, spacing, steps_offset,
-                                 integer=False).astype(np.float64)
+    def input_scale(self, sigma, sqrt=math.sqrt):
+        """The VP input x_σ / √(σ²+1)."""
+        return 1 / sqrt(sigma * sigma + 1)
+
+    def start_scale(self, sigma0: float) -> float:
+        """√(σ₀²+1): the start state is the VP x_T = ε_T, as in diffusers."""
+        return math.sqrt(sigma0 * sigma0 + 1)
+
+    def sampling_sigmas(self, sampler: str, steps: int, spacing: str = "leading",
+                        karras: bool = False) -> np.ndarray:
+        """DDIM/DDPM without Karras σ run on the integer timesteps with ᾱ → 1 at the end, like
+        diffusers' DDIMScheduler (set_alpha_to_one=True); the rest on :meth:`sigmas`."""
+        if sampler in ("ddim", "ddpm") and not karras:
+            return np.concatenate([self.sigma_at(self.timesteps(steps, spacing)), [0.0]])
+        return self.sigmas(steps, spacing=spacing, karras=karras)
 
     def sigma_at(self, t: int | np.ndarray) -> np.ndarray:
         return self.sigma_table[t].astype(np.float64)
 
     def model_time(self, sigma: float) -> float:
         return float(sigma_to_t(np.float64(sigma), self.log_sigmas))
-
-    def alpha_cumprod_at(self, sigma: float) -> float:
-        return 1.0 / (1.0 + sigma * sigma)
 
     def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Uniform integer timesteps t = ⌊u·T⌋ (DDPM), σ = σ(t); t is what the network sees."""

@@ -436,7 +436,7 @@ def event_shapes(draw, name: str, sizes):
     shape = [draw(sizes) for _ in range(g.event_ndim)]
     if g.square:
         shape[-1] = shape[-2]
-    for i, need in enumerate(getattr(g, "fixed_sizes", [None] * g.event_ndim)):
+    for i, need in enumerate(g.fixed_sizes):
         if need is not None:
             shape[i] = need
     return tuple(shape)

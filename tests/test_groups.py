@@ -1,3 +1,8 @@
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,10 +78,37 @@ def test_bad_inputs_raise_clear_errors():
         groups.cyclic(0)
 
 
-def test_group_methods_use_the_ops():
-    g = groups.get("d4")
-    x = torch.randn(2, 3, 5, 5)
-    assert torch.equal(g.orbit(x), torch.cat([g.act(x, k) for k in range(8)]))
-    y = torch.randn(16, 3, 5, 5)
-    want = sum(g.act(y[2 * k:2 * k + 2], g.inverse(k)) for k in range(8)) / 8
-    assert (g.orbit_mean(y) - want).abs().max() <= 1e-6
+def test_groups_module_imports_nothing_of_symfast():
+    # groups sits below every other layer: importing it alone must not pull in symfast.ops
+    # (Group.orbit once closed an import circle with ops/group_average.py).
+    # Loaded from its file alone (importing symfast.groups would run symfast/__init__ first),
+    # building and using a group must load no symfast module.
+    code = ("import importlib.util as u, sys, torch\n"
+            f"spec = u.spec_from_file_location('groups_alone', {groups.__file__!r})\n"
+            "m = u.module_from_spec(spec); spec.loader.exec_module(m)\n"
+            "g = m.get('d4'); g.act(torch.zeros(1, 4, 4), 3); g.tables((4, 4))\n"
+            "print(sorted(n for n in sys.modules if n.startswith('symfast')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    # Nor anywhere in a function body (an import inside a method is the circle again).
+    tree = ast.parse(Path(groups.__file__).read_text())
+    imported = [n.module if isinstance(n, ast.ImportFrom) else a.name for n in ast.walk(tree)
+                if isinstance(n, (ast.Import, ast.ImportFrom))
+                for a in (n.names if isinstance(n, ast.Import) else [None])]
+    assert not [m for m in imported if m and m.split(".")[0] == "symfast"]
+
+
+def test_fixed_sizes_is_a_constructor_argument():
+    g = groups.Group("roll3", [lambda x, s=s: torch.roll(x, s, -1) for s in range(3)], event_ndim=1,
+                     probe_shape=(3,), fixed_sizes=[3])
+    assert g.fixed_sizes == [3]
+    with pytest.raises(ValueError, match="needs size 3"):
+        g.check_input(torch.zeros(2, 4))
+    assert groups.d4().fixed_sizes == [None, None]
+    assert groups.product(groups.cyclic(3), groups.sign_flip()).fixed_sizes == [3]
+    with pytest.raises(ValueError, match="fixed_sizes"):
+        groups.Group("bad", [lambda x: x], event_ndim=1, probe_shape=(2,), fixed_sizes=[2, 2])
+    with pytest.raises(ValueError, match="fixed_sizes"):
+        groups.Group("bad", [lambda x: x], event_ndim=1, probe_shape=(2,), fixed_sizes=[0])
+
+

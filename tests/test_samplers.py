@@ -10,7 +10,7 @@ from conftest import rel_err
 from symfast.denoiser import Denoiser
 from symfast.groups import get
 from symfast.samplers import denoise, sample
-from symfast.schedules import DDPMSchedule, EDMSchedule, VESchedule
+from symfast.schedules import DDPMSchedule, EDMSchedule, VESchedule, timesteps
 
 D4 = get("d4")
 
@@ -62,8 +62,12 @@ def test_schedules_match_diffusers():
                     beta_schedule=bs, beta_start=start, beta_end=end, timestep_spacing=spacing,
                     steps_offset=offset, use_karras_sigmas=karras)
                 euler.set_timesteps(23)
-                sigmas, times = sched.grid(23, spacing, karras, offset)
+                sigmas = sched.sigmas(23, spacing, karras, offset)
                 assert np.array_equal(sigmas.astype(np.float32), euler.sigmas.numpy())
+                # diffusers calls the model at σ→t of Karras σ, as model_time does, and else at the
+                # spaced timesteps themselves (model_time(σ(t)) returns t to float32 rounding)
+                times = ([sched.model_time(float(s)) for s in sigmas[:-1]] if karras else
+                         timesteps(1000, 23, spacing, offset, integer=False))
                 np.testing.assert_allclose(times, euler.timesteps.numpy(), rtol=1e-6)
 
 
@@ -74,6 +78,41 @@ def test_karras_and_ve_grids():
     np.testing.assert_allclose(s, expected + [0.0], rtol=1e-12)
     v = VESchedule(0.01, 50).sigmas(3)
     np.testing.assert_allclose(v, [50, math.sqrt(0.5), 0.01, 0], rtol=1e-12)
+
+
+def test_a_users_own_vp_schedule_is_asked_not_typed():
+    # A VP schedule that is not a DDPMSchedule subclass: the Denoiser's c_in, the start scale and
+    # v-prediction follow its methods, so it gives the same samples as the DDPMSchedule it copies.
+    class MyVP(EDMSchedule):
+        variance_preserving = True
+
+        def __init__(self):
+            super().__init__()
+            self.inner = DDPMSchedule()
+            self.sigma_min, self.sigma_max = self.inner.sigma_min, self.inner.sigma_max
+
+        def input_scale(self, sigma, sqrt=math.sqrt):
+            return self.inner.input_scale(sigma, sqrt)
+
+        def start_scale(self, sigma0):
+            return self.inner.start_scale(sigma0)
+
+        def sampling_sigmas(self, sampler, steps, spacing="leading", karras=False):
+            return self.inner.sampling_sigmas(sampler, steps, spacing, karras)
+
+        def model_time(self, sigma):
+            return self.inner.model_time(sigma)
+
+    net = TinyNet()
+    for prediction in ("eps", "v"):
+        mine = Denoiser(net, prediction, MyVP())
+        theirs = Denoiser(net, prediction, DDPMSchedule())
+        for sampler in ("ddim", "euler"):
+            a = sample(mine, _x(), sampler=sampler, steps=6, progress=False)
+            b = sample(theirs, _x(), sampler=sampler, steps=6, progress=False)
+            assert torch.equal(a, b), (prediction, sampler)
+    with pytest.raises(ValueError, match="variance-preserving"):
+        Denoiser(net, "v", EDMSchedule())
 
 
 # ---- Denoiser ------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def kernel_orbits(group: Group | str, kernel_size: tuple[int, int]) -> KernelOrb
     cached = _ORBIT_CACHE.setdefault(group, {})
     if (kh, kw) in cached:
         return cached[(kh, kw)]
-    if group.event_ndim > 2 or any(s is not None for s in group._fixed_sizes()):
+    if group.event_ndim > 2 or any(s is not None for s in group.fixed_sizes):
         raise ValueError(f"group {group.name} does not act on a kernel's spatial grid; tied "
                          f"convolutions take flips and rotations (flip_h, flip_v, c2, c4, d4)")
     if group.square and kh != kw:

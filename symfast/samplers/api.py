@@ -1,7 +1,6 @@
 """symfast.sample and symfast.denoise."""
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -11,7 +10,6 @@ from symfast.denoiser import Denoiser
 from symfast.philox import noise_key
 from symfast.samplers._noise import NoiseSource
 from symfast.samplers.loops import SAMPLERS, Callback
-from symfast.schedules import DDPMSchedule
 
 
 def _check_sampler(sampler: str) -> None:
@@ -26,15 +24,9 @@ def _check_denoiser(denoiser) -> None:
 
 def sampling_sigmas(denoiser: Denoiser, sampler: str, steps: int, spacing: str = "leading",
                     karras: bool = False) -> np.ndarray:
-    """The host σ grid (steps + 1 values, last 0). DDIM/DDPM on a DDPM schedule use its integer
-    timesteps and ᾱ → 1 at the end, like diffusers' DDIMScheduler (set_alpha_to_one=True);
-    everything else uses the schedule's own grid."""
-    schedule = denoiser.schedule
-    if sampler in ("ddim", "ddpm") and isinstance(schedule, DDPMSchedule) and not karras:
-        return np.concatenate([schedule.sigma_at(schedule.timesteps(steps, spacing)), [0.0]])
-    if isinstance(schedule, DDPMSchedule):
-        return schedule.sigmas(steps, spacing=spacing, karras=karras)
-    return schedule.sigmas(steps, karras=karras)
+    """The host σ grid (steps + 1 values, last 0): the schedule's grid for ``sampler``
+    (:meth:`symfast.schedules.Schedule.sampling_sigmas`)."""
+    return denoiser.schedule.sampling_sigmas(sampler, steps, spacing, karras)
 
 
 def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampler: str = "dpmpp_2m",
@@ -87,8 +79,7 @@ def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampl
             from symfast.philox import sample_noise
             eps = sample_noise(key, 2**32 - 1, shape).to(dtype)
     sigma0 = float(sigmas[0])
-    scale = math.sqrt(sigma0**2 + 1) if isinstance(denoiser.schedule, DDPMSchedule) else sigma0
-    x = eps * scale
+    x = eps * denoiser.schedule.start_scale(sigma0)
     noise = NoiseSource(x, seed=seed, generator=generator, group=denoiser.group,
                         transform=transform_noise)
     return SAMPLERS[sampler](denoiser, x, sigmas, noise, callback=callback, progress=progress,

@@ -176,4 +176,3 @@ SAMPLERS = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
 }
-STOCHASTIC = ("ddpm", "euler_ancestral", "euler_maruyama")
