@@ -1,0 +1,43 @@
+"""diffusers schedulers built on diffusers' own ``SchedulerMixin``/``ConfigMixin``: same class names,
+config keys, method signatures, output classes and attribute types, so one swaps in for diffusers'
+(``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``) and a pipeline produces the same
+images; ``save_pretrained``/``from_pretrained``/``from_config`` are diffusers' own.
+
+Importing this package imports diffusers (``import symfast`` and ``import symfast.integrations`` do not).
+
+How they differ inside: every update coefficient is computed on the host, once per schedule (σ
+schedulers, DPM-Solver) or once per timestep (DDPM, DDIM, which use the timestep each call is given),
+into Python floats, with float32 CPU tensor arithmetic in diffusers' order (torch's CPU
+``sqrt``/``log``/``exp`` are not correctly rounded, so emulating them any other way would drift by an
+ulp); ``step`` only does elementwise tensor math in diffusers' order of operations, so given the same
+model outputs and generator the results agree with diffusers to rounding. A timestep taken from
+``scheduler.timesteps`` is looked up in a host copy of that table, so ``step`` reads no device tensor.
+
+- ``discrete``: DDPMScheduler, DDIMScheduler
+- ``sigma``: EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler
+- ``dpm``: DPMSolverMultistepScheduler
+
+Refused with a ValueError naming the option: DPM-Solver ``use_flow_sigmas``, ``use_dynamic_shifting``
+(and ``mu``), and ``solver_order=3`` with ``algorithm_type='sde-dpmsolver'`` (undefined in diffusers too).
+"""
+from __future__ import annotations
+
+try:
+    import diffusers as _diffusers  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised by a test that hides diffusers
+    raise ImportError("symfast.integrations.diffusers needs the 'diffusers' package "
+                      "(pip install diffusers, or pip install symfast[integrations])") from e
+
+from symfast.integrations.diffusers.discrete import DDIMScheduler, DDPMScheduler
+from symfast.integrations.diffusers.dpm import DPMSolverMultistepScheduler
+from symfast.integrations.diffusers.sigma import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                                                  HeunDiscreteScheduler)
+
+__all__ = [
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+]
