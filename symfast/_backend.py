@@ -70,3 +70,28 @@ def resolve(backend: str | None, tensor: torch.Tensor, op: str) -> str:
                 "TRITON_INTERPRET=1 before importing triton to use the interpreter"
             )
     return backend
+
+
+# Where profiled calls report their arguments while a profiler runs (symfast.profiling sets it),
+# so a profile can turn each op's time into bytes/s and flops/s.
+op_call_sink = None
+
+
+def profiled(op: str):
+    """Decorator of every public op: under a running torch.profiler the call is recorded as
+    ``symfast.<op>`` (a record_function range) and reported to ``op_call_sink``. Without a
+    profiler it costs one flag check. Under torch.compile it steps aside (dynamo drops
+    record_function ranges); compiled code shows the custom ops as ``symfast::<name>`` events."""
+    label = f"symfast.{op}"
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
+                return fn(*args, **kwargs)
+            if op_call_sink is not None:
+                op_call_sink(op, args, kwargs)
+            with torch.profiler.record_function(label):
+                return fn(*args, **kwargs)
+        return call
+    return wrap

@@ -1,5 +1,7 @@
-"""The `symfast` command: `symfast info`, `symfast bench <name> [args]`, `symfast train`,
-`symfast sfbd`, `symfast sample`, `symfast denoise`, `symfast export`, `symfast demo`. Flags become a config or arguments of one library call."""
+"""The `symfast` command: `symfast info`, `symfast bench <name> [args]`, `symfast bench all`,
+`symfast profile {sample,train,sfbd,op}`, `symfast train`, `symfast sfbd`, `symfast sample`,
+`symfast denoise`, `symfast export`, `symfast demo`. Flags become a config or arguments of one
+library call."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +52,87 @@ def info() -> int:
     else:
         print("  triton: installed, but no CUDA device; set TRITON_INTERPRET=1 before importing "
               "triton to run its kernels on CPU tensors")
+    return 0
+
+
+def _bench_all_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="symfast bench all",
+                                     description="every op x backend x dtype x size, with the "
+                                                 "share of the machine's limit measured in the run")
+    parser.add_argument("--quick", action="store_true", help="the small size only, 3 repeats "
+                                                             "(under a minute)")
+    parser.add_argument("--out", help="results folder (default ./symfast-bench)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    for name, what in (("ops", "ops"), ("backends", "backends (reference, compile, cpu, triton)"),
+                       ("dtypes", "dtypes (fp32, bf16)"), ("sizes", "sizes (small, readme, large)")):
+        parser.add_argument(f"--{name}", type=_names, help=f"comma-separated {what} (default: all)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per case")
+    return parser
+
+
+def _names(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def _bench_all(args: list[str]) -> int:
+    from symfast.profiling.bench import bench_all, format_rows
+
+    ns = _bench_all_parser().parse_args(args)
+    result = bench_all(ns.out, quick=ns.quick, device=ns.device, ops=ns.ops, backends=ns.backends,
+                       dtypes=ns.dtypes, sizes=ns.sizes, repeats=ns.repeats)
+    print(format_rows(result["rows"]))
+    lim = result["limits"].to_dict()
+    print("limits measured in this run: " + ", ".join(f"{k} {v:.1f}" for k, v in lim.items()))
+    print(f"wrote {result['csv']} and {len(result['plots'])} plot(s)")
+    return 0
+
+
+def _add_profile_flags(sub) -> None:
+    """`symfast profile <job>`: each job's flags, as the job itself takes them."""
+    parser = sub.add_parser("profile", help="a few steps of a job under torch.profiler: where the "
+                                            "time goes, a Chrome trace, tables and a plot")
+    jobs = parser.add_subparsers(dest="job", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", default="symfast-profile", help="folder for trace.json, "
+                        "table.csv, profile.json, breakdown.png")
+    common.add_argument("--device", default="cpu", help="cpu or cuda")
+    p = jobs.add_parser("sample", parents=[common], help="sampling (default: the demo's model)")
+    p.add_argument("--checkpoint", help="a checkpoint or run folder (default: the shipped demo "
+                                        "model)")
+    p.add_argument("--steps", type=int, default=4, help="sampler steps")
+    p.add_argument("--n", type=int, default=16, help="images")
+    p.add_argument("--sampler", default="heun")
+    p.add_argument("--group", help="frame-average over this group")
+    p.add_argument("--ema", type=_optional(int), default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p = jobs.add_parser("sfbd", parents=[common], help="SFBD's backward step (denoising noisy "
+                                                       "digits; default: the demo's model)")
+    p.add_argument("--checkpoint", help="a checkpoint or run folder (default: the demo model)")
+    p.add_argument("--steps", type=int, default=4, help="denoised batches profiled")
+    p.add_argument("--n", type=int, default=16, help="images per batch")
+    p.add_argument("--tau", type=float, default=0.5, help="noise level of the observations")
+    p.add_argument("--denoise-steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p = jobs.add_parser("train", parents=[common], help="training steps (default: a tiny WT "
+                                                        "model on 8x8 digits)")
+    p.add_argument("--steps", type=int, default=4, help="training steps profiled")
+    _add_train_flags(p, skip={"steps", "out", "resume", "init_from", "checkpoint_every", "keep",
+                              "log_every", "sample_every", "sample_n", "sample_steps", "progress"})
+    p = jobs.add_parser("op", parents=[common], help="one op (symfast bench all's case)")
+    p.add_argument("op", help="an op of symfast.ops, e.g. orbit_mean")
+    p.add_argument("--size", default="small", help="small, readme or large")
+    p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
+    p.add_argument("--backend", help="reference, compile, cpu or triton (default: the fastest)")
+    p.add_argument("--steps", type=int, default=10, help="calls profiled")
+
+
+def _profile(ns: argparse.Namespace) -> int:
+    from symfast.profiling.trace import format_report, profile
+
+    options = {k: v for k, v in vars(ns).items() if k not in ("command", "job", "out")}
+    report = profile(ns.job, ns.out, **options)
+    print(format_report(report))
+    print(f"wrote {', '.join(report.files.values())} in {ns.out}")
     return 0
 
 
@@ -206,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, torch, and which backends are available (and why not)")
     bench_parser = sub.add_parser("bench", help="run a benchmark script (args are passed on)")
-    bench_parser.add_argument("name", choices=sorted(BENCHMARKS))
+    bench_parser.add_argument("name", choices=sorted(BENCHMARKS) + ["all"],
+                              help="a benchmark script, or all (symfast bench all --help)")
     bench_parser.add_argument("args", nargs=argparse.REMAINDER)
     train_parser = sub.add_parser("train", help="train a diffusion model (torchrun -m symfast "
                                                 "train ... for DDP)")
@@ -231,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     export_parser.add_argument("checkpoint", help="a checkpoint folder or a run folder")
     export_parser.add_argument("out", help="the folder to write")
     export_parser.add_argument("--ema", type=int, default=0, help="which EMA copy (index)")
+    _add_profile_flags(sub)
     demo_parser = sub.add_parser("demo", help="sample and denoise digits with the shipped "
                                               "equivariant model (seconds, offline)")
     demo_parser.add_argument("--out", default="symfast-demo", help="folder for the PNGs and summary")
@@ -243,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.command == "info":
         return info()
-    if ns.command == "bench":
+    if ns.command == "bench" and ns.name != "all":
         return bench(ns.name, ns.args)
     try:
         return _run_job(ns)
@@ -253,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_job(ns: argparse.Namespace) -> int:
+    if ns.command == "bench":
+        return _bench_all(ns.args)
+    if ns.command == "profile":
+        return _profile(ns)
     if ns.command == "train":
         return _train(ns)
     if ns.command == "sfbd":

@@ -19,6 +19,8 @@ def eager_op(custom_op, impl: Callable[..., Any], setup_context: Callable[..., N
     """``custom_op``'s equivalent for eager calls. ``impl`` is the function the custom op was
     made from; ``setup_context`` and ``backward`` are the ones given to ``register_autograd``."""
 
+    label = f"symfast.{custom_op._name}.backward"
+
     class _Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
@@ -29,6 +31,9 @@ def eager_op(custom_op, impl: Callable[..., Any], setup_context: Callable[..., N
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, *grads):
+            if torch.autograd._profiler_enabled():  # a profile names the op's eager backward
+                with torch.profiler.record_function(label):
+                    return backward(ctx, *grads)
             return backward(ctx, *grads)
 
     def call(*inputs):

@@ -135,6 +135,7 @@ def _backward(ctx, grad_pooled, grad_weights):
 _attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@_backend.profiled("attention_pool")
 def attention_pool(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embedding: torch.Tensor,
                    keys: torch.Tensor, query: torch.Tensor, mask_padding: bool = True,
                    return_weights: bool = False, backend: str | None = None):

@@ -137,6 +137,7 @@ def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
                          f"got {temperature}")
 
 
+@_backend.profiled("classifier_select")
 def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
                       weight: torch.Tensor, bias: torch.Tensor, temperature: float = 1.0,
                       backend: str | None = None) -> torch.Tensor:

@@ -103,6 +103,7 @@ def _check_coefs(coefs) -> StepCoefficients:
     return StepCoefficients(*(float(v) for v in values))
 
 
+@_backend.profiled("fused_step")
 def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple[float, ...],
                group: Group | str | None = None, *, u: torch.Tensor | None = None,
                v: torch.Tensor | None = None, noise: torch.Tensor | None = None,

@@ -97,6 +97,7 @@ def _tables(t: torch.Tensor, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
     return group.tables(t.shape[t.dim() - group.event_ndim:], t.device)
 
 
+@_backend.profiled("orbit")
 def orbit(x: torch.Tensor, group: Group | str, backend: str | None = None) -> torch.Tensor:
     """The orbit of a batch: x (B, ...) -> (|G|·B, ...), element-major (block k is g_k x).
 
@@ -117,6 +118,7 @@ def orbit(x: torch.Tensor, group: Group | str, backend: str | None = None) -> to
     return out.reshape((len(group) * x.shape[0],) + tuple(x.shape[1:]))
 
 
+@_backend.profiled("orbit_mean")
 def orbit_mean(y: torch.Tensor, group: Group | str, backend: str | None = None) -> torch.Tensor:
     """Average over the orbit: y (|G|·B, ...) -> (B, ...) = 1/|G| Σ_k g_k⁻¹ y_k, where
     y_k = y[k·B:(k+1)·B] (the layout :func:`orbit` produces)."""

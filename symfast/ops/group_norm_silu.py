@@ -118,6 +118,7 @@ def _check(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torc
             raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
 
 
+@_backend.profiled("group_norm_silu")
 def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, eps: float = 1e-5,
                     shift: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:

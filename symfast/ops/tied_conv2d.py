@@ -170,6 +170,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, orb
                          f"than the kernel ({kh}, {kw})")
 
 
+@_backend.profiled("tied_conv2d")
 def tied_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 kernel_size: int | tuple[int, int], group: Group | str,
                 stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
