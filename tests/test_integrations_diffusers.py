@@ -3,6 +3,7 @@ import inspect
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,9 +29,13 @@ def _max_diff(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
-def _run_both(name, config, steps, step_kwargs=None, with_generator=True, shape=(2, 3, 8, 8), seed=0):
+def _run_both(name, config, steps, step_kwargs=None, with_generator=True, shape=(2, 3, 8, 8), seed=0,
+              output_channels=None, timesteps=None, positive_variance=False):
     """Drive both schedulers with the same model outputs and same-seeded generators; return the
-    largest abs difference over every prev_sample, pred_original_sample and scaled model input."""
+    largest abs difference over every prev_sample, pred_original_sample and scaled model input.
+    ``output_channels``: the model's channels (twice the sample's for a learned variance);
+    ``timesteps``: a function of the schedule giving the timesteps to step through (default: all);
+    ``positive_variance``: make the model's variance channels positive (variance_type='learned')."""
     theirs, mine = _pair(name, **config)
     theirs.set_timesteps(steps)
     mine.set_timesteps(steps)
@@ -43,11 +48,13 @@ def _run_both(name, config, steps, step_kwargs=None, with_generator=True, shape=
     x_mine = x_theirs.clone()
     gen_theirs, gen_mine = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
     worst = 0.0
-    for t in theirs.timesteps:
+    for t in (theirs.timesteps if timesteps is None else timesteps(theirs.timesteps)):
         worst = max(worst, _max_diff(theirs.scale_model_input(x_theirs, t), mine.scale_model_input(x_mine, t)))
-        model_output = torch.randn(shape, generator=data)
+        model_output = torch.randn((shape[0], output_channels or shape[1], *shape[2:]), generator=data)
+        if positive_variance:
+            model_output[:, shape[1]:] = model_output[:, shape[1]:].abs() * 0.01
         kw_theirs, kw_mine = dict(step_kwargs or {}), dict(step_kwargs or {})
-        if with_generator:
+        if with_generator and "generator" in inspect.signature(theirs.step).parameters:
             kw_theirs["generator"], kw_mine["generator"] = gen_theirs, gen_mine
         out_theirs = theirs.step(model_output, t, x_theirs, **kw_theirs)
         out_mine = mine.step(model_output, t, x_mine, **kw_mine)
@@ -301,3 +308,229 @@ def test_bad_inputs_raise_clear_errors():
         euler.step(x, euler.timesteps[-1], x)
     with pytest.raises(ValueError, match="not an integer index"):
         euler.step(x, 3, x)
+
+
+# ---- diffusers' API, whole (issue 13) ------------------------------------------------------------
+
+SIX = ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+       "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"]
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_they_are_diffusers_schedulers_with_diffusers_types(name):
+    from diffusers.configuration_utils import ConfigMixin, FrozenDict
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    cls, ref = getattr(ours, name), getattr(diffusers, name)
+    assert issubclass(cls, SchedulerMixin) and issubclass(cls, ConfigMixin) and cls is not ref
+    assert cls.__module__ == "symfast.integrations.diffusers"
+    assert list(inspect.signature(cls.__init__).parameters) == list(inspect.signature(ref.__init__).parameters)
+    assert sorted(cls._compatibles) == sorted(ref._compatibles) and cls.order == ref.order
+    # compatibles: symfast's class where symfast has one of that name, diffusers' for the rest
+    compat = {c.__name__: c for c in cls().compatibles}
+    assert set(compat) == {c.__name__ for c in ref().compatibles}
+    assert all(compat[n] is getattr(ours, n) for n in SIX)
+    mine, theirs = cls(), ref()
+    assert isinstance(mine.config, FrozenDict)
+    assert type(mine.init_noise_sigma) is type(theirs.init_noise_sigma)
+    mine.set_timesteps(5)
+    theirs.set_timesteps(5)
+    assert type(mine.init_noise_sigma) is type(theirs.init_noise_sigma)
+    assert float(mine.init_noise_sigma) == float(theirs.init_noise_sigma)
+    assert mine.timesteps.dtype == theirs.timesteps.dtype
+    sample = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out_mine = mine.step(sample, mine.timesteps[0], sample)
+    out_theirs = theirs.step(sample, theirs.timesteps[0], sample)
+    assert type(out_mine) is type(out_theirs)  # diffusers' own output class
+    assert list(out_mine.keys()) == list(out_theirs.keys()) and out_mine["prev_sample"] is out_mine.prev_sample
+    if name in ("DDPMScheduler", "DDIMScheduler"):
+        assert hasattr(mine, "_get_variance")
+
+
+def test_ddpm_previous_timestep_and_get_variance_have_diffusers_values_and_types():
+    mine, theirs = ours.DDPMScheduler(), diffusers.DDPMScheduler()
+    assert mine.previous_timestep(7) == theirs.previous_timestep(7) == 6  # no schedule yet: t - 1
+    for variance_type in ("fixed_small", "fixed_small_log", "fixed_large"):
+        for t in (0, 1, 487, 999):
+            a = mine._get_variance(t, variance_type=variance_type)
+            b = theirs._get_variance(t, variance_type=variance_type)
+            assert isinstance(a, torch.Tensor) and torch.equal(a, b)
+    mine.set_timesteps(timesteps=[100, 87, 50, 1, 0])
+    theirs.set_timesteps(timesteps=[100, 87, 50, 1, 0])
+    for t in theirs.timesteps:
+        a, b = mine.previous_timestep(t), theirs.previous_timestep(t)
+        assert isinstance(a, torch.Tensor) and a.dtype == b.dtype and a.item() == b.item()
+    pv = torch.rand(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    a = mine._get_variance(87, pv, "learned_range")
+    b = theirs._get_variance(87, pv, "learned_range")
+    assert torch.equal(a, b)
+    ddim_mine, ddim_theirs = ours.DDIMScheduler(), diffusers.DDIMScheduler()
+    assert torch.equal(ddim_mine._get_variance(500, 480), ddim_theirs._get_variance(500, 480))
+    assert torch.equal(ddim_mine._get_variance(10, -10), ddim_theirs._get_variance(10, -10))
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_save_pretrained_from_pretrained_save_config_register_to_config(name, tmp_path):
+    cls = getattr(ours, name)
+    sched = cls(num_train_timesteps=200, beta_schedule="scaled_linear", prediction_type="v_prediction")
+    sched.register_to_config(steps_offset=1)
+    assert sched.config.steps_offset == 1
+    sched.save_pretrained(tmp_path / "scheduler")
+    loaded = cls.from_pretrained(tmp_path, subfolder="scheduler")
+    assert type(loaded) is cls
+    assert {k: v for k, v in loaded.config.items() if k != "_use_default_values"} == \
+        {k: v for k, v in sched.config.items() if k != "_use_default_values"}
+    sched.save_config(tmp_path / "config_only")
+    config = cls.load_config(tmp_path / "config_only")
+    again = cls.from_config(config)
+    assert again.config.num_train_timesteps == 200 and again.config.prediction_type == "v_prediction"
+    # diffusers' class reads symfast's files and the other way round
+    theirs = getattr(diffusers, name).from_pretrained(tmp_path, subfolder="scheduler")
+    for s in (loaded, theirs):
+        s.set_timesteps(4)
+    assert torch.equal(loaded.timesteps, theirs.timesteps)
+    # from_config of a scheduler object, as diffusers' does
+    assert type(cls.from_config(theirs)) is cls and cls.from_config(theirs).config.num_train_timesteps == 200
+
+
+def test_use_default_values_lists_keys_not_passed():
+    """SDXL's Euler config through symfast DDIM and back to symfast Euler keeps 'leading' spacing
+    (diffusers' [751, 501, 251, 1]), as the same chain through diffusers' own classes does."""
+    sdxl = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, interpolation_type="linear",
+                num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1, timestep_spacing="leading",
+                trained_betas=None, use_karras_sigmas=False)
+    euler = ours.EulerDiscreteScheduler.from_config(sdxl)
+    # keys equal to the default but passed are not "default values"
+    assert "num_train_timesteps" not in euler.config._use_default_values
+    assert "timestep_type" in euler.config._use_default_values
+    chain_mine = ours.EulerDiscreteScheduler.from_config(ours.DDIMScheduler.from_config(euler.config).config)
+    chain_theirs = diffusers.EulerDiscreteScheduler.from_config(
+        diffusers.DDIMScheduler.from_config(diffusers.EulerDiscreteScheduler.from_config(sdxl).config).config)
+    for s in (chain_mine, chain_theirs):
+        s.set_timesteps(4)
+    assert chain_mine.timesteps.tolist() == chain_theirs.timesteps.tolist() == [751.0, 501.0, 251.0, 1.0]
+    assert chain_mine.config.timestep_spacing == "leading"
+    # a key left at DDIM's default ('leading' for timestep_spacing) becomes Euler's default ('linspace')
+    plain = ours.EulerDiscreteScheduler.from_config(ours.DDIMScheduler().config)
+    assert plain.config.timestep_spacing == diffusers.EulerDiscreteScheduler.from_config(
+        diffusers.DDIMScheduler().config).config.timestep_spacing == "linspace"
+
+
+@pytest.mark.parametrize("pattern", ["skip", "repeat", "arbitrary"])
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_ddim_uses_the_timestep_it_is_given(pattern, eta):
+    """Tensor timesteps skipped, repeated or off the schedule: each step uses its timestep, as diffusers'."""
+    pick = {"skip": lambda ts: ts[::2],
+            "repeat": lambda ts: torch.cat([ts[:3], ts[2:3], ts[3:]]),
+            "arbitrary": lambda ts: torch.tensor([977, 640, 641, 333, 12, 5, 0])}[pattern]
+    config = dict(prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False)
+    assert _run_both("DDIMScheduler", config, 10, step_kwargs=dict(eta=eta), timesteps=pick) <= ATOL
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler"])
+def test_ddpm_uses_the_timestep_it_is_given(name):
+    # DDPM's previous timestep is the schedule's next entry: skipping through the schedule
+    assert _run_both(name, dict(clip_sample=False), 10, timesteps=lambda ts: ts[::3]) <= ATOL
+
+
+@pytest.mark.parametrize("name, steps", [("EulerDiscreteScheduler", 8), ("EulerAncestralDiscreteScheduler", 8),
+                                         ("HeunDiscreteScheduler", 4), ("DPMSolverMultistepScheduler", 8)])
+def test_sigma_schedulers_follow_diffusers_step_counter(name, steps):
+    """diffusers' σ schedulers find the first timestep and then count steps, whatever timesteps later
+    calls pass; skipping timesteps therefore gives diffusers' (counter) result here too."""
+    assert _run_both(name, {}, steps, timesteps=lambda ts: ts[1::2]) <= ATOL
+
+
+def test_step_reads_timestep_views_from_the_host_table_and_a_written_table_afresh():
+    sched = ours.DDIMScheduler()
+    sched.set_timesteps(5)
+    assert [sched._host_value(t) for t in sched.timesteps] == sched.timesteps.tolist()
+    assert sched._host_value(sched.timesteps[2]) == 400
+    sched.timesteps[2] = 401  # written in place: the host copy is stale, so the value is read
+    assert sched._host_value(sched.timesteps[2]) == 401
+    assert sched._host_value(torch.tensor(17)) == 17 and sched._host_value(np.int64(3)) == 3
+
+
+IF_STAGE_I_DDPM = dict(beta_schedule="squaredcos_cap_v2", clip_sample=True, clip_sample_range=1.5,
+                       dynamic_thresholding_ratio=0.95, sample_max_value=1.5, thresholding=True,
+                       timestep_spacing="leading", variance_type="learned_range")
+
+
+@pytest.mark.parametrize("name, config, output_channels, step_kwargs", [
+    ("DDPMScheduler", IF_STAGE_I_DDPM, 6, {}),  # DeepFloyd IF: dynamic thresholding + learned_range
+    ("DDPMScheduler", dict(variance_type="learned"), 6, {}),
+    ("DDIMScheduler", dict(thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.9), None,
+     dict(eta=0.3)),
+    ("EulerDiscreteScheduler", dict(use_beta_sigmas=True), None, {}),
+    ("EulerDiscreteScheduler", dict(use_exponential_sigmas=True, timestep_spacing="trailing"), None, {}),
+    ("HeunDiscreteScheduler", dict(beta_schedule="exp"), None, {}),
+    ("HeunDiscreteScheduler", dict(use_beta_sigmas=True), None, {}),
+    ("HeunDiscreteScheduler", dict(use_exponential_sigmas=True), None, {}),
+    ("DPMSolverMultistepScheduler", dict(use_lu_lambdas=True), None, {}),
+    ("DPMSolverMultistepScheduler", dict(use_beta_sigmas=True), None, {}),
+    ("DPMSolverMultistepScheduler", dict(use_exponential_sigmas=True), None, {}),
+    ("DPMSolverMultistepScheduler", dict(thresholding=True, sample_max_value=1.2, prediction_type="sample"), None, {}),
+    ("DPMSolverMultistepScheduler", dict(thresholding=True, algorithm_type="dpmsolver",
+                                         final_sigmas_type="sigma_min"), None, {}),
+    ("DPMSolverMultistepScheduler", dict(variance_type="learned_range"), 6, {}),
+    ("DPMSolverMultistepScheduler", dict(solver_order=3), None, {}),
+    ("DPMSolverMultistepScheduler", dict(solver_order=3, lower_order_final=False, solver_type="heun"), None, {}),
+    ("DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="dpmsolver",
+                                         final_sigmas_type="sigma_min"), None, {}),
+    ("DPMSolverMultistepScheduler", dict(solver_order=3, algorithm_type="sde-dpmsolver++",
+                                         use_karras_sigmas=True), None, {}),
+])
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_options_diffusers_configs_use_match_diffusers(name, config, output_channels, step_kwargs):
+    steps = 18 if name == "DPMSolverMultistepScheduler" else 7
+    worst = _run_both(name, config, steps, step_kwargs=step_kwargs, output_channels=output_channels,
+                      positive_variance=config.get("variance_type") == "learned")
+    assert worst <= ATOL
+
+
+def test_thresholding_changes_the_result():
+    """The thresholding test above is not vacuous: with it off the IF config gives other samples."""
+    off = dict(IF_STAGE_I_DDPM, thresholding=False)
+    theirs_on, _ = _pair("DDPMScheduler", **IF_STAGE_I_DDPM)
+    theirs_off, _ = _pair("DDPMScheduler", **off)
+    x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    out = torch.randn(1, 6, 8, 8, generator=torch.Generator().manual_seed(1)) * 3
+    a = theirs_on.step(out, 500, x, generator=torch.Generator().manual_seed(2)).prev_sample
+    b = theirs_off.step(out, 500, x, generator=torch.Generator().manual_seed(2)).prev_sample
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_learned_variance_needs_the_variance_channels():
+    sched = ours.DDPMScheduler(variance_type="learned_range")
+    x = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="learned_range"):
+        sched.step(x, 10, x)
+    # diffusers' DDPM step gives NaN for every sample with this one (√log β): refused instead
+    with pytest.raises(ValueError, match="fixed_large_log"):
+        ours.DDPMScheduler(variance_type="fixed_large_log")
+
+
+@pytest.mark.parametrize("pipeline, scheduler", [("DDPMPipeline", "DDPMScheduler"), ("DDIMPipeline", "DDIMScheduler")])
+def test_pipeline_save_pretrained_round_trips_with_our_scheduler(pipeline, scheduler, tmp_path):
+    """pipe.save_pretrained records ["symfast.integrations.diffusers", "<class>"] in model_index.json and
+    DiffusionPipeline.from_pretrained imports our class from there; no download."""
+    import json
+    unet = _tiny_unet()
+    sched = getattr(ours, scheduler)(num_train_timesteps=100, clip_sample=True)
+    pipe = getattr(diffusers, pipeline)(unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    if pipeline == "DDIMPipeline":
+        # diffusers' DDIMPipeline.__init__ converts any scheduler to diffusers' own DDIMScheduler
+        # (DDIMScheduler.from_config(scheduler.config)); assigning after construction keeps ours
+        assert type(pipe.scheduler) is diffusers.DDIMScheduler
+        pipe.scheduler = sched
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["scheduler"] == ["symfast.integrations.diffusers", scheduler]
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    kwargs = dict(batch_size=2, num_inference_steps=4, output_type="pt")
+    expected_type = diffusers.DDIMScheduler if pipeline == "DDIMPipeline" else getattr(ours, scheduler)
+    assert type(loaded) is type(pipe) and type(loaded.scheduler) is expected_type
+    loaded.set_progress_bar_config(disable=True)
+    a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = loaded(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert _max_diff(a, b) <= ATOL and a.std() > 0

@@ -28,6 +28,11 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides di
     raise ImportError("symfast.integrations.diffusers needs the 'diffusers' package "
                       "(pip install diffusers, or pip install symfast[integrations])") from e
 
+# DiffusionPipeline.from_pretrained loads a component recorded as [library, class] by looking the base
+# classes it knows (SchedulerMixin, ModelMixin, ...) up in that library's module and picking the load
+# method of the one the class derives from; this package is the library saved pipelines name
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
+
 from symfast.integrations.diffusers.discrete import DDIMScheduler, DDPMScheduler
 from symfast.integrations.diffusers.dpm import DPMSolverMultistepScheduler
 from symfast.integrations.diffusers.sigma import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,

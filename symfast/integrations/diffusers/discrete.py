@@ -82,6 +82,9 @@ class DDPMScheduler(_DiscreteScheduler):
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
                  rescale_betas_zero_snr: bool = False):
+        if variance_type == "fixed_large_log":
+            raise ValueError("variance_type='fixed_large_log' is not supported: diffusers' DDPMScheduler.step "
+                             "scales its noise by √(log β) < 0, so every sample becomes NaN; use 'fixed_large'")
         if variance_type not in _VARIANCE_TYPES and variance_type is not None:
             # diffusers treats any other value as 'fixed_small' (its own tests pass 'other'), and a
             # DPM-Solver config switched to DDPM carries None; warn rather than refuse a config diffusers loads
