@@ -18,7 +18,11 @@ model outputs and generator the results agree with diffusers to rounding. A time
 - ``dpm``: DPMSolverMultistepScheduler
 
 Refused with a ValueError naming the option: DPM-Solver ``use_flow_sigmas``, ``use_dynamic_shifting``
-(and ``mu``), and ``solver_order=3`` with ``algorithm_type='sde-dpmsolver'`` (undefined in diffusers too).
+(and ``mu``), and ``solver_order=3`` with ``algorithm_type='sde-dpmsolver'`` (undefined in diffusers too);
+DDPM ``variance_type='fixed_large_log'`` (diffusers' step turns every sample into NaN with it).
+Deliberate differences: Euler ancestral accepts ``prediction_type='sample'`` (diffusers' raises), and
+DPM-Solver with a learned variance keeps the model's first C channels (diffusers' keeps 3, the same for
+3-channel samples).
 """
 from __future__ import annotations
 
