@@ -41,6 +41,7 @@ CATEGORIES = ("network layers", "symfast ops", "optimiser", "data loading", "hos
 JOBS = ("sample", "train", "sfbd", "op")
 _MARK = "symfast.profile."
 _LABELS = {"network": "network layers", "optimiser": "optimiser", "data": "data loading"}
+_STEPS = _MARK + "steps"  # around the profiled steps: its own time is host time between ops
 
 
 # ---- marking what runs --------------------------------------------------------------------------
@@ -132,12 +133,15 @@ def split_events(events, wall: float, device: str = "cpu") -> Split:
     counts: dict[str, int] = {}
     roots = [e for e in events if e.cpu_parent is None]
     if not use_device and roots:
-        # one thread's host time: the one that ran the steps (the most busy); CPU autograd runs
-        # its backward on it too. Other threads' ranges overlap it in wall time.
-        busy: dict[int, float] = {}
-        for e in roots:
-            busy[e.thread] = busy.get(e.thread, 0.0) + e.cpu_time_total
-        main = max(busy, key=busy.get)
+        # one thread's host time: the one that ran the steps (inside the range profile_steps
+        # opens; else the busiest); CPU autograd runs its backward on it too. Other threads'
+        # ranges overlap it in wall time.
+        main = next((e.thread for e in roots if e.name == _STEPS), None)
+        if main is None:
+            busy: dict[int, float] = {}
+            for e in roots:
+                busy[e.thread] = busy.get(e.thread, 0.0) + e.cpu_time_total
+            main = max(busy, key=busy.get)
         roots = [e for e in roots if e.thread == main]
 
     def own(e) -> float:
@@ -301,9 +305,10 @@ def profile_steps(job: str, step: Callable[[], object], repeats: int, warmup: in
     with _collect_op_calls() as calls, profile(activities=activities) as prof:
         timing.synchronize(device)
         start = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        timing.synchronize(device)
+        with torch.profiler.record_function(_STEPS):
+            for _ in range(repeats):
+                step()
+            timing.synchronize(device)
         wall = time.perf_counter() - start
     split = split_events(prof.events(), wall, device.type)
     # the limits are measured after the profile, so they don't sit in its trace

@@ -1,0 +1,248 @@
+"""symfast.profiling: the timing helper on a fake clock, the ops' bytes/flops models against hand
+counts, the profile's split into categories, `symfast profile {sample,train,op}` and
+`symfast bench all` on tiny selections, and bad input. No test asserts a timing."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from symfast import _backend
+from symfast.cli import main
+from symfast.ops import orbit
+from symfast.profiling import costs, timing
+from symfast.profiling.bench import COLUMNS, bench_all
+from symfast.profiling.trace import CATEGORIES, split_events
+
+FILES = ("trace.json", "table.csv", "profile.json", "breakdown.png")
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+def fake_clock(durations):
+    """A clock whose successive (start, stop) readings are ``durations`` apart."""
+    ticks = itertools.accumulate(itertools.chain.from_iterable((0.0, d) for d in durations))
+    return lambda: next(ticks)
+
+
+def test_measure_times_only_the_repeats_and_reports_median_and_quantiles():
+    calls = []
+    t = timing.measure(lambda: calls.append(1), repeats=5, warmup=2,
+                       clock=fake_clock([4.0, 1.0, 3.0, 2.0, 5.0]))
+    assert len(calls) == 7  # warm-up calls run, untimed
+    assert t.times == (4.0, 1.0, 3.0, 2.0, 5.0)
+    assert t.median == 3.0
+    assert t.quantile(0.25) == 2.0 and t.quantile(0.1) == pytest.approx(1.4)
+    assert t.summary()["q90_s"] == pytest.approx(4.6) and t.summary()["repeats"] == 5
+    assert t.spread == pytest.approx((4.0 - 2.0) / 3.0)
+
+
+def test_quantile_interpolates_between_order_statistics():
+    assert timing.quantile([10, 0, 20, 30], 0.5) == 15
+    assert timing.quantile([10, 0, 20, 30], 1 / 3) == pytest.approx(10)
+    assert timing.quantile([7], 0.9) == 7
+    with pytest.raises(ValueError, match="q must be"):
+        timing.quantile([1, 2], 1.5)
+    with pytest.raises(ValueError, match="values"):
+        timing.quantile([], 0.5)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"),
+                                          ({"repeats": 2.5}, "repeats")])
+def test_measure_rejects_bad_counts(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        timing.measure(lambda: None, **kwargs)
+
+
+def test_paired_ratio_is_the_median_of_adjacent_ratios():
+    # per repeat the clock is read before base, between, after fn: ratios 2/1, 4/1, 6/2
+    ticks = iter([0.0, 2.0, 3.0, 3.0, 7.0, 8.0, 8.0, 14.0, 16.0])
+    ratio = timing.paired_ratio(lambda: None, lambda: None, 3, clock=lambda: next(ticks))
+    assert ratio == 3.0
+
+
+# ---- roofline models ----------------------------------------------------------------------------
+
+def test_cost_models_match_hand_counts():
+    x = torch.zeros(2, 3, 4, 4)  # 96 fp32 values
+    # orbit under D4: x read once, 8 copies written
+    assert costs.call_cost("orbit", (x, "d4"), {}).bytes == (1 + 8) * 96 * 4
+    y = torch.zeros(16, 3, 4, 4, dtype=torch.bfloat16)  # 8 blocks of 96
+    assert costs.call_cost("orbit_mean", (y, "d4"), {}).bytes == (8 * 96 + 96) * 2
+    # tied 3x3 D4 conv, 4 -> 6 channels on 8x8 with padding 1: R = 3 orbit values per (O, C)
+    xc, w = torch.zeros(2, 4, 8, 8), torch.zeros(6, 4, 3)
+    conv = costs.call_cost("tied_conv2d", (xc, w, None, 3, "d4", 1, 1), {})
+    assert conv.flops == 2 * 2 * 6 * 4 * 3 * 8 * 8
+    assert conv.bytes == 4 * (2 * 4 * 64 + 6 * 4 * 3 + 2 * 6 * 64)
+    # classifier_select: B=5, F=7, K=2, C=3 -> one GEMM against K + K*C = 8 rows
+    sel = costs.call_cost("classifier_select", (torch.zeros(5, 7), torch.zeros(2, 7), torch.zeros(2),
+                                                torch.zeros(2, 3, 7), torch.zeros(2, 3)), {})
+    assert sel.flops == 2 * 5 * 7 * 8 and sel.bound == "memory"
+    assert costs.call_cost("not_an_op", (x,), {}) is None
+    assert costs.call_cost("orbit", (), {}) is None  # arguments that do not bind
+
+
+def test_floor_is_the_larger_of_the_memory_and_compute_floors():
+    limits = timing.MachineLimits(1e9, {"fp32": 1e10, "bf16": 5e9})
+    assert limits.floor_seconds(2e9, 1e9, "fp32") == 2.0
+    assert limits.floor_seconds(1e9, 3e10, "fp32") == 3.0
+    # bf16 slower than fp32 (a CPU without bf16 arithmetic): fp32's roof applies
+    assert limits.floor_seconds(0.0, 3e10, "bf16") == 3.0
+
+
+def test_ops_report_their_calls_only_under_a_profiler(monkeypatch):
+    seen = []
+    monkeypatch.setattr(_backend, "op_call_sink", lambda op, args, kwargs: seen.append(op))
+    x = torch.randn(2, 1, 4, 4)
+    orbit(x, "d4", backend="reference")
+    assert seen == []
+    with torch.profiler.profile() as prof:
+        orbit(x, "d4", backend="reference")
+    assert seen == ["orbit"]
+    assert any(e.name == "symfast.orbit" for e in prof.events())
+
+
+# ---- the split into categories ------------------------------------------------------------------
+
+def _event(name, own_us, children=(), thread=1):
+    e = SimpleNamespace(name=name, self_cpu_time_total=own_us, self_device_time_total=0.0,
+                        cpu_children=list(children), cpu_parent=None, thread=thread)
+    for c in children:
+        c.cpu_parent = e
+    e.cpu_time_total = own_us + sum(c.cpu_time_total for c in children)
+    return e
+
+
+def test_split_attributes_own_time_to_the_innermost_category_and_fills_the_rest():
+    conv = _event("symfast::tied_conv2d_cpu", 300)
+    tied = _event("symfast.tied_conv2d", 100, [conv])
+    net = _event("symfast.profile.network", 50, [tied, _event("aten::silu", 150)])
+    opt = _event("Optimizer.step#AdamW.step", 80, [_event("aten::_fused_adamw_", 20)])
+    data = _event("symfast.profile.data", 40)
+    loose = _event("aten::add", 10)
+    steps = _event("symfast.profile.steps", 5, [net, opt, data, loose])
+    other_thread = _event("aten::mul", 10_000, thread=2)  # overlaps the main thread's time
+    events = [steps, net, tied, conv, opt, data, loose, other_thread]
+    events += net.cpu_children[1:] + opt.cpu_children
+    split = split_events(events, wall=1e-3)
+    us = {k: round(v * 1e6) for k, v in split.categories.items()}
+    # other: the steps range's own 5 us, the loose add's 10, and the 245 no event covers
+    assert us == {"network layers": 200, "symfast ops": 400, "optimiser": 100,
+                  "data loading": 40, "host overhead/other": 260}
+    assert sum(split.categories.values()) == pytest.approx(split.wall)
+    assert {k: round(v * 1e6) for k, v in split.ops.items()} == {"tied_conv2d": 400}
+    assert split.op_events == {"tied_conv2d": 1}
+    assert set(split.categories) == set(CATEGORIES)
+
+
+# ---- the commands -------------------------------------------------------------------------------
+
+def _shares(folder):
+    report = json.loads((folder / "profile.json").read_text())
+    return report, {r["category"]: r["share"] for r in report["categories"]}
+
+
+def test_profile_sample_of_the_shipped_model_writes_every_file(tmp_path, capsys):
+    out = tmp_path / "sample"
+    assert main(["profile", "sample", "--steps", "2", "--n", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "network layers" in printed and "tied_conv2d" in printed
+    for name in FILES:
+        assert (out / name).stat().st_size > 0, name
+    report, shares = _shares(out)
+    assert set(shares) == set(CATEGORIES)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+    assert shares["network layers"] > 0 and shares["symfast ops"] > 0
+    ops = {r["op"]: r for r in report["ops"]}
+    # the demo model is an EquivariantUNet of tied convolutions, sampled with the fused step
+    assert ops["tied_conv2d"]["calls"] > 0 and ops["tied_conv2d"]["share_of_limit"] > 0
+    assert "fused_step" in ops and report["steps"] == 2
+    trace = json.loads((out / "trace.json").read_text())
+    assert any(e.get("name") == "symfast.tied_conv2d" for e in trace["traceEvents"])
+    with open(out / "table.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows if r["kind"] == "category"] == list(CATEGORIES)
+
+
+def test_profile_train_tiny_run_splits_optimiser_and_data(tmp_path):
+    out = tmp_path / "train"
+    assert main(["profile", "train", "--steps", "1", "--channels", "8,8", "--batch-size", "4",
+                 "--out", str(out)]) == 0
+    report, shares = _shares(out)
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+    for category in ("network layers", "symfast ops", "optimiser", "data loading"):
+        assert shares[category] > 0, category
+    ops = {r["op"] for r in report["ops"]}
+    assert {"tied_conv2d", "tied_conv2d.backward"} <= ops  # WT training: tied convs both ways
+    assert not (out / "run" / "checkpoints").exists()
+
+
+def test_profile_op_counts_exactly_the_profiled_calls(tmp_path):
+    out = tmp_path / "op"
+    assert main(["profile", "op", "orbit_mean", "--steps", "3", "--out", str(out)]) == 0
+    report, shares = _shares(out)
+    row = next(r for r in report["ops"] if r["op"] == "orbit_mean")
+    assert row["calls"] == 3 and row["throughput_unit"] == "GB/s" and row["throughput"] > 0
+    assert shares["symfast ops"] > 0
+
+
+def test_bench_all_writes_the_csv_and_plots(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "all", "--ops", "orbit,classifier_select", "--backends", "reference,cpu",
+                 "--dtypes", "fp32", "--sizes", "small", "--repeats", "2", "--out", str(out)]) == 0
+    assert "orbit" in capsys.readouterr().out
+    with open(out / "bench.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    for column in ("op", "backend", "dtype", "shape", "median_ms", "throughput", "share_of_limit",
+                   "machine"):
+        assert column in reader.fieldnames
+    assert reader.fieldnames == COLUMNS
+    assert {(r["op"], r["backend"]) for r in rows} == {
+        (op, b) for op in ("orbit", "classifier_select") for b in ("reference", "cpu")}
+    for r in rows:
+        assert not r["error"] and float(r["median_ms"]) > 0 and float(r["share_of_limit"]) > 0
+        assert "threads" in r["machine"] and "(" in r["machine"]  # CPU model (ISA)
+    assert {r["throughput_unit"] for r in rows if r["op"] == "orbit"} == {"GB/s"}
+    assert (out / "plots" / "orbit.png").stat().st_size > 0
+    assert "copy_GBps" in json.loads((out / "limits.json").read_text())["limits"]
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, names", [
+    (["profile", "op", "nope"], "op='nope'"),
+    (["profile", "sample", "--checkpoint", "/no/such/checkpoint"], "checkpoint="),
+    (["profile", "op", "orbit", "--size", "huge"], "size='huge'"),
+    (["profile", "op", "orbit", "--backend", "warp"], "backend='warp'"),
+    (["profile", "train", "--steps", "0"], "steps"),
+    (["bench", "all", "--ops", "orbit,nope"], "ops="),
+    (["bench", "all", "--dtypes", "fp8"], "dtypes="),
+])
+def test_bad_input_is_a_one_line_error_naming_the_argument(argv, names, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert names in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the error on a machine without CUDA")
+@pytest.mark.parametrize("argv", [["profile", "sample"], ["bench", "all"]])
+def test_cuda_without_cuda_names_the_device(argv, tmp_path, capsys):
+    assert main([*argv, "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
+    assert "device='cuda'" in capsys.readouterr().err
+
+
+def test_unknown_job_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "nope"])
+    assert exc.value.code == 2 and "argument job" in capsys.readouterr().err
+
+
+def test_bench_all_refuses_a_backend_that_cannot_run_here(tmp_path):
+    with pytest.raises(ValueError, match="backends=.*triton"):
+        bench_all(tmp_path, backends=["triton"], device="cpu", progress=False)
