@@ -1,5 +1,6 @@
 """symfast.integrations.diffusers against the real diffusers schedulers and pipelines."""
 import inspect
+import pickle
 import subprocess
 import sys
 
@@ -344,6 +345,9 @@ def test_they_are_diffusers_schedulers_with_diffusers_types(name):
     assert list(out_mine.keys()) == list(out_theirs.keys()) and out_mine["prev_sample"] is out_mine.prev_sample
     if name in ("DDPMScheduler", "DDIMScheduler"):
         assert hasattr(mine, "_get_variance")
+    # pickles by the public path (what __module__ names)
+    again = pickle.loads(pickle.dumps(mine))
+    assert type(again) is cls and torch.equal(again.timesteps, mine.timesteps)
 
 
 def test_ddpm_previous_timestep_and_get_variance_have_diffusers_values_and_types():
@@ -534,3 +538,28 @@ def test_pipeline_save_pretrained_round_trips_with_our_scheduler(pipeline, sched
     a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
     b = loaded(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert _max_diff(a, b) <= ATOL and a.std() > 0
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_every_public_attribute_of_diffusers_scheduler_exists_with_its_parameters(name):
+    mine, theirs = getattr(ours, name)(), getattr(diffusers, name)()
+    for attr in dir(theirs):
+        if attr.startswith("__") or attr in ("_abc_impl",):
+            continue
+        assert hasattr(mine, attr), attr
+        ref = getattr(type(theirs), attr, None)
+        if callable(ref) and not attr.startswith("_"):
+            expected = list(inspect.signature(ref).parameters)
+            assert list(inspect.signature(getattr(type(mine), attr)).parameters) == expected, attr
+
+
+def test_euler_get_velocity_matches_diffusers():
+    theirs, mine = _pair("EulerDiscreteScheduler")
+    for s in (theirs, mine):
+        s.set_timesteps(10)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 3, 4, 4, generator=gen), torch.randn(3, 3, 4, 4, generator=gen)
+    t = theirs.timesteps[[0, 4, 9]]
+    assert torch.equal(mine.get_velocity(x0, noise, t), theirs.get_velocity(x0, noise, t))
+    with pytest.raises(ValueError, match="integer index"):
+        mine.get_velocity(x0, noise, torch.tensor([1, 2, 3]))

@@ -140,6 +140,28 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         return np.array([sigma_min + ppf * (sigma_max - sigma_min)
                          for ppf in [scipy.stats.beta.ppf(t, 0.6, 0.6) for t in 1 - np.linspace(0, 1, n)]])
 
+    # diffusers' private names for the same conversions (some user code calls them)
+    def _convert_to_karras(self, in_sigmas: Any, num_inference_steps: int) -> np.ndarray:
+        return self._convert_sigmas("karras", np.asarray(in_sigmas), num_inference_steps)
+
+    def _convert_to_exponential(self, in_sigmas: Any, num_inference_steps: int) -> np.ndarray:
+        return self._convert_sigmas("exponential", np.asarray(in_sigmas), num_inference_steps)
+
+    def _convert_to_beta(self, in_sigmas: Any, num_inference_steps: int) -> np.ndarray:
+        return self._convert_sigmas("beta", np.asarray(in_sigmas), num_inference_steps)
+
+    @staticmethod
+    def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+        return schedules.sigma_to_t(sigma, log_sigmas)
+
+    def _sqrt_alpha_sigma(self, like: torch.Tensor, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """√ᾱ and √(1-ᾱ) at ``indices`` (into alphas_cumprod), shaped (B, 1, ...) like ``like``."""
+        ac = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+        if isinstance(indices, torch.Tensor):
+            indices = indices.to(like.device)
+        shape = (-1, *([1] * (like.ndim - 1)))
+        return (ac[indices] ** 0.5).flatten().reshape(shape), ((1 - ac[indices]) ** 0.5).flatten().reshape(shape)
+
     def _final_sigma(self) -> float:
         if self.config.final_sigmas_type == "sigma_min":
             return float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)

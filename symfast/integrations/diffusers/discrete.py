@@ -50,12 +50,6 @@ class _DiscreteScheduler(Scheduler):
             return model_output, (sample - sqrt_a * model_output) / sqrt_b
         return sqrt_a * sample - sqrt_b * model_output, sqrt_a * model_output + sqrt_b * sample
 
-    def _sqrt_alpha_sigma(self, like: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ac = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
-        timesteps = timesteps.to(like.device)
-        shape = (-1, *([1] * (like.ndim - 1)))
-        return (ac[timesteps] ** 0.5).flatten().reshape(shape), ((1 - ac[timesteps]) ** 0.5).flatten().reshape(shape)
-
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.IntTensor) -> torch.Tensor:
         """√ᾱ_t x0 + √(1-ᾱ_t) ε, with ``timesteps`` (B,) integer training timesteps."""
         sqrt_alpha_prod, sqrt_one_minus_alpha_prod = self._sqrt_alpha_sigma(original_samples, timesteps)

@@ -152,7 +152,7 @@ class DPMSolverMultistepScheduler(Scheduler):
             grid = np.interp(table, np.arange(0, len(train_sigmas)), train_sigmas)
         else:
             if kind == "lu":
-                grid = np.exp(self._lu_lambdas(np.flip(log_sigmas.copy()), num_inference_steps))
+                grid = np.exp(self._convert_to_lu(np.flip(log_sigmas.copy()), num_inference_steps))
             else:
                 grid = self._convert_sigmas(kind, np.flip(train_sigmas).copy(), num_inference_steps)
             table = np.array([schedules.sigma_to_t(s, log_sigmas) for s in grid])
@@ -167,11 +167,11 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.lower_order_nums = 0
 
     @staticmethod
-    def _lu_lambdas(in_lambdas: np.ndarray, n: int) -> np.ndarray:
+    def _convert_to_lu(in_lambdas: np.ndarray, num_inference_steps: int) -> np.ndarray:
         """diffusers' ``_convert_to_lu``: n values uniform between the ends of ``in_lambdas`` (ρ = 1)."""
         lambda_min, lambda_max = in_lambdas[-1].item(), in_lambdas[0].item()
         rho = 1.0
-        ramp = np.linspace(0, 1, n)
+        ramp = np.linspace(0, 1, num_inference_steps)
         min_inv_rho, max_inv_rho = lambda_min ** (1 / rho), lambda_max ** (1 / rho)
         return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
@@ -219,6 +219,56 @@ class DPMSolverMultistepScheduler(Scheduler):
         tables = {"alpha": alpha.tolist(), "sigma": sigma.tolist(), "orders": orders}
         self._cache["coeffs"] = tables
         return tables
+
+    def _update_inputs(self, order: int, args: tuple, sample: torch.Tensor | None,
+                       noise: torch.Tensor | None) -> tuple[torch.Tensor, tuple]:
+        """diffusers' update-method arguments: ``sample`` (or the deprecated third positional argument,
+        after timestep and prev_timestep, which have no effect), and this step's coefficients."""
+        if sample is None:
+            if len(args) > 2:
+                sample = args[2]
+            else:
+                raise ValueError("sample is required")
+        if self._step_index is None:
+            raise ValueError("the step index is not set: call step (or set_begin_index) first")
+        coefficients = self._tables()["orders"][order - 1][self._step_index]
+        if coefficients is None:
+            raise ValueError(f"an order-{order} update needs {order - 1} earlier step(s); this is step "
+                             f"{self._step_index}")
+        if noise is None and self.config.algorithm_type.startswith("sde"):
+            raise ValueError(f"noise is required for algorithm_type={self.config.algorithm_type!r}")
+        return sample, coefficients
+
+    @staticmethod
+    def _with_noise(x_t: torch.Tensor, c_noise: float, noise: torch.Tensor | None) -> torch.Tensor:
+        return x_t if noise is None else x_t + c_noise * noise
+
+    def dpm_solver_first_order_update(self, model_output: torch.Tensor, *args: Any, sample: torch.Tensor | None = None,
+                                      noise: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """DPM-Solver(++) order 1 (DDIM) from σ_i to σ_{i+1}, i the current step index."""
+        sample, (c_sample, c_d0, _, _, c_noise) = self._update_inputs(1, args, sample, noise)
+        return self._with_noise(c_sample * sample + c_d0 * model_output, c_noise, noise)
+
+    def multistep_dpm_solver_second_order_update(self, model_output_list: list[torch.Tensor], *args: Any,
+                                                 sample: torch.Tensor | None = None,
+                                                 noise: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Order 2 from the last two converted model outputs."""
+        sample, (c_sample, c_d0, c_d1, _, c_noise, inv_r0) = self._update_inputs(2, args, sample, noise)
+        m0, m1 = model_output_list[-1], model_output_list[-2]
+        x_t = c_sample * sample + c_d0 * m0 + c_d1 * (inv_r0 * (m0 - m1))
+        return self._with_noise(x_t, c_noise, noise)
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list: list[torch.Tensor], *args: Any,
+                                                sample: torch.Tensor | None = None,
+                                                noise: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Order 3 from the last three converted model outputs."""
+        sample, coefficients = self._update_inputs(3, args, sample, noise)
+        c_sample, c_d0, c_d1, c_d2, c_noise, inv_r0, inv_r1, w1, inv_r01 = coefficients
+        m0, m1, m2 = model_output_list[-1], model_output_list[-2], model_output_list[-3]
+        d1_0, d1_1 = inv_r0 * (m0 - m1), inv_r1 * (m1 - m2)
+        d1 = d1_0 + w1 * (d1_0 - d1_1)
+        d2 = inv_r01 * (d1_0 - d1_1)
+        return self._with_noise(c_sample * sample + c_d0 * m0 + c_d1 * d1 + c_d2 * d2, c_noise, noise)
 
     def convert_model_output(self, model_output: torch.Tensor, *args: Any, sample: torch.Tensor | None = None,
                              **kwargs: Any) -> torch.Tensor:
@@ -280,23 +330,12 @@ class DPMSolverMultistepScheduler(Scheduler):
                 noise = randn(converted.shape, generator, model_output.device, torch.float32)
             else:
                 noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
-        orders = self._tables()["orders"]
         if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-            c_sample, c_d0, _, _, c_noise = orders[0][i]
-            prev_sample = c_sample * sample + c_d0 * converted
+            prev_sample = self.dpm_solver_first_order_update(converted, sample=sample, noise=noise)
         elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-            c_sample, c_d0, c_d1, _, c_noise, inv_r0 = orders[1][i]
-            m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
-            prev_sample = c_sample * sample + c_d0 * m0 + c_d1 * (inv_r0 * (m0 - m1))
+            prev_sample = self.multistep_dpm_solver_second_order_update(self.model_outputs, sample=sample, noise=noise)
         else:
-            c_sample, c_d0, c_d1, c_d2, c_noise, inv_r0, inv_r1, w1, inv_r01 = orders[2][i]
-            m0, m1, m2 = self.model_outputs[-1], self.model_outputs[-2], self.model_outputs[-3]
-            d1_0, d1_1 = inv_r0 * (m0 - m1), inv_r1 * (m1 - m2)
-            d1 = d1_0 + w1 * (d1_0 - d1_1)
-            d2 = inv_r01 * (d1_0 - d1_1)
-            prev_sample = c_sample * sample + c_d0 * m0 + c_d1 * d1 + c_d2 * d2
-        if noise is not None:
-            prev_sample = prev_sample + c_noise * noise
+            prev_sample = self.multistep_dpm_solver_third_order_update(self.model_outputs, sample=sample, noise=noise)
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
         prev_sample = prev_sample.to(model_output.dtype)

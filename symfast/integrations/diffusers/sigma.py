@@ -136,6 +136,8 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         if final_sigmas_type not in ("zero", "sigma_min"):
             raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}")
         self.use_karras_sigmas = use_karras_sigmas
+        self.use_exponential_sigmas = use_exponential_sigmas
+        self.use_beta_sigmas = use_beta_sigmas
         self._init_sigmas(None)
         if self._continuous():
             self._set_sigmas(self.sigmas, self._continuous_timesteps(self.sigmas), None)
@@ -169,6 +171,14 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         sigma_t = torch.from_numpy(grid)
         self._set_sigmas(sigma_t, self._continuous_timesteps(sigma_t) if self._continuous()
                          else np.asarray(table).astype(np.float32), device)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """√ᾱ ε - √(1-ᾱ) x0 with ᾱ taken, as diffusers' Euler does, at each timestep's position in the
+        inference schedule (not at the timestep itself)."""
+        _reject_index(timesteps)
+        indices = [self.index_for_timestep(t, self._host_timesteps) for t in timesteps.reshape(-1).tolist()]
+        sqrt_alpha_prod, sqrt_one_minus_alpha_prod = self._sqrt_alpha_sigma(sample, indices)
+        return sqrt_alpha_prod * noise - sqrt_one_minus_alpha_prod * sample
 
     def _coefficients(self, s_churn: float, s_tmin: float, s_tmax: float) -> dict[str, list[float]]:
         key = (s_churn, s_tmin, s_tmax)
