@@ -563,3 +563,22 @@ def test_euler_get_velocity_matches_diffusers():
     assert torch.equal(mine.get_velocity(x0, noise, t), theirs.get_velocity(x0, noise, t))
     with pytest.raises(ValueError, match="integer index"):
         mine.get_velocity(x0, noise, torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_step_never_reads_a_device_tensor(name):
+    """A whole loop with timesteps, samples and model outputs on the meta device, whose tensors have no
+    values (reading one raises): scale_model_input and step only use host copies and Python floats."""
+    sched = getattr(ours, name)()
+    sched.set_timesteps(6, device="meta")
+    x = torch.zeros(1, 3, 4, 4, device="meta")
+    kwargs = {"eta": 0.5} if name == "DDIMScheduler" else {}
+    for t in sched.timesteps:
+        x = sched.scale_model_input(x, t)
+        x = sched.step(torch.zeros_like(x), t, x, **kwargs).prev_sample
+    assert x.device.type == "meta" and x.shape == (1, 3, 4, 4)
+    # the check bites: a timestep table written in place is stale on the host, so its value must be read
+    sched.set_timesteps(6, device="meta")
+    sched.timesteps.add_(0)
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        sched.step(torch.zeros_like(x), sched.timesteps[0], x, **kwargs)

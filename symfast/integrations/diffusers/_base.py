@@ -192,10 +192,13 @@ class Scheduler(SchedulerMixin, ConfigMixin):
 
     # ---- timesteps and the step index ------------------------------------------------------
 
-    def _set_timesteps_table(self, timesteps: torch.Tensor) -> None:
-        """Install ``self.timesteps`` and its host copy; reset the step index and the coefficient cache."""
-        self.timesteps = timesteps
-        self._host_timesteps = timesteps.cpu().tolist()
+    def _set_timesteps_table(self, timesteps: torch.Tensor, device: Any = None, dtype: torch.dtype | None = None) -> None:
+        """Install ``self.timesteps`` (``timesteps``, a CPU tensor, moved to ``device``) and its host copy,
+        taken before the move so that nothing is read back from the device; reset the step index and
+        the coefficient cache."""
+        timesteps = timesteps.to(dtype=dtype) if dtype is not None else timesteps
+        self._host_timesteps = timesteps.tolist()
+        self.timesteps = timesteps = timesteps.to(device)
         self._timesteps_version = timesteps._version
         self._step_index: int | None = None
         self._begin_index: int | None = None

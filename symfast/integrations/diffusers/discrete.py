@@ -29,7 +29,7 @@ class _DiscreteScheduler(Scheduler):
         return sample
 
     def _set_integer_timesteps(self, table: np.ndarray, device: Any) -> None:
-        self._set_timesteps_table(torch.from_numpy(np.ascontiguousarray(table)).to(device))
+        self._set_timesteps_table(torch.from_numpy(np.ascontiguousarray(table)), device)
 
     def _integer_timestep(self, timestep: Any) -> int:
         value = self._host_value(timestep)

@@ -161,7 +161,7 @@ class DPMSolverMultistepScheduler(Scheduler):
             if kind in ("karras", "lu") and cfg.beta_schedule != "squaredcos_cap_v2":
                 table = table.round()
         self.sigmas = torch.from_numpy(np.concatenate([grid, [self._final_sigma()]]).astype(np.float32))
-        self._set_timesteps_table(torch.from_numpy(np.asarray(table)).to(device=device, dtype=torch.int64))
+        self._set_timesteps_table(torch.from_numpy(np.asarray(table)), device, torch.int64)
         self.num_inference_steps = len(table)
         self.model_outputs = [None] * cfg.solver_order
         self.lower_order_nums = 0

@@ -50,7 +50,7 @@ class _SigmaScheduler(Scheduler):
                                       else sigmas, dtype=torch.float32).cpu()
         if not isinstance(timesteps, torch.Tensor):
             timesteps = torch.from_numpy(np.asarray(timesteps).astype(np.float32))
-        self._set_timesteps_table(timesteps.to(device=device, dtype=torch.float32))
+        self._set_timesteps_table(timesteps.cpu(), device, torch.float32)
         self._host_sigmas = self.sigmas.tolist()
         self._input_scale = ((self.sigmas ** 2 + 1) ** 0.5).tolist()
 
