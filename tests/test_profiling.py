@@ -212,6 +212,44 @@ def test_bench_all_writes_the_csv_and_plots(tmp_path, capsys):
     assert "copy_GBps" in json.loads((out / "limits.json").read_text())["limits"]
 
 
+
+def _readme_tables():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "readme_tables.py"
+    spec = importlib.util.spec_from_file_location("readme_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_table_is_spliced_between_the_markers(tmp_path):
+    tables = _readme_tables()
+    base = {"dtype": "fp32", "size": "readme", "shape": "64x3x64x64", "machine": "CPU (avx2), 2 threads",
+            "bound": "memory", "throughput_unit": "GB/s"}
+    rows = [dict(base, op="orbit", backend="reference", median_ms="6.0", throughput="4",
+                 share_of_limit="0.2"),
+            dict(base, op="orbit", backend="cpu", median_ms="2.0", throughput="12",
+                 share_of_limit="0.6"),
+            dict(base, op="orbit", backend="cpu", dtype="bf16", median_ms="9", throughput="1",
+                 share_of_limit="0.1")]
+    results = tmp_path / "bench.csv"
+    with open(results, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{tables.BEGIN}\nold table\n{tables.END}\nrest\n")
+    assert tables.main([str(results), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "| orbit | 64x3x64x64 | 6 ms | 2 ms | 60% (memory; 12 GB/s) |" in text
+    assert tables.main([str(results), "--readme", str(readme), "--check"]) == 0
+    readme.write_text("no markers\n")
+    assert tables.main([str(results), "--readme", str(readme)]) == 2
+    assert readme.read_text() == "no markers\n"
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, names", [
@@ -246,3 +284,19 @@ def test_unknown_job_is_refused_by_the_parser(capsys):
 def test_bench_all_refuses_a_backend_that_cannot_run_here(tmp_path):
     with pytest.raises(ValueError, match="backends=.*triton"):
         bench_all(tmp_path, backends=["triton"], device="cpu", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bench_and_profile_time_the_triton_kernels(tmp_path):
+    from symfast.profiling.trace import profile_op
+
+    result = bench_all(tmp_path / "bench", device="cuda", ops=["orbit_mean", "tied_conv2d"],
+                       dtypes=["fp32"], sizes=["small"], repeats=3, progress=False)
+    rows = result["rows"]
+    assert {r["backend"] for r in rows} == {"reference", "compile", "triton"}
+    for r in rows:
+        assert not r.get("error") and r["device"] == "cuda" and r["median_ms"] > 0
+    report = profile_op(tmp_path / "op", "orbit_mean", backend="triton", device="cuda", steps=3)
+    ops = {r["op"]: r for r in report.ops}
+    assert ops["orbit_mean"]["calls"] == 3
+    assert sum(r["share"] for r in report.categories) == pytest.approx(1.0, abs=1e-9)
