@@ -3,7 +3,8 @@
 reference and the cpu kernel; then classifier_select's rows from bench_classifier_select.run()
 when that script exists. Results: benchmarks/results/attention.json.
 
-The floor is memory: the gathered rows read once (B·L·(d + d_k) values) plus the dense gradient
+The floor is memory (symfast.profiling.costs.attention_pool, forward + backward): the gathered
+rows read once (B·L·(d + d_k) values), the tokens and pooled output, plus the dense gradient
 tables written once (V·(d + d_k) values), over the copy bandwidth measured in the same run.
 Variants are timed in interleaved rounds (median over rounds of per-round medians), so a burst of
 load on a shared machine hits them all alike.
@@ -24,11 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import copy_bandwidth, median_time, print_table, write_results  # noqa: E402
 
 from symfast.ops.attention_pool import attention_pool  # noqa: E402
+from symfast.profiling import costs  # noqa: E402
 from symfast.reference.attention_pool import attention_pool as reference  # noqa: E402
 from symfast.reference.attention_pool import attention_scores  # noqa: E402
 
 B, L, V, D, DK = 256, 64, 50_000, 128, 64
 NAME = "attention_pool fwd+bwd"
+
+
+def _floor_bytes() -> float:
+    meta = [torch.empty(shape, device="meta") for shape in ((V, D), (V, DK), (DK,))]
+    tokens = torch.empty((B, L), dtype=torch.int64, device="meta")
+    lengths = torch.empty((B,), dtype=torch.int64, device="meta")
+    return costs.attention_pool(tokens, lengths, *meta, backward=True).bytes
 
 
 def _embedding_bag(tokens, lengths, embedding, keys, query):
@@ -69,7 +78,7 @@ def run_attention(rounds: int = 5, repeats: int = 10) -> tuple[list[dict], float
             samples[v].append(median_time(fn, repeats=repeats, warmup=1))
     seconds = {v: statistics.median(s) for v, s in samples.items()}
     bandwidth = statistics.median(bandwidths)
-    floor_bytes = 4 * (B * L * (D + DK) + V * (D + DK))
+    floor_bytes = _floor_bytes()
     eager = seconds["eager (gather, softmax, einsum)"]
     rows = [{"name": NAME, "variant": v, "ms": s * 1e3, "GB/s": floor_bytes / s / 1e9,
              "share_of_floor": floor_bytes / bandwidth / s, "speedup_vs_eager": eager / s}
@@ -91,7 +100,7 @@ def main() -> None:
     rows, bandwidth = run_attention()
     by = {r["variant"]: r["ms"] for r in rows}
     summary = {"copy_bandwidth_GB/s": bandwidth / 1e9,
-               "floor_ms": 4 * (B * L * (D + DK) + V * (D + DK)) / bandwidth * 1e3,
+               "floor_ms": _floor_bytes() / bandwidth * 1e3,
                "cpu_vs_eager": by["eager (gather, softmax, einsum)"] / by["cpu kernel"],
                "cpu_vs_embedding_bag": by["eager + F.embedding_bag"] / by["cpu kernel"],
                "cpu_vs_compile": by["torch.compile(reference)"] / by["cpu kernel"],

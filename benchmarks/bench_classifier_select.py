@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median_time, print_table, write_results  # noqa: E402
 
 from symfast.ops.classifier_select import classifier_select  # noqa: E402
+from symfast.profiling import costs  # noqa: E402
 from symfast.reference.classifier_select import classifier_select as reference  # noqa: E402
 
 B, F, K, C = 512, 512, 16, 50
@@ -47,7 +48,7 @@ def run(rounds: int = 5, repeats: int = 10) -> list[dict]:
     n = K + K * C
     w_all, d_scores = torch.randn(n, F, generator=gen), torch.randn(B, n, generator=gen)
     h = args[0].detach()
-    gemm_flops = 3 * 2 * B * F * n
+    gemm_flops = costs.classifier_select(*args, backward=True).flops
 
     def gemm_floor():
         torch.mm(h, w_all.t())

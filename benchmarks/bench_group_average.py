@@ -17,6 +17,7 @@ from _common import copy_bandwidth, median_time, print_table, write_results  # n
 
 from symfast import groups  # noqa: E402
 from symfast.ops import orbit, orbit_mean  # noqa: E402
+from symfast.profiling import costs  # noqa: E402
 
 SHAPES = [(64, 3, 64, 64), (16, 4, 128, 128)]
 
@@ -58,7 +59,8 @@ def run(repeats: int = 20, shapes=SHAPES, group_names=("d4", "c4")) -> list[dict
                 torch.testing.assert_close(check_g, check_ref, rtol=1e-6, atol=1e-6)
             compiled_mean = torch.compile(lambda t: eager_orbit_mean(t, inverses))
             compiled_orbit = torch.compile(lambda t: eager_orbit(t, forwards))
-            nbytes = (y.numel() + x.numel()) * 4  # both ops read one side and write the other
+            # the same for orbit_mean: each reads one side and writes the other
+            nbytes = costs.orbit(x, group).bytes
             variants = {
                 "orbit_mean": {
                     "eager loop": lambda: eager_orbit_mean(y, inverses),

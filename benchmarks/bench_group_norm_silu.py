@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import copy_bandwidth, median_time, print_table, write_results  # noqa: E402
 
 from symfast.ops import group_norm_silu  # noqa: E402
+from symfast.profiling import costs  # noqa: E402
 from symfast.reference.group_norm_silu import group_norm_silu as reference  # noqa: E402
 
 SHAPES = [(64, 96, 32, 32), (64, 32, 32, 32), (64, 64, 16, 16), (64, 128, 8, 8)]
@@ -47,8 +48,8 @@ def run(repeats: int = 20, shapes=SHAPES) -> tuple[list[dict], float]:
         want = reference(x.double(), GROUPS, weight.double(), bias.double(), 1e-5, shift.double())
         for fn in fns.values():
             torch.testing.assert_close(fn().double(), want, rtol=1e-5, atol=1e-5)
-        nbytes = x.numel() * x.element_size()
-        for mode, moved in (("fwd", 2 * nbytes), ("fwd+bwd", 5 * nbytes)):
+        for mode in ("fwd", "fwd+bwd"):
+            moved = costs.group_norm_silu(x, GROUPS, backward=mode == "fwd+bwd").bytes
             times = {}
             for variant, fn in fns.items():
                 if mode == "fwd":

@@ -22,6 +22,7 @@ from symfast.denoiser import Denoiser
 from symfast.groups import get
 from symfast.ops.fused_step import StepCoefficients, fused_step
 from symfast.philox import noise_key
+from symfast.profiling import costs
 from symfast.reference.fused_step import fused_step as reference_step
 from symfast.samplers import sample
 from symfast.schedules import DDPMSchedule
@@ -40,8 +41,7 @@ def bench_step_op(repeats: int) -> list[dict]:
     s, s_prev = math.sqrt((1 - ac) / ac), math.sqrt((1 - ac_prev) / ac_prev)
     ddim = StepCoefficients(1.0, -s, s_prev / s, 1 - s_prev / s)  # eps-pred DDIM η=0 in σ form
     ancestral = ddim._replace(c=0.3)
-    n = x.numel()
-    bytes_moved = 4 * (8 * n + n + n)  # read y and x, write x_next
+    bytes_moved = costs.fused_step(x, y, ddim, D4, return_denoised=False).bytes
     bw = copy_bandwidth()
 
     def orbit_loop_plus_diffusers_step():
