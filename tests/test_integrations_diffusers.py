@@ -462,6 +462,8 @@ IF_STAGE_I_DDPM = dict(beta_schedule="squaredcos_cap_v2", clip_sample=True, clip
 @pytest.mark.parametrize("name, config, output_channels, step_kwargs", [
     ("DDPMScheduler", IF_STAGE_I_DDPM, 6, {}),  # DeepFloyd IF: dynamic thresholding + learned_range
     ("DDPMScheduler", dict(variance_type="learned"), 6, {}),
+    ("DDPMScheduler", dict(beta_schedule="sigmoid", rescale_betas_zero_snr=True), None, {}),
+    ("DDPMScheduler", dict(beta_schedule="laplace", variance_type="fixed_small_log"), None, {}),
     ("DDIMScheduler", dict(thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.9), None,
      dict(eta=0.3)),
     ("EulerDiscreteScheduler", dict(use_beta_sigmas=True), None, {}),

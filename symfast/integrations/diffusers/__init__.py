@@ -3,7 +3,10 @@ config keys, method signatures, output classes and attribute types, so one swaps
 (``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``) and a pipeline produces the same
 images; ``save_pretrained``/``from_pretrained``/``from_config`` are diffusers' own.
 
-Importing this package imports diffusers (``import symfast`` and ``import symfast.integrations`` do not).
+``pipe.save_pretrained`` records this package as the scheduler's library in model_index.json, and
+``DiffusionPipeline.from_pretrained`` loads the symfast class back (DDIMPipeline's constructor is the
+exception: it converts any scheduler to diffusers' own DDIMScheduler; assign ``pipe.scheduler`` after
+loading). Importing this package imports diffusers (``import symfast`` and ``import symfast.integrations`` do not).
 
 How they differ inside: every update coefficient is computed on the host, once per schedule (σ
 schedulers, DPM-Solver) or once per timestep (DDPM, DDIM, which use the timestep each call is given),
