@@ -179,7 +179,10 @@ def backward(grad_pooled: torch.Tensor, grad_weights: Optional[torch.Tensor], to
             positions = torch.arange(l, device=dev)
             flat = torch.where((positions[None, :] < lengths[:, None]).reshape(-1), flat, v)
         order = torch.sort(flat, stable=True).indices
-        counts = torch.bincount(flat, minlength=v + 1)[:v]
+        # index_add_, not bincount: CUDA's bincount reads max/min of its input on the host (a
+        # device sync per backward call)
+        counts = torch.zeros(v + 1, dtype=torch.int64, device=dev).index_add_(
+            0, flat, torch.ones_like(flat))[:v]
         offsets = torch.zeros(v + 1, dtype=torch.int64, device=dev)
         offsets[1:] = torch.cumsum(counts, 0)
         # one d-chunk at least: the first chunk's programs also write the key rows
