@@ -1,11 +1,12 @@
 """Drop-in replacements for other libraries' samplers.
 
-- :mod:`symfast.integrations.diffusers`: diffusers-compatible schedulers (same class names, config
-  keys and method signatures) that slot into a diffusers pipeline.
-- :mod:`symfast.integrations.k_diffusion`: k-diffusion-compatible sampling loops.
+- :mod:`symfast.integrations.diffusers`: diffusers schedulers (built on diffusers' SchedulerMixin
+  and ConfigMixin, same class names, config keys and method signatures) that slot into a
+  diffusers pipeline; importing it needs diffusers (the ``[integrations]`` extra).
+- :mod:`symfast.integrations.k_diffusion`: k-diffusion-compatible sampling loops; it does not import
+  k-diffusion, which is only needed to compare against.
 
-Neither module imports the library it replaces; the real packages are only needed to compare
-against (the ``[integrations]`` extra).
+``import symfast`` and ``import symfast.integrations`` import neither library.
 """
 from __future__ import annotations
 
