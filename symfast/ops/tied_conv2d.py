@@ -2,9 +2,10 @@
 
 ``symfast::tied_conv2d`` takes the kernel's orbit tables (CSR positions/offsets, see
 symfast/reference/tied_conv2d.py) as tensors, so ``torch.compile`` sees a plain op with a fake
-implementation; its backward is two more ops (input gradient: GEMM + transposed stencil, which on
-the CPU is the forward kernel run on grad_out with theta transposed and the kernel reflected;
-weight gradient: stencil + one GEMM).
+implementation; its backward is one more op, ``symfast::tied_conv2d_backward``, for all three
+gradients (input gradient: GEMM + transposed stencil, which on the CPU is the forward kernel run
+on grad_out with theta transposed and the kernel reflected; weight gradient: stencil + one GEMM;
+bias gradient: a sum), called once whether eager or compiled.
 """
 from __future__ import annotations
 
@@ -63,46 +64,33 @@ def _(x, weight, bias, positions, offsets, kernel_size, stride, padding, backend
     return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
 
 
-def _grad_input_impl(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                     positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
-                     stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
+def _backward_impl(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
+                   stride: list[int], padding: list[int], backend: str,
+                   needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x, grad weight, grad bias) in one call; a gradient not in ``needs`` comes back as
+    an empty tensor (a custom op returns tensors, not None)."""
     if backend == "cpu":
-        return torch.ops.symfast.tied_conv2d_backward_cpu(
-            grad_out, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding),
-            [True, False, False])[0]
-    from symfast.kernels import tied_conv2d as triton_kernels
-    return triton_kernels.grad_input(grad_out, x.shape, weight, positions, offsets, kernel_size,
-                                     stride, padding)
+        grads = torch.ops.symfast.tied_conv2d_backward_cpu(
+            grad_out, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding), needs)
+    else:
+        from symfast.kernels import tied_conv2d as triton_kernels
+        grad_out = grad_out.contiguous()
+        grads = (triton_kernels.grad_input(grad_out, x.shape, weight, positions, offsets, kernel_size,
+                                           stride, padding) if needs[0] else None,
+                 triton_kernels.grad_weight(grad_out, x, weight.shape, positions, offsets,
+                                            kernel_size, stride, padding) if needs[1] else None,
+                 grad_out.sum((0, 2, 3)) if needs[2] else None)
+    return tuple(g if need else x.new_empty(0) for g, need in zip(grads, needs))
 
 
-_grad_input_op = torch.library.custom_op("symfast::tied_conv2d_grad_input",
-                                         mutates_args=())(_grad_input_impl)
+_backward_op = torch.library.custom_op("symfast::tied_conv2d_backward", mutates_args=())(_backward_impl)
 
 
-@_grad_input_op.register_fake
-def _(grad_out, x, weight, positions, offsets, kernel_size, stride, padding, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _grad_weight_impl(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                      positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
-                      stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
-    if backend == "cpu":
-        return torch.ops.symfast.tied_conv2d_backward_cpu(
-            grad_out, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding),
-            [False, True, False])[1]
-    from symfast.kernels import tied_conv2d as triton_kernels
-    return triton_kernels.grad_weight(grad_out, x, weight.shape, positions, offsets, kernel_size,
-                                      stride, padding)
-
-
-_grad_weight_op = torch.library.custom_op("symfast::tied_conv2d_grad_weight",
-                                          mutates_args=())(_grad_weight_impl)
-
-
-@_grad_weight_op.register_fake
-def _(grad_out, x, weight, positions, offsets, kernel_size, stride, padding, backend):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+@_backward_op.register_fake
+def _(grad_out, x, weight, positions, offsets, kernel_size, stride, padding, backend, needs):
+    shapes = (x.shape, weight.shape, weight.shape[:1])
+    return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
 
 
 def _setup_context(ctx, inputs, output):
@@ -112,37 +100,21 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _make_backward(grad_input, grad_weight):
-    """The backward, through the two gradient ops (custom ops, or their impls when eager)."""
+def _make_backward(backward_fn):
+    """The backward: ONE call of the backward op (or its impl when eager) for all gradients."""
     def backward(ctx, grad):
         x, weight, positions, offsets = ctx.saved_tensors
-        args = (positions, offsets, *ctx.geometry)
-        grad = grad.contiguous()
-        gx = grad_input(grad, x, weight, *args) if ctx.needs_input_grad[0] else None
-        gw = grad_weight(grad, x, weight, *args) if ctx.needs_input_grad[1] else None
-        gb = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None, None, None, None, None, None
+        needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                 ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = backward_fn(grad, x, weight, positions, offsets, *ctx.geometry, needs)
+        return (*(g if need else None for g, need in zip(grads, needs)),
+                None, None, None, None, None, None)
     return backward
 
 
-def _eager_backward(ctx, grad):
-    """The eager backward: on the CPU, one kernel call for all three gradients (one dispatch,
-    and the bias gradient summed in C++), else the two gradient impls."""
-    kernel_size, stride, padding, backend = ctx.geometry
-    if backend != "cpu":
-        return _split_backward(ctx, grad)
-    x, weight, positions, offsets = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-    gx, gw, gb = torch.ops.symfast.tied_conv2d_backward_cpu(
-        grad, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding), mask)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-            None, None, None, None, None, None)
-
-
-_split_backward = _make_backward(_grad_input_impl, _grad_weight_impl)
-_tied_conv2d_op.register_autograd(_make_backward(_grad_input_op, _grad_weight_op),
-                                  setup_context=_setup_context)
-_tied_conv2d_eager = eager_op(_tied_conv2d_op, _tied_conv2d_impl, _setup_context, _eager_backward)
+_tied_conv2d_op.register_autograd(_make_backward(_backward_op), setup_context=_setup_context)
+_tied_conv2d_eager = eager_op(_tied_conv2d_op, _tied_conv2d_impl, _setup_context,
+                              _make_backward(_backward_impl))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, orbits: KernelOrbits,
