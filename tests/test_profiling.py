@@ -124,18 +124,22 @@ def test_split_attributes_own_time_to_the_innermost_category_and_fills_the_rest(
     opt = _event("Optimizer.step#AdamW.step", 80, [_event("aten::_fused_adamw_", 20)])
     data = _event("symfast.profile.data", 40)
     loose = _event("aten::add", 10)
-    steps = _event("symfast.profile.steps", 5, [net, opt, data, loose])
+    # a compiled network: its region is network time, a custom op inside it a symfast op
+    gns = _event("symfast::group_norm_silu", 20)
+    compiled = _event("Torch-Compiled Region: 0/0", 30, [gns])
+    steps = _event("symfast.profile.steps", 5, [net, opt, data, loose, compiled])
     other_thread = _event("aten::mul", 10_000, thread=2)  # overlaps the main thread's time
-    events = [steps, net, tied, conv, opt, data, loose, other_thread]
+    events = [steps, net, tied, conv, opt, data, loose, compiled, gns, other_thread]
     events += net.cpu_children[1:] + opt.cpu_children
     split = split_events(events, wall=1e-3)
     us = {k: round(v * 1e6) for k, v in split.categories.items()}
-    # other: the steps range's own 5 us, the loose add's 10, and the 245 no event covers
-    assert us == {"network layers": 200, "symfast ops": 400, "optimiser": 100,
-                  "data loading": 40, "host overhead/other": 260}
+    # other: the steps range's own 5 us, the loose add's 10, and the 195 no event covers
+    assert us == {"network layers": 230, "symfast ops": 420, "optimiser": 100,
+                  "data loading": 40, "host overhead/other": 210}
     assert sum(split.categories.values()) == pytest.approx(split.wall)
-    assert {k: round(v * 1e6) for k, v in split.ops.items()} == {"tied_conv2d": 400}
-    assert split.op_events == {"tied_conv2d": 1}
+    assert {k: round(v * 1e6) for k, v in split.ops.items()} == {
+        "tied_conv2d": 400, "symfast::group_norm_silu": 20}
+    assert split.op_events == {"tied_conv2d": 1, "symfast::group_norm_silu": 1}
     assert set(split.categories) == set(CATEGORIES)
 
 

@@ -2,8 +2,8 @@
 
 Time is split into categories that add up to the wall time of the profiled steps:
 
-- network layers: the network's forward (a ``symfast.profile.network`` range around it) and the
-  autograd backward;
+- network layers: the network's forward (a ``symfast.profile.network`` range around it, or the
+  compiled region of a compiled network) and the autograd backward;
 - symfast ops: every public op runs under ``record_function("symfast.<op>")`` (see
   ``symfast._backend.profiled``); compiled code shows the custom ops, ``symfast::<name>``;
 - optimiser: ``Optimizer.*`` ranges (torch adds them) and the EMA update;
@@ -108,6 +108,10 @@ def _category(name: str) -> str | None:
     if name.startswith("Optimizer."):
         return "optimiser"
     if name.startswith("autograd::engine::evaluate_function"):
+        return "network layers"
+    if name.startswith("Torch-Compiled Region"):
+        # the jobs compile only the network (train --compile); dynamo drops the range around
+        # its forward, and the compiled code of a symfast op inside still names the op
         return "network layers"
     return None
 
@@ -474,9 +478,14 @@ def profile_op(out: str | os.PathLike, op: str, *, size: str = "small", dtype: s
     folder = _folder(out)
     case = cases.make_case(op, size, timing.DTYPES[dtype], dev)
     fn = case.function(backend)
+    label_ = f"symfast.{op}"
 
     def step():
-        with torch.no_grad():
+        # the range names the op for every backend: under torch.compile the op's own range is
+        # dropped, so the compiled call is reported here (eager calls report themselves)
+        if backend == "compile" and _backend.op_call_sink is not None:
+            _backend.op_call_sink(op, case.args, case.kwargs)
+        with torch.no_grad(), torch.profiler.record_function(label_):
             return fn()
     return profile_steps("op", step, steps, 2, dev, folder)
 
