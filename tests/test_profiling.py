@@ -94,6 +94,18 @@ def test_floor_is_the_larger_of_the_memory_and_compute_floors():
     assert limits.floor_seconds(0.0, 3e10, "bf16") == 3.0
 
 
+
+def test_op_calls_sum_costs_per_op_and_keep_the_dtype():
+    from symfast.profiling.trace import OpCalls
+
+    calls = OpCalls()
+    x = torch.zeros(2, 1, 4, 4, dtype=torch.float16)  # 32 values
+    calls("orbit", (x, "d4"), {})
+    calls("orbit", (x, "c4"), {"backend": "reference"})
+    calls("orbit", (), {})  # arguments that do not bind: counted, no cost
+    assert calls.calls == {"orbit": 3} and calls.dtype == {"orbit": "fp16"}
+    assert calls.cost["orbit"].bytes == (9 + 5) * 32 * 2
+
 def test_ops_report_their_calls_only_under_a_profiler(monkeypatch):
     seen = []
     monkeypatch.setattr(_backend, "op_call_sink", lambda op, args, kwargs: seen.append(op))

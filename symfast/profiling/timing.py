@@ -180,18 +180,26 @@ class MachineLimits:
                 **{f"gemm_{k}_GFLOPs": v / 1e9 for k, v in self.gemm_flops_per_s.items()}}
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # what `bench all` sweeps
+# what a profile may meet and measure a GEMM roof for
+LIMIT_DTYPES = {**DTYPES, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"fp32", "bf16", "fp16" or "fp64" (other dtypes: "fp32", the roof they are measured by)."""
+    return next((k for k, v in LIMIT_DTYPES.items() if v == dtype), "fp32")
 
 
 def measure_limits(device: torch.device | str | None = None, dtypes: Sequence[str] = ("fp32",),
                    quick: bool = False) -> MachineLimits:
-    """Copy bandwidth and GEMM throughput of ``device`` in each of ``dtypes`` ("fp32", "bf16")."""
+    """Copy bandwidth and GEMM throughput of ``device`` in each of ``dtypes`` (names of
+    LIMIT_DTYPES: "fp32", "bf16", "fp16", "fp64")."""
     device = torch.device(device or "cpu")
     big = device.type == "cuda"
     nbytes = (1024 if big else (64 if quick else 256)) * 2**20
     bandwidth = copy_bandwidth(nbytes, repeats=5 if quick else 15, device=device)
     n = 8192 if big else (512 if quick else 1024)
-    gemm = {name: gemm_throughput(n, DTYPES[name], repeats=3 if quick else 10, device=device)
+    gemm = {name: gemm_throughput(n, LIMIT_DTYPES[name], repeats=3 if quick else 10, device=device)
             for name in dtypes}
     return MachineLimits(bandwidth, gemm)
 

@@ -73,7 +73,7 @@ class OpCalls:
             self.cost[op] = self.cost.get(op, costs.Cost(0.0, 0.0)) + cost
         first = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         if first is not None:
-            self.dtype[op] = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(first.dtype, "fp32")
+            self.dtype[op] = timing.dtype_name(first.dtype)
 
 
 @contextlib.contextmanager
@@ -478,14 +478,14 @@ def profile_op(out: str | os.PathLike, op: str, *, size: str = "small", dtype: s
     folder = _folder(out)
     case = cases.make_case(op, size, timing.DTYPES[dtype], dev)
     fn = case.function(backend)
-    label_ = f"symfast.{op}"
+    op_range = f"symfast.{op}"
 
     def step():
         # the range names the op for every backend: under torch.compile the op's own range is
         # dropped, so the compiled call is reported here (eager calls report themselves)
         if backend == "compile" and _backend.op_call_sink is not None:
             _backend.op_call_sink(op, case.args, case.kwargs)
-        with torch.no_grad(), torch.profiler.record_function(label_):
+        with torch.no_grad(), torch.profiler.record_function(op_range):
             return fn()
     return profile_steps("op", step, steps, 2, dev, folder)
 
