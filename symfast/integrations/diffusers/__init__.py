@@ -19,6 +19,11 @@ model outputs and generator the results agree with diffusers to rounding. A time
 - ``discrete``: DDPMScheduler, DDIMScheduler
 - ``sigma``: EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, HeunDiscreteScheduler
 - ``dpm``: DPMSolverMultistepScheduler
+- ``frame_averaging``: ``equivariant(pipe, group="d4")``, frame averaging inside a pipeline, the orbit
+  averaged and the update done by one fused op
+
+``generator=`` of every ``step`` also takes a :class:`PhiloxGenerator` (a seed per sample: the same
+images whatever the batch size, on CPU and GPU alike).
 
 Refused with a ValueError naming the option: DPM-Solver ``use_flow_sigmas``, ``use_dynamic_shifting``
 (and ``mu``), and ``solver_order=3`` with ``algorithm_type='sde-dpmsolver'`` (undefined in diffusers too);
@@ -42,6 +47,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 
 from symfast.integrations.diffusers.discrete import DDIMScheduler, DDPMScheduler
 from symfast.integrations.diffusers.dpm import DPMSolverMultistepScheduler
+from symfast.integrations.diffusers.frame_averaging import LoopAveragedUNet, OrbitUNet, equivariant, orbit_scheduler
+from symfast.integrations._philox import PhiloxGenerator
 from symfast.integrations.diffusers.sigma import (EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                                                   HeunDiscreteScheduler)
 
@@ -52,4 +59,9 @@ __all__ = [
     "EulerAncestralDiscreteScheduler",
     "HeunDiscreteScheduler",
     "DPMSolverMultistepScheduler",
+    "equivariant",
+    "orbit_scheduler",
+    "OrbitUNet",
+    "LoopAveragedUNet",
+    "PhiloxGenerator",
 ]

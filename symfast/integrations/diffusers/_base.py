@@ -3,7 +3,7 @@ dynamic thresholding, the σ grids, and host lookups of the timestep a caller pa
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -12,6 +12,8 @@ from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, Sch
 from diffusers.utils.torch_utils import randn_tensor
 
 from symfast import schedules
+from symfast.integrations._philox import PhiloxGenerator
+from symfast.ops.fused_step import StepCoefficients
 
 PUBLIC_MODULE = "symfast.integrations.diffusers"
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
@@ -39,8 +41,23 @@ def broadcast(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def randn(shape: tuple[int, ...], generator: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Noise drawn by diffusers' own ``randn_tensor``, so a seeded generator gives diffusers' noise."""
+    """Noise drawn by diffusers' own ``randn_tensor``, so a seeded generator gives diffusers' noise;
+    a :class:`~symfast.integrations.PhiloxGenerator` gives its next counter-based draw instead."""
+    if isinstance(generator, PhiloxGenerator):
+        return generator.randn(tuple(shape), dtype, device)
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+class FusedUpdate(NamedTuple):
+    """A step that is linear in the model output, for the fused orbit step (``equivariant``):
+    x_next = a·x + b·x̂0 + c·z with x̂0 = c_skip·x + c_out·(model output), all in ``coefs``;
+    ``draws``: the scheduler's own step draws noise here (so the generator advances alike);
+    ``finish(prev_sample, pred_original_sample, return_dict)`` advances the scheduler's state and
+    builds its output."""
+
+    coefs: StepCoefficients
+    draws: bool
+    finish: Callable[[torch.Tensor, torch.Tensor, bool], Any]
 
 
 class Scheduler(SchedulerMixin, ConfigMixin):
@@ -83,6 +100,12 @@ class Scheduler(SchedulerMixin, ConfigMixin):
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
+
+    def _fused_update(self, timestep: Any, sample: torch.Tensor, kwargs: dict[str, Any]) -> FusedUpdate | None:
+        """This step as a :class:`FusedUpdate`, or None where it is not linear in the model output
+        (clipping, thresholding, learned variances, churn, multistep state): then ``equivariant``
+        averages the orbit and calls ``step``."""
+        return None
 
     # ---- training schedule -----------------------------------------------------------------
 

@@ -17,7 +17,8 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from symfast import schedules
-from symfast.integrations.diffusers._base import Scheduler, check_same_shape, randn
+from symfast.integrations.diffusers._base import FusedUpdate, Scheduler, check_same_shape, randn
+from symfast.ops.fused_step import StepCoefficients
 
 _VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -62,6 +63,18 @@ class _DiscreteScheduler(Scheduler):
 
     def _alpha_prods(self, t: int, prev_t: int, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.alphas_cumprod[t], self.alphas_cumprod[prev_t] if prev_t >= 0 else final
+
+    def _x0_form(self, sqrt_a: float, sqrt_b: float) -> tuple[float, float]:
+        """(c_skip, c_out) with x0 = c_skip·x + c_out·(model output), :meth:`_x0_eps`'s x0."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return 1 / sqrt_a, -sqrt_b / sqrt_a
+        if kind == "sample":
+            return 0.0, 1.0
+        return sqrt_a, -sqrt_b
+
+    def _nonlinear(self) -> bool:
+        return bool(self.config.get("clip_sample", False) or self.config.get("thresholding", False))
 
 
 class DDPMScheduler(_DiscreteScheduler):
@@ -188,6 +201,19 @@ class DDPMScheduler(_DiscreteScheduler):
         self._cache[key] = c
         return c
 
+    def _fused_update(self, timestep: Any, sample: torch.Tensor, kwargs: dict[str, Any]) -> FusedUpdate | None:
+        """x_prev = c_sample·x + c_x0·x̂0 + std·z (z drawn for t > 0)."""
+        if self._nonlinear() or self.variance_type in ("learned", "learned_range") or set(kwargs) - {"generator"}:
+            return None
+        t = self._integer_timestep(timestep)
+        c = self._coefficients(t)
+        c_skip, c_out = self._x0_form(c["sqrt_a"], c["sqrt_b"])
+        coefs = StepCoefficients(c_skip, c_out, c["c_sample"], c["c_x0"], 0.0, 0.0, c["noise_std"] if t > 0 else 0.0)
+
+        def finish(prev: torch.Tensor, x0: torch.Tensor, return_dict: bool) -> DDPMSchedulerOutput | tuple:
+            return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+        return FusedUpdate(coefs, t > 0, finish)
+
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True) -> DDPMSchedulerOutput | tuple:
         """One ancestral step from ``timestep`` to the previous one. model_output, sample: (B, C, H, W)
@@ -268,6 +294,30 @@ class DDIMScheduler(_DiscreteScheduler):
         }
         self._cache[key] = c
         return c
+
+    def _fused_update(self, timestep: Any, sample: torch.Tensor, kwargs: dict[str, Any]) -> FusedUpdate | None:
+        """x_prev = √ᾱ'·x̂0 + c_ε·ε̂ + std·z with ε̂ = (x − √ᾱ·x̂0)/√(1−ᾱ), i.e. a = c_ε/√(1−ᾱ),
+        b = √ᾱ' − c_ε·√ᾱ/√(1−ᾱ) (the same ε̂ diffusers forms, for every prediction type, once x̂0
+        is not clipped)."""
+        if self._nonlinear() or set(kwargs) - {"eta", "use_clipped_model_output", "generator", "variance_noise"}:
+            return None
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is None: call set_timesteps before step")
+        eta = kwargs.get("eta", 0.0)
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        if kwargs.get("variance_noise") is not None and kwargs.get("generator") is not None:
+            raise ValueError("pass only one of generator and variance_noise")
+        c = self._coefficients(self._integer_timestep(timestep), float(eta))
+        sqrt_a, sqrt_b = c["sqrt_a"], c["sqrt_b"]
+        c_skip, c_out = self._x0_form(sqrt_a, sqrt_b)
+        a = c["c_eps"] / sqrt_b
+        coefs = StepCoefficients(c_skip, c_out, a, c["sqrt_a_prev"] - a * sqrt_a, 0.0, 0.0,
+                                 c["std"] if eta > 0 else 0.0)
+
+        def finish(prev: torch.Tensor, x0: torch.Tensor, return_dict: bool) -> DDIMSchedulerOutput | tuple:
+            return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+        return FusedUpdate(coefs, eta > 0, finish)
 
     def step(self, model_output: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor, eta: float = 0.0,
              use_clipped_model_output: bool = False, generator: torch.Generator | None = None,

@@ -17,7 +17,8 @@ from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedule
 from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
 
 from symfast import schedules
-from symfast.integrations.diffusers._base import Scheduler, broadcast, check_same_shape, randn
+from symfast.integrations.diffusers._base import FusedUpdate, Scheduler, broadcast, check_same_shape, randn
+from symfast.ops.fused_step import StepCoefficients
 
 
 def _reject_index(timestep: Any) -> None:
@@ -113,6 +114,27 @@ class _SigmaScheduler(Scheduler):
             return model_output * c_out + sample / c_in2
         return model_output
 
+    def _x0_form(self, sigma: float, c_out: float, c_in2: float) -> tuple[float, float]:
+        """(c_skip, c_out) with x0 = c_skip·x + c_out·(model output), :meth:`_x0_sigma`'s x0."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return 1.0, -sigma
+        if kind == "v_prediction":
+            return 1 / c_in2, c_out
+        return 0.0, 1.0
+
+    def _euler_update(self, i: int, sigma: float, dt: float, c: dict[str, list[float]], noise_std: float,
+                      draws: bool, output: type) -> FusedUpdate:
+        """x + (x − x̂0)/σ·dt + noise_std·z = (1 + dt/σ)·x − (dt/σ)·x̂0 + noise_std·z, then step i + 1."""
+        c_skip, c_out = self._x0_form(sigma, c["c_out"][i], c["c_in2"][i])
+        r = dt / sigma
+        coefs = StepCoefficients(c_skip, c_out, 1 + r, -r, 0.0, 0.0, noise_std)
+
+        def finish(prev: torch.Tensor, x0: torch.Tensor, return_dict: bool) -> Any:
+            self._step_index = i + 1
+            return output(prev_sample=prev, pred_original_sample=x0) if return_dict else (prev, x0)
+        return FusedUpdate(coefs, draws, finish)
+
     @staticmethod
     def _v_coefficients(sigmas: torch.Tensor) -> dict[str, list[float]]:
         return {"c_out": (-sigmas / (sigmas ** 2 + 1) ** 0.5).tolist(), "c_in2": (sigmas ** 2 + 1).tolist()}
@@ -194,6 +216,18 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         self._cache[key] = c
         return c
 
+    def _fused_update(self, timestep: Any, sample: torch.Tensor, kwargs: dict[str, Any]) -> FusedUpdate | None:
+        """Euler without churn at this step (churn adds noise before the model call: not fused)."""
+        if set(kwargs) - {"s_churn", "s_tmin", "s_tmax", "s_noise", "generator"}:
+            return None
+        _reject_index(timestep)
+        i = self._counter_index(timestep)
+        c = self._coefficients(float(kwargs.get("s_churn", 0.0)), float(kwargs.get("s_tmin", 0.0)),
+                               float(kwargs.get("s_tmax", float("inf"))))
+        if c["gamma"][i] > 0:
+            return None
+        return self._euler_update(i, c["sigma_hat"][i], c["dt"][i], c, 0.0, False, EulerDiscreteSchedulerOutput)
+
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
              generator: torch.Generator | None = None,
@@ -242,6 +276,16 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
              **self._v_coefficients(sigma_from)}
         self._cache["coeffs"] = c
         return c
+
+    def _fused_update(self, timestep: Any, sample: torch.Tensor, kwargs: dict[str, Any]) -> FusedUpdate | None:
+        """Euler to σ_down plus σ_up·z (drawn on every step, as ``step`` does)."""
+        if set(kwargs) - {"generator"}:
+            return None
+        _reject_index(timestep)
+        i = self._counter_index(timestep)
+        c = self._coefficients()
+        return self._euler_update(i, self._host_sigmas[i], c["dt"][i], c, c["sigma_up"][i], True,
+                                  EulerAncestralDiscreteSchedulerOutput)
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None,

@@ -1,0 +1,214 @@
+"""symfast's value inside diffusers: equivariant(pipe) (orbit UNet + fused orbit step) and Philox noise."""
+import inspect
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from symfast.groups import get  # noqa: E402
+from symfast.integrations import diffusers as ours  # noqa: E402
+from symfast.integrations.diffusers import frame_averaging as eq_module  # noqa: E402
+
+ATOL = 1e-5  # the issue's bound: max abs diff, fp32
+D4 = get("d4")
+
+
+def _unet(size=8, seed=0):
+    torch.manual_seed(seed)
+    return diffusers.UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+
+
+class _NearDenoiser(torch.nn.Module):
+    """ε ≈ x plus a small untrained UNet: DDIM/DDPM latents stay O(1), as with a trained model, so
+    the 1e-5 bound is checked well above float32's rounding (a bare untrained UNet drives them to ~200)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+        return UNet2DOutput(sample=x + 0.1 * self.unet(x, t).sample)
+
+
+def _x(batch=2, size=8, seed=1):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _run(unet, scheduler, x, steps=4, generator=None, **step_kwargs):
+    """The loop every diffusers pipeline runs: scale, model, step."""
+    scheduler.set_timesteps(steps)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        out = unet(scheduler.scale_model_input(x, t), t).sample
+        if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+    return x
+
+
+def _max_diff(a, b):
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    return (a.double() - b.double()).abs().max().item()
+
+
+CASES = [  # (scheduler, config, step kwargs, fused)
+    ("DDIMScheduler", {"clip_sample": False}, {}, True),
+    ("DDIMScheduler", {"clip_sample": False, "prediction_type": "v_prediction"}, {"eta": 0.5}, True),
+    ("DDPMScheduler", {"clip_sample": False}, {}, True),
+    ("DDPMScheduler", {"clip_sample": False, "prediction_type": "sample", "variance_type": "fixed_large"}, {}, True),
+    ("EulerDiscreteScheduler", {}, {}, True),
+    ("EulerAncestralDiscreteScheduler", {"prediction_type": "v_prediction"}, {}, True),
+    ("DDIMScheduler", {"clip_sample": True}, {}, False),  # clipping x̂0: averaged, then the plain step
+    ("HeunDiscreteScheduler", {}, {}, False),
+    ("DPMSolverMultistepScheduler", {}, {}, False),
+]
+
+
+@pytest.mark.parametrize("name,config,step_kwargs,fused", CASES)
+def test_equivariant_step_equals_python_loop_over_the_group(name, config, step_kwargs, fused, monkeypatch):
+    """OrbitUNet + orbit scheduler == a Python loop of 8 UNet calls averaged, then the scheduler's
+    step; the fused path is the one taken where the step is linear in the model output."""
+    unet, x = _NearDenoiser(_unet()), _x()
+    plain = getattr(diffusers, name).from_config(config)
+    calls = {"fused_step": 0, "orbit_mean": 0}
+    for op in calls:
+        real = getattr(eq_module, op)
+        monkeypatch.setattr(eq_module, op, lambda *a, _real=real, _op=op, **k: (calls.__setitem__(_op, calls[_op] + 1),
+                                                                              _real(*a, **k))[1])
+    mine = _run(eq_module.OrbitUNet(unet, D4), ours.orbit_scheduler(plain, D4), x,
+                generator=torch.Generator().manual_seed(5), **dict(step_kwargs))
+    theirs = _run(ours.LoopAveragedUNet(unet, D4), plain, x, generator=torch.Generator().manual_seed(5),
+                  **dict(step_kwargs))
+    assert _max_diff(mine, theirs) <= ATOL
+    assert (calls["fused_step"] > 0, calls["orbit_mean"] > 0) == (fused, not fused)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_ode_scheduler_images_are_equivariant(name):
+    unet, x = _NearDenoiser(_unet()), _x()
+    unet_orbit = eq_module.OrbitUNet(unet, D4)
+    config = {"clip_sample": False}
+    sched = ours.orbit_scheduler(getattr(diffusers, name).from_config(config), D4)
+    base = _run(unet_orbit, sched, x)
+    for k in range(1, len(D4)):
+        moved = _run(unet_orbit, sched, D4.act(x, k))
+        assert _max_diff(moved, D4.act(base, k)) <= ATOL, k
+    # and the test can fail: a plain UNet is not equivariant
+    plain = getattr(diffusers, name).from_config(config)
+    assert _max_diff(_run(unet, plain, D4.act(x, 1)), D4.act(_run(unet, plain, x), 1)) > 1e-3
+
+
+@pytest.mark.parametrize("pipeline", ["DDIMPipeline", "DDPMPipeline"])
+def test_equivariant_pipeline_matches_the_loop_pipeline(pipeline):
+    unet = _unet()
+    sched = diffusers.DDIMScheduler(clip_sample=False) if pipeline == "DDIMPipeline" else \
+        diffusers.DDPMScheduler(clip_sample=False, num_train_timesteps=20)
+    cls = getattr(diffusers, pipeline)
+    pipe = ours.equivariant(cls(unet=unet, scheduler=sched), "d4")
+    loop = cls(unet=ours.LoopAveragedUNet(unet, D4), scheduler=sched)
+    # what pipelines read off the unet comes through the wrapper
+    assert pipe.unet.config is unet.config and pipe.unet.dtype == torch.float32
+    assert pipe.device == torch.device("cpu") and pipe.unet.config.sample_size == 8
+    for p in (pipe, loop):
+        p.set_progress_bar_config(disable=True)
+    kwargs = {"batch_size": 2, "num_inference_steps": 4, "output_type": "pt"}
+    a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    b = loop(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert a.shape == (2, 3, 8, 8) and _max_diff(a, b) <= ATOL
+    assert a.std() > 0.01  # not a clamped-flat image that any two runs would agree on
+
+
+def test_orbit_unet_chunks_and_per_sample_arguments():
+    unet, x = _unet(), _x(batch=3)
+    t = torch.tensor([10, 500, 900])
+    one = eq_module.OrbitUNet(unet, D4)(x, t).sample
+    three = eq_module.OrbitUNet(unet, D4, chunks=3)(x, t).sample
+    assert one.shape == (24, 3, 8, 8) and _max_diff(one, three) <= ATOL
+    with torch.no_grad():  # block k is unet(g_k x) with each sample's own timestep
+        assert _max_diff(one[6:9], unet(D4.act(x, 2), t).sample) <= ATOL
+
+
+def test_bad_inputs_raise_clear_errors():
+    unet = _unet()
+    pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler())
+    with pytest.raises(TypeError, match="pipe"):
+        ours.equivariant(object())
+    with pytest.raises(ValueError, match="unknown group"):
+        ours.equivariant(pipe, "d5")
+    with pytest.raises(ValueError, match="chunks"):
+        ours.equivariant(pipe, chunks=0)
+    ours.equivariant(pipe)
+    with pytest.raises(ValueError, match="already"):
+        ours.equivariant(pipe)
+    with pytest.raises(TypeError, match="unet"):
+        eq_module.OrbitUNet(object())
+    with pytest.raises(TypeError, match="scheduler"):
+        ours.orbit_scheduler(object())
+    pipe.scheduler.set_timesteps(4)
+    x = _x()
+    with pytest.raises(ValueError, match="orbit output"):
+        pipe.scheduler.step(torch.zeros_like(x), pipe.scheduler.timesteps[0], x)
+
+
+# ---- Philox noise: a seed per sample ---------------------------------------------------------
+
+def _philox_run(unet_fn, sched, seeds, steps=4):
+    gen = ours.PhiloxGenerator(seeds)
+    x = gen.latents((len(seeds), 3, 8, 8))
+    return _run(unet_fn, sched, x, steps=steps, generator=gen)
+
+
+def _toy(x, t):
+    """A per-sample model (batch-invariant to the bit, unlike a batched conv), so the test sees the noise."""
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+    return UNet2DOutput(sample=torch.tanh(x.flip(-1) * 0.7 + 0.001 * t.float()))
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler"])
+@pytest.mark.parametrize("orbit", [False, True])
+def test_philox_seed_per_sample_gives_the_same_images_whatever_the_batch(name, orbit):
+    config = {"clip_sample": False, "num_train_timesteps": 50}
+    seeds = [11, 12, 13, 14]
+    kwargs = {"eta": 1.0} if name == "DDIMScheduler" else {}
+
+    def run(s):
+        sched = getattr(ours, name).from_config(config)
+        if orbit:  # the noise is drawn inside the fused op
+            return _run(eq_module.OrbitUNet(_toy, D4), ours.orbit_scheduler(sched, D4),
+                        ours.PhiloxGenerator(s).latents((len(s), 3, 8, 8)), generator=ours.PhiloxGenerator(s),
+                        **kwargs)
+        return _run(_toy, sched, ours.PhiloxGenerator(s).latents((len(s), 3, 8, 8)),
+                    generator=ours.PhiloxGenerator(s), **kwargs)
+
+    four = run(seeds)
+    assert torch.equal(four, torch.cat([run(seeds[:2]), run(seeds[2:])]))
+    assert torch.equal(four, torch.cat([run([s]) for s in seeds]))
+    assert not torch.equal(four[0], four[1])
+    other = run([11, 12, 13, 99])  # the noise is used: another seed changes that sample only
+    assert torch.equal(other[:3], four[:3]) and not torch.equal(other[3], four[3])
+
+
+def test_philox_generator_in_the_fused_step_equals_the_scheduler_draws():
+    """The same Philox numbers whether drawn by the scheduler (plain step) or in the fused op."""
+    config = {"clip_sample": False, "num_train_timesteps": 50}
+    seeds = [3, 4]
+    x = ours.PhiloxGenerator(seeds).latents((2, 3, 8, 8))
+    fused = _run(eq_module.OrbitUNet(_toy, D4), ours.orbit_scheduler(ours.DDPMScheduler(**config), D4), x,
+                 generator=ours.PhiloxGenerator(seeds))
+    loop = _run(ours.LoopAveragedUNet(_toy, D4), ours.DDPMScheduler(**config), x,
+                generator=ours.PhiloxGenerator(seeds))
+    assert _max_diff(fused, loop) <= ATOL
+
+
+def test_philox_generator_bad_seeds():
+    with pytest.raises(TypeError, match="seed"):
+        ours.PhiloxGenerator(1.5)
+    with pytest.raises(TypeError, match="seed"):
+        ours.PhiloxGenerator(["a"])
+    with pytest.raises(ValueError, match="shape"):
+        ours.PhiloxGenerator([1]).latents((0, 3))
