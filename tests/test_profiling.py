@@ -92,6 +92,9 @@ def test_floor_is_the_larger_of_the_memory_and_compute_floors():
     assert limits.floor_seconds(1e9, 3e10, "fp32") == 3.0
     # bf16 slower than fp32 (a CPU without bf16 arithmetic): fp32's roof applies
     assert limits.floor_seconds(0.0, 3e10, "bf16") == 3.0
+    best = limits.best_of(timing.MachineLimits(2e9, {"fp32": 5e9, "fp16": 1e11}))
+    assert best.copy_bytes_per_s == 2e9
+    assert best.gemm_flops_per_s == {"fp32": 1e10, "bf16": 5e9, "fp16": 1e11}
 
 
 
@@ -220,9 +223,15 @@ def test_bench_all_writes_the_csv_and_plots(tmp_path, capsys):
     assert reader.fieldnames == COLUMNS
     assert {(r["op"], r["backend"]) for r in rows} == {
         (op, b) for op in ("orbit", "classifier_select") for b in ("reference", "cpu")}
+    orbit_bytes = costs.orbit(torch.empty(8, 3, 32, 32), "d4").bytes  # the small case's input
     for r in rows:
-        assert not r["error"] and float(r["median_ms"]) > 0 and float(r["share_of_limit"]) > 0
+        assert not r["error"] and float(r["median_ms"]) > 0
         assert "threads" in r["machine"] and "(" in r["machine"]  # CPU model (ISA)
+        # the share is the roofline floor over the median time
+        assert float(r["share_of_limit"]) == pytest.approx(
+            float(r["floor_ms"]) / float(r["median_ms"]), rel=1e-4)
+        if r["op"] == "orbit":
+            assert float(r["bytes"]) == orbit_bytes
     assert {r["throughput_unit"] for r in rows if r["op"] == "orbit"} == {"GB/s"}
     assert (out / "plots" / "orbit.png").stat().st_size > 0
     assert "copy_GBps" in json.loads((out / "limits.json").read_text())["limits"]
