@@ -1347,6 +1347,24 @@ def test_fuzz_bad_inputs_raise_clear_errors(backend, op):
     _fuzz(backend, BAD_CASES[op](), body, share=0.5, cheap=True)
 
 
+def test_backend_is_keyword_only_on_every_op():
+    # A positional backend would take the place of an optional argument (stride, temperature,
+    # eps, ...) without error; every op takes it by name only.
+    import inspect
+
+    import symfast.ops as ops
+    for name in ops.__all__:
+        fn = getattr(ops, name)
+        if not callable(fn) or isinstance(fn, type):
+            continue
+        params = inspect.signature(fn).parameters
+        if "backend" in params:
+            assert params["backend"].kind is inspect.Parameter.KEYWORD_ONLY, name
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(TypeError):
+        ops.orbit(x, "d4", "cpu")
+
+
 # ---------------------------------------------------------------------------------------------
 # defects the fuzzing found: minimal reproductions, strict xfail where the op is wrong (a fix
 # turns them into XPASS, which fails the run: then drop the mark, and the exclusion in the fuzz)

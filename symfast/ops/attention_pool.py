@@ -138,7 +138,7 @@ _attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
 @_backend.profiled("attention_pool")
 def attention_pool(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embedding: torch.Tensor,
                    keys: torch.Tensor, query: torch.Tensor, mask_padding: bool = True,
-                   return_weights: bool = False, backend: str | None = None):
+                   return_weights: bool = False, *, backend: str | None = None):
     """Attention pooling with one global query (Lu, Mao, Nayak, ICLR 2021).
 
     pooled (B, d) = Σ_j softmax_j(queryᵀ keys[tokens[b, j]]) · embedding[tokens[b, j]].

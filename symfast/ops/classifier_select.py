@@ -139,7 +139,7 @@ def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
 
 @_backend.profiled("classifier_select")
 def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
-                      weight: torch.Tensor, bias: torch.Tensor, temperature: float = 1.0,
+                      weight: torch.Tensor, bias: torch.Tensor, temperature: float = 1.0, *,
                       backend: str | None = None) -> torch.Tensor:
     """Attention over K classifiers: logits (B, C) =
     Σ_k softmax_k((gate_weight h + gate_bias)/temperature) · (weight_k h + bias_k).

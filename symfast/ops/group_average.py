@@ -98,7 +98,7 @@ def _tables(t: torch.Tensor, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @_backend.profiled("orbit")
-def orbit(x: torch.Tensor, group: Group | str, backend: str | None = None) -> torch.Tensor:
+def orbit(x: torch.Tensor, group: Group | str, *, backend: str | None = None) -> torch.Tensor:
     """The orbit of a batch: x (B, ...) -> (|G|·B, ...), element-major (block k is g_k x).
 
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for x's device.
@@ -119,7 +119,7 @@ def orbit(x: torch.Tensor, group: Group | str, backend: str | None = None) -> to
 
 
 @_backend.profiled("orbit_mean")
-def orbit_mean(y: torch.Tensor, group: Group | str, backend: str | None = None) -> torch.Tensor:
+def orbit_mean(y: torch.Tensor, group: Group | str, *, backend: str | None = None) -> torch.Tensor:
     """Average over the orbit: y (|G|·B, ...) -> (B, ...) = 1/|G| Σ_k g_k⁻¹ y_k, where
     y_k = y[k·B:(k+1)·B] (the layout :func:`orbit` produces)."""
     group = get(group)

@@ -121,7 +121,7 @@ def _check(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torc
 @_backend.profiled("group_norm_silu")
 def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None = None,
                     bias: torch.Tensor | None = None, eps: float = 1e-5,
-                    shift: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                    shift: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
     """z = silu(group_norm(x + shift[:, :, None, ...], groups, weight, bias, eps)), in one pass
     over memory forward and one backward (the paper's code takes three forward, with the shift).
 

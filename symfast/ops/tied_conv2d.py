@@ -145,7 +145,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, orb
 @_backend.profiled("tied_conv2d")
 def tied_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 kernel_size: int | tuple[int, int], group: Group | str,
-                stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0,
+                stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] = 0, *,
                 backend: str | None = None) -> torch.Tensor:
     """Convolution with a ``group``-invariant kernel stored as one value per kernel orbit.
 
