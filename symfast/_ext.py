@@ -8,10 +8,11 @@ import logging
 import os
 from pathlib import Path
 
+from symfast._build import compile_flags, link_flags
+
 logger = logging.getLogger("symfast")
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc" / "cpu"
-_FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
 
 # Why each op's CPU kernel is unavailable, for `symfast info` and error messages.
 load_errors: dict[str, str] = {}
@@ -52,15 +53,14 @@ def load_cpu_kernels(op: str) -> bool:
     try:
         from torch.utils.cpp_extension import load
 
-        extra = ["-march=native"] if os.environ.get("SYMFAST_NATIVE") == "1" else []
         logger.warning("symfast: building the CPU kernel %r with torch.utils.cpp_extension "
                        "(compiled on first use, then loaded from its cache)", op)
         load(
             name=f"_cpu_{op}",
             sources=[str(source)],
             extra_include_paths=[str(_CSRC)],
-            extra_cflags=_FLAGS + extra,
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=compile_flags(),
+            extra_ldflags=link_flags(),
             is_python_module=True,
             verbose=False,
         )

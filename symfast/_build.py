@@ -1,0 +1,29 @@
+"""How the C++ CPU kernels are built: the op list and compiler flags, written once.
+
+Read by setup.py (with runpy, before symfast or torch can be imported) and by symfast/_ext.py
+(the compile on first use), so the two builds cannot drift apart. Imports nothing but os.
+"""
+import os
+
+# One module per op, symfast._cpu_<op>, from csrc/cpu/<op>.cpp.
+CPU_OPS = ("group_average", "fused_step", "tied_conv2d", "attention_pool", "classifier_select",
+           "group_norm_silu")
+
+# Portable: hot loops pick AVX2+FMA at load time by function multi-versioning (symfast_module.h).
+FLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"]
+# SYMFAST_SANITIZE=1 (csrc/sanitize.sh): AddressSanitizer + UBSan, frame pointers for stacks.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
+
+
+def _sanitize() -> list[str]:
+    return SANITIZE_FLAGS if os.environ.get("SYMFAST_SANITIZE") == "1" else []
+
+
+def compile_flags() -> list[str]:
+    """FLAGS, plus -march=native when SYMFAST_NATIVE=1 (a build for this CPU only) and the
+    sanitizers when SYMFAST_SANITIZE=1."""
+    return FLAGS + (["-march=native"] if os.environ.get("SYMFAST_NATIVE") == "1" else []) + _sanitize()
+
+
+def link_flags() -> list[str]:
+    return ["-fopenmp"] + _sanitize()
