@@ -184,3 +184,108 @@ def test_bad_inputs_raise_clear_errors():
         ours.get_sigmas_karras(0, 0.1, 1.0)
     with pytest.raises(TypeError, match="tensors"):
         ours.sample_euler(model, x, [1.0, 0.0], disable=True)
+
+
+# ---- group= and seed=: the samplers on symfast's sampler core ------------------------------------
+
+from symfast.groups import get as _get_group  # noqa: E402
+
+D4 = _get_group("d4")
+ATOL = 1e-5  # the issue's bound: max abs diff, fp32
+
+
+def _loop_averaged(model):
+    """The plain frame average, a Python loop over the 8 elements: 1/|G| Σ g_k⁻¹ D(g_k x)."""
+    def averaged(x, sigma, **extra):
+        outs = [D4.act(model(D4.act(x, k), sigma, **extra), D4.inverse(k)) for k in range(len(D4))]
+        return sum(outs) / len(D4)
+    return averaged
+
+
+CORE_CASES = [
+    ("sample_euler", {}),
+    ("sample_heun", {}),
+    ("sample_dpmpp_2m", {}),
+    ("sample_euler_ancestral", {"eta": 0.6, "s_noise": 0.95}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", CORE_CASES)
+def test_group_equals_the_eager_loop_over_the_group(name, kwargs):
+    model, sigmas = _Denoiser(), ours.get_sigmas_karras(6, 0.05, 5.0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    if name == "sample_euler_ancestral":  # the same Philox noise on both sides
+        mine = getattr(ours, name)(model, x, sigmas, extra_args={"scale": 0.9}, disable=True, group="d4",
+                                   noise_sampler=ours.PhiloxGenerator([1, 2]).noise_sampler(x), **kwargs)
+        kwargs = dict(kwargs, noise_sampler=ours.PhiloxGenerator([1, 2]).noise_sampler(x))
+    else:
+        mine = getattr(ours, name)(model, x, sigmas, extra_args={"scale": 0.9}, disable=True, group="d4", **kwargs)
+    theirs = getattr(ours, name)(_loop_averaged(model), x, sigmas, extra_args={"scale": 0.9}, disable=True, **kwargs)
+    assert (mine - theirs).abs().max().item() <= ATOL
+    # the test can fail: without the average the model is not equivariant
+    plain = getattr(ours, name)(model, x, sigmas, extra_args={"scale": 0.9}, disable=True, **kwargs)
+    assert (plain - theirs).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["sample_heun", "sample_dpmpp_2m"])
+def test_group_makes_ode_samplers_equivariant(name):
+    model, sigmas = _Denoiser(), ours.get_sigmas_karras(5, 0.05, 5.0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * sigmas[0]
+    base = getattr(ours, name)(model, x, sigmas, disable=True, group="d4")
+    for k in range(1, len(D4)):
+        moved = getattr(ours, name)(model, D4.act(x, k), sigmas, disable=True, group="d4")
+        assert (moved - D4.act(base, k)).abs().max().item() <= ATOL
+
+
+def _per_sample_denoiser(x, sigma):
+    """Elementwise ops and a roll within each sample: the same bits in any batch (a batched conv
+    need not be), so these tests see the noise alone."""
+    s = sigma.reshape(-1, 1, 1, 1)
+    return x / (1 + s ** 2) + torch.tanh(x.roll(1, -1)) * s / (1 + s ** 2)
+
+
+@pytest.mark.parametrize("name, kwargs", [("sample_euler_ancestral", {}),
+                                          ("sample_heun", {"s_churn": 2.0}),
+                                          ("sample_euler", {"s_churn": 2.0})])
+def test_seed_per_sample_gives_the_same_images_whatever_the_batch(name, kwargs):
+    model, sigmas = _per_sample_denoiser, ours.get_sigmas_karras(5, 0.05, 5.0)
+    seeds = [21, 22, 23, 24]
+
+    def run(s, **extra):
+        x = ours.PhiloxGenerator(s).latents((len(s), 3, 8, 8)) * sigmas[0]
+        return getattr(ours, name)(model, x, sigmas, disable=True, seed=s, **kwargs, **extra)
+
+    for extra in ({}, {"group": "d4"}):
+        four = run(seeds, **extra)
+        assert torch.equal(four, torch.cat([run(seeds[:2], **extra), run(seeds[2:], **extra)]))
+        assert torch.equal(four, torch.cat([run([s], **extra) for s in seeds]))
+        other = run([21, 22, 23, 99], **extra)  # the noise is used
+        assert torch.equal(other[:3], four[:3]) and not torch.equal(other[3], four[3])
+
+
+def test_philox_noise_sampler_on_the_eager_path_is_batch_invariant():
+    model, sigmas = _per_sample_denoiser, ours.get_sigmas_karras(5, 0.05, 5.0)
+    seeds = [5, 6, 7, 8]
+
+    def run(s):
+        gen = ours.PhiloxGenerator(s)
+        x = gen.latents((len(s), 3, 8, 8)) * sigmas[0]
+        return ours.sample_euler_ancestral(model, x, sigmas, disable=True, noise_sampler=gen.noise_sampler(x))
+
+    four = run(seeds)
+    assert torch.equal(four, torch.cat([run(seeds[:2]), run(seeds[2:])]))
+    assert torch.equal(four, torch.cat([run([s]) for s in seeds]))
+
+
+def test_group_and_seed_bad_inputs():
+    model, sigmas = _Denoiser(), ours.get_sigmas_karras(3, 0.05, 5.0)
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="unknown group"):
+        ours.sample_euler(model, x, sigmas, disable=True, group="d5")
+    with pytest.raises(ValueError, match="seed= or noise_sampler="):
+        ours.sample_euler_ancestral(model, x, sigmas, disable=True, seed=[1, 2],
+                                    noise_sampler=lambda s, n: torch.randn_like(x))
+    with pytest.raises(ValueError, match="2 samples|entries"):
+        ours.sample_heun(model, x, sigmas, disable=True, seed=[1, 2, 3], s_churn=1.0)
+    with pytest.raises(ValueError, match="square|H == W"):
+        ours.sample_dpmpp_2m(model, torch.randn(2, 3, 8, 6), sigmas, disable=True, group="d4")

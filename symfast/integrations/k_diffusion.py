@@ -9,6 +9,15 @@ there, with 0-d tensor arithmetic in the σ table's dtype in k-diffusion's order
 CPU transcendentals are not correctly rounded, so this is what reproduces k-diffusion to rounding);
 the loop does elementwise tensor math with those Python floats and never reads a device tensor.
 
+With ``group=`` (frame averaging: the model runs on the whole orbit in one batched call and the fused
+step op averages its outputs) or ``seed=`` (Philox noise: one int per sample gives the same images
+whatever the batch; see :class:`symfast.integrations.PhiloxGenerator`), a sampler runs on symfast's
+sampler core instead, ``symfast.samplers.loops`` (each step's elementwise work one
+``symfast::fused_step`` op, coefficients in float64 on the host): the same method, equal to this
+module's eager loop to float32 rounding rather than to the bit. Without them the loops below keep
+k-diffusion's arithmetic; both take churn γ, the ancestral split and the DPM-Solver++(2M) terms from
+``symfast.samplers._core``.
+
 One deliberate difference: k-diffusion's Euler/Heun draw ``randn_like(x)`` on every step even when
 ``s_churn == 0`` makes that noise unused, and Euler ancestral draws noise when ``eta == 0``; these
 draw only when the noise can change the result, so outputs match but the global RNG state afterwards
@@ -16,12 +25,17 @@ may differ in those cases.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import trange
 
-__all__ = ["get_sigmas_karras", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m"]
+from symfast.groups import Group, get
+from symfast.integrations._philox import PhiloxGenerator, repeat_for_orbit
+from symfast.samplers._core import ancestral_split, churn_gamma, churn_levels, dpmpp_2m, pow_half
+
+__all__ = ["get_sigmas_karras", "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m",
+           "PhiloxGenerator"]
 
 
 def get_sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
@@ -65,19 +79,83 @@ def _denoise(model: Callable, x: torch.Tensor, sigma: float, s_in: torch.Tensor,
     return denoised
 
 
+class _OrbitDenoiser:
+    """A k-diffusion model D(x, σ) -> x̂0 in symfast's sampler-core interface (``step``, as
+    :class:`symfast.Denoiser`): the model on the orbit of x in one batched call (extra arguments
+    with a batch dim tiled along), then one fused step op averages the outputs and updates x."""
+
+    group = None  # no noise transform: NoiseSource reads this
+
+    def __init__(self, model: Callable, extra_args: dict, group: Group | None):
+        self.model, self.extra_args, self.orbit_group = model, extra_args, group
+
+    def step(self, x: torch.Tensor, sigma: float, a: float, b: float, *, p: float = 0.0, q: float = 0.0,
+             c: float = 0.0, u: torch.Tensor | None = None, v: torch.Tensor | None = None,
+             noise: dict[str, Any] | None = None, return_denoised: bool = True):
+        from symfast.ops.fused_step import StepCoefficients, fused_step
+        from symfast.ops.group_average import orbit
+        group, batch = self.orbit_group, x.shape[0]
+        order = len(group) if group is not None else 1
+        xs = orbit(x, group) if group is not None else x
+        extra = repeat_for_orbit(self.extra_args, batch, order)
+        y = _denoise(self.model, xs, sigma, xs.new_ones([xs.shape[0]]), extra)
+        # the model is D itself: x̂0 = 0·x + 1·(orbit average of its outputs)
+        return fused_step(x, y.to(x.dtype), StepCoefficients(0.0, 1.0, a, b, p, q, c), group, u=u, v=v,
+                          return_denoised=return_denoised, **(noise or {}))
+
+
+def _sampler_noise(x: torch.Tensor, sigmas: torch.Tensor, seed: Any, noise_sampler: Callable | None):
+    from symfast.samplers._noise import NoiseSource
+
+    class _FromSampler(NoiseSource):
+        """k-diffusion's noise_sampler(σ_i, σ_{i+1}) as the noise of step i + 1."""
+
+        def kwargs(self, i: int) -> dict[str, Any]:
+            return {"noise": self.draw(i)}
+
+        def draw(self, i: int) -> torch.Tensor:
+            return noise_sampler(sigmas[i - 1], sigmas[i])
+
+    if noise_sampler is not None:
+        if seed is not None:
+            raise ValueError("pass seed= or noise_sampler=, not both")
+        return _FromSampler(x, seed=0)
+    return NoiseSource(x, seed=0 if seed is None else seed)
+
+
+def _on_core(name: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None,
+             callback: Callable | None, disable: bool | None, group: Group | str | None, seed: Any,
+             noise_sampler: Callable | None = None, **options: Any) -> torch.Tensor:
+    """Run ``name`` on symfast's sampler core (symfast.samplers.loops): fused steps, frame averaging
+    over ``group``, Philox noise keyed by ``seed`` (default 0)."""
+    from symfast.samplers import loops
+    host = _host_sigmas(x, sigmas)
+    if name == "dpmpp_2m" and (host[:-1] <= 0).any():
+        raise ValueError(f"sigmas must be > 0 except the last, got {host.tolist()}")
+    group = get(group) if group is not None else None
+    if group is not None:
+        group.check_input(x)
+    denoiser = _OrbitDenoiser(model, {} if extra_args is None else extra_args, group)
+    noise = _sampler_noise(x, sigmas, seed, noise_sampler)
+    return loops.SAMPLERS[name](denoiser, x, host.double().numpy(), noise, callback=callback,
+                                progress=not disable, **options)
+
+
 def _churn_tables(host: torch.Tensor, s_churn: float, s_tmin: float, s_tmax: float
                   ) -> tuple[list[float], list[float], list[float]]:
     """Per step: γ_i, σ̂_i = σ_i (γ_i + 1) and the churn noise scale √(σ̂_i² − σ_i²) (Karras Alg. 2)."""
     n = len(host) - 1
-    gammas = [min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= s <= s_tmax else 0.0 for s in host[:-1].tolist()]
-    sigma_hat = torch.stack([host[i] * (g + 1) for i, g in enumerate(gammas)])
-    churn = (sigma_hat ** 2 - host[:-1] ** 2) ** 0.5
-    return gammas, sigma_hat.tolist(), churn.tolist()
+    gammas = [churn_gamma(s, n, s_churn, s_tmin, s_tmax) for s in host[:-1].tolist()]
+    levels = [churn_levels(host[i], g, pow_half) for i, g in enumerate(gammas)]
+    return gammas, [float(h) for h, _ in levels], [float(c) for _, c in levels]
 
 
 def _karras_loop(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None,
                  callback: Callable | None, disable: bool | None, s_churn: float, s_tmin: float, s_tmax: float,
-                 s_noise: float, heun: bool) -> torch.Tensor:
+                 s_noise: float, heun: bool, group: Group | str | None = None, seed: Any = None) -> torch.Tensor:
+    if group is not None or seed is not None:
+        return _on_core("heun" if heun else "euler", model, x, sigmas, extra_args, callback, disable, group, seed,
+                        s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     extra_args = {} if extra_args is None else extra_args
     host = _host_sigmas(x, sigmas)
     gammas, sigma_hat, churn = _churn_tables(host, s_churn, s_tmin, s_tmax)
@@ -109,42 +187,50 @@ def _karras_loop(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_a
 @torch.no_grad()
 def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                  callback: Callable | None = None, disable: bool | None = None, s_churn: float = 0.0,
-                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
+                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, *,
+                 group: Group | str | None = None, seed: Any = None) -> torch.Tensor:
     """Euler steps on the probability-flow ODE with optional churn (Karras et al. 2022, Alg. 2).
-    x: (B, ...) noise at sigmas[0]; returns the sample at sigmas[-1]."""
-    return _karras_loop(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, heun=False)
+    x: (B, ...) noise at sigmas[0]; returns the sample at sigmas[-1]. ``group``, ``seed``: run on
+    symfast's sampler core (module docstring)."""
+    return _karras_loop(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise,
+                        heun=False, group=group, seed=seed)
 
 
 @torch.no_grad()
 def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                 callback: Callable | None = None, disable: bool | None = None, s_churn: float = 0.0,
-                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
+                s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, *,
+                group: Group | str | None = None, seed: Any = None) -> torch.Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 2), Euler on the last step to σ = 0.
-    x: (B, ...) noise at sigmas[0]; returns the sample at sigmas[-1]."""
-    return _karras_loop(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise, heun=True)
+    x: (B, ...) noise at sigmas[0]; returns the sample at sigmas[-1]. ``group``, ``seed``: run on
+    symfast's sampler core (module docstring)."""
+    return _karras_loop(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise,
+                        heun=True, group=group, seed=seed)
 
 
 @torch.no_grad()
 def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                            callback: Callable | None = None, disable: bool | None = None, eta: float = 1.0,
-                           s_noise: float = 1.0, noise_sampler: Callable | None = None) -> torch.Tensor:
+                           s_noise: float = 1.0, noise_sampler: Callable | None = None, *,
+                           group: Group | str | None = None, seed: Any = None) -> torch.Tensor:
     """Ancestral sampling with Euler steps: step down to σ_down, add noise of size σ_up.
-    ``noise_sampler(sigma, sigma_next)`` returns noise shaped like x (default: ``randn_like(x)``)."""
-    extra_args = {} if extra_args is None else extra_args
-    host = _host_sigmas(x, sigmas)
+    ``noise_sampler(sigma, sigma_next)`` returns noise shaped like x (default: ``randn_like(x)``;
+    ``PhiloxGenerator(seeds).noise_sampler(x)`` for a seed per sample). ``group``, ``seed``: run on
+    symfast's sampler core (module docstring)."""
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
+    if group is not None or seed is not None:
+        return _on_core("euler_ancestral", model, x, sigmas, extra_args, callback, disable, group, seed,
+                        noise_sampler, eta=eta, s_noise=s_noise)
+    extra_args = {} if extra_args is None else extra_args
+    host = _host_sigmas(x, sigmas)
     noise_sampler = (lambda sigma, sigma_next: torch.randn_like(x)) if noise_sampler is None else noise_sampler
     sigma = host.tolist()
     n = len(sigma) - 1
     dt, sigma_up = [], []
     for i in range(n):
-        s_from, s_to = host[i], host[i + 1]
-        if not eta:
-            down, up = s_to, 0.0
-        else:
-            up = min(s_to, eta * (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5)
-            down = (s_to ** 2 - up ** 2) ** 0.5
+        s_from = host[i]
+        down, up = ancestral_split(s_from, host[i + 1], eta, pow_half)
         dt.append(float(down - s_from))
         sigma_up.append(float(up))
     s_in = x.new_ones([x.shape[0]])
@@ -161,9 +247,13 @@ def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas: torch.Tenso
 
 @torch.no_grad()
 def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
-                    callback: Callable | None = None, disable: bool | None = None) -> torch.Tensor:
+                    callback: Callable | None = None, disable: bool | None = None, *,
+                    group: Group | str | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) in t = −log σ: a second-order multistep in the data
-    prediction, first order on the first step and on the step to σ = 0."""
+    prediction, first order on the first step and on the step to σ = 0. ``group``: run on symfast's
+    sampler core (module docstring)."""
+    if group is not None:
+        return _on_core("dpmpp_2m", model, x, sigmas, extra_args, callback, disable, group, None)
     extra_args = {} if extra_args is None else extra_args
     host = _host_sigmas(x, sigmas)
     if (host[:-1] <= 0).any():
@@ -173,16 +263,12 @@ def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extr
     t = [-torch.log(s) for s in host]
     ratio, expm1, c_new, c_old = [], [], [], []
     for i in range(n):
-        h = t[i + 1] - t[i]
+        c = dpmpp_2m(t[i - 1] if i > 0 else None, t[i], t[i + 1], torch.expm1)
+        # k-diffusion's ratio σ'/σ is exp(−t')/exp(−t), not the σ table's quotient
         ratio.append(float(torch.exp(-t[i + 1]) / torch.exp(-t[i])))
-        expm1.append(float(torch.expm1(-h)))
-        if i > 0:
-            r = (t[i] - t[i - 1]) / h
-            c_new.append(float(1 + 1 / (2 * r)))
-            c_old.append(float(1 / (2 * r)))
-        else:
-            c_new.append(1.0)
-            c_old.append(0.0)
+        expm1.append(float(c.expm1_neg_h))
+        c_new.append(float(c.c_new))
+        c_old.append(float(c.c_old))
     s_in = x.new_ones([x.shape[0]])
     old_denoised = None
     for i in trange(n, disable=disable):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
+from symfast.samplers._core import ancestral_split, churn_gamma, churn_levels, dpmpp_2m
 from symfast.samplers._noise import NoiseSource
 
 Callback = Callable[[dict], None] | None
@@ -24,14 +25,6 @@ Callback = Callable[[dict], None] | None
 def _report(callback: Callback, x, i, sigma, sigma_hat, denoised) -> None:
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
-
-
-def ancestral_split(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
-    """(σ_down, σ_up) of an ancestral step, k-diffusion's get_ancestral_step."""
-    if sigma_next == 0.0 or eta == 0.0:
-        return sigma_next, 0.0
-    up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
-    return math.sqrt(sigma_next**2 - up**2), up
 
 
 def ddim_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
@@ -48,32 +41,55 @@ def ddim_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, floa
 
 @torch.no_grad()
 def sample_euler(denoiser, x, sigmas: np.ndarray, noise: NoiseSource, callback: Callback = None,
-                 progress: bool = True):
-    """Euler on the probability-flow ODE: x ← x + (σ' − σ)(x − D)/σ."""
-    for i in trange(len(sigmas) - 1, disable=not progress):
+                 progress: bool = True, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = float("inf"), s_noise: float = 1.0):
+    """Euler on the probability-flow ODE, x ← x + (σ' − σ̂)(x − D)/σ̂, with EDM's churn (σ̂ = σ
+    without it)."""
+    return _karras_loop(denoiser, x, sigmas, noise, callback, progress, s_churn, s_tmin, s_tmax, s_noise,
+                        heun=False)
+
+
+def _karras_loop(denoiser, x, sigmas, noise, callback, progress, s_churn, s_tmin, s_tmax, s_noise, heun):
+    """EDM's Algorithm 2: churn to σ̂, then an Euler step, and with ``heun`` the trapezoidal
+    correction (Euler on the last step, to σ = 0)."""
+    n = len(sigmas) - 1
+    for i in trange(n, disable=not progress):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        r = s_next / s
-        x, den = denoiser.step(x, s, r, 1 - r)
-        _report(callback, x, i, s, s, den)
+        gamma = churn_gamma(s, n, s_churn, s_tmin, s_tmax)
+        s_hat, churn_std = churn_levels(s, gamma)
+        if gamma > 0:
+            x = noise.add(x, i + 1, s_noise * churn_std)
+        dt = s_next - s_hat
+        if not heun or s_next == 0.0:
+            r = s_next / s_hat
+            x, den = denoiser.step(x, s_hat, r, 1 - r)
+        else:
+            # stage 1: x2 = x + dt·(x − D)/σ̂
+            x2, den = denoiser.step(x, s_hat, 1 + dt / s_hat, -dt / s_hat)
+            # stage 2: x + dt/2·[(x − D)/σ̂ + (x2 − D2)/σ']
+            h1, h2 = dt / (2 * s_hat), dt / (2 * s_next)
+            x, _ = denoiser.step(x2, s_next, h2, -h2, p=1 + h1, u=x, q=-h1, v=den,
+                                 return_denoised=False)
+        _report(callback, x, i, s, s_hat, den)
     return x
 
 
-def _ancestral_loop(denoiser, x, sigmas, noise, callback, progress, split):
+def _ancestral_loop(denoiser, x, sigmas, noise, callback, progress, split, s_noise=1.0):
     for i in trange(len(sigmas) - 1, disable=not progress):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         down, up = split(s, s_next)
         r = down / s
-        x, den = denoiser.step(x, s, r, 1 - r, c=up, noise=noise.kwargs(i + 1) if up else None)
+        x, den = denoiser.step(x, s, r, 1 - r, c=up * s_noise, noise=noise.kwargs(i + 1) if up else None)
         _report(callback, x, i, s, s, den)
     return x
 
 
 @torch.no_grad()
 def sample_euler_ancestral(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
-                           progress: bool = True, eta: float = 1.0):
-    """Euler ancestral: Euler to σ_down, then noise of std σ_up."""
+                           progress: bool = True, eta: float = 1.0, s_noise: float = 1.0):
+    """Euler ancestral: Euler to σ_down, then noise of std s_noise·σ_up."""
     return _ancestral_loop(denoiser, x, sigmas, noise, callback, progress,
-                           lambda s, n: ancestral_split(s, n, eta))
+                           lambda s, n: ancestral_split(s, n, eta), s_noise)
 
 
 @torch.no_grad()
@@ -122,26 +138,8 @@ def sample_heun(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = No
                 progress: bool = True, s_churn: float = 0.0, s_tmin: float = 0.0,
                 s_tmax: float = float("inf"), s_noise: float = 1.0):
     """EDM's Heun sampler (Karras et al. 2022, Algorithm 2) with stochastic churn."""
-    n = len(sigmas) - 1
-    for i in trange(n, disable=not progress):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
-        s_hat = s * (gamma + 1)
-        if gamma > 0:
-            x = noise.add(x, i + 1, s_noise * math.sqrt(s_hat**2 - s**2))
-        dt = s_next - s_hat
-        if s_next == 0.0:  # Euler for the last step
-            r = s_next / s_hat
-            x, den = denoiser.step(x, s_hat, r, 1 - r)
-        else:
-            # stage 1: x2 = x + dt·(x − D)/σ̂
-            x2, den = denoiser.step(x, s_hat, 1 + dt / s_hat, -dt / s_hat)
-            # stage 2: x + dt/2·[(x − D)/σ̂ + (x2 − D2)/σ']
-            h1, h2 = dt / (2 * s_hat), dt / (2 * s_next)
-            x, _ = denoiser.step(x2, s_next, h2, -h2, p=1 + h1, u=x, q=-h1, v=den,
-                                 return_denoised=False)
-        _report(callback, x, i, s, s_hat, den)
-    return x
+    return _karras_loop(denoiser, x, sigmas, noise, callback, progress, s_churn, s_tmin, s_tmax, s_noise,
+                        heun=True)
 
 
 @torch.no_grad()
@@ -154,14 +152,15 @@ def sample_dpmpp_2m(denoiser, x, sigmas, noise: NoiseSource, callback: Callback 
         if s_next == 0.0:
             x_new, den = denoiser.step(x, s, 0.0, 1.0)
         else:
-            h = math.log(s) - math.log(s_next)
-            phi = -math.expm1(-h)
+            # t = −log σ (negation is exact, so h and r are the same floats as from log σ)
+            t_prev = -math.log(float(sigmas[i - 1])) if old_den is not None else None
+            c = dpmpp_2m(t_prev, -math.log(s), -math.log(s_next))
+            phi = -c.expm1_neg_h
             if old_den is None:
                 x_new, den = denoiser.step(x, s, s_next / s, phi)
             else:
-                r = (math.log(float(sigmas[i - 1])) - math.log(s)) / h
-                x_new, den = denoiser.step(x, s, s_next / s, phi * (1 + 1 / (2 * r)),
-                                           p=-phi / (2 * r), u=old_den)
+                # p = −φ/(2r) rather than −φ·c_old: the same float as before the core was shared
+                x_new, den = denoiser.step(x, s, s_next / s, phi * c.c_new, p=-phi / (2 * c.r), u=old_den)
         x, old_den = x_new, den
         _report(callback, x, i, s, s, den)
     return x

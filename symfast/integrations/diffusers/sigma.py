@@ -19,6 +19,7 @@ from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerO
 from symfast import schedules
 from symfast.integrations.diffusers._base import FusedUpdate, Scheduler, broadcast, check_same_shape, randn
 from symfast.ops.fused_step import StepCoefficients
+from symfast.samplers._core import ancestral_split, churn_gamma, churn_levels, pow_half
 
 
 def _reject_index(timestep: Any) -> None:
@@ -208,10 +209,11 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             return self._cache[key]
         sigmas = self.sigmas
         n = len(sigmas) - 1
-        gammas = [min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= s <= s_tmax else 0.0 for s in self._host_sigmas[:n]]
+        gammas = [churn_gamma(s, n, s_churn, s_tmin, s_tmax) for s in self._host_sigmas[:n]]
         sigma = sigmas[:n]
-        sigma_hat = torch.stack([sigma[i] * (g + 1) for i, g in enumerate(gammas)])
-        c = {"gamma": gammas, "sigma_hat": sigma_hat.tolist(), "churn_std": ((sigma_hat ** 2 - sigma ** 2) ** 0.5).tolist(),
+        levels = [churn_levels(sigma[i], g, pow_half) for i, g in enumerate(gammas)]
+        sigma_hat = torch.stack([h for h, _ in levels])
+        c = {"gamma": gammas, "sigma_hat": sigma_hat.tolist(), "churn_std": [float(std) for _, std in levels],
              "dt": (sigmas[1:] - sigma_hat).tolist(), **self._v_coefficients(sigma)}
         self._cache[key] = c
         return c
@@ -270,8 +272,9 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         if "coeffs" in self._cache:
             return self._cache["coeffs"]
         sigma_from, sigma_to = self.sigmas[:-1], self.sigmas[1:]
-        sigma_up = (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5
-        sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+        # diffusers' float32 ops in its order; the clamp σ_up ≤ σ' (k-diffusion's) changes nothing
+        # unless rounding put σ_up above σ', where diffusers' σ_down would be √(negative) = NaN
+        sigma_down, sigma_up = ancestral_split(sigma_from, sigma_to, 1.0, pow_half, torch.minimum)
         c = {"sigma_up": sigma_up.tolist(), "dt": (sigma_down - sigma_from).tolist(),
              **self._v_coefficients(sigma_from)}
         self._cache["coeffs"] = c
