@@ -114,6 +114,8 @@ def test_equivariant_pipeline_matches_the_loop_pipeline(pipeline):
     # what pipelines read off the unet comes through the wrapper
     assert pipe.unet.config is unet.config and pipe.unet.dtype == torch.float32
     assert pipe.device == torch.device("cpu") and pipe.unet.config.sample_size == 8
+    # pipelines read the step's signature to decide whether to pass eta= and generator=
+    assert "generator" in inspect.signature(pipe.scheduler.step).parameters
     for p in (pipe, loop):
         p.set_progress_bar_config(disable=True)
     kwargs = {"batch_size": 2, "num_inference_steps": 4, "output_type": "pt"}
