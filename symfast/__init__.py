@@ -3,26 +3,33 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from symfast import groups, nn, ops, schedules  # noqa: E402
-from symfast.denoiser import Denoiser  # noqa: E402
-from symfast.samplers import denoise, sample  # noqa: E402
-from symfast.symmetrize import equivariance_error, symmetrize  # noqa: E402
+# Everything is imported on first use (PEP 562): `import symfast` costs nothing beyond itself, so
+# the `symfast` command answers --help without importing torch, and `symfast.train` does not pay
+# for sklearn or safetensors until it is used. `from symfast import Denoiser` works as before.
+_ATTRIBUTES = {
+    "Denoiser": "symfast.denoiser",
+    "sample": "symfast.samplers",
+    "denoise": "symfast.samplers",
+    "symmetrize": "symfast._symmetrize",
+    "equivariance_error": "symfast._symmetrize",
+}
+_MODULES = ("groups", "nn", "ops", "schedules", "models", "data", "integrations",
+            "attention_dynamics", "metrics", "train", "demo", "samplers", "philox", "denoiser",
+            "profiling")
 
 __all__ = ["groups", "nn", "ops", "schedules", "symmetrize", "equivariance_error", "Denoiser", "sample",
            "denoise", "__version__"]
 
-# The documented namespaces that import more (sklearn, safetensors, PIL, ...), reachable as
-# attributes of the package without paying for them in `import symfast`.
-_LAZY = ("models", "data", "integrations", "attention_dynamics", "metrics", "train", "demo",
-         "samplers", "philox", "denoiser")
-
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    import importlib
+
+    if name in _ATTRIBUTES:
+        return getattr(importlib.import_module(_ATTRIBUTES[name]), name)
+    if name in _MODULES:
         return importlib.import_module(f"symfast.{name}")
     raise AttributeError(f"module 'symfast' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_ATTRIBUTES) | set(_MODULES))

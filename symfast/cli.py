@@ -23,8 +23,6 @@ BENCHMARKS = {
     "train": "bench_train.py",
     "sfbd": "bench_sfbd.py",
 }
-CPU_OPS = ("group_average", "fused_step", "tied_conv2d", "attention_pool", "classifier_select",
-           "group_norm_silu")
 
 
 def info() -> int:
@@ -32,6 +30,7 @@ def info() -> int:
 
     import symfast
     from symfast import _backend
+    from symfast._build import CPU_OPS
     from symfast._ext import load_cpu_kernels, load_errors
 
     print(f"symfast {symfast.__version__}")
@@ -87,10 +86,8 @@ def _bench_all(args: list[str]) -> int:
     return 0
 
 
-def _add_profile_flags(sub) -> None:
+def _add_profile_flags(parser: argparse.ArgumentParser) -> None:
     """`symfast profile <job>`: each job's flags, as the job itself takes them."""
-    parser = sub.add_parser("profile", help="a few steps of a job under torch.profiler: where the "
-                                            "time goes, a Chrome trace, tables and a plot")
     jobs = parser.add_subparsers(dest="job", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", default="symfast-profile", help="folder for trace.json, "
@@ -287,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("symfast").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(prog="symfast", description="symfast command line")
     sub = parser.add_subparsers(dest="command", required=True)
+    # The flags of train, sfbd and profile come from config dataclasses that import torch: they
+    # are built only for the command being run, so `symfast --help` (and a typo) answer at once.
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+
+    def flags(name: str, add, sub_parser: argparse.ArgumentParser) -> None:
+        if command == name:
+            add(sub_parser)
     sub.add_parser("info", help="version, torch, and which backends are available (and why not)")
     bench_parser = sub.add_parser("bench", help="run a benchmark script (args are passed on)")
     bench_parser.add_argument("name", choices=sorted(BENCHMARKS) + ["all"],
@@ -294,10 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("args", nargs=argparse.REMAINDER)
     train_parser = sub.add_parser("train", help="train a diffusion model (torchrun -m symfast "
                                                 "train ... for DDP)")
-    _add_train_flags(train_parser)
+    flags("train", _add_train_flags, train_parser)
     sfbd_parser = sub.add_parser("sfbd", help="SFBD: train from noisy images and a few clean ones "
                                               "(torchrun -m symfast sfbd ... to scale out)")
-    _add_sfbd_flags(sfbd_parser)
+    flags("sfbd", _add_sfbd_flags, sfbd_parser)
     sample_parser = sub.add_parser("sample", help="sample a grid of images from a checkpoint")
     _checkpoint_flags(sample_parser)
     sample_parser.add_argument("--n", type=int, default=64)
@@ -315,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     export_parser.add_argument("checkpoint", help="a checkpoint folder or a run folder")
     export_parser.add_argument("out", help="the folder to write")
     export_parser.add_argument("--ema", type=int, default=0, help="which EMA copy (index)")
-    _add_profile_flags(sub)
+    profile_parser = sub.add_parser("profile", help="a few steps of a job under torch.profiler: "
+                                    "where the time goes, a Chrome trace, tables and a plot")
+    flags("profile", _add_profile_flags, profile_parser)
     demo_parser = sub.add_parser("demo", help="sample and denoise digits with the shipped "
                                               "equivariant model (seconds, offline)")
     demo_parser.add_argument("--out", default="symfast-demo", help="folder for the PNGs and summary")

@@ -37,7 +37,7 @@ from symfast.nn.regularizer import equivariance_target
 from symfast.ops.group_average import orbit, orbit_mean
 from symfast.reference.group_average import orbit as reference_orbit
 from symfast.schedules import DDPMSchedule, EDMSchedule, Schedule, VESchedule
-from symfast.symmetrize import _default_chunks, _main_tensor
+from symfast._symmetrize import _default_chunks, _main_tensor
 
 PREDICTIONS = ("eps", "x0", "v", "edm")
 

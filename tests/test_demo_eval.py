@@ -220,6 +220,33 @@ def test_digits_experiment_quick(tmp_path):
     assert (tmp_path / "results" / "digits_d4_quick.png").exists()
 
 
+def test_help_does_not_import_torch():
+    # `symfast --help` (and `symfast` with a typo'd command) answer at once: torch is imported only
+    # by the command that runs
+    code = ("import sys, symfast.cli as c\n"
+            "try:\n    c.main(['--help'])\nexcept SystemExit as e:\n    code = e.code\n"
+            "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "0 False"
+    assert "train" in done.stdout and "demo" in done.stdout and "profile" in done.stdout
+    # a subcommand's own help still lists its flags
+    done = subprocess.run([sys.executable, "-m", "symfast", "train", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "--equivariance" in done.stdout, done.stderr
+
+
+def test_package_attributes_are_the_documented_functions():
+    # symfast.symmetrize is the function whichever module was imported first (a submodule of the
+    # same name would replace it on the package once imported)
+    code = ("import symfast, symfast.nn, symfast.denoiser; from symfast import Denoiser, sample; "
+            "print(symfast.symmetrize.__name__, callable(symfast.symmetrize), "
+            "symfast.equivariance_error.__name__, symfast.sample.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["symmetrize", "True", "equivariance_error", "symfast.samplers.api"]
+
+
 def test_import_is_light_and_the_documented_namespaces_are_reachable():
     """`import symfast` must not import torch._dynamo (4.7 s here) or the lazily reached packages;
     each documented namespace is an attribute of the package."""

@@ -138,7 +138,7 @@ def test_denoiser_parametrisations(prediction):
 
 
 def test_denoiser_group_is_frame_averaging():
-    from symfast.symmetrize import symmetrize
+    from symfast._symmetrize import symmetrize
     net = TinyNet()
     d = Denoiser(net, "x0", EDMSchedule(), group="d4")
     x, sigma = _x(), 1.7

@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 
 from symfast.groups import Group, get
-from symfast.symmetrize import _main_tensor
+from symfast._symmetrize import _main_tensor
 
 
 def act_per_sample(x: torch.Tensor, index: torch.Tensor, group: Group) -> torch.Tensor:
