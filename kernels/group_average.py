@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from symfast.kernels._tables import check_once
+
 _BLOCK = 1024
 
 
@@ -44,9 +46,12 @@ def _acc(t: torch.Tensor):
 
 def _check(inp: torch.Tensor, table: torch.Tensor) -> None:
     n = inp.shape[-1]
-    src = torch.where(table < 0, -table - 1, table)
-    if table.numel() and (src.min() < 0 or src.max() >= n):
-        raise ValueError(f"table holds an index outside [0, {n})")
+
+    def in_range() -> None:
+        src = torch.where(table < 0, -table - 1, table)
+        if table.numel() and (src.min() < 0 or src.max() >= n):
+            raise ValueError(f"table holds an index outside [0, {n})")
+    check_once(table, n, in_range)
 
 
 def orbit(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from symfast.kernels._tables import check_once
+
 _BLOCK = 256
 
 
@@ -76,10 +78,16 @@ def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 def _check_tables(positions: torch.Tensor, offsets: torch.Tensor, kernel_size: tuple[int, int]) -> None:
     kh, kw = kernel_size
-    if positions.numel() and (positions.min() < 0 or positions.max() >= kh * kw):
-        raise ValueError(f"positions holds an index outside the {kh}x{kw} kernel")
-    if offsets[0] != 0 or offsets[-1] != positions.numel() or bool((offsets.diff() < 0).any()):
-        raise ValueError("offsets must rise from 0 to len(positions)")
+
+    def in_range() -> None:
+        if positions.numel() and (positions.min() < 0 or positions.max() >= kh * kw):
+            raise ValueError(f"positions holds an index outside the {kh}x{kw} kernel")
+
+    def rising() -> None:
+        if offsets[0] != 0 or offsets[-1] != positions.numel() or bool((offsets.diff() < 0).any()):
+            raise ValueError("offsets must rise from 0 to len(positions)")
+    check_once(positions, (kh, kw), in_range)
+    check_once(offsets, positions.numel(), rising)
 
 
 def stencil(x: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor,
