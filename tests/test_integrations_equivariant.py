@@ -119,7 +119,11 @@ def test_equivariant_pipeline_matches_the_loop_pipeline(pipeline):
     for p in (pipe, loop):
         p.set_progress_bar_config(disable=True)
     kwargs = {"batch_size": 2, "num_inference_steps": 4, "output_type": "pt"}
+    batches = []
+    hook = unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     a = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    hook.remove()
+    assert batches == [16] * 4  # one UNet call per step, on the whole orbit (8 × batch 2)
     b = loop(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert a.shape == (2, 3, 8, 8) and _max_diff(a, b) <= ATOL
     assert a.std() > 0.01  # not a clamped-flat image that any two runs would agree on
