@@ -17,7 +17,9 @@ def attention_scores(tokens: torch.Tensor, lengths: torch.Tensor, keys: torch.Te
     (the padding token then takes part, as in the paper's code).
     """
     acc = torch.float64 if keys.dtype == torch.float64 else torch.float32
-    gathered = keys[tokens].to(acc)
+    # the table is cast before the gather, so the gather's backward adds a repeated word's
+    # gradients in the accumulation dtype (as the kernels do), not in bf16/fp16
+    gathered = keys.to(acc)[tokens]
     if mask_padding:
         masked = padding_mask(tokens, lengths)
         # zeroed first: a NaN key there would reach the query's gradient through 0·NaN
@@ -45,7 +47,7 @@ def attention_pool(tokens: torch.Tensor, lengths: torch.Tensor, embedding: torch
     tokens: (B, L) int; lengths: (B,); embedding: (V, d); keys: (V, d_k); query: (d_k,).
     """
     weights = attention_scores(tokens, lengths, keys, query, mask_padding)
-    values = embedding[tokens].to(weights.dtype)
+    values = embedding.to(weights.dtype)[tokens]  # cast first, as the keys above
     if mask_padding:
         # masked positions take no part: weight 0 times an inf/NaN embedding would be NaN
         values = values.masked_fill(padding_mask(tokens, lengths)[..., None], 0.0)
