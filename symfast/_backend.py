@@ -1,4 +1,4 @@
-"""Backend names, availability and the `backend=` switch shared by every op."""
+"""Backend names and availability, and the profiling decorator of every public op."""
 from __future__ import annotations
 
 import functools
@@ -24,52 +24,8 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _cpu_kernels_available(op: str) -> bool:
-    # Constant for a process: lets torch.compile fold the backend choice instead of tracing the
-    # extension loader.
-    from symfast._ext import load_cpu_kernels
-
-    return load_cpu_kernels(op)
-
-
-# What torch.compiler.assume_constant_result does (it sets this attribute), without the import of
-# torch._dynamo that it makes: that import alone took 4.7 of `import symfast`'s 9 s here.
-# tests/test_group_average.py compiles ops with fullgraph=True, which fails if this is not honoured.
-_cpu_kernels_available._dynamo_marked_constant = True
-
-
-def resolve(backend: str | None, tensor: torch.Tensor, op: str) -> str:
-    """Validate ``backend`` and turn None/"auto" into the fastest backend for ``tensor``."""
-    from symfast._ext import load_errors
-
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    if backend in (None, "auto"):
-        if tensor.device.type == "cpu":
-            return "cpu" if _cpu_kernels_available(op) else "reference"
-        if tensor.device.type == "cuda" and triton_status()[0]:
-            return "triton"
-        return "reference"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, None or 'auto'; got {backend!r}")
-    if backend == "cpu":
-        if tensor.device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors; got a tensor on {tensor.device}")
-        if not _cpu_kernels_available(op):
-            raise RuntimeError(f"symfast CPU kernel {op!r} is unavailable: {load_errors.get(op)}")
-    if backend == "triton":
-        ok, why = triton_status()
-        if not ok:
-            raise RuntimeError(f"backend='triton' is unavailable: {why}")
-        if tensor.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or CPU ones under "
-                             f"TRITON_INTERPRET=1); got a tensor on {tensor.device}")
-        if tensor.device.type == "cpu" and not triton_interpret():
-            raise ValueError(
-                "backend='triton' got CPU tensors; run on a CUDA device, or set "
-                "TRITON_INTERPRET=1 before importing triton to use the interpreter"
-            )
-    return backend
+# resolve() (the `backend=` switch itself) lives in symfast/ops/_dispatch.py with the rest of the
+# op dispatch.
 
 
 # Where profiled calls report their arguments while a profiler runs (symfast.profiling sets it),

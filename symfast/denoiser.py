@@ -35,7 +35,6 @@ from symfast.groups import Group, get
 from symfast.ops.fused_step import StepCoefficients, fused_step
 from symfast.nn.regularizer import equivariance_target
 from symfast.ops.group_average import orbit, orbit_mean
-from symfast.reference.group_average import orbit as reference_orbit
 from symfast.schedules import DDPMSchedule, EDMSchedule, Schedule, VESchedule
 from symfast._symmetrize import _default_chunks, _main_tensor
 
@@ -134,8 +133,7 @@ class Denoiser(nn.Module):
         x_in = x * c_in
         group = self.averaging_group
         if group is not None:
-            x_in = (reference_orbit(x_in, group) if torch.compiler.is_compiling()
-                    else orbit(x_in, group, backend=self.backend))
+            x_in = orbit(x_in, group, backend=self.backend)
         n = x_in.shape[0]
         order = len(group) if group is not None else 1
         chunks = self.chunks or (_default_chunks(x.shape[0], order, x.device) if order > 1 else 1)

@@ -128,7 +128,7 @@ def test_empty_batch(backend):
     (dict(weight=torch.randn(3, 2, 6)), ValueError, "weight must be"),
     (dict(weight=torch.randn(2, 2, 5)), ValueError, "weight must be"),
     (dict(bias=torch.randn(3, 3)), ValueError, "bias must be"),
-    (dict(h=torch.randint(0, 3, (4, 5))), TypeError, "h must be a floating"),
+    (dict(h=torch.randint(0, 3, (4, 5))), TypeError, "h must be a real floating"),
     (dict(weight=torch.randn(3, 2, 5, dtype=torch.float64)), TypeError, "weight has dtype"),
     (dict(gate_bias=[0.0, 0.0, 0.0]), TypeError, "gate_bias must be a torch.Tensor"),
     (dict(temperature=0.0), ValueError, "temperature"),

@@ -1013,7 +1013,7 @@ def fused_bad_cases(draw):
     if kind == "x_dtype":
         dtype = draw(st.sampled_from(NOT_REAL))
         x, y = x.to(dtype), y.to(dtype)
-        exc, match = TypeError, "x must be a floating-point"
+        exc, match = TypeError, "x must be a real floating-point"
     elif kind == "x_type":
         x = x.numpy()
         exc, match = TypeError, "x must be a torch.Tensor"
@@ -1088,19 +1088,19 @@ def conv_bad_cases(draw):
         "stride", "stride_type", "padding", "too_small", "group", "x_type"]))
     if kind == "x_dtype":
         x = x.to(draw(st.sampled_from(NOT_REAL)))
-        exc, match = TypeError, "x must be a floating-point"
+        exc, match = TypeError, "x must be a real floating-point"
     elif kind == "weight_dtype":
         weight = weight.to(draw(st.sampled_from(NOT_REAL)))
-        exc, match = TypeError, "weight must be a floating-point"
+        exc, match = TypeError, "weight must be a real floating-point"
     elif kind == "bias_dtype":
         bias = bias.to(draw(st.sampled_from(NOT_REAL)))
-        exc, match = TypeError, "bias must be a floating-point"
+        exc, match = TypeError, "bias must be a real floating-point"
     elif kind == "weight_mismatch":
         weight = weight.to(draw(st.sampled_from([torch.float64, torch.bfloat16, torch.float16])))
-        exc, match = ValueError, "weight is torch.* but x is torch.float32"
+        exc, match = TypeError, "weight has dtype torch.* but x has torch.float32"
     elif kind == "bias_mismatch":
         bias = bias.to(draw(st.sampled_from([torch.float64, torch.bfloat16, torch.float16])))
-        exc, match = ValueError, "bias is torch.* but x is torch.float32"
+        exc, match = TypeError, "bias has dtype torch.* but x has torch.float32"
     elif kind == "x_rank":
         x = draw(st.sampled_from([torch.randn(c, 7, 7), x[None], x.flatten()]))
         exc, match = ValueError, r"x must be \(B, C, H, W\)"
@@ -1195,14 +1195,14 @@ def attention_bad_cases(draw):
     elif kind == "emb_dtype":
         dtype = draw(st.sampled_from(NOT_REAL))
         emb, keys, query = emb.to(dtype), keys.to(dtype), query.to(dtype)
-        exc, match = TypeError, "embedding must be a floating-point"
+        exc, match = TypeError, "embedding must be a real floating-point"
     elif kind == "dtype_mismatch":
         other = draw(st.sampled_from([torch.float64, torch.bfloat16, torch.float16]))
         if draw(st.booleans()):
             keys = keys.to(other)
         else:
             query = query.to(other)
-        exc, match = TypeError, "must share a dtype"
+        exc, match = TypeError, "(keys|query) has dtype torch.* but embedding has torch.float32"
     elif kind == "emb_rank":
         emb = draw(st.sampled_from([emb[None], emb.flatten()]))
         exc, match = ValueError, "embedding must have shape"
@@ -1237,7 +1237,7 @@ def classifier_bad_cases(draw):
     name = draw(st.sampled_from(CLASSIFIER_ARGS))
     if kind == "dtype":
         a = {n: t.to(draw(st.sampled_from(NOT_REAL))) if n == name else t for n, t in a.items()}
-        exc, match = TypeError, f"{name} must be a floating-point"
+        exc, match = TypeError, f"{name} must be a real floating-point"
     elif kind == "mismatch":
         assume(name != "h")
         a[name] = a[name].to(draw(st.sampled_from([torch.float64, torch.bfloat16, torch.float16])))
@@ -1286,7 +1286,7 @@ def group_norm_bad_cases(draw):
     name = draw(st.sampled_from(["weight", "bias", "shift"]))
     if kind == "x_dtype":
         x = x.to(draw(st.sampled_from(NOT_REAL)))
-        exc, match = TypeError, "x must be a floating-point"
+        exc, match = TypeError, "x must be a real floating-point"
     elif kind == "x_type":
         x = x.numpy()
         exc, match = TypeError, "x must be a torch.Tensor"
@@ -1308,10 +1308,10 @@ def group_norm_bad_cases(draw):
         exc, match = ValueError, f"{name} must have shape"
     elif kind == "param_mismatch":
         kw[name] = kw[name].to(draw(st.sampled_from([torch.float64, torch.bfloat16, torch.float16])))
-        exc, match = ValueError, f"{name} is torch.* but x is torch.float32"
+        exc, match = TypeError, f"{name} has dtype torch.* but x has torch.float32"
     else:
         kw[name] = kw[name].to(draw(st.sampled_from(NOT_REAL)))
-        exc, match = TypeError, f"{name} must be a floating-point"
+        exc, match = TypeError, f"{name} must be a real floating-point"
 
     def call(backend):
         return group_norm_silu(x, groups_, kw["weight"], kw["bias"], eps, shift=kw["shift"],

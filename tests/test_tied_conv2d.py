@@ -211,7 +211,7 @@ def test_bad_inputs_name_the_argument():
         tied_conv2d(torch.randn(1, 3, 2, 2), w, None, 3, "d4")
     with pytest.raises(ValueError, match="sign"):
         tied_conv2d(x, w, None, 3, "sign")
-    with pytest.raises(ValueError, match="weight"):
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has torch.float32"):
         tied_conv2d(x, w.double(), None, 3, "d4")
     with pytest.raises(ValueError, match="backend"):
         tied_conv2d(x, w, None, 3, "d4", backend="fast")
@@ -229,7 +229,7 @@ def test_cpu_kernel_rejects_bad_tables():
 
 
 def test_eager_path_matches_the_custom_op():
-    """Eager calls skip the custom op's Python dispatch (symfast/ops/_eager.py); outputs and all
+    """Eager calls skip the custom op's Python dispatch (_dispatch.kernel_op); outputs and all
     three gradients must equal the custom op's, with and without grad mode."""
     from symfast.ops.tied_conv2d import _tables, _tied_conv2d_op
 

@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 
 from symfast import _backend
+from symfast.ops import _checks, _dispatch
 from symfast.reference import attention_pool as reference
 
 _OP = "attention_pool"
-_CPU_OPS = {"forward": "attention_pool_fwd_cpu", "backward": "attention_pool_bwd_cpu"}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -24,21 +24,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embedding: torch.Tensor,
                  keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     """Validate the arguments of :func:`attention_pool`; returns lengths (all L when None)."""
-    for name, t in (("tokens", tokens), ("embedding", embedding), ("keys", keys), ("query", query)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"tokens must be an integer (int64) tensor of word ids, got {tokens.dtype}")
+    _checks.integer_tensor("tokens", tokens, "word ids")
+    _checks.floating("embedding", embedding)
+    _checks.floating("keys", keys)
+    _checks.floating("query", query)
     if tokens.dim() != 2:
         raise ValueError(f"tokens must have shape (B, L), got {tuple(tokens.shape)}")
     b, l = tokens.shape
     if l == 0:
         raise ValueError(f"tokens must have at least one position, got shape {tuple(tokens.shape)}")
-    if not embedding.is_floating_point():
-        raise TypeError(f"embedding must be a floating-point tensor, got {embedding.dtype}")
-    if keys.dtype != embedding.dtype or query.dtype != embedding.dtype:
-        raise TypeError(f"embedding, keys and query must share a dtype, got {embedding.dtype}, "
-                        f"{keys.dtype}, {query.dtype}")
+    _checks.like("keys", keys, "embedding", embedding, device=False)
+    _checks.like("query", query, "embedding", embedding, device=False)
     if embedding.dim() != 2:
         raise ValueError(f"embedding must have shape (V, d), got {tuple(embedding.shape)}")
     v = embedding.shape[0]
@@ -49,69 +45,66 @@ def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embeddin
         raise ValueError(f"query must have shape ({keys.shape[1]},) to match keys, got "
                          f"{tuple(query.shape)}")
     for name, t in (("tokens", tokens), ("keys", keys), ("query", query)):
-        if t.device != embedding.device:
-            raise ValueError(f"{name} is on {t.device} but embedding is on {embedding.device}")
-    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= v):
-        raise IndexError(f"tokens holds ids in [{int(tokens.min())}, {int(tokens.max())}], "
-                         f"outside the vocabulary [0, {v})")
+        _checks.like(name, t, "embedding", embedding, dtype=False)
+    if lengths is not None:
+        _checks.tensor("lengths", lengths, optional=True)
+        if lengths.dtype not in (torch.int64, torch.int32) or lengths.shape != (b,):
+            raise ValueError(f"lengths must be an integer tensor of shape ({b},), got "
+                             f"{lengths.dtype} of shape {tuple(lengths.shape)}")
+        _checks.like("lengths", lengths, "tokens", tokens, dtype=False)
+    if torch.compiler.is_compiling():
+        # reading the values on the host would break the graph: the same refusal as assertions
+        # in the graph (the Triton kernels index with the ids unchecked)
+        torch._assert_async((tokens >= 0).all() & (tokens < v).all(),
+                            f"tokens holds ids outside the vocabulary [0, {v})")
+        if lengths is not None:
+            torch._assert_async((lengths >= 1).all() & (lengths <= l).all(),
+                                f"lengths must lie in [1, L = {l}]")
+    elif tokens.device.type != "meta":  # meta tensors hold no values (they run the reference)
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= v):
+            raise IndexError(f"tokens holds ids in [{int(tokens.min())}, {int(tokens.max())}], "
+                             f"outside the vocabulary [0, {v})")
+        if lengths is not None and b and (lengths.min() < 1 or lengths.max() > l):
+            raise ValueError(f"lengths must lie in [1, L = {l}], got values in "
+                             f"[{int(lengths.min())}, {int(lengths.max())}]")
     if lengths is None:
         return torch.full((b,), l, dtype=torch.int64, device=tokens.device)
-    if not isinstance(lengths, torch.Tensor):
-        raise TypeError(f"lengths must be a torch.Tensor or None, got {type(lengths).__name__}")
-    if lengths.dtype not in (torch.int64, torch.int32) or lengths.shape != (b,):
-        raise ValueError(f"lengths must be an integer tensor of shape ({b},), got {lengths.dtype} "
-                         f"of shape {tuple(lengths.shape)}")
-    if lengths.device != tokens.device:
-        raise ValueError(f"lengths is on {lengths.device} but tokens is on {tokens.device}")
-    if b and (lengths.min() < 1 or lengths.max() > l):
-        raise ValueError(f"lengths must lie in [1, L = {l}], got values in "
-                         f"[{int(lengths.min())}, {int(lengths.max())}]")
     return lengths
 
 
-def _run(backend: str, direction: str, *args):
-    """Run the cpu or triton kernel for ``direction`` ("forward" or "backward")."""
-    if backend == "cpu":
-        _backend.resolve("cpu", args[4] if direction == "backward" else args[2], _OP)
-        return getattr(torch.ops.symfast, _CPU_OPS[direction])(*args)
-    if backend == "triton":
-        from symfast.kernels import attention_pool as triton_kernels
-        return getattr(triton_kernels, direction)(*args)
-    raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::attention_pool, got {backend!r}")
+@_dispatch.forwarding(_OP, cpu="attention_pool_fwd_cpu", triton="forward")
+def _forward_impl(tokens: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,
+                  keys: torch.Tensor, query: torch.Tensor, mask_padding: bool,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """pooled (B, d) and the softmax weights (B, L) in the accumulation dtype."""
 
 
-@torch.library.custom_op("symfast::attention_pool", mutates_args=())
-def _attention_pool_op(tokens: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,
-                       keys: torch.Tensor, query: torch.Tensor, mask_padding: bool,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _run(backend, "forward", tokens, lengths, embedding, keys, query, mask_padding)
-
-
-@_attention_pool_op.register_fake
-def _(tokens, lengths, embedding, keys, query, mask_padding, backend):
+def _forward_fake(tokens, lengths, embedding, keys, query, mask_padding, backend):
     b, l = tokens.shape
     return (embedding.new_empty((b, embedding.shape[1])),
             embedding.new_empty((b, l), dtype=_acc_dtype(embedding.dtype)))
 
 
-@torch.library.custom_op("symfast::attention_pool_backward", mutates_args=())
-def _attention_pool_backward_op(
+@_dispatch.forwarding(_OP, cpu="attention_pool_bwd_cpu", triton="backward")
+def _backward_impl(
         grad_pooled: torch.Tensor, grad_weights: Optional[torch.Tensor], tokens: torch.Tensor,
         lengths: torch.Tensor, embedding: torch.Tensor, keys: torch.Tensor, query: torch.Tensor,
         weights: torch.Tensor, mask_padding: bool, need_embedding: bool, need_keys: bool,
         need_query: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _run(backend, "backward", grad_pooled, grad_weights, tokens, lengths, embedding, keys,
-                query, weights, mask_padding, need_embedding, need_keys, need_query)
+    """Dense gradients of embedding and keys, and query's; empty where not needed."""
 
 
-@_attention_pool_backward_op.register_fake
-def _(grad_pooled, grad_weights, tokens, lengths, embedding, keys, query, weights, mask_padding,
-      need_embedding, need_keys, need_query, backend):
+def _backward_fake(grad_pooled, grad_weights, tokens, lengths, embedding, keys, query, weights,
+                   mask_padding, need_embedding, need_keys, need_query, backend):
     v, d = embedding.shape
     dk = keys.shape[1]
     return (embedding.new_empty((v if need_embedding else 0, d)),
             embedding.new_empty((v if need_keys else 0, dk)),
             embedding.new_empty((dk if need_query else 0,)))
+
+
+_attention_pool_backward_op = _dispatch.custom_op("symfast::attention_pool_backward",
+                                                  _backward_impl, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -120,19 +113,24 @@ def _setup_context(ctx, inputs, output):
     ctx.mask_padding, ctx.backend = mask_padding, backend
 
 
-def _backward(ctx, grad_pooled, grad_weights):
-    tokens, lengths, embedding, keys, query, weights = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    if grad_pooled is None:
-        grad_pooled = embedding.new_zeros((tokens.shape[0], embedding.shape[1]))
-    grad_embedding, grad_keys, grad_query = _attention_pool_backward_op(
-        grad_pooled.contiguous(), grad_weights, tokens, lengths, embedding, keys, query, weights,
-        ctx.mask_padding, need[2], need[3], need[4], ctx.backend)
-    return (None, None, grad_embedding if need[2] else None, grad_keys if need[3] else None,
-            grad_query if need[4] else None, None, None)
+def _make_backward(backward_fn):
+    """The backward, through the backward op (the custom op, or its impl when eager)."""
+    def backward(ctx, grad_pooled, grad_weights):
+        tokens, lengths, embedding, keys, query, weights = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if grad_pooled is None:
+            grad_pooled = embedding.new_zeros((tokens.shape[0], embedding.shape[1]))
+        grad_embedding, grad_keys, grad_query = backward_fn(
+            grad_pooled.contiguous(), grad_weights, tokens, lengths, embedding, keys, query,
+            weights, ctx.mask_padding, need[2], need[3], need[4], ctx.backend)
+        return (None, None, grad_embedding if need[2] else None, grad_keys if need[3] else None,
+                grad_query if need[4] else None, None, None)
+    return backward
 
 
-_attention_pool_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_pool_op, _attention_pool_eager = _dispatch.kernel_op(
+    "symfast::attention_pool", _forward_impl, _forward_fake, _setup_context, _make_backward,
+    _attention_pool_backward_op, _backward_impl)
 
 
 @_backend.profiled("attention_pool")
@@ -153,14 +151,13 @@ def attention_pool(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embedd
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for the device.
     """
     lengths = check_inputs(tokens, lengths, embedding, keys, query)
-    if not isinstance(mask_padding, bool):
-        raise TypeError(f"mask_padding must be a bool, got {type(mask_padding).__name__}")
-    backend = _backend.resolve(backend, embedding, _OP)
+    _checks.flag("mask_padding", mask_padding)
+    backend = _dispatch.resolve(backend, embedding, _OP)
     if backend == "reference":
         pooled, weights = reference.attention_pool(tokens, lengths, embedding, keys, query,
                                                    mask_padding)
     else:
-        pooled, weights = _attention_pool_op(tokens.long().contiguous(), lengths.long().contiguous(),
+        pooled, weights = _attention_pool_eager(tokens.long().contiguous(), lengths.long().contiguous(),
                                              embedding, keys, query, mask_padding, backend)
         weights = weights.to(embedding.dtype)
     return (pooled, weights) if return_weights else pooled

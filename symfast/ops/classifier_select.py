@@ -7,72 +7,47 @@ inputs (as the reference computes them); the backward
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from symfast import _backend
-from symfast.ops._eager import eager_op
+from symfast.ops import _checks, _dispatch
 from symfast.reference import classifier_select as reference
 
 _OP = "classifier_select"
 
 
-def _forward(backend, h, gate_weight, gate_bias, weight, bias, temperature):
-    if backend == "cpu":
-        _backend.resolve("cpu", h, _OP)  # loads the extension on first use
-        return torch.ops.symfast.classifier_select_fwd_cpu(h, gate_weight, gate_bias, weight,
-                                                           bias, temperature)
-    if backend == "triton":
-        from symfast.kernels import classifier_select as triton_kernels
-        return triton_kernels.forward(h, gate_weight, gate_bias, weight, bias, temperature)
-    raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::classifier_select, got {backend!r}")
-
-
-def _backward(grad_out, scores, h, gate_weight, weight, temperature, backend):
-    if backend == "cpu":
-        _backend.resolve("cpu", h, _OP)
-        return torch.ops.symfast.classifier_select_bwd_cpu(grad_out, scores, h, gate_weight,
-                                                           weight, temperature)
-    if backend == "triton":
-        from symfast.kernels import classifier_select as triton_kernels
-        return triton_kernels.backward(grad_out, scores, h, gate_weight, weight, temperature)
-    raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::classifier_select, got {backend!r}")
-
-
+@_dispatch.forwarding(_OP, cpu="classifier_select_fwd_cpu", triton="forward")
 def _select_impl(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
                  weight: torch.Tensor, bias: torch.Tensor, temperature: float,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    out, scores = _forward(backend, h, gate_weight, gate_bias, weight, bias, temperature)
-    return out, scores
+    """logits (B, C) and the scores (B, K + K·C) the backward reuses."""
 
 
-_select_op = torch.library.custom_op("symfast::classifier_select", mutates_args=())(_select_impl)
-
-
-@_select_op.register_fake
-def _(h, gate_weight, gate_bias, weight, bias, temperature, backend):
+def _select_fake(h, gate_weight, gate_bias, weight, bias, temperature, backend):
     k, c, _ = weight.shape
     return (h.new_empty((h.shape[0], c)),
             h.new_empty((h.shape[0], k + k * c), dtype=torch.promote_types(h.dtype, torch.float32)))
 
 
-@torch.library.custom_op("symfast::classifier_select_backward", mutates_args=())
-def _select_backward_op(grad_out: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
-                        gate_weight: torch.Tensor, weight: torch.Tensor, temperature: float,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                               torch.Tensor, torch.Tensor]:
-    return tuple(_backward(grad_out, scores, h, gate_weight, weight, temperature, backend))
+@_dispatch.forwarding(_OP, cpu="classifier_select_bwd_cpu", triton="backward")
+def _select_backward_impl(grad_out: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
+                          gate_weight: torch.Tensor, weight: torch.Tensor, temperature: float,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    """Gradients of h, gate_weight, gate_bias, weight and bias."""
 
 
-@_select_backward_op.register_fake
-def _(grad_out, scores, h, gate_weight, weight, temperature, backend):
+def _select_backward_fake(grad_out, scores, h, gate_weight, weight, temperature, backend):
     k, c, _ = weight.shape
     return (torch.empty_like(h, memory_format=torch.contiguous_format),
             torch.empty_like(gate_weight, memory_format=torch.contiguous_format),
             gate_weight.new_empty((k,)),
             torch.empty_like(weight, memory_format=torch.contiguous_format),
             weight.new_empty((k, c)))
+
+
+_select_backward_op = _dispatch.custom_op("symfast::classifier_select_backward",
+                                          _select_backward_impl, _select_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -95,8 +70,9 @@ def _make_backward(backward_op):
     return backward
 
 
-_select_op.register_autograd(_make_backward(_select_backward_op), setup_context=_setup_context)
-_select_eager = eager_op(_select_op, _select_impl, _setup_context, _make_backward(_backward))
+_select_op, _select_eager = _dispatch.kernel_op(
+    "symfast::classifier_select", _select_impl, _select_fake, _setup_context, _make_backward,
+    _select_backward_op, _select_backward_impl)
 
 
 _MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
@@ -106,14 +82,8 @@ def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
     named = {"h": h, "gate_weight": gate_weight, "gate_bias": gate_bias, "weight": weight,
              "bias": bias}
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if t.dtype != h.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but h has {h.dtype}; all must match")
-        if t.device != h.device:
-            raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
+        _checks.floating(name, t)
+        _checks.like(name, t, "h", h)
     if h.dim() != 2:
         raise ValueError(f"h must be (B, F), got shape {tuple(h.shape)}")
     f = h.shape[1]
@@ -127,8 +97,7 @@ def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
     c = weight.shape[1]
     if bias.shape != (k, c):
         raise ValueError(f"bias must be ({k}, {c}), got shape {tuple(bias.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
+    _checks.real("temperature", temperature)
     if not (0 < float(temperature) < float("inf")):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
     # the kernels scale by 1/temperature in fp32: below this it is inf and every gate NaN
@@ -149,7 +118,7 @@ def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: tor
     None/"auto" for the fastest for h's device.
     """
     _check(h, gate_weight, gate_bias, weight, bias, temperature)
-    backend = _backend.resolve(backend, h, _OP)
+    backend = _dispatch.resolve(backend, h, _OP)
     if backend == "reference":
         return reference.classifier_select(h, gate_weight, gate_bias, weight, bias, temperature)
     out, _ = _select_eager(h, gate_weight, gate_bias, weight, bias, float(temperature), backend)

@@ -17,6 +17,7 @@ import torch
 
 from symfast import _backend
 from symfast.groups import Group, get
+from symfast.ops import _checks, _dispatch
 from symfast.reference import fused_step as reference
 from symfast.reference.fused_step import StepCoefficients
 
@@ -26,39 +27,23 @@ _IDENTITY_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
 __all__ = ["fused_step", "StepCoefficients"]
 
 
-@torch.library.custom_op("symfast::fused_step", mutates_args=())
-def _fused_step_op(x: torch.Tensor, y: torch.Tensor, inverse_table: torch.Tensor,
-                   u: torch.Tensor | None, v: torch.Tensor | None, noise: torch.Tensor | None,
-                   key: torch.Tensor | None, noise_table: torch.Tensor | None,
-                   rows_per_sample: int, step: int, coefs: list[float], write_denoised: bool,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "cpu":
-        _backend.resolve("cpu", x, _OP)  # loads the extension on first use
-        return torch.ops.symfast.fused_step_cpu(x, y, inverse_table, u, v, noise, key, noise_table,
-                                                rows_per_sample, step, coefs, write_denoised)
-    if backend == "triton":
-        from symfast.kernels import fused_step as triton_kernels
-        return triton_kernels.fused_step(x, y, inverse_table, u, v, noise, key, noise_table,
-                                         rows_per_sample, step, coefs, write_denoised)
-    raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::fused_step, got {backend!r}")
+@_dispatch.forwarding(_OP, cpu="fused_step_cpu", triton="fused_step")
+def _fused_step_impl(x: torch.Tensor, y: torch.Tensor, inverse_table: torch.Tensor,
+                     u: torch.Tensor | None, v: torch.Tensor | None, noise: torch.Tensor | None,
+                     key: torch.Tensor | None, noise_table: torch.Tensor | None,
+                     rows_per_sample: int, step: int, coefs: list[float], write_denoised: bool,
+                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_next, denoised); denoised is empty unless write_denoised."""
 
 
-@_fused_step_op.register_fake
-def _(x, y, inverse_table, u, v, noise, key, noise_table, rows_per_sample, step, coefs,
-      write_denoised, backend):
+def _fused_step_fake(x, y, inverse_table, u, v, noise, key, noise_table, rows_per_sample, step,
+                     coefs, write_denoised, backend):
     return torch.empty_like(x), (torch.empty_like(x) if write_denoised else x.new_empty((0,)))
 
 
-def _resolve(backend: str | None, x: torch.Tensor) -> str:
-    """``_backend.resolve``, except while torch.compile traces: dynamo cannot trace the extension
-    loader, so "auto" picks by device there and the op loads the extension when it runs."""
-    if torch.compiler.is_compiling():
-        if backend in (None, "auto"):
-            return {"cpu": "cpu", "cuda": "triton"}.get(x.device.type, "reference")
-        if backend not in _backend.BACKENDS:
-            raise ValueError(f"backend must be one of {_backend.BACKENDS}, None or 'auto'; got {backend!r}")
-        return backend
-    return _backend.resolve(backend, x, _OP)
+# no autograd: a sampler step is not differentiated
+_fused_step_op, _fused_step_call = _dispatch.kernel_op("symfast::fused_step", _fused_step_impl,
+                                                       _fused_step_fake)
 
 
 def _identity_table(n: int, device: torch.device) -> torch.Tensor:
@@ -67,19 +52,6 @@ def _identity_table(n: int, device: torch.device) -> torch.Tensor:
         hit = torch.arange(n, dtype=torch.int32, device=device).reshape(1, n)
         _IDENTITY_TABLES[(n, device)] = hit
     return hit
-
-
-def _check_like(name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.shape != x.shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)} but the sample x has shape {tuple(x.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not t.is_floating_point():  # complex was cast to real, ints and bools taken silently
-        raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
 
 
 def _check_coefs(coefs) -> StepCoefficients:
@@ -132,14 +104,10 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
     Returns:
         (x_next, denoised): (B, ...) each, x's dtype.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if y.dtype != x.dtype:
-        raise TypeError(f"y (the model output) has dtype {y.dtype} but x has {x.dtype}")
+    _checks.tensor("x", x)
+    _checks.tensor("y", y)
+    _checks.floating("x", x)
+    _checks.like("y (the model output)", y, "x", x)
     coefs = _check_coefs(coefs)
     group = get(group) if group is not None else get("trivial")
     noise_group = get(noise_group) if noise_group is not None else group
@@ -155,7 +123,12 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
         raise ValueError(f"the model output y has shape {tuple(y.shape)}, expected {expected} "
                          f"(|G| = {order} times the sample's shape {tuple(x.shape)})")
     for name, t in (("u", u), ("v", v), ("noise", noise)):
-        _check_like(name, t, x)
+        _checks.tensor(name, t, optional=True)
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but the sample x has shape "
+                             f"{tuple(x.shape)}")
+        _checks.like(name, t, "x", x, dtype=False)
+        _checks.floating(name, t, optional=True)
     if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**32:
         raise ValueError(f"step must be an int in [0, 2^32), got {step!r}")
     if coefs.c != 0.0 and noise is None:
@@ -176,7 +149,7 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
     if noise_group.name != group.name and order > 1:
         raise ValueError(f"noise_group is for a network equivariant by construction; with "
                          f"group={group.name} (frame averaging) the noise is transformed by it")
-    backend = _resolve(backend, x)
+    backend = _dispatch.resolve(backend, x, _OP)
     if x.numel() == 0:  # nothing to compute (and no rows for the kernels to split)
         return torch.empty_like(x), (torch.empty_like(x) if return_denoised else None)
     if backend == "reference":
@@ -200,7 +173,7 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
     rows = math.prod(x.shape[1:]) // n if n else 1
     m = batch * rows
     flat = [t.reshape(m, n) if t is not None else None for t in (u, v, noise)]
-    x_next, den = _fused_step_op(x.reshape(m, n), y.reshape(order, m, n), inverse_table, *flat,
+    x_next, den = _fused_step_call(x.reshape(m, n), y.reshape(order, m, n), inverse_table, *flat,
                                  key, noise_table, rows, step, list(coefs), return_denoised, backend)
     x_next = x_next.reshape(x.shape)
     return x_next, (den.reshape(x.shape) if return_denoised else None)

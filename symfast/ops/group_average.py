@@ -10,19 +10,10 @@ import torch
 
 from symfast import _backend
 from symfast.groups import Group, get
+from symfast.ops import _checks, _dispatch
 from symfast.reference import group_average as reference
 
 _OP = "group_average"
-
-
-def _run(backend: str, name: str, inp: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    if backend == "cpu":
-        _backend.resolve("cpu", inp, _OP)  # loads the extension on first use
-        return getattr(torch.ops.symfast, f"{name}_cpu")(inp, table)
-    if backend == "triton":
-        from symfast.kernels import group_average as triton_kernels
-        return getattr(triton_kernels, name)(inp, table)
-    raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::{name}, got {backend!r}")
 
 
 def _check_tables(inp: torch.Tensor, table: torch.Tensor, inverse_table: torch.Tensor) -> None:
@@ -35,29 +26,26 @@ def _check_tables(inp: torch.Tensor, table: torch.Tensor, inverse_table: torch.T
                              f"{t.dtype} {tuple(t.shape)}")
 
 
-@torch.library.custom_op("symfast::orbit", mutates_args=())
-def _orbit_op(x: torch.Tensor, table: torch.Tensor, inverse_table: torch.Tensor,
-              backend: str) -> torch.Tensor:
+def _orbit_impl(x: torch.Tensor, table: torch.Tensor, inverse_table: torch.Tensor,
+                backend: str) -> torch.Tensor:
     _check_tables(x, table, inverse_table)
-    return _run(backend, "orbit", x, table)
+    return _dispatch.kernel(_OP, backend, cpu="orbit_cpu", triton="orbit")(x, table)
 
 
-@_orbit_op.register_fake
-def _(x, table, inverse_table, backend):
-    return x.new_empty((table.shape[0], x.shape[0], x.shape[1]))
-
-
-@torch.library.custom_op("symfast::orbit_mean", mutates_args=())
-def _orbit_mean_op(y: torch.Tensor, table: torch.Tensor, inverse_table: torch.Tensor,
-                   backend: str) -> torch.Tensor:
+def _orbit_mean_impl(y: torch.Tensor, table: torch.Tensor, inverse_table: torch.Tensor,
+                     backend: str) -> torch.Tensor:
     _check_tables(y, table, inverse_table)
     if y.shape[0] != table.shape[0]:
         raise ValueError(f"y has {y.shape[0]} orbit blocks but the group has {table.shape[0]} elements")
-    return _run(backend, "orbit_mean", y, inverse_table)
+    run = _dispatch.kernel(_OP, backend, cpu="orbit_mean_cpu", triton="orbit_mean")
+    return run(y, inverse_table)
 
 
-@_orbit_mean_op.register_fake
-def _(y, table, inverse_table, backend):
+def _orbit_fake(x, table, inverse_table, backend):
+    return x.new_empty((table.shape[0], x.shape[0], x.shape[1]))
+
+
+def _orbit_mean_fake(y, table, inverse_table, backend):
     return y.new_empty((y.shape[1], y.shape[2]))
 
 
@@ -66,30 +54,30 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[3]
 
 
-# d/dx of g_k x is g_kᵀ = g_k⁻¹ (orthogonal maps), so each op's backward is the other op.
-def _orbit_backward(ctx, grad):
-    table, inverse_table = ctx.tables
-    n = table.shape[0]
-    return _orbit_mean_op(grad.contiguous(), table, inverse_table, ctx.backend) * n, None, None, None
+# d/dx of g_k x is g_kᵀ = g_k⁻¹ (orthogonal maps), so each op's backward is the other op
+# (orbit's: |G| · orbit_mean; orbit_mean's: orbit / |G|), differentiable in turn (gradgradcheck
+# in tests/test_group_average.py): the eager backward calls the other op's eager caller, so a
+# double backward stays on the fast path too.
+def _backward_through(other, times_order: bool):
+    def backward(ctx, grad):
+        table, inverse_table = ctx.tables
+        out = other(grad.contiguous(), table, inverse_table, ctx.backend)
+        return (out * table.shape[0] if times_order else out / table.shape[0]), None, None, None
+    return backward
 
 
-def _orbit_mean_backward(ctx, grad):
-    table, inverse_table = ctx.tables
-    n = table.shape[0]
-    return _orbit_op(grad.contiguous(), table, inverse_table, ctx.backend) / n, None, None, None
-
-
-_orbit_op.register_autograd(_orbit_backward, setup_context=_setup_context)
-_orbit_mean_op.register_autograd(_orbit_mean_backward, setup_context=_setup_context)
-
-
-def _check_floating(t: torch.Tensor, name: str) -> None:
-    # every backend, the reference included: an average of ints or bools has no meaning here
-    # (bool + bool is OR), and the kernels take real floating point only
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
+# Measured (1 thread on a shared 2-core machine, d4 on an (8·3, 16·16) input, best of 15 rounds
+# interleaved): the custom op called directly, with its registered autograd, 46 us per call
+# without grad and 332 us per forward + sum().backward(); through kernel_op's eager path 26 us
+# and 237 us. So orbit/orbit_mean take the eager path like every other op with autograd.
+_orbit_op, _orbit_eager = _dispatch.kernel_op(
+    "symfast::orbit", _orbit_impl, _orbit_fake, _setup_context,
+    lambda other: _backward_through(other, times_order=True),
+    lambda *a: _orbit_mean_op(*a), lambda *a: _orbit_mean_eager(*a), differentiable_backward=True)
+_orbit_mean_op, _orbit_mean_eager = _dispatch.kernel_op(
+    "symfast::orbit_mean", _orbit_mean_impl, _orbit_mean_fake, _setup_context,
+    lambda other: _backward_through(other, times_order=False),
+    _orbit_op, _orbit_eager, differentiable_backward=True)
 
 
 def _tables(t: torch.Tensor, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,17 +92,17 @@ def orbit(x: torch.Tensor, group: Group | str, *, backend: str | None = None) ->
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for x's device.
     """
     group = get(group)
-    _check_floating(x, "x")
+    _checks.floating("x", x)
     group.check_input(x)
     if x.dim() == group.event_ndim:
         raise ValueError(f"x has shape {tuple(x.shape)}: needs a batch dim before the "
                          f"{group.event_ndim} dims group {group.name} acts on")
-    backend = _backend.resolve(backend, x, _OP)
+    backend = _dispatch.resolve(backend, x, _OP)
     if backend == "reference" or x.numel() == 0:  # empty: no work, and the kernels' tables need N > 0
         return reference.orbit(x, group)
     table, inverse_table = _tables(x, group)
     n = table.shape[1]
-    out = _orbit_op(x.reshape(-1, n).contiguous(), table, inverse_table, backend)
+    out = _orbit_eager(x.reshape(-1, n).contiguous(), table, inverse_table, backend)
     return out.reshape((len(group) * x.shape[0],) + tuple(x.shape[1:]))
 
 
@@ -123,16 +111,16 @@ def orbit_mean(y: torch.Tensor, group: Group | str, *, backend: str | None = Non
     """Average over the orbit: y (|G|·B, ...) -> (B, ...) = 1/|G| Σ_k g_k⁻¹ y_k, where
     y_k = y[k·B:(k+1)·B] (the layout :func:`orbit` produces)."""
     group = get(group)
-    _check_floating(y, "y")
+    _checks.floating("y", y)
     group.check_input(y, "y")
     g = len(group)
     if y.dim() == group.event_ndim or y.shape[0] % g != 0:
         raise ValueError(f"y has shape {tuple(y.shape)}: its first dim must be a multiple of "
                          f"|G| = {g} (group {group.name})")
-    backend = _backend.resolve(backend, y, _OP)
+    backend = _dispatch.resolve(backend, y, _OP)
     if backend == "reference" or y.numel() == 0:
         return reference.orbit_mean(y, group)
     table, inverse_table = _tables(y, group)
     n = table.shape[1]
-    out = _orbit_mean_op(y.reshape(g, -1, n).contiguous(), table, inverse_table, backend)
+    out = _orbit_mean_eager(y.reshape(g, -1, n).contiguous(), table, inverse_table, backend)
     return out.reshape((y.shape[0] // g,) + tuple(y.shape[1:]))

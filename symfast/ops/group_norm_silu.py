@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from symfast import _backend
-from symfast.ops._eager import eager_op
+from symfast.ops import _checks, _dispatch
 from symfast.reference import group_norm_silu as reference
 
 _OP = "group_norm_silu"
@@ -21,48 +21,34 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@_dispatch.forwarding(_OP, cpu="group_norm_silu_cpu", triton="forward")
 def _forward_impl(x: torch.Tensor, shift: torch.Tensor | None, weight: torch.Tensor | None,
                   bias: torch.Tensor | None, groups: int, eps: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cpu":
-        return torch.ops.symfast.group_norm_silu_cpu(x, shift, weight, bias, groups, eps)
-    if backend == "triton":
-        from symfast.kernels import group_norm_silu as triton_kernels
-        return triton_kernels.forward(x, shift, weight, bias, groups, eps)
-    raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::group_norm_silu, got {backend!r}")
+    """z, and the per-(b, g) mean and rstd the backward reads."""
 
 
-_forward_op = torch.library.custom_op("symfast::group_norm_silu", mutates_args=())(_forward_impl)
-
-
-@_forward_op.register_fake
-def _(x, shift, weight, bias, groups, eps, backend):
+def _forward_fake(x, shift, weight, bias, groups, eps, backend):
     stats = x.new_empty((x.shape[0], groups), dtype=_stats_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
+@_dispatch.forwarding(_OP, cpu="group_norm_silu_backward_cpu", triton="backward")
 def _backward_impl(grad_z: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None,
                    weight: torch.Tensor | None, bias: torch.Tensor | None, mean: torch.Tensor,
                    rstd: torch.Tensor, groups: int,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cpu":
-        return torch.ops.symfast.group_norm_silu_backward_cpu(grad_z, x, shift, weight, bias, mean,
-                                                               rstd, groups)
-    if backend == "triton":
-        from symfast.kernels import group_norm_silu as triton_kernels
-        return triton_kernels.backward(grad_z, x, shift, weight, bias, mean, rstd, groups)
-    raise ValueError(f"backend must be 'cpu' or 'triton' for symfast::group_norm_silu, got {backend!r}")
+    """Gradients of x, shift, weight and bias."""
 
 
-_backward_op = torch.library.custom_op("symfast::group_norm_silu_backward",
-                                       mutates_args=())(_backward_impl)
-
-
-@_backward_op.register_fake
-def _(grad_z, x, shift, weight, bias, mean, rstd, groups, backend):
+def _backward_fake(grad_z, x, shift, weight, bias, mean, rstd, groups, backend):
     b, c = x.shape[:2]
     return (torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((b, c)),
             x.new_empty((c,)), x.new_empty((c,)))
+
+
+_backward_op = _dispatch.custom_op("symfast::group_norm_silu_backward", _backward_impl,
+                                   _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -86,36 +72,27 @@ def _make_backward(backward_fn):
     return backward
 
 
-_forward_op.register_autograd(_make_backward(_backward_op), setup_context=_setup_context)
-_forward_eager = eager_op(_forward_op, _forward_impl, _setup_context, _make_backward(_backward_impl))
+_forward_op, _forward_eager = _dispatch.kernel_op(
+    "symfast::group_norm_silu", _forward_impl, _forward_fake, _setup_context, _make_backward,
+    _backward_op, _backward_impl)
 
 
 def _check(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
            eps: float, shift: torch.Tensor | None) -> None:
-    for name, t in (("x", x), ("shift", shift), ("weight", weight), ("bias", bias)):
-        if t is None and name != "x":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    _checks.floating("x", x)
+    for name, t in (("shift", shift), ("weight", weight), ("bias", bias)):
+        _checks.floating(name, t, optional=True)
     if x.dim() < 2:
         raise ValueError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}")
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise TypeError(f"groups must be an int, got {groups!r}")
+    _checks.integer("groups", groups)
     b, c = x.shape[:2]
     if groups < 1 or c % groups:
         raise ValueError(f"groups must be a positive divisor of the {c} channels of x, got {groups}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     for name, t, shape in (("shift", shift, (b, c)), ("weight", weight, (c,)), ("bias", bias, (c,))):
-        if t is None:
-            continue
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} for x of shape {tuple(x.shape)}, "
-                             f"got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
+        _checks.shape(name, t, shape, f" for x of shape {tuple(x.shape)}")
+        _checks.like(name, t, "x", x)
 
 
 @_backend.profiled("group_norm_silu")
@@ -131,7 +108,7 @@ def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None = 
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for x's device.
     """
     _check(x, groups, weight, bias, eps, shift)
-    backend = _backend.resolve(backend, x, _OP)
+    backend = _dispatch.resolve(backend, x, _OP)
     if backend == "reference":
         return reference.group_norm_silu(x, groups, weight, bias, eps, shift)
     return _forward_eager(x, shift, weight, bias, groups, float(eps), backend)[0]

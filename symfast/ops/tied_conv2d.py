@@ -14,8 +14,8 @@ import functools
 import torch
 
 from symfast import _backend
-from symfast.ops._eager import eager_op
 from symfast.groups import Group, get
+from symfast.ops import _checks, _dispatch
 from symfast.reference import tied_conv2d as reference
 from symfast.reference.tied_conv2d import KernelOrbits, kernel_orbits, output_size
 
@@ -47,18 +47,13 @@ def _cpu_args(kernel_size, stride, padding) -> tuple[int, ...]:
 def _tied_conv2d_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       positions: torch.Tensor, offsets: torch.Tensor, kernel_size: list[int],
                       stride: list[int], padding: list[int], backend: str) -> torch.Tensor:
+    run = _dispatch.kernel(_OP, backend, cpu="tied_conv2d_cpu", triton="tied_conv2d")
     if backend == "cpu":
-        return torch.ops.symfast.tied_conv2d_cpu(x, weight, bias, positions, offsets,
-                                                 *_cpu_args(kernel_size, stride, padding))
-    from symfast.kernels import tied_conv2d as triton_kernels
-    return triton_kernels.tied_conv2d(x, weight, bias, positions, offsets, kernel_size, stride, padding)
+        return run(x, weight, bias, positions, offsets, *_cpu_args(kernel_size, stride, padding))
+    return run(x, weight, bias, positions, offsets, kernel_size, stride, padding)
 
 
-_tied_conv2d_op = torch.library.custom_op("symfast::tied_conv2d", mutates_args=())(_tied_conv2d_impl)
-
-
-@_tied_conv2d_op.register_fake
-def _(x, weight, bias, positions, offsets, kernel_size, stride, padding, backend):
+def _tied_conv2d_fake(x, weight, bias, positions, offsets, kernel_size, stride, padding, backend):
     ho = output_size(x.shape[2], kernel_size[0], stride[0], padding[0])
     wo = output_size(x.shape[3], kernel_size[1], stride[1], padding[1])
     return x.new_empty((x.shape[0], weight.shape[0], ho, wo))
@@ -70,27 +65,27 @@ def _backward_impl(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                    needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad x, grad weight, grad bias) in one call; a gradient not in ``needs`` comes back as
     an empty tensor (a custom op returns tensors, not None)."""
+    kernels = _dispatch.kernels(_OP, backend)
     if backend == "cpu":
-        grads = torch.ops.symfast.tied_conv2d_backward_cpu(
-            grad_out, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding), needs)
-    else:
-        from symfast.kernels import tied_conv2d as triton_kernels
+        grads = kernels.tied_conv2d_backward_cpu(grad_out, x, weight, positions, offsets,
+                                                 *_cpu_args(kernel_size, stride, padding), needs)
+    else:  # three Triton launchers where the CPU has one op
         grad_out = grad_out.contiguous()
-        grads = (triton_kernels.grad_input(grad_out, x.shape, weight, positions, offsets, kernel_size,
-                                           stride, padding) if needs[0] else None,
-                 triton_kernels.grad_weight(grad_out, x, weight.shape, positions, offsets,
-                                            kernel_size, stride, padding) if needs[1] else None,
+        grads = (kernels.grad_input(grad_out, x.shape, weight, positions, offsets, kernel_size,
+                                    stride, padding) if needs[0] else None,
+                 kernels.grad_weight(grad_out, x, weight.shape, positions, offsets, kernel_size,
+                                     stride, padding) if needs[1] else None,
                  grad_out.sum((0, 2, 3)) if needs[2] else None)
     return tuple(g if need else x.new_empty(0) for g, need in zip(grads, needs))
 
 
-_backward_op = torch.library.custom_op("symfast::tied_conv2d_backward", mutates_args=())(_backward_impl)
-
-
-@_backward_op.register_fake
-def _(grad_out, x, weight, positions, offsets, kernel_size, stride, padding, backend, needs):
+def _backward_fake(grad_out, x, weight, positions, offsets, kernel_size, stride, padding, backend,
+                   needs):
     shapes = (x.shape, weight.shape, weight.shape[:1])
     return tuple(x.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+
+
+_backward_op = _dispatch.custom_op("symfast::tied_conv2d_backward", _backward_impl, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -112,20 +107,16 @@ def _make_backward(backward_fn):
     return backward
 
 
-_tied_conv2d_op.register_autograd(_make_backward(_backward_op), setup_context=_setup_context)
-_tied_conv2d_eager = eager_op(_tied_conv2d_op, _tied_conv2d_impl, _setup_context,
-                              _make_backward(_backward_impl))
+_tied_conv2d_op, _tied_conv2d_eager = _dispatch.kernel_op(
+    "symfast::tied_conv2d", _tied_conv2d_impl, _tied_conv2d_fake, _setup_context, _make_backward,
+    _backward_op, _backward_impl)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, orbits: KernelOrbits,
            stride: tuple[int, int], padding: tuple[int, int]) -> None:
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    _checks.floating("x", x)
+    _checks.floating("weight", weight)
+    _checks.floating("bias", bias, optional=True)
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 3 or weight.shape[1] != x.shape[1] or weight.shape[2] != orbits.count:
@@ -133,9 +124,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, orb
                          f"per kernel orbit), got shape {tuple(weight.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must be ({weight.shape[0]},), got shape {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise ValueError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}")
+    _checks.like("weight", weight, "x", x)
+    _checks.like("bias", bias, "x", x)
     kh, kw = orbits.kernel_size
     if x.shape[2] + 2 * padding[0] < kh or x.shape[3] + 2 * padding[1] < kw:
         raise ValueError(f"x of spatial size {tuple(x.shape[2:])} with padding {padding} is smaller "
@@ -159,7 +149,7 @@ def tied_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     padding = _pair(padding, "padding", 0)
     orbits = kernel_orbits(get(group), kernel_size)
     _check(x, weight, bias, orbits, stride, padding)
-    backend = _backend.resolve(backend, x, _OP)
+    backend = _dispatch.resolve(backend, x, _OP)
     if backend == "reference":
         return reference.tied_conv2d(x, weight, bias, orbits, stride, padding)
     positions, offsets = _tables(orbits, x.device)

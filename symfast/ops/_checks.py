@@ -1,0 +1,70 @@
+"""The argument checks every public op shares, with one wording for each kind of mistake.
+
+Each op runs its checks once, before resolving the backend, so every backend (the reference
+included) refuses the same inputs with the same error naming the argument. Type mistakes (not a
+tensor, not floating point, dtypes that differ) raise TypeError; values, shapes and devices
+raise ValueError.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def tensor(name: str, t, *, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        alternative = " or None" if optional else ""
+        raise TypeError(f"{name} must be a torch.Tensor{alternative}, got {type(t).__name__}")
+
+
+def floating(name: str, t, *, optional: bool = False) -> None:
+    """A tensor of real floating point: the kernels take nothing else, and for the reference an
+    int or bool input has no meaning here (bool + bool is OR) and complex would be cast to real."""
+    tensor(name, t, optional=optional)
+    if t is not None and not t.is_floating_point():
+        raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
+
+
+def integer_tensor(name: str, t, what: str) -> None:
+    tensor(name, t)
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer (int64) tensor of {what}, got {t.dtype}")
+
+
+def like(name: str, t: torch.Tensor | None, ref_name: str, ref: torch.Tensor, *,
+         dtype: bool = True, device: bool = True) -> None:
+    """``t`` (skipped when None) has ``ref``'s dtype and/or device."""
+    if t is None:
+        return
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if device and t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def shape(name: str, t: torch.Tensor | None, expected: tuple[int, ...], why: str = "") -> None:
+    """``t`` (skipped when None) has exactly the shape ``expected``."""
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}{why}, got {tuple(t.shape)}")
+
+
+def integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    return value
+
+
+def real(name: str, value) -> float:
+    """A real host number (not a bool) as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value

@@ -1,0 +1,143 @@
+"""The op dispatch (symfast/ops/_dispatch.py) seen through every public op: the same refusal of a
+bad ``backend`` everywhere, a clear error for a backend that cannot take the tensors, and
+torch.compile(fullgraph=True) through each op onto its kernel, with no graph break."""
+import pytest
+import torch
+
+import symfast.ops as ops
+from symfast.groups import get
+from symfast.ops import StepCoefficients, _dispatch
+from tests.conftest import rel_err
+
+COEFS = StepCoefficients(0.9, -0.3, 0.7, 0.2, 0.1, -0.05, 0.4)
+
+
+def _calls(device="cpu", requires_grad=False):
+    """Per op: (the differentiable input tensors, f(backend, *those tensors) -> output)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device).requires_grad_(requires_grad)
+
+    tokens = torch.randint(0, 7, (3, 5), generator=gen).to(device)
+    fixed = torch.randn(2, 3, 4, 4, generator=gen).to(device)
+    y = torch.randn(16, 3, 4, 4, generator=gen).to(device)
+    noise = torch.randn(2, 3, 4, 4, generator=gen).to(device)
+    return {
+        "orbit": ((randn(2, 3, 4, 4),), lambda b, x: ops.orbit(x, "d4", backend=b)),
+        "orbit_mean": ((randn(16, 3, 4, 4),), lambda b, x: ops.orbit_mean(x, "d4", backend=b)),
+        "fused_step": ((), lambda b: ops.fused_step(fixed, y, COEFS, "d4", noise=noise,
+                                                    backend=b)[0]),
+        "tied_conv2d": ((randn(2, 3, 6, 6), randn(5, 3, 3), randn(5)),
+                        lambda b, x, w, c: ops.tied_conv2d(x, w, c, 3, "d4", 1, 1, backend=b)),
+        "attention_pool": ((randn(7, 4), randn(7, 3), randn(3)),
+                           lambda b, e, k, q: ops.attention_pool(tokens, None, e, k, q, backend=b)),
+        "classifier_select": ((randn(4, 6), randn(3, 6), randn(3), randn(3, 2, 6), randn(3, 2)),
+                              lambda b, *a: ops.classifier_select(*a, 0.7, backend=b)),
+        "group_norm_silu": ((randn(2, 4, 3, 3), randn(4), randn(4)),
+                            lambda b, x, w, c: ops.group_norm_silu(x, 2, w, c, backend=b)),
+    }
+
+
+def test_the_table_covers_every_op():
+    public = {name for name in ops.__all__ if name != "StepCoefficients"}
+    assert set(_calls()) == public
+
+
+@pytest.mark.parametrize("bad", ["numba", "CPU", "", "cuda"])
+def test_every_op_refuses_an_unknown_backend_with_one_message(bad):
+    want = f"backend must be one of ('reference', 'cpu', 'triton'), None or 'auto'; got {bad!r}"
+    for name, (args, call) in _calls().items():
+        with pytest.raises(ValueError) as info:
+            call(bad, *args)
+        assert str(info.value) == want, name
+
+
+@pytest.mark.parametrize("bad", [1, True, ("cpu",)])
+def test_every_op_refuses_a_backend_that_is_not_a_str(bad):
+    for name, (args, call) in _calls().items():
+        with pytest.raises(TypeError, match="backend must be a str or None, got") as info:
+            call(bad, *args)
+        assert type(bad).__name__ in str(info.value), name
+
+
+def test_cpu_backend_on_meta_tensors_is_a_clear_error():
+    want = "backend='cpu' needs CPU tensors; got a tensor on meta"
+    for name, (args, call) in _calls("meta").items():
+        with pytest.raises(ValueError) as info:
+            call("cpu", *args)
+        assert str(info.value) == want, name
+
+
+def test_auto_on_meta_tensors_runs_the_reference():
+    """No kernel takes meta tensors; "auto" falls back to the reference, which propagates shapes."""
+    cpu = _calls("cpu")
+    for name, (args, call) in _calls("meta").items():
+        out = call(None, *args)
+        assert out.device.type == "meta", name
+        cpu_args, cpu_call = cpu[name]
+        assert out.shape == cpu_call("reference", *cpu_args).shape, name
+
+
+def test_a_custom_op_called_with_another_backend_refuses_it():
+    """The torch ops run kernels only; the reference is the public function's business."""
+    table, inverse_table = get("d4").tables((4, 4))
+    with pytest.raises(ValueError, match="backend must be 'cpu' or 'triton' for symfast::"):
+        torch.ops.symfast.orbit(torch.randn(3, 16), table, inverse_table, "reference")
+    with pytest.raises(ValueError, match="backend must be 'cpu' or 'triton'"):
+        _dispatch.kernels("tied_conv2d", "numba")
+
+
+@pytest.mark.parametrize("name", sorted(_calls()))
+def test_compile_fullgraph_reaches_the_kernel(name):
+    """fullgraph=True fails on any graph break; the graph holds the op's custom op (the backend
+    choice folded at trace time to the CPU kernel, not traced and not the reference); values and
+    gradients equal eager ones."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    args, call = _calls(requires_grad=True)[name]
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: call(None, *a), fullgraph=True, backend=backend)
+    out = compiled(*args)
+    assert any(target.startswith("symfast.") for target in seen), seen
+    want = call("cpu", *args)
+    assert rel_err(out, want) <= 1e-6
+    if args:
+        grad = torch.randn_like(want)
+        got = torch.autograd.grad(out, args, grad)
+        expected = torch.autograd.grad(want, args, grad)
+        for g, e in zip(got, expected):
+            assert rel_err(g, e) <= 1e-6
+
+
+def test_compiled_call_with_an_unknown_backend_raises_the_same_error():
+    """The check runs while tracing; dynamo with fullgraph=True wraps the ValueError it observes
+    in its own Unsupported error, whose text carries ours."""
+    x = torch.randn(2, 3, 4, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: ops.orbit(t, "d4", backend="numba"), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(Exception, match=r"backend must be one of .*; got 'numba'"):
+        compiled(x)
+
+
+def test_compiled_attention_pool_still_refuses_out_of_range_ids():
+    """Compiled, the id and length checks are assertions in the graph instead of host reads."""
+    emb, keys, query = torch.randn(7, 4), torch.randn(7, 3), torch.randn(3)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, n: ops.attention_pool(t, n, emb, keys, query),
+                             fullgraph=True, backend="aot_eager")
+    good = torch.randint(0, 7, (3, 5))
+    lengths = torch.tensor([5, 1, 3])
+    want = ops.attention_pool(good, lengths, emb, keys, query)
+    assert rel_err(compiled(good, lengths), want) <= 1e-6
+    with pytest.raises(RuntimeError, match=r"outside the vocabulary \[0, 7\)"):
+        compiled(good + 7, lengths)
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, L = 5\]"):
+        compiled(good, lengths + 1)
