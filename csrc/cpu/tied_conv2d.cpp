@@ -5,7 +5,7 @@
 //   GEMM:     y[b] = theta (O, C*R) @ S[b] (C*R, Ho*Wo)
 // fp32 or bf16, stride 1, on a CPU with AVX2+FMA (any plane size: narrow planes are laid side by
 // side on a "canvas"): the stencil is computed inside the GEMM's panel packing and never stored
-// (tied_conv2d_fused below); the input gradient is the same kernel run on grad y (theta
+// (tied_conv2d_fused.h); the input gradient is the same kernel run on grad y (theta
 // transposed, kernel positions reflected), and the weight gradient multiplies the same stencil
 // strips by grad y with its own micro-kernel (S recomputed: cheaper than keeping 3x the input
 // alive). Otherwise (other dtypes, strides, CPUs) the stencil is a separate pass (per sample into
@@ -13,1026 +13,25 @@
 // gradient scatters grad S = theta^T @ grad y back through the transposed stencil.
 //
 // Orbits arrive in CSR form: positions (P,) int32 in [0, kh*kw), offsets (R+1,) int32.
+//
+// This file: the route table (choose_path), the entry points and their registration. The
+// stencils are in tied_conv2d_stencil.h, the fused AVX2 kernels in tied_conv2d_fused.h.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
-
-#include "simd.h"
 #include "symfast_module.h"
+#include "tied_conv2d_fused.h"
+#include "tied_conv2d_stencil.h"
 
 namespace {
-
-struct Geometry {
-  int64_t kh, kw, sh, sw, ph, pw;
-  int64_t h, w, ho, wo;
-};
-
-struct Orbits {
-  std::vector<int32_t> positions;
-  std::vector<int32_t> offsets;
-  std::vector<int32_t> row, col;  // kernel row and column of each position
-  int64_t count() const { return static_cast<int64_t>(offsets.size()) - 1; }
-};
-
-// Validates the CSR tables once so the loops below never index out of bounds.
-Orbits read_orbits(const at::Tensor& positions, const at::Tensor& offsets, int64_t kh, int64_t kw) {
-  TORCH_CHECK(positions.device().is_cpu() && offsets.device().is_cpu(),
-              "orbit tables must be CPU tensors");
-  TORCH_CHECK(positions.scalar_type() == at::kInt && offsets.scalar_type() == at::kInt,
-              "orbit tables must be int32");
-  TORCH_CHECK(positions.dim() == 1 && offsets.dim() == 1 && offsets.size(0) >= 2,
-              "positions must be (P,) and offsets (R+1,) with R >= 1");
-  const at::Tensor pos = positions.contiguous(), off = offsets.contiguous();
-  Orbits o;
-  o.positions.assign(pos.data_ptr<int32_t>(), pos.data_ptr<int32_t>() + pos.numel());
-  o.offsets.assign(off.data_ptr<int32_t>(), off.data_ptr<int32_t>() + off.numel());
-  TORCH_CHECK(o.offsets.front() == 0 && o.offsets.back() == static_cast<int32_t>(o.positions.size()),
-              "offsets must start at 0 and end at len(positions)");
-  for (size_t r = 1; r < o.offsets.size(); ++r)
-    TORCH_CHECK(o.offsets[r] >= o.offsets[r - 1], "offsets must be non-decreasing");
-  for (int32_t p : o.positions)
-    TORCH_CHECK(p >= 0 && p < kh * kw, "orbit position ", p, " outside the ", kh, "x", kw, " kernel");
-  for (int32_t p : o.positions) {
-    o.row.push_back(static_cast<int32_t>(p / kw));
-    o.col.push_back(static_cast<int32_t>(p % kw));
-  }
-  return o;
-}
-
-Geometry make_geometry(int64_t h, int64_t w, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
-                       int64_t ph, int64_t pw) {
-  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0,
-              "need kernel >= 1, stride >= 1, padding >= 0");
-  Geometry g{kh, kw, sh, sw, ph, pw, h, w, 0, 0};
-  g.ho = (h + 2 * ph - kh) / sh + 1;
-  g.wo = (w + 2 * pw - kw) / sw + 1;
-  TORCH_CHECK(h + 2 * ph >= kh && w + 2 * pw >= kw, "input (", h, ", ", w,
-              ") plus padding is smaller than the kernel (", kh, ", ", kw, ")");
-  return g;
-}
-
-// Output columns wo whose input column wo*sw + j - pw lies in [0, W).
-inline void column_range(const Geometry& g, int64_t j, int64_t& lo, int64_t& hi) {
-  const int64_t first = g.pw - j;  // wo*sw >= first
-  lo = first <= 0 ? 0 : (first + g.sw - 1) / g.sw;
-  const int64_t last = g.w - 1 + g.pw - j;  // wo*sw <= last
-  hi = last < 0 ? 0 : std::min(g.wo, last / g.sw + 1);
-}
-
-template <typename scalar_t, typename acc_t>
-SYMFAST_MULTIVERSION void add_row(acc_t* __restrict acc, const scalar_t* __restrict src,
-                                  int64_t n, int64_t step) {
-  if (step == 1) {
-    for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(src[k]);
-  } else {
-    for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(src[k * step]);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-SYMFAST_MULTIVERSION void scatter_row(acc_t* __restrict acc, const scalar_t* __restrict src,
-                                      int64_t n, int64_t step) {
-  if (step == 1) {
-    for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<acc_t>(src[k]);
-  } else {
-    for (int64_t k = 0; k < n; ++k) acc[k * step] += static_cast<acc_t>(src[k]);
-  }
-}
-
-// Stride 1 works on the zero-padded plane (Hp, Wp) as a flat array: output (y, x) and kernel
-// offset (i, j) meet at padded index (y + i)·Wp + x + j, so each kernel position is ONE long
-// contiguous add over L = (Ho − 1)·Wp + Wo "wide" outputs (columns x >= Wo are junk and dropped).
-// Measured on the 2-core machine (stencil of 32×64 planes of 32×32, 1 thread): 19 ms with the
-// per-row loops of the strided path (32-wide rows are mostly loop overhead), 9.4 ms with this.
-template <typename acc_t>
-SYMFAST_MULTIVERSION void add_flat(acc_t* __restrict acc, const acc_t* __restrict src, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) acc[k] += src[k];
-}
-
-struct Stride1Scratch {
-  int64_t hp, wp, wide;
-};
-
-inline Stride1Scratch stride1_layout(const Geometry& g) {
-  return {g.h + 2 * g.ph, g.w + 2 * g.pw, (g.ho - 1) * (g.w + 2 * g.pw) + g.wo};
-}
-
-// scratch: hp*wp (padded input) + wide (accumulator), in acc_t.
-template <typename scalar_t, typename acc_t>
-void stencil_plane_stride1(const scalar_t* src, scalar_t* dst, int64_t sr, const Orbits& o,
-                           const Geometry& g, acc_t* scratch) {
-  const Stride1Scratch l = stride1_layout(g);
-  acc_t* pad = scratch;
-  acc_t* acc = scratch + l.hp * l.wp;
-  std::fill(pad, pad + l.hp * l.wp, acc_t(0));
-  for (int64_t y = 0; y < g.h; ++y) {
-    acc_t* row = pad + (y + g.ph) * l.wp + g.pw;
-    for (int64_t x = 0; x < g.w; ++x) row[x] = static_cast<acc_t>(src[y * g.w + x]);
-  }
-  for (int64_t r = 0; r < o.count(); ++r) {
-    std::fill(acc, acc + l.wide, acc_t(0));
-    for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
-      const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
-      add_flat<acc_t>(acc, pad + i * l.wp + j, l.wide);
-    }
-    scalar_t* out = dst + r * sr;
-    for (int64_t y = 0; y < g.ho; ++y)
-      for (int64_t x = 0; x < g.wo; ++x) out[y * g.wo + x] = static_cast<scalar_t>(acc[y * l.wp + x]);
-  }
-}
-
-constexpr size_t kMaxKernelPositions = 256;
-
-// out[x] = sum over t in [t0, t1) of base[x + flat[t]] for x < n: 8 columns per register, the
-// last chunk moved left to end at n (it overlaps its neighbour when 8 does not divide n and
-// stores the same sums there); scalar when n < 8. Positions are added in ascending t.
-__attribute__((always_inline)) inline void sum_shifted_row(const float* __restrict base,
-                                                           const int64_t* __restrict flat,
-                                                           int64_t t0, int64_t t1, int64_t n,
-                                                           float* __restrict out) {
-  for (int64_t x0 = 0; x0 < n && n >= 8; x0 += 8) {
-    const int64_t x = std::min(x0, n - 8);
-    symfast::v8f sum = {};
-    for (int64_t t = t0; t < t1; ++t) sum += symfast::load8(base + x + flat[t]);
-    symfast::store8(out + x, sum);
-  }
-  if (n < 8)
-    for (int64_t x = 0; x < n; ++x) {
-      float sum = 0.f;
-      for (int64_t t = t0; t < t1; ++t) sum += base[x + flat[t]];
-      out[x] = sum;
-    }
-}
-
-// i*Wp + j per kernel position (row i, column j): where output (y, x) meets the position in a
-// plane zero-padded to width Wp, relative to padded index y*Wp + x.
-void forward_flat(const Orbits& o, int64_t wp, int64_t* flat) {
-  for (size_t t = 0; t < o.positions.size(); ++t) flat[t] = o.row[t] * wp + o.col[t];
-}
-
-// fp32, stride 1: each orbit's sum for 8 output columns is formed in a register from the
-// zero-padded plane, one unaligned load per kernel position, and stored once. Output (y, x) and
-// kernel offset (i, j) meet at padded index (y + i)*Wp + x + j, so `flat` holds i*Wp + j per
-// position. The template's flat algorithm (a load-add-store pass over a wide accumulator per
-// kernel position, then a copy out per orbit) took ~1.9 us per 32x32 plane (D4 3x3, one thread,
-// planes in cache), about a quarter of the forward time at 64 -> 64 channels.
-SYMFAST_MULTIVERSION void stencil_plane_stride1_f32(
-    const float* __restrict src, float* __restrict dst, int64_t sr, const int64_t* __restrict flat,
-    const int32_t* __restrict off, int64_t nr, int64_t h, int64_t w, int64_t ho, int64_t wo,
-    int64_t ph, int64_t pw, float* __restrict pad) {
-  const int64_t hp = h + 2 * ph, wp = w + 2 * pw;
-  for (int64_t k = 0; k < hp * wp; ++k) pad[k] = 0.f;
-  for (int64_t y = 0; y < h; ++y) {
-    float* row = pad + (y + ph) * wp + pw;
-    const float* s = src + y * w;
-    for (int64_t x = 0; x < w; ++x) row[x] = s[x];
-  }
-  for (int64_t r = 0; r < nr; ++r)
-    for (int64_t y = 0; y < ho; ++y)
-      sum_shifted_row(pad + y * wp, flat, off[r], off[r + 1], wo, dst + r * sr + y * wo);
-}
-
-// The adjoint of stencil_plane_stride1_f32, also as a gather into registers: input (y, x)
-// received orbit r(t)'s output (y + ph - i, x + pw - j) for each kernel position t = (i, j), so
-// gx(y, x) = sum over t of G_r(t)(y + ph - i + kh - 1, x + pw - j + kw - 1), where G_r is orbit
-// r's gradient plane zero-padded by kh - 1 rows and kw - 1 columns on each side (all R padded
-// planes side by side in gpad, `flat` holding each position's plane offset plus row/column
-// offset). Summed in the same position order as the template's scatter (a load-add-store pass
-// over the padded plane per position), so the results are bitwise equal; the input gradient at
-// 64 -> 64 channels, 32x32, batch 32 went 10.4 -> 9.0 ms (2 threads), 17.0 -> 15.5 ms (1 thread).
-SYMFAST_MULTIVERSION void gather_transposed_f32(const float* __restrict gpad, int64_t wq,
-                                               const int64_t* __restrict flat, int64_t npos,
-                                               int64_t h, int64_t w, float* __restrict dst) {
-  for (int64_t y = 0; y < h; ++y) sum_shifted_row(gpad + y * wq, flat, 0, npos, w, dst + y * w);
-}
-
-// Offsets of the gather above: plane offset plus row/column offset of each kernel position.
-void transposed_flat(const Orbits& o, const Geometry& g, int64_t* flat) {
-  const int64_t hq = g.ho + 2 * (g.kh - 1), wq = g.wo + 2 * (g.kw - 1);
-  for (int64_t r = 0; r < o.count(); ++r)
-    for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t)
-      flat[t] = r * hq * wq + (g.ph - o.row[t] + g.kh - 1) * wq + (g.pw - o.col[t] + g.kw - 1);
-}
-
-SYMFAST_MULTIVERSION void stencil_transpose_plane_stride1_f32(
-    const float* __restrict gs, int64_t sr, float* __restrict dst, const int64_t* __restrict flat,
-    int64_t npos, int64_t nr, int64_t h, int64_t w, int64_t ho, int64_t wo, int64_t kh,
-    int64_t kw, float* __restrict gpad) {
-  const int64_t hq = ho + 2 * (kh - 1), wq = wo + 2 * (kw - 1);
-  for (int64_t r = 0; r < nr; ++r)
-    for (int64_t yy = 0; yy < hq; ++yy) {
-      float* row = gpad + (r * hq + yy) * wq;
-      const int64_t y = yy - (kh - 1);
-      if (y < 0 || y >= ho) {
-        for (int64_t k = 0; k < wq; ++k) row[k] = 0.f;
-        continue;
-      }
-      const float* s = gs + r * sr + y * wo;
-      for (int64_t k = 0; k < kw - 1; ++k) row[k] = row[wq - 1 - k] = 0.f;
-      for (int64_t x = 0; x < wo; ++x) row[kw - 1 + x] = s[x];
-    }
-  gather_transposed_f32(gpad, wq, flat, npos, h, w, dst);
-}
-
-// The adjoint: scatter each orbit's (zero-extended, wide) gradient into the padded plane.
-template <typename scalar_t, typename acc_t>
-void stencil_transpose_plane_stride1(const scalar_t* gs, int64_t sr, scalar_t* dst, const Orbits& o,
-                                     const Geometry& g, acc_t* scratch) {
-  const Stride1Scratch l = stride1_layout(g);
-  acc_t* pad = scratch;
-  acc_t* wide = scratch + l.hp * l.wp;
-  std::fill(pad, pad + l.hp * l.wp, acc_t(0));
-  for (int64_t r = 0; r < o.count(); ++r) {
-    const scalar_t* src = gs + r * sr;
-    std::fill(wide, wide + l.wide, acc_t(0));
-    for (int64_t y = 0; y < g.ho; ++y)
-      for (int64_t x = 0; x < g.wo; ++x) wide[y * l.wp + x] = static_cast<acc_t>(src[y * g.wo + x]);
-    for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
-      const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
-      add_flat<acc_t>(pad + i * l.wp + j, wide, l.wide);
-    }
-  }
-  for (int64_t y = 0; y < g.h; ++y)
-    for (int64_t x = 0; x < g.w; ++x)
-      dst[y * g.w + x] = static_cast<scalar_t>(pad[(y + g.ph) * l.wp + x + g.pw]);
-}
-
-// One (b, c) plane: dst[r * sr + y * Wo + x] = orbit-r sum; acc is a scratch row of Wo.
-template <typename scalar_t, typename acc_t>
-void stencil_plane_strided(const scalar_t* src, scalar_t* dst, int64_t sr, const Orbits& o,
-                           const Geometry& g, acc_t* acc) {
-  for (int64_t r = 0; r < o.count(); ++r) {
-    for (int64_t y = 0; y < g.ho; ++y) {
-      std::fill(acc, acc + g.wo, acc_t(0));
-      for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
-        const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
-        const int64_t iy = y * g.sh + i - g.ph;
-        if (iy < 0 || iy >= g.h) continue;
-        int64_t lo, hi;
-        column_range(g, j, lo, hi);
-        if (hi > lo)
-          add_row<scalar_t, acc_t>(acc + lo, src + iy * g.w + lo * g.sw + j - g.pw, hi - lo, g.sw);
-      }
-      scalar_t* row = dst + r * sr + y * g.wo;
-      for (int64_t k = 0; k < g.wo; ++k) row[k] = static_cast<scalar_t>(acc[k]);
-    }
-  }
-}
-
-// The adjoint on one plane: dst (H, W) = sum_r sum_{p in orbit r} shift_p^T(gs[r * sr ...]);
-// acc is a scratch plane of H*W. One plane per task, so the scatter has no write conflicts.
-template <typename scalar_t, typename acc_t>
-void stencil_transpose_plane_strided(const scalar_t* gs, int64_t sr, scalar_t* dst,
-                                     const Orbits& o, const Geometry& g, acc_t* acc) {
-  std::fill(acc, acc + g.h * g.w, acc_t(0));
-  for (int64_t r = 0; r < o.count(); ++r) {
-    const scalar_t* src = gs + r * sr;
-    for (int32_t t = o.offsets[r]; t < o.offsets[r + 1]; ++t) {
-      const int64_t i = o.positions[t] / g.kw, j = o.positions[t] % g.kw;
-      int64_t lo, hi;
-      column_range(g, j, lo, hi);
-      if (hi <= lo) continue;
-      for (int64_t y = 0; y < g.ho; ++y) {
-        const int64_t iy = y * g.sh + i - g.ph;
-        if (iy < 0 || iy >= g.h) continue;
-        scatter_row<scalar_t, acc_t>(acc + iy * g.w + lo * g.sw + j - g.pw, src + y * g.wo + lo,
-                                     hi - lo, g.sw);
-      }
-    }
-  }
-  for (int64_t k = 0; k < g.h * g.w; ++k) dst[k] = static_cast<scalar_t>(acc[k]);
-}
-
-// Scratch (in acc_t) each plane function needs; callers allocate it once per thread.
-int64_t plane_scratch(const Geometry& g, int64_t r) {
-  if (g.sh == 1 && g.sw == 1) {
-    const Stride1Scratch l = stride1_layout(g);
-    const int64_t padded_orbits = r * (g.ho + 2 * (g.kh - 1)) * (g.wo + 2 * (g.kw - 1));
-    return std::max(l.hp * l.wp + l.wide, padded_orbits);
-  }
-  return std::max(g.wo, g.h * g.w);
-}
-
-template <typename scalar_t, typename acc_t>
-void stencil_plane(const scalar_t* src, scalar_t* dst, int64_t sr, const Orbits& o,
-                   const Geometry& g, acc_t* scratch) {
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    if (g.sh == 1 && g.sw == 1 && o.positions.size() <= kMaxKernelPositions) {
-      int64_t flat[kMaxKernelPositions];
-      forward_flat(o, g.w + 2 * g.pw, flat);
-      stencil_plane_stride1_f32(src, dst, sr, flat, o.offsets.data(), o.count(), g.h, g.w, g.ho,
-                                g.wo, g.ph, g.pw, scratch);
-      return;
-    }
-  }
-  if (g.sh == 1 && g.sw == 1)
-    stencil_plane_stride1<scalar_t, acc_t>(src, dst, sr, o, g, scratch);
-  else
-    stencil_plane_strided<scalar_t, acc_t>(src, dst, sr, o, g, scratch);
-}
-
-template <typename scalar_t, typename acc_t>
-void stencil_transpose_plane(const scalar_t* gs, int64_t sr, scalar_t* dst, const Orbits& o,
-                             const Geometry& g, acc_t* scratch) {
-  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
-    if (g.sh == 1 && g.sw == 1 && o.positions.size() <= kMaxKernelPositions) {
-      int64_t flat[kMaxKernelPositions];
-      transposed_flat(o, g, flat);
-      stencil_transpose_plane_stride1_f32(gs, sr, dst, flat, o.positions.size(), o.count(), g.h,
-                                          g.w, g.ho, g.wo, g.kh, g.kw, scratch);
-      return;
-    }
-  }
-  if (g.sh == 1 && g.sw == 1)
-    stencil_transpose_plane_stride1<scalar_t, acc_t>(gs, sr, dst, o, g, scratch);
-  else
-    stencil_transpose_plane_strided<scalar_t, acc_t>(gs, sr, dst, o, g, scratch);
-}
-
-// One sample: xb (C, H, W) -> sb (C*R, Ho*Wo), on the calling thread.
-template <typename scalar_t, typename acc_t>
-void stencil_sample(const scalar_t* xb, int64_t c, scalar_t* sb, const Orbits& o,
-                    const Geometry& g, acc_t* scratch) {
-  const int64_t hw = g.ho * g.wo;
-  for (int64_t ch = 0; ch < c; ++ch)
-    stencil_plane<scalar_t, acc_t>(xb + ch * g.h * g.w, sb + ch * o.count() * hw, hw, o, g, scratch);
-}
-
-// S plane (b, c, r) starts at b*sb + c*sc + r*sr; OpenMP over the (b, c) planes.
-template <typename scalar_t>
-void stencil_into(const at::Tensor& x, scalar_t* out, int64_t sb, int64_t sc, int64_t sr,
-                  const Orbits& o, const Geometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = x.size(1);
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  at::parallel_for(0, x.size(0) * c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(plane_scratch(g, o.count()));
-    for (int64_t plane = begin; plane < end; ++plane)
-      stencil_plane<scalar_t, acc_t>(xp + plane * g.h * g.w, out + (plane / c) * sb + (plane % c) * sc,
-                                     sr, o, g, acc.data());
-  });
-}
-
-// gS -> gx (B, C, H, W), gS plane (b, c, r) starting at b*sb + c*sc + r*sr (the layout of
-// stencil_into); OpenMP over the (b, c) planes.
-template <typename scalar_t>
-void stencil_transpose_into(const scalar_t* gs, int64_t sb, int64_t sc, int64_t sr, at::Tensor& gx,
-                            const Orbits& o, const Geometry& g) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = gx.size(1);
-  scalar_t* gxp = gx.data_ptr<scalar_t>();
-  at::parallel_for(0, gx.size(0) * c, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(plane_scratch(g, o.count()));
-    for (int64_t plane = begin; plane < end; ++plane)
-      stencil_transpose_plane<scalar_t, acc_t>(gs + (plane / c) * sb + (plane % c) * sc, sr,
-                                               gxp + plane * g.h * g.w, o, g, acc.data());
-  });
-}
-
-// Small output planes (outside the fused kernels' conditions): S in the layout (C, R, B, Ho*Wo),
-// so that the GEMM of every sample is one GEMM with N = B*Ho*Wo. Per-sample GEMMs with N = Ho*Wo of 16 or 64 spent their time in
-// dispatch and packing: a UNet training step at 16x16 (levels at 8x8 and 4x4, batch 64) made
-// ~1,900 at::mm/addmm calls of 12-45 us each.
-constexpr int64_t kSmallPlane = 256;
-bool small_plane(const Geometry& g) { return g.ho * g.wo < kSmallPlane; }
-
-// x (B, C, H, W) -> S (C*R, B*Ho*Wo).
-template <typename scalar_t>
-at::Tensor stencil_batched(const at::Tensor& x, const Orbits& o, const Geometry& g) {
-  const int64_t bsz = x.size(0), c = x.size(1), r = o.count(), hw = g.ho * g.wo;
-  at::Tensor s = at::empty({c * r, bsz * hw}, x.options());
-  stencil_into<scalar_t>(x, s.data_ptr<scalar_t>(), hw, r * bsz * hw, bsz * hw, o, g);
-  return s;
-}
-
-// ---------------------------------------------------------------------------------------------
-// fp32 (or bf16 inputs), stride 1, AVX2+FMA: the stencil fused into the GEMM's panel packing.
-//
-// A GEMM packs its right-hand side into small panels before the micro-kernel multiplies them;
-// here the packing step computes the stencil, so S never exists as a tensor: for one strip of
-// kNR output columns it forms the orbit sums of all C input channels (a K = C*R by kNR panel,
-// in L1), and the micro-kernel multiplies it by theta, up to kMR output channels at a time, with
-// the bias as the accumulators' start value. Measured on the 2-core machine (D4 3x3, 64 -> 64,
-// 32x32, batch 32): the separate stencil (written to a (C*R, H*W) buffer that overflows L2)
-// took a quarter of the forward time, and MKL's sgemm on this shape ran at 63 GF/s per core,
-// 64% of the FMA peak measured by a register-only loop (99 GF/s).
-//
-// Planes narrower than a strip (or not a multiple of it) go through the same kernel on a
-// "canvas": n samples side by side in the zero-padded row buffer, pw zero columns apart, so the
-// 16-column strips run across sample boundaries; the few columns that straddle two samples are
-// computed and dropped when the strip is stored. The path it replaced for output planes under 256
-// pixels (S as one (C*R, B*Ho*Wo) tensor and a single MKL GEMM; MKL sgemm reaches only 40-65 GF/s
-// on this AMD CPU), same-run A/B, D4 3x3, batch 64, 2 threads, forward in ms: 64->64 at 8x8
-// 3.04 -> 1.44, 128->64 at 8x8 4.63 -> 2.43, 64->64 at 4x4 0.86 -> 0.39, 32->64 at 8x8
-// 1.11 -> 0.67 (33-52 -> 70-83 GF/s).
-//
-// The input gradient is the same kernel again: gx[c](y, x) = sum over o, r of theta[o, c, r] times
-// the sum over positions (i, j) of orbit r of gy[o](y + ph - i, x + pw - j), i.e. the forward op
-// applied to grad_out with theta transposed to (C, O*R), every kernel position reflected through
-// the centre and padding kh - 1 - ph. The weight gradient shares the canvas and the stencil
-// strips, and multiplies them by grad_out with its own micro-kernel
-// (tied_conv2d_grad_weight_fused below).
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SYMFAST_FUSED_TIED_CONV 1
-#define SYMFAST_AVX2_FMA __attribute__((target("avx2,fma")))
-
-constexpr int kMR = 6;              // output channels per micro-kernel call (12 accumulators)
-constexpr int64_t kNR = 16;         // output columns per strip: two 8-lane registers
-constexpr int64_t kRowBlock = 8;    // output rows per work item
-
-bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
-
-// theta (M, K) row-major in blocks of at most kMR rows, each stored k-major ([k][rows]) from
-// m0*K. A remainder of 1, 2 or 3 rows after full blocks of 6 is merged with the last full block
-// and split as 4+3, 4+4 or 5+4: a block of r rows keeps 2r accumulators in flight, and the FMA
-// unit needs 8 (latency 4, two per cycle), so 32 output channels as 6,6,6,6,6,2 left the last
-// block at half speed.
-struct ThetaPack {
-  int64_t m = 0, k = 0;
-  std::vector<int64_t> start, rows;
-  std::vector<float> data;
-};
-
-ThetaPack pack_theta(const float* w, int64_t m, int64_t k) {
-  ThetaPack tp;
-  tp.m = m;
-  tp.k = k;
-  std::vector<int64_t> sizes(m / kMR, kMR);
-  const int64_t rem = m % kMR;
-  if (rem > 0 && rem <= 3 && !sizes.empty()) {
-    sizes.back() = rem == 3 ? 5 : 4;
-    sizes.push_back(kMR + rem - sizes.back());
-  } else if (rem > 0) {
-    sizes.push_back(rem);
-  }
-  tp.data.resize(m * k);
-  float* out = tp.data.data();
-  int64_t m0 = 0;
-  for (int64_t mr : sizes) {
-    tp.start.push_back(m0);
-    tp.rows.push_back(mr);
-    for (int64_t kk = 0; kk < k; ++kk)
-      for (int64_t i = 0; i < mr; ++i) *out++ = w[(m0 + i) * k + kk];
-    m0 += mr;
-  }
-  return tp;
-}
-
-// c[i*ldc + 0..15] = bias[i] + sum_k a[k*MR + i] * b[k*16 + 0..15] for i < MR. Fewer than 4 rows
-// split k over 2 or 4 sets of accumulators (summed at the end), so that 8 FMAs are in flight:
-// 1 output channel (the UNet's last layer) ran its strips at a quarter of the FMA rate.
-template <int MR>
-SYMFAST_AVX2_FMA __attribute__((always_inline)) inline void micro_kernel(
-    const float* __restrict a, const float* __restrict b, int64_t k, const float* bias,
-    float* __restrict c, int64_t ldc) {
-  constexpr int S = MR == 1 ? 4 : (MR <= 3 ? 2 : 1);
-  __m256 lo[S][MR], hi[S][MR];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) lo[0][i] = hi[0][i] = bias ? _mm256_set1_ps(bias[i]) : _mm256_setzero_ps();
-#pragma GCC unroll 4
-  for (int s = 1; s < S; ++s)
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) lo[s][i] = hi[s][i] = _mm256_setzero_ps();
-  int64_t kk = 0;
-  // Unrolled by 4: the loop counter and branch otherwise cost ~15% of the FMA throughput
-  // (measured with A and B in L1: 80 -> 93-96 GF/s per core, peak 99).
-#pragma GCC unroll 4
-  for (; kk + S <= k; kk += S) {
-#pragma GCC unroll 4
-    for (int s = 0; s < S; ++s) {
-      const __m256 b0 = _mm256_loadu_ps(b + (kk + s) * kNR), b1 = _mm256_loadu_ps(b + (kk + s) * kNR + 8);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) {
-        const __m256 ai = _mm256_broadcast_ss(a + (kk + s) * MR + i);
-        lo[s][i] = _mm256_fmadd_ps(ai, b0, lo[s][i]);
-        hi[s][i] = _mm256_fmadd_ps(ai, b1, hi[s][i]);
-      }
-    }
-  }
-  for (; kk < k; ++kk) {
-    const __m256 b0 = _mm256_loadu_ps(b + kk * kNR), b1 = _mm256_loadu_ps(b + kk * kNR + 8);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + kk * MR + i);
-      lo[0][i] = _mm256_fmadd_ps(ai, b0, lo[0][i]);
-      hi[0][i] = _mm256_fmadd_ps(ai, b1, hi[0][i]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int s = 1; s < S; ++s)
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      lo[0][i] = _mm256_add_ps(lo[0][i], lo[s][i]);
-      hi[0][i] = _mm256_add_ps(hi[0][i], hi[s][i]);
-    }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(c + i * ldc, lo[0][i]);
-    _mm256_storeu_ps(c + i * ldc + 8, hi[0][i]);
-  }
-}
-
-// c[i*ldc + 0..15] (+= bias[i]) for all M rows; b one K-by-16 panel. (Slicing K so that theta's
-// slice and the panel's share 24 KB of L1 was 3-4% slower at 128 -> 64, 16x16 and 96 -> 32,
-// 32x32, one thread: the accumulators' extra loads and stores cost more than L2 reads of theta.)
-SYMFAST_AVX2_FMA void multiply_panel(const ThetaPack& tp, const float* b, const float* bias,
-                                     float* c, int64_t ldc) {
-  for (size_t blk = 0; blk < tp.start.size(); ++blk) {
-    const int64_t m0 = tp.start[blk];
-    const float* am = tp.data.data() + m0 * tp.k;
-    const float* bs = bias ? bias + m0 : nullptr;
-    float* cm = c + m0 * ldc;
-    switch (tp.rows[blk]) {
-      case 6: micro_kernel<6>(am, b, tp.k, bs, cm, ldc); break;
-      case 5: micro_kernel<5>(am, b, tp.k, bs, cm, ldc); break;
-      case 4: micro_kernel<4>(am, b, tp.k, bs, cm, ldc); break;
-      case 3: micro_kernel<3>(am, b, tp.k, bs, cm, ldc); break;
-      case 2: micro_kernel<2>(am, b, tp.k, bs, cm, ldc); break;
-      default: micro_kernel<1>(am, b, tp.k, bs, cm, ldc); break;
-    }
-  }
-}
-
-// The stencil for one strip: panel[(ch*R + r)*ld + 0..15] = sum over positions t of orbit r of
-// pad[ch*plane + flat[t] + 0..15], pad pointing at the strip's first output in padded coordinates.
-// Four channels at a time: one channel's orbit sum is a chain of dependent adds (latency 3), and
-// with one chain pair in flight this packing took 37% of the GEMM's time at 96 input and 32
-// output channels (perf, one thread); 8 chains keep both add ports busy.
-SYMFAST_AVX2_FMA void pack_stencil_strip(const float* __restrict pad, int64_t plane, int64_t c,
-                                         const int64_t* __restrict flat,
-                                         const int32_t* __restrict off, int64_t r,
-                                         float* __restrict panel, int64_t ld) {
-  int64_t ch = 0;
-  for (; ch + 4 <= c; ch += 4) {
-    const float* p = pad + ch * plane;
-    for (int64_t rr = 0; rr < r; ++rr) {
-      __m256 lo[4], hi[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) lo[j] = hi[j] = _mm256_setzero_ps();
-      for (int32_t t = off[rr]; t < off[rr + 1]; ++t) {
-        const float* q = p + flat[t];
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          lo[j] = _mm256_add_ps(lo[j], _mm256_loadu_ps(q + j * plane));
-          hi[j] = _mm256_add_ps(hi[j], _mm256_loadu_ps(q + j * plane + 8));
-        }
-      }
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        float* dst = panel + ((ch + j) * r + rr) * ld;
-        _mm256_storeu_ps(dst, lo[j]);
-        _mm256_storeu_ps(dst + 8, hi[j]);
-      }
-    }
-  }
-  for (; ch < c; ++ch) {
-    const float* p = pad + ch * plane;
-    for (int64_t rr = 0; rr < r; ++rr) {
-      __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-      for (int32_t t = off[rr]; t < off[rr + 1]; ++t) {
-        lo = _mm256_add_ps(lo, _mm256_loadu_ps(p + flat[t]));
-        hi = _mm256_add_ps(hi, _mm256_loadu_ps(p + flat[t] + 8));
-      }
-      float* dst = panel + (ch * r + rr) * ld;
-      _mm256_storeu_ps(dst, lo);
-      _mm256_storeu_ps(dst + 8, hi);
-    }
-  }
-}
-
-// An inline copy into fp32 (bf16 widened): the rows are short (32 floats in the benchmark), too
-// short to amortise a library memcpy call each.
-template <typename scalar_t>
-__attribute__((always_inline)) inline void copy_row(float* __restrict dst,
-                                                    const scalar_t* __restrict src, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) symfast::store8(dst + i, symfast::load8_as_float(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-// A zeroed, 64-byte aligned float buffer: std::vector's storage is only 16-byte aligned, so a
-// strip of 16 floats would straddle two cache lines.
-class AlignedFloats {
- public:
-  void assign(int64_t n) {
-    raw_.assign(n + 16, 0.f);
-    const auto addr = reinterpret_cast<uintptr_t>(raw_.data());
-    ptr_ = raw_.data() + ((64 - addr % 64) % 64) / sizeof(float);
-  }
-  float* data() { return ptr_; }
-
- private:
-  std::vector<float> raw_;
-  float* ptr_ = nullptr;
-};
-
-// The valid outputs of one strip: `len` canvas columns from strip column `col` are columns
-// x.. of sample `sample` of the work item's group.
-struct Segment {
-  int64_t col, sample, x, len;
-};
-
-// n samples side by side: sample s's input columns start at canvas column s*pitch + pw (pitch =
-// W + pw, so pw zero columns separate neighbours and serve as both samples' padding; Wo if that
-// is larger), and canvas output column s*pitch + x is the sample's output column x for x < Wo
-// (the other pitch - Wo columns read across a boundary and are dropped). Strips of kNR columns start at
-// multiples of kNR; the buffer is wide enough for the last strip to read zeros past the data.
-struct Canvas {
-  int64_t bsz, c, h, w, ph, pw, kh, ho, wo;
-  int64_t n, pitch, out_w, strips, wp, rows, plane, groups, blocks;
-  std::vector<int64_t> flat;                 // i*wp + j per kernel position
-  std::vector<Segment> segs;                 // every strip's valid runs, strip by strip
-  std::vector<int64_t> seg_begin;            // strips + 1 offsets into segs
-  std::vector<int64_t> direct_sample, direct_x;  // a strip of kNR valid columns of one sample, or -1
-};
-
-int64_t canvas_strips(int64_t n, int64_t pitch, int64_t wo) {
-  return ((n - 1) * pitch + wo + kNR - 1) / kNR;
-}
-
-// n is the smallest count within 3% of the best share of computed columns that are kept, among
-// counts that leave at least 4 work items per thread and a row buffer under 384 KB (it is read
-// from L2). Shares for D4 3x3, padding 1: 32x32 and 16x16 planes 1.0 at n = 1; 8x8 0.875 at n = 7
-// (0.5 at n = 1); 4x4 0.75 at n = 3 (0.25 at n = 1).
-Canvas make_canvas(const Orbits& o, const Geometry& g, int64_t bsz, int64_t c) {
-  Canvas cv;
-  cv.bsz = bsz;
-  cv.c = c;
-  cv.h = g.h;
-  cv.w = g.w;
-  cv.ph = g.ph;
-  cv.pw = g.pw;
-  cv.kh = g.kh;
-  cv.ho = g.ho;
-  cv.wo = g.wo;
-  // Wo exceeds W + pw when the padding exceeds kw - 1 (outputs that see only zeros).
-  cv.pitch = std::max(g.w + g.pw, g.wo);
-  cv.rows = std::min(kRowBlock, g.ho);
-  cv.blocks = (g.ho + kRowBlock - 1) / kRowBlock;
-  const int64_t min_groups = (4 * at::get_num_threads() + cv.blocks - 1) / cv.blocks;
-  const int64_t n_max = std::max<int64_t>(1, std::min<int64_t>(bsz, bsz / std::max<int64_t>(1, min_groups)));
-  const auto share = [&](int64_t n) {
-    return static_cast<double>(n * g.wo) / static_cast<double>(canvas_strips(n, cv.pitch, g.wo) * kNR);
-  };
-  const auto bytes = [&](int64_t n) {
-    return 4 * c * (cv.rows + g.kh - 1) * (canvas_strips(n, cv.pitch, g.wo) * kNR + g.kw - 1);
-  };
-  double best = share(1);
-  for (int64_t n = 2; n <= n_max && bytes(n) <= (384 << 10); ++n) best = std::max(best, share(n));
-  cv.n = 1;
-  while (share(cv.n) < 0.97 * best) ++cv.n;
-  cv.out_w = (cv.n - 1) * cv.pitch + g.wo;
-  cv.strips = canvas_strips(cv.n, cv.pitch, g.wo);
-  cv.wp = cv.strips * kNR + g.kw - 1;
-  cv.plane = (cv.rows + g.kh - 1) * cv.wp;
-  cv.groups = (bsz + cv.n - 1) / cv.n;
-  cv.flat.resize(o.positions.size());
-  forward_flat(o, cv.wp, cv.flat.data());
-  for (int64_t k = 0; k < cv.strips; ++k) {
-    cv.seg_begin.push_back(static_cast<int64_t>(cv.segs.size()));
-    const int64_t end = std::min(cv.out_w, (k + 1) * kNR);
-    for (int64_t col = k * kNR; col < end;) {
-      const int64_t s = col / cv.pitch, x = col % cv.pitch;
-      if (x >= g.wo) {
-        col += cv.pitch - x;
-        continue;
-      }
-      const int64_t len = std::min(g.wo - x, end - col);
-      cv.segs.push_back({col - k * kNR, s, x, len});
-      col += len;
-    }
-    const bool direct = cv.segs.size() - cv.seg_begin.back() == 1 && cv.segs.back().len == kNR;
-    cv.direct_sample.push_back(direct ? cv.segs.back().sample : -1);
-    cv.direct_x.push_back(direct ? cv.segs.back().x : 0);
-  }
-  cv.seg_begin.push_back(static_cast<int64_t>(cv.segs.size()));
-  return cv;
-}
-
-// Input rows y0 - ph .. of the ns samples from x (the group's first sample) into the canvas
-// rows of pad (C planes). Columns outside the samples' data are never written, so they stay
-// zero from allocation (every item puts a row at the same place); a slot past ns keeps an
-// earlier item's sample, which only reaches dropped columns.
-template <typename scalar_t>
-SYMFAST_AVX2_FMA void fill_canvas(const scalar_t* __restrict x, int64_t ns, int64_t y0, int64_t nrows,
-                 const Canvas& cv, float* __restrict pad) {
-  for (int64_t ch = 0; ch < cv.c; ++ch)
-    for (int64_t lr = 0; lr < nrows + cv.kh - 1; ++lr) {
-      const int64_t iy = y0 + lr - cv.ph;
-      float* dst = pad + ch * cv.plane + lr * cv.wp;
-      if (iy >= 0 && iy < cv.h) {
-        for (int64_t s = 0; s < ns; ++s)
-          copy_row(dst + s * cv.pitch + cv.pw, x + ((s * cv.c + ch) * cv.h + iy) * cv.w, cv.w);
-      } else {
-        std::fill(dst, dst + cv.wp, 0.f);
-      }
-    }
-}
-
-// Output rows [y0, y1) of samples b0 .. b0 + ns - 1. y is (B, M, Ho, Wo) fp32; tile is M x kNR.
-template <typename scalar_t>
-SYMFAST_AVX2_FMA void forward_item(const scalar_t* x, float* y, int64_t b0, int64_t ns, int64_t y0,
-                                   int64_t y1, const Canvas& cv, const ThetaPack& tp,
-                                   const int32_t* off, int64_t r, const float* bias, float* pad,
-                                   float* panel, float* tile) {
-  fill_canvas(x + b0 * cv.c * cv.h * cv.w, ns, y0, y1 - y0, cv, pad);
-  const int64_t hw = cv.ho * cv.wo, m = tp.m;
-  for (int64_t yy = y0; yy < y1; ++yy)
-    for (int64_t k = 0; k < cv.strips; ++k) {
-      pack_stencil_strip(pad + (yy - y0) * cv.wp + k * kNR, cv.plane, cv.c, cv.flat.data(), off, r,
-                         panel, kNR);
-      const int64_t ds = cv.direct_sample[k];
-      if (ds >= 0 && ds < ns) {
-        multiply_panel(tp, panel, bias, y + (b0 + ds) * m * hw + yy * cv.wo + cv.direct_x[k], hw);
-        continue;
-      }
-      multiply_panel(tp, panel, bias, tile, kNR);
-      for (int64_t sg = cv.seg_begin[k]; sg < cv.seg_begin[k + 1]; ++sg) {
-        const Segment& seg = cv.segs[sg];
-        if (seg.sample >= ns) continue;
-        float* dst = y + (b0 + seg.sample) * m * hw + yy * cv.wo + seg.x;
-        for (int64_t mm = 0; mm < m; ++mm)
-          for (int64_t j = 0; j < seg.len; ++j) dst[mm * hw + j] = tile[mm * kNR + seg.col + j];
-      }
-    }
-}
-
-bool fused_applies(const Orbits& o, const Geometry& g) {
-  return g.sh == 1 && g.sw == 1 && o.positions.size() <= kMaxKernelPositions && cpu_has_avx2_fma();
-}
-
-// y (B, M, Ho, Wo) fp32 = theta (M, C*R) fp32 applied to x (B, C, H, W) fp32 or bf16 (widened as
-// it is copied into the canvas). Work items are (group of samples, block of kRowBlock output
-// rows), handed out dynamically, so a thread slowed by another process on a shared core does not
-// hold the others at the barrier.
-template <typename scalar_t>
-void tied_conv2d_fused(const scalar_t* xp, int64_t bsz, int64_t c, const float* theta, int64_t m,
-                       const float* bias, const Orbits& o, const Geometry& g, float* yp) {
-  const Canvas cv = make_canvas(o, g, bsz, c);
-  const ThetaPack tp = pack_theta(theta, m, c * o.count());
-  const int64_t items = cv.groups * cv.blocks;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    AlignedFloats pad, panel, tile;
-    pad.assign(cv.c * cv.plane);
-    panel.assign(tp.k * kNR);
-    tile.assign(m * kNR);
-    for (int64_t it = next++; it < items; it = next++) {
-      const int64_t b0 = (it / cv.blocks) * cv.n, y0 = (it % cv.blocks) * kRowBlock;
-      forward_item<scalar_t>(xp, yp, b0, std::min(cv.n, bsz - b0), y0, std::min(g.ho, y0 + kRowBlock),
-                             cv, tp, o.offsets.data(), o.count(), bias, pad.data(), panel.data(),
-                             tile.data());
-    }
-  });
-}
-
-// gx (B, C, H, W) fp32 from gy (B, O, Ho, Wo) fp32 or bf16 through the forward kernel (see the
-// section comment): theta^T, reflected positions, padding kh - 1 - ph. Same-run A/B against the
-// previous paths (D4 3x3, batch 64, 2 threads; per sample theta^T @ grad_out strips into
-// zero-padded orbit planes of the whole sample and a register gather for planes >= 256 pixels,
-// an MKL GEMM over the batch and a scatter below that), in ms: 32->32 at 32x32 7.15 -> 6.47,
-// 96->32 at 32x32 17.4 -> 13.8, 128->64 at 16x16 8.28 -> 6.76, 64->64 at 8x8 2.93 -> 1.58,
-// 64->64 at 4x4 1.34 -> 0.42, 32->1 at 32x32 2.72 -> 1.16. Slower where O > C: 32->64 at 16x16
-// 2.54 -> 3.02 (the stencil now runs over grad_out's O channels instead of the C*R planes).
-bool grad_input_fused_applies(const Orbits& o, const Geometry& g) {
-  return fused_applies(o, g) && g.ph < g.kh && g.pw < g.kw;
-}
-
-template <typename scalar_t>
-void tied_conv2d_grad_input_fused(const scalar_t* gyp, const at::Tensor& weight, const Orbits& o,
-                                  const Geometry& g, int64_t bsz, float* gxp) {
-  Orbits reflected = o;
-  for (size_t t = 0; t < o.positions.size(); ++t) {
-    reflected.row[t] = static_cast<int32_t>(g.kh - 1 - o.row[t]);
-    reflected.col[t] = static_cast<int32_t>(g.kw - 1 - o.col[t]);
-    reflected.positions[t] = static_cast<int32_t>(reflected.row[t] * g.kw + reflected.col[t]);
-  }
-  const Geometry gt = make_geometry(g.ho, g.wo, g.kh, g.kw, 1, 1, g.kh - 1 - g.ph, g.kw - 1 - g.pw);
-  TORCH_CHECK(gt.ho == g.h && gt.wo == g.w, "internal: transposed geometry mismatch");
-  const int64_t oc = weight.size(0), c = weight.size(1), r = weight.size(2);
-  const at::Tensor theta_t = weight.to(at::kFloat).permute({1, 0, 2}).reshape({c, oc * r}).contiguous();
-  tied_conv2d_fused<scalar_t>(gyp, bsz, oc, theta_t.data_ptr<float>(), c, nullptr, reflected, gt, gxp);
-}
-
-// The 8x8 transpose of r[0..7] in place (row i becomes column i).
-SYMFAST_AVX2_FMA __attribute__((always_inline)) inline void transpose8(__m256* r) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-
-// Canvas pixels per chunk of the weight gradient, and the row stride of its stencil buffer: a
-// compile-time stride makes every broadcast below a fixed displacement from one moving pointer
-// (with a run-time stride GCC spent an address computation per row and iteration). 256 pixels
-// keep S (K x 256) in L2 at K <= 384 while a grad_out panel (256 x 16) is reused from L1.
-constexpr int64_t kChunk = 256;
-// Row stride of the stencil and grad_out chunks: 1 KB rows put the 288 rows one strip writes into
-// 4 of L1's 64 sets; 16 floats more spread them over all of them.
-constexpr int64_t kRowStride = kChunk + 16;
-
-// c[i*ldc + 0..8*NV) += sum_q a[i*kRowStride + q] * b[q*8*NV + 0..8*NV) for i < MR, q < npix: a block
-// of stencil rows (orbit sums along pixels) times a panel of grad_out transposed to pixel-major.
-template <int MR, int NV>
-SYMFAST_AVX2_FMA __attribute__((always_inline)) inline void grad_weight_kernel(
-    const float* __restrict a, const float* __restrict b, int64_t npix, float* __restrict c,
-    int64_t ldc) {
-  __m256 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_setzero_ps();
-#pragma GCC unroll 4
-  for (int64_t q = 0; q < npix; ++q) {
-    __m256 bv[NV];
-#pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j) bv[j] = _mm256_loadu_ps(b + q * 8 * NV + 8 * j);
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i * kRowStride + q);
-#pragma GCC unroll 2
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm256_fmadd_ps(ai, bv[j], acc[i][j]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 2
-    for (int j = 0; j < NV; ++j)
-      _mm256_storeu_ps(c + i * ldc + 8 * j, _mm256_add_ps(_mm256_loadu_ps(c + i * ldc + 8 * j), acc[i][j]));
-}
-
-template <int NV>
-SYMFAST_AVX2_FMA void grad_weight_panel(const float* a, int64_t k, int64_t npix, const float* b,
-                                        float* c, int64_t ldc) {
-  // 6 rows x 2 vectors or 8 rows x 1 vector: 12 or 8 accumulators.
-  constexpr int64_t kRows = NV == 2 ? 6 : 8;
-  for (int64_t k0 = 0; k0 < k; k0 += kRows) {
-    const float* ak = a + k0 * kRowStride;
-    float* ck = c + k0 * ldc;
-    switch (std::min(kRows, k - k0)) {
-      case 8: grad_weight_kernel<8, NV>(ak, b, npix, ck, ldc); break;
-      case 7: grad_weight_kernel<7, NV>(ak, b, npix, ck, ldc); break;
-      case 6: grad_weight_kernel<6, NV>(ak, b, npix, ck, ldc); break;
-      case 5: grad_weight_kernel<5, NV>(ak, b, npix, ck, ldc); break;
-      case 4: grad_weight_kernel<4, NV>(ak, b, npix, ck, ldc); break;
-      case 3: grad_weight_kernel<3, NV>(ak, b, npix, ck, ldc); break;
-      case 2: grad_weight_kernel<2, NV>(ak, b, npix, ck, ldc); break;
-      default: grad_weight_kernel<1, NV>(ak, b, npix, ck, ldc); break;
-    }
-  }
-}
-
-// Per-thread buffers of the weight gradient.
-struct GradWeightScratch {
-  AlignedFloats pad, s, g, panels;
-};
-
-// grad_out of one strip (M rows of kNR canvas pixels) transposed into the pixel-major panels:
-// panels of 16 output channels (the last one 8 when M % 16 <= 8) for pixels q0 .. q0 + 15 of a
-// chunk of kChunk pixels; src row o at src + o*lds. Rows past M are zero.
-template <typename scalar_t>
-SYMFAST_AVX2_FMA __attribute__((always_inline)) inline void transpose_strip(
-    const scalar_t* src, int64_t lds, int64_t m, int64_t q0, float* panels) {
-  for (int64_t o0 = 0; o0 < m; o0 += 16) {
-    const int64_t width = m - o0 <= 8 ? 8 : 16;
-    float* panel = panels + o0 * kChunk + q0 * width;
-    for (int64_t half = 0; half < width; half += 8)
-      for (int64_t c0 = 0; c0 < kNR; c0 += 8) {
-        __m256 v[8];
-        for (int64_t i = 0; i < 8; ++i) {
-          const int64_t o = o0 + half + i;
-          v[i] = o < m ? (__m256)symfast::load8_as_float(src + o * lds + c0) : _mm256_setzero_ps();
-        }
-        transpose8(v);
-        for (int64_t j = 0; j < 8; ++j) _mm256_storeu_ps(panel + (c0 + j) * width + half, v[j]);
-      }
-  }
-}
-// grad theta^T (K x ldp, partial) += S @ gy^T over output rows [y0, y1) of samples
-// b0 .. b0 + ns - 1: the item's (row, strip) pairs in chunks of kChunk pixels; per strip the
-// forward's stencil packing (one row of S per orbit and channel) and grad_out transposed into
-// pixel-major panels (straight from grad_out when the strip is 16 columns of one sample, else
-// through a canvas strip with zeros where the forward drops a column, so those pixels add
-// nothing); then the chunk's GEMM.
-template <typename scalar_t>
-SYMFAST_AVX2_FMA void grad_weight_item(const scalar_t* x, const scalar_t* gy, int64_t m, int64_t b0,
-                                       int64_t ns, int64_t y0, int64_t y1, const Canvas& cv,
-                                       const int32_t* off, int64_t r, float* partial, int64_t ldp,
-                                       GradWeightScratch& sc) {
-  fill_canvas(x + b0 * cv.c * cv.h * cv.w, ns, y0, y1 - y0, cv, sc.pad.data());
-  const int64_t hw = cv.ho * cv.wo, k = cv.c * r, units = (y1 - y0) * cv.strips;
-  float* s = sc.s.data();
-  float* g = sc.g.data();
-  float* panels = sc.panels.data();
-  for (int64_t u0 = 0; u0 < units; u0 += kChunk / kNR) {
-    const int64_t u1 = std::min(units, u0 + kChunk / kNR), npix = (u1 - u0) * kNR;
-    // Each strip's row and position, and where grad_out holds its pixels (-1: not one sample's
-    // 16 consecutive columns); computed once per chunk, not per channel (an integer division per
-    // channel and strip cost a fifth of the GEMM's time).
-    int64_t unit_row[kChunk / kNR], unit_strip[kChunk / kNR], unit_src[kChunk / kNR];
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t yy = y0 + u / cv.strips, st = u % cv.strips, ds = cv.direct_sample[st];
-      unit_row[u - u0] = yy;
-      unit_strip[u - u0] = st;
-      unit_src[u - u0] = ds >= 0 && ds < ns ? (b0 + ds) * m * hw + yy * cv.wo + cv.direct_x[st] : -1;
-      pack_stencil_strip(sc.pad.data() + (yy - y0) * cv.wp + st * kNR, cv.plane, cv.c, cv.flat.data(),
-                         off, r, s + (u - u0) * kNR, kRowStride);
-    }
-    // grad_out of the chunk's pixels, channel by channel: each channel's rows are read in order.
-    for (int64_t o = 0; o < m; ++o)
-      for (int64_t j = 0; j < u1 - u0; ++j) {
-        float* dst = g + o * kRowStride + j * kNR;
-        if (unit_src[j] >= 0) {
-          copy_row(dst, gy + unit_src[j] + o * hw, kNR);
-          continue;
-        }
-        std::fill(dst, dst + kNR, 0.f);
-        const int64_t st = unit_strip[j];
-        for (int64_t sg = cv.seg_begin[st]; sg < cv.seg_begin[st + 1]; ++sg) {
-          const Segment& seg = cv.segs[sg];
-          if (seg.sample < ns)
-            copy_row(dst + seg.col, gy + ((b0 + seg.sample) * m + o) * hw + unit_row[j] * cv.wo + seg.x,
-                     seg.len);
-        }
-      }
-    for (int64_t q0 = 0; q0 < npix; q0 += kNR) transpose_strip(g + q0, kRowStride, m, q0, panels);
-    for (int64_t o0 = 0; o0 < m; o0 += 16) {
-      if (m - o0 <= 8)
-        grad_weight_panel<1>(s, k, npix, panels + o0 * kChunk, partial + o0, ldp);
-      else
-        grad_weight_panel<2>(s, k, npix, panels + o0 * kChunk, partial + o0, ldp);
-    }
-  }
-}
-
-// grad theta (O, C*R) fp32 from x (B, C, H, W) and gy (B, O, Ho, Wo), both fp32 or both bf16.
-// Items as in the forward, split into a fixed number of contiguous runs, each summed into its
-// own partial (runs claimed dynamically, partials added in order at the end): the result does
-// not depend on which thread ran what. Same-run A/B against the previous path (per sample the
-// stencil into a (C*R, Ho*Wo) scratch and at::addmm_ into a per-thread partial; one MKL GEMM over
-// (C, R, B*Ho*Wo) for planes under 256 pixels), D4 3x3, batch 64, 2 threads, in ms: 32->32 at
-// 32x32 7.04 -> 6.08, 96->32 at 32x32 19.6 -> 15.5, 64->64 at 8x8 2.44 -> 1.78, 64->64 at 4x4
-// 0.86 -> 0.48, 128->64 at 8x8 4.01 -> 2.97. MKL stays ~10% ahead on 16x16 planes with K = C*R of
-// 192-384 (128->64: 8.58 -> 9.60), and 1 output channel uses 1/8 of each 8-wide panel (32->1 at
-// 32x32: 2.99 -> 3.95); one kernel for every shape is worth that (the step got faster overall).
-template <typename scalar_t>
-void tied_conv2d_grad_weight_fused(const scalar_t* xp, const scalar_t* gyp, int64_t bsz, int64_t c,
-                                   int64_t m, const Orbits& o, const Geometry& g, float* gw) {
-  const Canvas cv = make_canvas(o, g, bsz, c);
-  const int64_t r = o.count(), k = c * r, ldp = (m + 7) / 8 * 8;
-  const int64_t items = cv.groups * cv.blocks, runs = std::min<int64_t>(items, 8);
-  std::vector<float> partial(runs * k * ldp, 0.f);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    GradWeightScratch sc;
-    sc.pad.assign(cv.c * cv.plane);
-    sc.s.assign(k * kRowStride);
-    sc.g.assign(m * kRowStride);
-    sc.panels.assign(ldp * kChunk);
-    for (int64_t run = next++; run < runs; run = next++)
-      for (int64_t it = run * items / runs; it < (run + 1) * items / runs; ++it) {
-        const int64_t b0 = (it / cv.blocks) * cv.n, y0 = (it % cv.blocks) * kRowBlock;
-        grad_weight_item<scalar_t>(xp, gyp, m, b0, std::min(cv.n, bsz - b0), y0,
-                                   std::min(g.ho, y0 + kRowBlock), cv, o.offsets.data(), r,
-                                   partial.data() + run * k * ldp, ldp, sc);
-      }
-  });
-  for (int64_t run = 1; run < runs; ++run)
-    for (int64_t i = 0; i < k * ldp; ++i) partial[i] += partial[run * k * ldp + i];
-  for (int64_t oc = 0; oc < m; ++oc)
-    for (int64_t kk = 0; kk < k; ++kk) gw[oc * k + kk] = partial[kk * ldp + oc];
-}
-#endif
 
 // With at least one sample per thread, each thread runs stencil -> GEMM (single-threaded inside
 // the parallel region) for whole samples, so S stays in cache instead of a (B, C, R, Ho, Wo)
@@ -1040,6 +39,38 @@ void tied_conv2d_grad_weight_fused(const scalar_t* xp, const scalar_t* gyp, int6
 // multi-threaded GEMM per sample. Samples are handed out dynamically (an atomic counter), so a
 // thread slowed by another process on a shared core does not hold the others at the barrier.
 bool fuse_per_sample(int64_t batch) { return batch >= at::get_num_threads(); }
+
+// Which route each pass takes, decided here and nowhere else:
+//
+//   route        | forward                 | input gradient           | weight gradient
+//   -------------+-------------------------+--------------------------+--------------------------
+//   kFused       | fp32/bf16, AVX2+FMA,    | as forward, and padding  | as forward
+//                | stride 1 (fused_applies)| < kernel (reflectable)   |
+//   kSmallPlane  | Ho*Wo < kSmallPlane: S as one (C*R, B*Ho*Wo) tensor, one GEMM (both gradients
+//                | share grad_out's transposed copy)
+//   kPerSample   | batch >= threads: stencil + GEMM per sample in one parallel region (the
+//                | weight gradient only in fp32/fp64 with Ho*Wo > 0: per-thread partials)
+//   kWholeBatch  | the rest: a plane-parallel stencil of the batch, then GEMMs per sample (forward,
+//                | input gradient) or one GEMM over the batch (weight gradient)
+//
+// The first row that applies wins. bf16/fp16 on the non-fused routes keep their dtype (at::mm).
+enum class Pass { kForward, kGradInput, kGradWeight };
+enum class Route { kFused, kSmallPlane, kPerSample, kWholeBatch };
+
+Route choose_path(Pass pass, at::ScalarType dtype, const Orbits& o, const Geometry& g,
+                  int64_t batch) {
+#ifdef SYMFAST_FUSED_TIED_CONV
+  if ((dtype == at::kFloat || dtype == at::kBFloat16) && fused_applies(o, g) &&
+      (pass != Pass::kGradInput || grad_input_fused_applies(o, g)))
+    return Route::kFused;
+#endif
+  if (small_plane(g)) return Route::kSmallPlane;
+  const bool full_precision = dtype == at::kFloat || dtype == at::kDouble;
+  if (fuse_per_sample(batch) &&
+      (pass != Pass::kGradWeight || (full_precision && g.ho * g.wo > 0)))
+    return Route::kPerSample;
+  return Route::kWholeBatch;
+}
 
 void check_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
@@ -1112,8 +143,9 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                 x.scalar_type(), " tensor");
   }
   if (y.numel() == 0) return y;
+  const Route route = choose_path(Pass::kForward, x.scalar_type(), o, g, bsz);
 #ifdef SYMFAST_FUSED_TIED_CONV
-  if ((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && fused_applies(o, g)) {
+  if (route == Route::kFused) {
     // bf16: fp32 throughout (weights and bias widened here, inputs as they are copied), one
     // rounding of the result. D4 3x3, 64 -> 64, 32x32, batch 32: 349 ms with the bf16 stencil
     // and bf16 at::mm below (no bf16 FMA units on this CPU), 8.5 ms this way (fp32: 7.7 ms).
@@ -1143,14 +175,14 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
     else
       at::mm_out(yb, w2, sb);
   };
-  if (small_plane(g)) {
+  if (route == Route::kSmallPlane) {
     at::Tensor s;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_small", [&] {
       s = stencil_batched<scalar_t>(x, o, g);
     });
     const at::Tensor y2 = has_bias ? at::addmm(bias->view({oc, 1}), w2, s) : at::mm(w2, s);
     y.copy_(y2.view({oc, bsz, g.ho, g.wo}).transpose(0, 1));
-  } else if (fuse_per_sample(bsz)) {
+  } else if (route == Route::kPerSample) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -1198,15 +230,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
               " differs from x dtype ", x.scalar_type());
   const at::Tensor gy = grad_out.contiguous().view({bsz, oc, hw});
   at::Tensor gx, gw, gb;
+  const Route gx_route = choose_path(Pass::kGradInput, x.scalar_type(), o, g, bsz);
+  const Route gw_route = choose_path(Pass::kGradWeight, x.scalar_type(), o, g, bsz);
 #ifdef SYMFAST_FUSED_TIED_CONV
-  // fp32 and bf16 (computed in fp32, rounded once), stride 1: both gradients through the fused
-  // kernels; what they do not cover falls through to the paths below.
-  if ((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && fused_applies(o, g)) {
+  // fp32 and bf16 (computed in fp32, rounded once), stride 1: the gradients whose route is
+  // kFused; the others take the routes below.
+  if (gx_route == Route::kFused || gw_route == Route::kFused) {
     const bool is_float = x.scalar_type() == at::kFloat;
     const auto as_float = [&](const at::Tensor& t) {
       return is_float ? t : at::empty(t.sizes(), t.options().dtype(at::kFloat));
     };
-    if (mask[0] && grad_input_fused_applies(o, g)) {
+    if (mask[0] && gx_route == Route::kFused) {
       gx = at::empty(x.sizes(), x.options());
       if (gx.numel() > 0) {
         at::Tensor gx32 = as_float(gx);
@@ -1219,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
       }
       mask[0] = false;
     }
-    if (mask[1]) {
+    if (mask[1] && gw_route == Route::kFused) {
       at::Tensor gw32 = at::zeros({oc, c * r}, x.options().dtype(at::kFloat));
       if (bsz > 0 && hw > 0 && c > 0 && oc > 0) {
         const at::Tensor xc = x.contiguous();
@@ -1236,7 +270,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
     }
   }
 #endif
-  if (small_plane(g) && (mask[0] || mask[1])) {
+  // kSmallPlane does not depend on the pass: it is the route of every gradient not yet done.
+  if ((gx_route == Route::kSmallPlane || gw_route == Route::kSmallPlane) && (mask[0] || mask[1])) {
     // Both gradients as single GEMMs over the (C, R, B, Ho*Wo) layout (see stencil_batched).
     const at::Tensor gy2 = gy.transpose(0, 1).reshape({oc, bsz * hw});
     const at::Tensor xc = x.contiguous();
@@ -1265,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
     if (gx.numel() > 0) {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_bwd_x", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        if (fuse_per_sample(bsz)) {
+        if (gx_route == Route::kPerSample) {
           std::atomic<int64_t> next_sample{0};
       at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
             at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -1290,8 +325,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
       });
     }
   }
-  const bool full_precision = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
-  if (mask[1] && fuse_per_sample(bsz) && full_precision && hw > 0) {
+  if (mask[1] && gw_route == Route::kPerSample) {
     // Each thread sums grad theta over whole samples into its own partial, with S[b] formed in
     // a per-thread scratch that stays in cache: the (C, R, B, Ho*Wo) tensor of the path below
     // (25 MB at 64 channels, 32x32, batch 32) and the transposed copy of grad_out are never
