@@ -172,11 +172,12 @@ def plot(runs: list[dict], measures: tuple[str, ...], title: str, path: Path) ->
             ax.plot(range(len(ys)), ys, "o-", color="C0", label="SFBD" if i == 0 else None)
             ax.axhline(r["noisy only"][key], color="C3", ls="--", label="noisy only" if i == 0 else None)
             ax.axhline(r["clean only"][key], color="C2", ls=":", label="clean only" if i == 0 else None)
+        ax.set_xticks(range(len(runs[0]["sfbd"])))
         ax.set_xlabel("SFBD round (0 = pretrained on the clean images)")
         ax.set_ylabel(label)
         ax.set_yscale("log")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"SFBD on {title}, 4% clean, tau = 0.5 (lower is better)")
+    fig.suptitle(f"SFBD on {title}\n4% clean, tau = 0.5 (lower is better)", fontsize=10)
     return save_figure(fig, path)
 
 
