@@ -57,12 +57,14 @@ def table(rows: list[dict], dtype: str = "fp32", size: str = "readme") -> str:
 
 
 def splice(readme: str, generated: str) -> str:
-    """``readme`` with the text between the markers replaced by ``generated``."""
-    if readme.count(BEGIN) != 1 or readme.count(END) != 1 or readme.index(BEGIN) > readme.index(END):
+    """``readme`` with the text between the marker lines replaced by ``generated`` (a marker
+    counts only as a line of its own: prose that names it in backticks is left alone)."""
+    lines = readme.split("\n")
+    begins = [i for i, line in enumerate(lines) if line.strip() == BEGIN]
+    ends = [i for i, line in enumerate(lines) if line.strip() == END]
+    if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
         raise ValueError(f"the README must hold one {BEGIN} line and, after it, one {END} line")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{generated}\n{END}{tail}"
+    return "\n".join(lines[:begins[0] + 1] + [generated] + lines[ends[0]:])
 
 
 def main(argv: list[str] | None = None) -> int:

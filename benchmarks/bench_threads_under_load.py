@@ -1,0 +1,110 @@
+"""Threads under load: does each symfast CPU kernel collapse when another process holds a core?
+
+    python benchmarks/bench_threads_under_load.py            # writes results/threads_under_load.json
+    python benchmarks/bench_threads_under_load.py --quick
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_threads_under_load.py   # *_passive.json
+
+On a machine whose cores are all in use, an OpenMP team of as many threads as cores waits at every
+barrier for the thread that shares its core with the other process; code with many small parallel
+regions then runs far slower than with fewer threads (CAB-CNN training here: 38 s at 2 threads
+against 3.0 s at 1, with one core busy). For every op (the README's size, fp32, cpu backend, forward
+and backward where it has one) and for a WT training step, this times 1 and N threads
+(N = torch.get_num_threads() at start), with the machine quiet and with one core held by a spinning
+process, all in one run, as medians of repeats. The ratio that matters is
+"N threads, loaded / 1 thread, loaded": above 1, using every core hurts once one is busy.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median_time, print_table, write_results  # noqa: E402
+
+import symfast.ops as ops  # noqa: E402
+from symfast.profiling import cases  # noqa: E402
+
+
+# Ops timed forward + backward (training uses them so); the others run in sampling, forward only.
+TRAINED = ("group_norm_silu", "tied_conv2d", "attention_pool", "classifier_select")
+
+
+def _op_step(op: str):
+    """Forward (and backward, for the ops in TRAINED) of ``op`` at the README's size."""
+    case = cases.make_case(op, "readme", torch.float32, "cpu")
+    args = [a.detach().requires_grad_() if op in TRAINED and isinstance(a, torch.Tensor)
+            and a.is_floating_point() else a for a in case.args]
+    fn = getattr(ops, op)
+
+    def step():
+        out = fn(*args, backend="cpu", **case.kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        if out.requires_grad:
+            out.sum().backward()
+    return case.shape, step
+
+
+def _train_step():
+    from bench_train import bare_step
+    from symfast.data.images import digits
+    from symfast.nn import EquivariantUNet
+
+    torch.manual_seed(0)
+    return "WT 16x16 b64", bare_step(EquivariantUNet(1, 1, (32, 64, 64), "d4"), digits(16).images)
+
+
+def _spinner() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def run(repeats: int) -> list[dict]:
+    threads = torch.get_num_threads()
+    if threads < 2:
+        raise SystemExit("needs at least 2 threads (set OMP_NUM_THREADS unset or >= 2)")
+    steps = [(op, *_op_step(op)) for op in cases.OPS] + [("train step", *_train_step())]
+    rows = []
+    for name, shape, step in steps:
+        row = {"op": name, "shape": shape}
+        for load in ("quiet", "loaded"):
+            spinner = _spinner() if load == "loaded" else None
+            try:
+                for n in (1, threads):
+                    torch.set_num_threads(n)
+                    row[f"{load}_t{n}_ms"] = median_time(step, repeats, warmup=2) * 1e3
+            finally:
+                torch.set_num_threads(threads)
+                if spinner is not None:
+                    spinner.kill()
+                    spinner.wait()
+        row["speedup_quiet"] = row["quiet_t1_ms"] / row[f"quiet_t{threads}_ms"]
+        row["loaded_tN_over_t1"] = row[f"loaded_t{threads}_ms"] / row["loaded_t1_ms"]
+        rows.append(row)
+        print(f"{name}: quiet {row['quiet_t1_ms']:.2f} / {row[f'quiet_t{threads}_ms']:.2f} ms, "
+              f"loaded {row['loaded_t1_ms']:.2f} / {row[f'loaded_t{threads}_ms']:.2f} ms "
+              f"(1 / {threads} threads)", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    repeats = 5 if args.quick else 15
+    threads = torch.get_num_threads()
+    rows = run(repeats)
+    print_table(rows, ["op", "shape", "quiet_t1_ms", f"quiet_t{threads}_ms", "loaded_t1_ms",
+                       f"loaded_t{threads}_ms", "speedup_quiet", "loaded_tN_over_t1"])
+    policy = os.environ.get("OMP_WAIT_POLICY")  # read by OpenMP at start: record what this run had
+    name = "threads_under_load" + (f"_{policy.lower()}" if policy else "")
+    path = write_results(name, {"threads": threads, "repeats": repeats, "omp_wait_policy": policy,
+                                "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
