@@ -49,11 +49,12 @@ and the long run (``--fuzz-long``)::
 Defects found are at the end of the file as minimal, deterministic ``xfail(strict=True)`` tests;
 the fuzz tests keep clear of exactly those input regions and say where:
 
-* fused_step, cpu and triton: float64 state with Philox noise is ~3e-8 off (TOL 1e-12);
-* group_norm_silu, cpu: one-element groups with a shift are not silu(bias).
-Fixed since, their tests kept as plain tests: the reference group_norm_silu's one-element groups
-with weight/bias (it now subtracts the mean), the reference attention_pool's bf16/fp16 table
-gradients (it now gathers from fp32 tables), orbit/orbit_mean with zero-size event dims and
+* fused_step, cpu and triton: float64 state with Philox noise is ~3e-8 off (TOL 1e-12).
+
+Fixed since, their tests kept as plain tests: group_norm_silu's one-element groups with weight/bias
+(the reference now subtracts the mean) and with a shift (the cpu kernel centres such a tile on its
+element), the reference attention_pool's bf16/fp16 table gradients (it now gathers from fp32
+tables), orbit/orbit_mean with zero-size event dims and
 fused_step with an empty state (crashed on the kernels), unchecked u/v/noise dtypes in
 fused_step, the reference group_norm_silu refusing one sample of one-element groups, and the
 reference orbit_mean's float16 partial sums overflowing.
@@ -875,11 +876,6 @@ def group_norm_cases(draw, backend: str):
         eps = draw(st.sampled_from([1e-5, 1e-6, 0.5, 0.0, 1]))
     small_e = (-4, 2) if dtype == torch.float16 else (-8, 8)
     opt = {n: draw(st.booleans()) for n in ("shift", "weight", "bias")}
-    if c // groups_ * math.prod(spatial) == 1 and backend == "cpu":
-        # One element per group: z = silu(bias) exactly, whatever x; the CPU kernel leaves a
-        # residue ~u·|x + shift|/sqrt(eps) there with a shift, a known defect kept out of this
-        # test (test_group_norm_silu_one_element_groups_with_shift)
-        opt["shift"] = False
     return dict(dtype=dtype, shape=shape, groups=groups_, eps=eps,
                 x=draw(specs(shape, dtype, exp=(ex, ex))),
                 shift=draw(specs((b, c), dtype, exp=(ex, ex))) if opt["shift"] else None,
@@ -1462,7 +1458,7 @@ SHIFT = ("cpu: for one-element groups with a shift z must be silu(0) = 0 exactly
          "tests/test_group_norm_silu.py states the kernels give silu(bias) exactly there")
 
 
-@pytest.mark.parametrize("backend", _xfail_on({"cpu": SHIFT}))
+@pytest.mark.parametrize("backend", BACKENDS)  # fixed: a one-element tile is centred on itself
 def test_group_norm_silu_one_element_groups_with_shift(backend):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 1, generator=gen) * 10
