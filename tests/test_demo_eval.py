@@ -220,20 +220,24 @@ def test_digits_experiment_quick(tmp_path):
     assert (tmp_path / "results" / "digits_d4_quick.png").exists()
 
 
+def _python(*args: str) -> str:
+    """stdout of a fresh ``python ARGS`` (a new process: what it imports is its own), which must
+    succeed."""
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_help_does_not_import_torch():
     # `symfast --help` (and `symfast` with a typo'd command) answer at once: torch is imported only
     # by the command that runs
-    code = ("import sys, symfast.cli as c\n"
-            "try:\n    c.main(['--help'])\nexcept SystemExit as e:\n    code = e.code\n"
-            "print(code, 'torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == "0 False"
-    assert "train" in done.stdout and "demo" in done.stdout and "profile" in done.stdout
+    out = _python("-c", "import sys, symfast.cli as c\n"
+                  "try:\n    c.main(['--help'])\nexcept SystemExit as e:\n    code = e.code\n"
+                  "print(code, 'torch' in sys.modules)")
+    assert out.splitlines()[-1] == "0 False"
+    assert "train" in out and "demo" in out and "profile" in out
     # a subcommand's own help still lists its flags
-    done = subprocess.run([sys.executable, "-m", "symfast", "train", "--help"], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0 and "--equivariance" in done.stdout, done.stderr
+    assert "--equivariance" in _python("-m", "symfast", "train", "--help")
 
 
 def test_package_attributes_are_the_documented_functions():
@@ -242,9 +246,8 @@ def test_package_attributes_are_the_documented_functions():
     code = ("import symfast, symfast.nn, symfast.denoiser; from symfast import Denoiser, sample; "
             "print(symfast.symmetrize.__name__, callable(symfast.symmetrize), "
             "symfast.equivariance_error.__name__, symfast.sample.__module__)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["symmetrize", "True", "equivariance_error", "symfast.samplers.api"]
+    assert _python("-c", code).split() == ["symmetrize", "True", "equivariance_error",
+                                           "symfast.samplers.api"]
 
 
 def test_import_is_light_and_the_documented_namespaces_are_reachable():
@@ -255,7 +258,5 @@ def test_import_is_light_and_the_documented_namespaces_are_reachable():
             "print(symfast.models.CABCNN.__name__, symfast.data.digits.__name__, "
             "symfast.metrics.frechet_distance.__name__, symfast.attention_dynamics.__name__, "
             "symfast.integrations.__name__, symfast.train.load.__name__)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["[]", "CABCNN digits frechet_distance "
-                                        "symfast.attention_dynamics symfast.integrations load"]
+    assert _python("-c", code).splitlines() == ["[]", "CABCNN digits frechet_distance "
+                                                "symfast.attention_dynamics symfast.integrations load"]

@@ -100,9 +100,9 @@ def kernels(op: str, backend: str):
     module ``symfast.kernels.<op>`` of Triton launchers for "triton" (imported on first use:
     importing triton is slow)."""
     if backend == "cpu":
-        if not _cpu_loaded(op):
-            from symfast._ext import load_errors
-            raise RuntimeError(f"symfast CPU kernel {op!r} is unavailable: {load_errors.get(op)}")
+        _, error, message = _decide(op, "cpu", "cpu")  # loads the extension, or says why not
+        if error:
+            raise _ERRORS[error](message)
         return torch.ops.symfast
     if backend == "triton":
         return importlib.import_module(f"symfast.kernels.{op}")
