@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from symfast._io import atomic_write_text
@@ -21,9 +22,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def write_results(name: str, payload: dict) -> Path:
+    """benchmarks/results/<name>.json: the payload, the machine it was measured on, the date and
+    the command (the README's tables name all three beside each figure)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    atomic_write_text(path, json.dumps({"machine": machine_info(), **payload}, indent=2))
+    script = Path(sys.argv[0]).resolve()
+    root = RESULTS.parent.parent
+    command = " ".join(["python", str(script.relative_to(root) if root in script.parents else script),
+                        *sys.argv[1:]])
+    stamp = {"machine": machine_info(), "measured": time.strftime("%Y-%m-%d", time.gmtime()),
+             "command": command}
+    atomic_write_text(path, json.dumps({**stamp, **payload}, indent=2))
     return path
 
 

@@ -3,8 +3,9 @@ Python loop over the 8 group elements.
 
 DDIMPipeline, a small UNet2DModel (2 levels, 32/64 channels) at 32×32, batch 8, 50 steps, D4
 frame averaging, fp32 on the CPU, both from the same seeded generator:
-- symfast: ``equivariant(pipe, "d4")``: the orbit in one batched UNet call per step, and the
-  orbit average + DDIM update in one ``symfast::fused_step`` op;
+- symfast: ``equivariant(pipe, "d4")``: the orbit in batched UNet calls chosen per device (on the
+  CPU calls of 16 images: 4 per step here), and the orbit average + DDIM update in one
+  ``symfast::fused_step`` op;
 - loop: ``LoopAveragedUNet`` (8 UNet calls on g_k x, each output mapped back by g_k⁻¹ and summed)
   with diffusers' own DDIMScheduler.
 

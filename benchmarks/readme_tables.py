@@ -1,12 +1,16 @@
-"""Regenerate the README's op performance table from a `symfast bench all` results CSV.
+"""Regenerate the README's performance tables: the op table from a `symfast bench all` results
+CSV, and the speed-targets table from the benchmark scripts' results (benchmarks/results/*.json).
 
     python benchmarks/readme_tables.py RESULTS.csv [--readme README.md] [--dtype fp32]
                                        [--size readme] [--check] [--commit-results]
 
-The table goes between the lines ``<!-- bench-all:begin -->`` and ``<!-- bench-all:end -->``
-of the README (add them where the table belongs; the script refuses a README without them).
-One row per op at the chosen size and dtype: median time of each backend and the best symfast
-kernel's share of the machine's limit, with the machine named under the table.
+The op table goes between the lines ``<!-- bench-all:begin -->`` and ``<!-- bench-all:end -->``
+of the README, the targets table between ``<!-- bench-targets:begin -->`` and
+``<!-- bench-targets:end -->`` (add them where the tables belong; the script refuses a README
+without them). The op table: one row per op at the chosen size and dtype, median time of each
+backend and the best symfast kernel's share of the machine's limit, the machine named under it.
+The targets table: one row per speed target the issues name (TARGETS below), what the committed
+results measured, whether it is met, and the machine, date and command of that measurement.
 ``--check`` prints the table and whether the README holds it, writing nothing (exit 1 if
 stale). ``--commit-results`` also copies the CSV to benchmarks/results/bench_all.csv: the
 committed results change only here, on purpose, from a run on a quiet machine.
@@ -15,14 +19,19 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from symfast._io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 BEGIN, END = "<!-- bench-all:begin -->", "<!-- bench-all:end -->"
+TARGETS_BEGIN, TARGETS_END = "<!-- bench-targets:begin -->", "<!-- bench-targets:end -->"
 BACKENDS = (("reference", "eager reference"), ("compile", "torch.compile"), ("cpu", "symfast cpu"),
             ("triton", "symfast triton"))
 
@@ -56,14 +65,136 @@ def table(rows: list[dict], dtype: str = "fp32", size: str = "readme") -> str:
     return "\n".join(lines)
 
 
-def splice(readme: str, generated: str) -> str:
+@dataclass(frozen=True)
+class Target:
+    """A speed target an issue names, read from one results file of a benchmark script."""
+    issue: int
+    label: str
+    file: str                          # benchmarks/results/<file>.json
+    value: Callable[[dict], float]     # the measured figure, from that file's JSON
+    goal: float
+    unit: str = "x"                    # "x": a ratio; "%": a fraction, shown in percent
+    at_most: bool = False              # the target is an upper bound
+
+
+def _row(rows: list[dict], **match) -> dict:
+    """The one row of ``rows`` whose fields equal ``match``."""
+    found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    if len(found) != 1:
+        raise KeyError(f"{len(found)} rows match {match}")
+    return found[0]
+
+
+def _ga(d: dict, op: str, group: str, shape: str, variant: str = "symfast cpu") -> dict:
+    return _row(d["rows"], op=op, group=group, shape=shape, variant=variant)
+
+
+def _attention(d: dict, variant: str) -> dict:
+    return _row(d["rows"], name="attention_pool fwd+bwd", variant=variant)
+
+
+def _select(d: dict, variant: str) -> dict:
+    return _row(d["rows"], name="classifier_select fwd+bwd", variant=variant)
+
+
+def _tied(d: dict, variant: str = "TiedConv2d (cpu)") -> dict:
+    return _row(d["op"], variant=variant)
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(2, "orbit_mean D4 (64,3,64,64), share of copy bandwidth", "group_average",
+           lambda d: _ga(d, "orbit_mean", "d4", "64x3x64x64")["share_of_copy_bw"], 0.70, "%"),
+    Target(2, "orbit_mean D4 (64,3,64,64) vs torch.compile", "group_average",
+           lambda d: _ga(d, "orbit_mean", "d4", "64x3x64x64")["speedup_vs_compile"], 2.0),
+    Target(3, "fused DDIM step D4 (64,3,64,64), share of copy bandwidth", "bench_sampler",
+           lambda d: _row(d["step_op"]["rows"], variant="fused cpu (DDIM)")["share_of_copy_bw"],
+           0.70, "%"),
+    Target(4, "TiedConv2d D4 3×3 64→64 forward vs nn.Conv2d", "tied_conv_t2",
+           lambda d: _tied(d)["fwd_speedup_vs_conv2d"], 2.0),
+    Target(4, "TiedConv2d forward+backward vs nn.Conv2d", "tied_conv_t2",
+           lambda d: _tied(d)["fwd_bwd_speedup_vs_conv2d"], 1.5),
+    Target(4, "EquivariantUNet sampling vs symmetrize(UNet), per step", "tied_conv_t2",
+           lambda d: d["sampling"]["speedup"], 6.0),
+    Target(5, "attention_pool fwd+bwd vs eager", "attention",
+           lambda d: d["attention_pool_summary"]["cpu_vs_eager"], 3.0),
+    Target(5, "attention_pool fwd+bwd vs eager + embedding_bag", "attention",
+           lambda d: d["attention_pool_summary"]["cpu_vs_embedding_bag"], 2.0),
+    Target(5, "attention_pool fwd+bwd vs torch.compile", "attention",
+           lambda d: d["attention_pool_summary"]["cpu_vs_compile"], 1.2),
+    Target(5, "classifier_select fwd+bwd vs eager", "classifier_select",
+           lambda d: d["summary"]["cpu_vs_eager"], 1.5),
+    Target(10, "WT training step vs parametrize-symmetrised network, 16×16", "train",
+           lambda d: _row(d["step"], size=16, model="wt (parametrize)")["wt_speedup_paired"], 2.0),
+    Target(10, "training loop overhead over the bare step", "train",
+           lambda d: d["overhead"]["overhead"], 0.05, "%", at_most=True),
+    Target(10, "2-process DDP scaling efficiency (gloo, 1 thread each)", "train",
+           lambda d: d["ddp"]["efficiency"], 0.80, "%"),
+    Target(11, "SFBD backward step, WT vs FA at equal width, 16×16", "sfbd",
+           lambda d: _row(d["throughput"], size=16, model="wt")["wt_vs_fa"], 6.0),
+    Target(11, "SFBD backward step, 2 processes vs 1 (scaling efficiency)", "sfbd",
+           lambda d: d["scaling"]["efficiency"], 0.85, "%"),
+    Target(13, "equivariant DDIMPipeline: non-network share of a step", "integrations",
+           lambda d: d["symfast"]["non_network_share_of_step"], 0.01, "%", at_most=True),
+    Target(13, "equivariant DDIMPipeline vs the loop: time saved beyond the non-network time "
+               "removed, share of the loop's time", "integrations",
+           lambda d: (d["time_saved_s"] - d["non_network_removed_s"]) / d["loop"]["total_s"], 0.0, "%"),
+    Target(16, "classifier_select fwd+bwd vs torch.compile", "classifier_select",
+           lambda d: d["summary"]["cpu_vs_compile"], 1.1),
+    Target(16, "classifier_select fwd+bwd, share of its three-GEMM floor", "classifier_select",
+           lambda d: d["summary"]["cpu_share_of_gemm_floor"], 0.85, "%"),
+    Target(16, "attention_pool fwd+bwd, share of its floor", "attention",
+           lambda d: _attention(d, "cpu kernel")["share_of_floor"], 0.60, "%"),
+    Target(16, "orbit D4 (64,3,64,64), share of copy bandwidth", "group_average",
+           lambda d: _ga(d, "orbit", "d4", "64x3x64x64")["share_of_copy_bw"], 0.80, "%"),
+    Target(16, "orbit D4 (16,4,128,128), share of copy bandwidth", "group_average",
+           lambda d: _ga(d, "orbit", "d4", "16x4x128x128")["share_of_copy_bw"], 0.80, "%"),
+    Target(16, "fused step with Philox noise / without", "bench_sampler",
+           lambda d: (_row(d["step_op"]["rows"], variant="fused cpu (+Philox noise)")["ms"]
+                      / _row(d["step_op"]["rows"], variant="fused cpu (DDIM)")["ms"]), 1.5,
+           at_most=True),
+)
+
+
+def _figure(value: float, unit: str) -> str:
+    if unit == "%":
+        return f"{100 * value:.1f}%" if abs(value) < 0.1 else f"{100 * value:.0f}%"
+    return f"{value:.2f}×"
+
+
+def _machine(info: dict) -> str:
+    core = info.get("core") or info.get("cpu", "?")
+    isa = f" ({info['isa']})" if "isa" in info else ""
+    return f"{core}{isa}, {info.get('threads', '?')} threads"
+
+
+def targets_table(results: Path = RESULTS, targets: tuple[Target, ...] = TARGETS) -> str:
+    """The markdown table of ``targets`` as the results files under ``results`` measured them."""
+    lines = ["| issue | measurement | measured | target | met | machine, date | command |",
+             "|---|---|---|---|---|---|---|"]
+    for t in targets:
+        path = results / f"{t.file}.json"
+        data = json.loads(path.read_text())
+        value = float(t.value(data))
+        met = value <= t.goal if t.at_most else value >= t.goal
+        goal = ("≤ " if t.at_most else "≥ ") + _figure(t.goal, t.unit)
+        when = data.get("measured", "date not recorded")
+        command = f"`{data['command']}`" if "command" in data else ""
+        lines.append(f"| {t.issue} | {t.label} | {_figure(value, t.unit)} | {goal} | "
+                     f"{'yes' if met else '**no**'} | {_machine(data.get('machine', {}))}, {when} | "
+                     f"{command} |")
+    lines += ["", "Generated by `benchmarks/readme_tables.py` from the committed results in "
+                  "`benchmarks/results/` (medians of repeats; ratios measured in the same run)."]
+    return "\n".join(lines)
+
+
+def splice(readme: str, generated: str, begin: str = BEGIN, end: str = END) -> str:
     """``readme`` with the text between the marker lines replaced by ``generated`` (a marker
     counts only as a line of its own: prose that names it in backticks is left alone)."""
     lines = readme.split("\n")
-    begins = [i for i, line in enumerate(lines) if line.strip() == BEGIN]
-    ends = [i for i, line in enumerate(lines) if line.strip() == END]
+    begins = [i for i, line in enumerate(lines) if line.strip() == begin]
+    ends = [i for i, line in enumerate(lines) if line.strip() == end]
     if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
-        raise ValueError(f"the README must hold one {BEGIN} line and, after it, one {END} line")
+        raise ValueError(f"the README must hold one {begin} line and, after it, one {end} line")
     return "\n".join(lines[:begins[0] + 1] + [generated] + lines[ends[0]:])
 
 
@@ -81,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.results, newline="") as f:
             rows = list(csv.DictReader(f))
         generated = table(rows, args.dtype, args.size)
+        targets = targets_table()
         readme = args.readme.read_text()
-        updated = splice(readme, generated)
+        updated = splice(splice(readme, generated), targets, TARGETS_BEGIN, TARGETS_END)
     except (OSError, ValueError, KeyError) as exc:
         print(f"readme_tables: error: {exc}", file=sys.stderr)
         return 2
-    print(generated)
+    print(generated, targets, sep="\n\n")
     if args.check:
         fresh = updated == readme
         print(f"{args.readme}: {'up to date' if fresh else 'stale'}")

@@ -20,10 +20,23 @@ def _sanitize() -> list[str]:
     return SANITIZE_FLAGS if os.environ.get("SYMFAST_SANITIZE") == "1" else []
 
 
+# SYMFAST_ISA=baseline: the baseline-ISA code only, no AVX2 clone and no AVX2 intrinsics kernel
+# (tests/test_isa_variants.py tests the variant a CPU without AVX2 runs on a machine with it).
+ISA_FLAGS = {"auto": [], "baseline": ["-DSYMFAST_BASELINE_ISA"]}
+
+
+def _isa() -> list[str]:
+    isa = os.environ.get("SYMFAST_ISA", "auto")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"SYMFAST_ISA={isa!r}: expected one of {sorted(ISA_FLAGS)}")
+    return ISA_FLAGS[isa]
+
+
 def compile_flags() -> list[str]:
-    """FLAGS, plus -march=native when SYMFAST_NATIVE=1 (a build for this CPU only) and the
-    sanitizers when SYMFAST_SANITIZE=1."""
-    return FLAGS + (["-march=native"] if os.environ.get("SYMFAST_NATIVE") == "1" else []) + _sanitize()
+    """FLAGS, plus -march=native when SYMFAST_NATIVE=1 (a build for this CPU only), the
+    baseline-only build when SYMFAST_ISA=baseline and the sanitizers when SYMFAST_SANITIZE=1."""
+    native = ["-march=native"] if os.environ.get("SYMFAST_NATIVE") == "1" else []
+    return FLAGS + native + _isa() + _sanitize()
 
 
 def link_flags() -> list[str]:

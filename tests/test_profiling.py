@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -245,6 +246,7 @@ def _readme_tables():
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "readme_tables.py"
     spec = importlib.util.spec_from_file_location("readme_tables", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its own module up there
     spec.loader.exec_module(module)
     return module
 
@@ -265,15 +267,42 @@ def test_readme_table_is_spliced_between_the_markers(tmp_path):
         writer.writeheader()
         writer.writerows(rows)
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{tables.BEGIN}\nold table\n{tables.END}\nrest\n")
+    readme.write_text(f"intro\n{tables.BEGIN}\nold table\n{tables.END}\nmiddle\n"
+                      f"{tables.TARGETS_BEGIN}\nold targets\n{tables.TARGETS_END}\nrest\n")
     assert tables.main([str(results), "--readme", str(readme)]) == 0
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert "old targets" not in text and "| issue | measurement |" in text and "\nmiddle\n" in text
     assert "| orbit | 64x3x64x64 | 6 ms | 2 ms | 60% (memory; 12 GB/s) |" in text
     assert tables.main([str(results), "--readme", str(readme), "--check"]) == 0
     readme.write_text("no markers\n")
     assert tables.main([str(results), "--readme", str(readme)]) == 2
     assert readme.read_text() == "no markers\n"
+
+def test_targets_table_reads_each_figure_with_its_machine_date_and_command(tmp_path):
+    tables = _readme_tables()
+    machine = {"cpu": "AMD EPYC", "core": "Zen 3", "isa": "avx2", "threads": 2}
+    (tmp_path / "op.json").write_text(json.dumps({
+        "machine": machine, "measured": "2026-11-30", "command": "python benchmarks/bench_op.py",
+        "summary": {"cpu_vs_compile": 1.23}, "rows": [{"variant": "cpu", "share": 0.55}]}))
+    targets = (tables.Target(16, "op vs compile", "op", lambda d: d["summary"]["cpu_vs_compile"], 1.1),
+               tables.Target(16, "op share", "op",
+                             lambda d: tables._row(d["rows"], variant="cpu")["share"], 0.6, unit="%"),
+               tables.Target(13, "overhead", "op", lambda d: 0.005, 0.01, unit="%", at_most=True))
+    text = tables.targets_table(tmp_path, targets)
+    assert ("| 16 | op vs compile | 1.23× | ≥ 1.10× | yes | Zen 3 (avx2), 2 threads, 2026-11-30 | "
+            "`python benchmarks/bench_op.py` |") in text
+    assert "| 16 | op share | 55% | ≥ 60% | **no** |" in text
+    assert "| 13 | overhead | 0.5% | ≤ 1.0% | yes |" in text
+    with pytest.raises(KeyError):
+        tables._row([{"variant": "cpu"}, {"variant": "cpu"}], variant="cpu")
+
+
+def test_every_readme_target_reads_from_the_committed_results():
+    tables = _readme_tables()
+    text = tables.targets_table()
+    assert len(tables.TARGETS) >= 10 and text.count("\n| ") == len(tables.TARGETS)  # a row each
+
 
 # ---- bad input ----------------------------------------------------------------------------------
 

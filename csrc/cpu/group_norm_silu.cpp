@@ -392,16 +392,6 @@ SYMFAST_INLINE void for_each_tile(std::atomic<int64_t>& next, int64_t tiles, F&&
 SYMFAST_GNS_TILE_LOOPS(baseline, )
 #if defined(__x86_64__) && defined(__GNUC__)
 SYMFAST_GNS_TILE_LOOPS(avx2_fma, __attribute__((target("avx2,fma"))))
-
-bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
-#else
-bool cpu_has_avx2_fma() { return false; }
 #endif
 
 Shape check_inputs(const char* fn, const at::Tensor& x, const std::optional<at::Tensor>& shift,

@@ -22,8 +22,25 @@
 
 // Hot loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at load
 // time (GCC function multi-versioning): portable binaries that still use wide gathers/FMAs.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__AVX2__)
+// SYMFAST_BASELINE_ISA (a build with SYMFAST_ISA=baseline, symfast/_build.py) keeps only the
+// baseline code, so that the variant a CPU without AVX2 runs is tested on a machine with AVX2.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__AVX2__) && \
+    !defined(SYMFAST_BASELINE_ISA)
 #define SYMFAST_MULTIVERSION __attribute__((target_clones("avx2", "default")))
 #else
 #define SYMFAST_MULTIVERSION
 #endif
+
+// Kernels written with AVX2/FMA intrinsics (target("avx2,fma") functions) run only where this
+// says so; otherwise their portable twin runs.
+inline bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SYMFAST_BASELINE_ISA)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}

@@ -41,14 +41,6 @@ constexpr int kMR = 6;              // output channels per micro-kernel call (12
 constexpr int64_t kNR = 16;         // output columns per strip: two 8-lane registers
 constexpr int64_t kRowBlock = 8;    // output rows per work item
 
-bool cpu_has_avx2_fma() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-}
-
 // theta (M, K) row-major in blocks of at most kMR rows, each stored k-major ([k][rows]) from
 // m0*K. A remainder of 1, 2 or 3 rows after full blocks of 6 is merged with the last full block
 // and split as 4+3, 4+4 or 5+4: a block of r rows keeps 2r accumulators in flight, and the FMA

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import platform
+from pathlib import Path
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -216,32 +217,61 @@ def measure_limits(device: torch.device | str | None = None, dtypes: Sequence[st
     return MachineLimits(bandwidth, gemm)
 
 
+# AMD family 25 (0x19) models 0x00-0x0f and 0x20-0x5f are Zen 3, 0x10-0x1f and 0x60-0x7f and
+# above Zen 4; family 23 (0x17) is Zen/Zen 2. A VM often names the CPU only "AMD EPYC", so the
+# family and model numbers are what tell the machines apart.
+_AMD_CORES = ((23, range(0, 0x30), "Zen/Zen+"), (23, range(0x30, 0x100), "Zen 2"),
+              (25, range(0, 0x10), "Zen 3"), (25, range(0x10, 0x20), "Zen 4"),
+              (25, range(0x20, 0x60), "Zen 3"), (25, range(0x60, 0x100), "Zen 4"),
+              (26, range(0, 0x100), "Zen 5"))
+
+
 @lru_cache(maxsize=None)
-def _cpu_model() -> tuple[str, str]:
-    """(CPU model name, widest SIMD ISA) from /proc/cpuinfo, where Linux has it."""
-    name, flags = None, set()
+def _cpu_model() -> dict:
+    """CPU model name, family/model numbers, core name (AMD), widest SIMD ISA, from
+    /proc/cpuinfo where Linux has it."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and name is None:
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
+                fields.setdefault(key.strip(), value.strip())
+                if key.strip() == "flags":
                     break
     except OSError:  # not Linux: platform's coarser answer below
         pass
-    name = name or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
     isa = next((i for i in ("avx512f", "avx2", "avx", "sse4_2", "neon", "asimd") if i in flags),
                platform.machine())
-    return name, isa.replace("avx512f", "avx512")
+    info = {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "isa": isa.replace("avx512f", "avx512")}
+    if fields.get("cpu family", "").isdigit() and fields.get("model", "").isdigit():
+        family, model = int(fields["cpu family"]), int(fields["model"])
+        info["cpu_family_model"] = f"{family}/{model:#x}"
+        if fields.get("vendor_id") == "AuthenticAMD":
+            info["core"] = next((n for fam, models, n in _AMD_CORES if fam == family and model in models),
+                                "unknown")
+    return info
+
+
+def _cache_sizes() -> dict:
+    """L1d/L2/L3 sizes of CPU 0 from sysfs (Linux), e.g. {"L2": "1024K", "L3": "32768K"}."""
+    sizes = {}
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind = (index / "level").read_text().strip(), (index / "type").read_text().strip()
+            if kind != "Instruction":
+                sizes[f"L{level}"] = (index / "size").read_text().strip()
+        except OSError:
+            continue
+    return sizes
 
 
 def machine_info(device: torch.device | str | None = None) -> dict:
-    """What the numbers were measured on: CPU model and ISA, threads, torch, and the GPU if any."""
-    cpu, isa = _cpu_model()
-    info = {"cpu": cpu, "isa": isa, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    """What the numbers were measured on: CPU model, core, ISA and caches, threads, torch, and
+    the GPU if any."""
+    info = {**_cpu_model(), "caches": _cache_sizes(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
     if device is not None and torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -250,5 +280,6 @@ def machine_info(device: torch.device | str | None = None) -> dict:
 def machine_label(device: torch.device | str | None = None) -> str:
     """One string for the ``machine`` column, e.g. "AMD EPYC (avx2), 2 threads"."""
     info = machine_info(device)
-    label = f"{info['cpu']} ({info['isa']}), {info['threads']} threads"
+    core = f" {info['core']}" if info.get("core", "unknown") != "unknown" else ""
+    label = f"{info['cpu']}{core} ({info['isa']}), {info['threads']} threads"
     return f"{info['gpu']} / {label}" if "gpu" in info else label

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from symfast._symmetrize import _default_chunks
 from symfast.groups import Group, get
 from symfast.integrations._philox import PhiloxGenerator, repeat_for_orbit
 from symfast.integrations.diffusers._base import randn
@@ -65,12 +66,14 @@ class _Delegating(nn.Module):
 class OrbitUNet(_Delegating):
     """``unet`` on the whole orbit of its input: sample (B, ...) -> output (|G|·B, ...), block k
     being unet(g_k·sample). Per-sample arguments (a (B,) timestep, class labels, encoder states)
-    are tiled to the orbit batch. ``chunks``: the number of UNet calls the orbit is split into."""
+    are tiled to the orbit batch. ``chunks``: the number of UNet calls the orbit is split into
+    (None: chosen per device as :func:`symfast.symmetrize` does: one call on accelerators, calls of
+    at least 16 images on CPU, where one call over a large orbit was slower per image)."""
 
-    def __init__(self, unet: nn.Module, group: Group | str = "d4", chunks: int = 1):
+    def __init__(self, unet: nn.Module, group: Group | str = "d4", chunks: int | None = None):
         super().__init__(unet, group)
-        if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
-            raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+        if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
+            raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
         self.chunks = chunks
 
     def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
@@ -80,7 +83,7 @@ class OrbitUNet(_Delegating):
         xs = orbit(sample, self.group)
         timestep, args, kwargs = repeat_for_orbit((timestep, args, kwargs), batch, order)
         n = xs.shape[0]
-        size = -(-n // self.chunks)
+        size = -(-n // (self.chunks or _default_chunks(batch, order, sample.device)))
         outs, make = [], None
         for start in range(0, n, size):
             part = slice(start, start + size)
@@ -187,10 +190,11 @@ def orbit_scheduler(scheduler: Any, group: Group | str = "d4") -> Any:
     return new
 
 
-def equivariant(pipe: Any, group: Group | str = "d4", *, chunks: int = 1) -> Any:
+def equivariant(pipe: Any, group: Group | str = "d4", *, chunks: int | None = None) -> Any:
     """Make a diffusers pipeline frame-averaged over ``group``, in place; returns ``pipe``.
 
-    ``pipe.unet`` becomes an :class:`OrbitUNet` (the orbit in ``chunks`` batched calls; ``config``,
+    ``pipe.unet`` becomes an :class:`OrbitUNet` (the orbit in ``chunks`` batched calls, None:
+    chosen per device; ``config``,
     ``dtype``, ``device`` read through) and ``pipe.scheduler`` an :func:`orbit_scheduler` of it.
     With an ODE scheduler (DDIM η = 0, Euler, Heun, DPM-Solver++) the images are exactly
     equivariant: the pipeline on g·x_T gives g applied to its images on x_T.
