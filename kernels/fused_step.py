@@ -3,10 +3,16 @@
 One program per (state row, block of the row): gathers the |G| orbit outputs through the inverse
 table, averages, forms x̂0 and the update, draws the Philox noise in registers and writes x_next
 (and x̂0 if asked). The noise uses tl.philox + Triton's own uint→float and Box–Muller, keyed by
-counter (element, step, stream, 0) under the sample's seed: the same numbers as the C++ kernel
-and the PyTorch reference.
+counter (element // 4, step, stream, 0) under the sample's seed, element e taking normal e % 4
+(``tl.randn4x``'s layout): the same numbers as the C++ kernel and the PyTorch reference. A float64 step takes the same Philox words through Box–Muller in
+float64 (symfast/philox.py), and its coefficients arrive as float32 pairs (hi, lo) with
+hi + lo = c to ~2^-48: a compiled kernel receives a Python float as float32, which cut 0.3 to
+0.30000001 in a float64 step.
 """
 from __future__ import annotations
+
+import math
+import struct
 
 import torch
 import triton
@@ -14,15 +20,51 @@ import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
 _BLOCK = 1024
+_TWO_PI = 6.283185307179586
+
+
+def _float32_pair(k: float) -> tuple[float, float]:
+    """(hi, lo): hi = k rounded to float32, lo = k - hi (exact in double), so that hi + lo in
+    float64 is k to ~2^-48 relative after lo too is rounded to float32."""
+    try:
+        hi = struct.unpack("f", struct.pack("f", k))[0]
+    except OverflowError:  # beyond float32: the kernel sees inf, as a float32 coefficient would
+        return k, 0.0
+    return hi, (k - hi if math.isfinite(hi) else 0.0)
+
+
+@triton.jit
+def _coef(hi, lo, WIDE: tl.constexpr):
+    if WIDE:
+        value = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
+    else:
+        value = hi
+    return value
+
+
+@triton.jit
+def _uniform64(r, BLOCK: tl.constexpr):
+    """Triton's uint32 -> [0, 1) map in float64: (x < 0 ? ~x : x) · 2^-31 on the int32 bits."""
+    i = r.to(tl.int32, bitcast=True)
+    i = tl.where(i < 0, -i - 1, i)
+    return i.to(tl.float64) * tl.full([BLOCK], 2.0**-31, tl.float64)
 
 
 @triton.jit
 def _fused_step_kernel(x_ptr, y_ptr, table_ptr, u_ptr, v_ptr, noise_ptr, key_ptr, ntable_ptr,
                        out_ptr, den_ptr, G, M, N, R, step,
-                       c_skip, c_out, a, b, p, q, c,
+                       c_skip_hi, c_out_hi, a_hi, b_hi, p_hi, q_hi, c_hi,
+                       c_skip_lo, c_out_lo, a_lo, b_lo, p_lo, q_lo, c_lo,
                        HAS_U: tl.constexpr, HAS_V: tl.constexpr, NOISE: tl.constexpr,
                        HAS_NTABLE: tl.constexpr, WRITE_DEN: tl.constexpr,
-                       BLOCK: tl.constexpr, ACC: tl.constexpr):
+                       BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr):
+    c_skip = _coef(c_skip_hi, c_skip_lo, WIDE)
+    c_out = _coef(c_out_hi, c_out_lo, WIDE)
+    a = _coef(a_hi, a_lo, WIDE)
+    b = _coef(b_hi, b_lo, WIDE)
+    p = _coef(p_hi, p_lo, WIDE)
+    q = _coef(q_hi, q_lo, WIDE)
+    c = _coef(c_hi, c_lo, WIDE)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -53,11 +95,25 @@ def _fused_step_kernel(x_ptr, y_ptr, table_ptr, u_ptr, v_ptr, noise_ptr, key_ptr
         if HAS_NTABLE:
             nt = tl.load(ntable_ptr + offs, mask=mask, other=0)
             elem = tl.where(nt < 0, -nt - 1, nt)
-        wide = (row % R).to(tl.int64) * N + elem
-        zero = wide * 0
-        r0, r1, _, _ = tl.philox(seed, wide.to(tl.uint32), (zero + step).to(tl.uint32),
-                                 (zero + stream).to(tl.uint32), zero.to(tl.uint32))
-        z, _ = pair_uniform_to_normal(uint_to_uniform_float(r0), uint_to_uniform_float(r1))
+        # element e is normal e % 4 of counter e // 4 (symfast/philox.py): each lane computes
+        # its own counter's words and Box-Muller pair, 4x the Philox work of sharing them across
+        # lanes, which a GPU's arithmetic absorbs in this memory-bound step
+        e = (row % R).to(tl.int64) * N + elem
+        word = e % 4
+        zero = e * 0
+        r0, r1, r2, r3 = tl.philox(seed, (e // 4).to(tl.uint32), (zero + step).to(tl.uint32),
+                                   (zero + stream).to(tl.uint32), zero.to(tl.uint32))
+        first = tl.where(word < 2, r0, r2)
+        second = tl.where(word < 2, r1, r3)
+        if WIDE:
+            u1 = tl.maximum(_uniform64(first, BLOCK), tl.full([BLOCK], 1.0e-7, tl.float64))
+            th = _uniform64(second, BLOCK) * tl.full([BLOCK], _TWO_PI, tl.float64)
+            r = tl.sqrt(-2.0 * tl.log(u1))
+            n_cos, n_sin = r * tl.cos(th), r * tl.sin(th)
+        else:
+            n_cos, n_sin = pair_uniform_to_normal(uint_to_uniform_float(first),
+                                                  uint_to_uniform_float(second))
+        z = tl.where(word % 2 == 0, n_cos, n_sin)
         if HAS_NTABLE:
             z = tl.where(nt < 0, -z, z)
         res = res + c * z.to(ACC)
@@ -75,8 +131,11 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, inverse_table: torch.Tensor,
     x = x.contiguous()
     y = y.to(x.dtype).contiguous()
     g, m, n = y.shape
-    c_skip, c_out, a, b, p, q, c = (float(k) for k in coefs)
+    coefs = [float(k) for k in coefs]
+    c = coefs[6]
     mode = 0 if c == 0.0 else (1 if noise is not None else 2)
+    wide = x.dtype == torch.float64
+    hi, lo = zip(*(_float32_pair(k) for k in coefs)) if wide else (coefs, [0.0] * len(coefs))
     if mode == 2 and key is None:
         raise ValueError("c != 0 needs either noise or key")
     out = torch.empty_like(x)
@@ -94,9 +153,9 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, inverse_table: torch.Tensor,
         noise if noise is not None else x, key if mode == 2 else inverse_table,
         noise_table if noise_table is not None else inverse_table,
         out, den if write_denoised else out, g, m, n, rows_per_sample, step,
-        c_skip, c_out, a, b, p, q, c,
+        *hi, *lo,
         HAS_U=u is not None, HAS_V=v is not None, NOISE=mode,
         HAS_NTABLE=noise_table is not None and mode == 2,
         WRITE_DEN=write_denoised, BLOCK=block,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32)
+        ACC=tl.float64 if wide else tl.float32, WIDE=wide)
     return out, den

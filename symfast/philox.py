@@ -6,10 +6,22 @@ rounds with the Philox constants, the key raised by the Weyl constants after eac
 uint32 -> float conversion ``(x < 0 ? ~x : x) * 4.6566127342e-10`` on the int32 bit pattern, and
 Box–Muller ``sqrt(-2 log max(u1, 1e-7)) * cos(2π u2)`` in float32.
 
+Float64 normals (``dtype=torch.float64``, what a float64 sampler step adds) take the same two
+Philox words through the same map in float64: ``u = (x < 0 ? ~x : x) · 2^-31`` (exact), then
+Box–Muller in float64. They are the float32 normals to within float32 rounding (~1e-7 relative),
+and the kernels compute them to float64 precision, so a float64 step agrees with this reference
+to float64 precision, which float32 normals (whose log and cos differ between torch, the C++
+kernel and Triton in the last bits) could not.
+
 Sampler noise is keyed by (seed, step, stream, element): key = seed, counter
-(c0, c1, c2, c3) = (element, step, stream, 0). With step = stream = 0 this is ``tl.randn(seed,
-element)``. ``stream`` is the sample's index in its batch when one seed covers the batch, and 0
-when every sample has its own seed, so a sample's noise does not depend on the batch it is in.
+(c0, c1, c2, c3) = (element // 4, step, stream, 0), whose four output words make two Box–Muller
+pairs, (w0, w1) and (w2, w3), each giving two normals (r cos θ, r sin θ): element e takes normal
+e % 4. With step = stream = 0 this is ``tl.randn4x(seed, element // 4)[element % 4]``. One
+Philox call (ten rounds) and two logarithms and square roots thus serve four normals, not one:
+drawing is what made a noisy sampler step cost 3x a noiseless one on the CPU
+(benchmarks/bench_sampler.py). ``stream`` is the sample's index in its batch when one seed covers
+the batch, and 0 when every sample has its own seed, so a sample's noise does not depend on the
+batch it is in.
 """
 from __future__ import annotations
 
@@ -56,26 +68,53 @@ def philox(seed: torch.Tensor | int, c0: torch.Tensor, c1: torch.Tensor | int = 
     return c0, c1, c2, c3
 
 
-def uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
-    """Triton's uint32 -> [0, 1) float32 on the int32 bit pattern."""
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+
+
+def uint_to_uniform(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Triton's uint32 -> [0, 1) on the int32 bit pattern: float32 with Triton's scale, or
+    float64 with 2^-31 (exact)."""
+    _check_dtype(dtype)
     signed = torch.where(x >= 2**31, x - 2**32, x)
     signed = torch.where(signed < 0, -signed - 1, signed)
-    return signed.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32)
+    scale = UNIFORM_SCALE if dtype == torch.float32 else 2.0**-31
+    return signed.to(dtype) * torch.tensor(scale, dtype=dtype)
+
+
+def box_muller_pair(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton's ``pair_uniform_to_normal``: (r cos θ, r sin θ) with r = sqrt(-2 log max(u1, 1e-7))
+    and θ = 2π u2, in the uniforms' dtype (float32 as Triton, or float64)."""
+    u1 = torch.clamp(u1, min=1.0e-7)
+    th = torch.tensor(TWO_PI, dtype=u2.dtype) * u2
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th), r * torch.sin(th)
 
 
 def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
-    """The first output of Triton's ``pair_uniform_to_normal``, float32."""
-    u1 = torch.clamp(u1, min=1.0e-7)
-    th = torch.tensor(TWO_PI, dtype=torch.float32) * u2
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    return r * torch.cos(th)
+    """The first output of :func:`box_muller_pair` (what ``tl.randn`` keeps)."""
+    return box_muller_pair(u1, u2)[0]
 
 
 def randn_counter(seed: torch.Tensor | int, c0: torch.Tensor, c1: torch.Tensor | int = 0,
-                  c2: torch.Tensor | int = 0) -> torch.Tensor:
-    """Standard normals, float32, one per counter (c0, c1, c2, 0) under ``seed``."""
+                  c2: torch.Tensor | int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normals of ``dtype`` (float32: ``tl.randn``'s; float64: the same words through
+    float64 Box–Muller), one per counter (c0, c1, c2, 0) under ``seed``."""
     r0, r1, _, _ = philox(seed, c0, c1, c2, 0)
-    return box_muller(uint_to_uniform(r0), uint_to_uniform(r1))
+    return box_muller(uint_to_uniform(r0, dtype), uint_to_uniform(r1, dtype))
+
+
+def randn4_counter(seed: torch.Tensor | int, c0: torch.Tensor, c1: torch.Tensor | int = 0,
+                   c2: torch.Tensor | int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Four standard normals per counter (c0, c1, c2, 0) under ``seed``, stacked on a new last
+    dim: both Box–Muller outputs of the word pairs (w0, w1) and (w2, w3) (``tl.randn4x``'s for
+    float32)."""
+    u = [uint_to_uniform(w, dtype) for w in philox(seed, c0, c1, c2, 0)]
+    return torch.stack(box_muller_pair(u[0], u[1]) + box_muller_pair(u[2], u[3]), dim=-1)
 
 
 def noise_key(seed: int | list[int] | tuple[int, ...] | torch.Tensor, batch: int,
@@ -104,13 +143,16 @@ def noise_key(seed: int | list[int] | tuple[int, ...] | torch.Tensor, batch: int
     return torch.stack([seeds, streams], dim=1).to(device)
 
 
-def sample_noise(key: torch.Tensor, step: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Noise for a batch: key (B, 2) from :func:`noise_key`, shape (B, ...) -> float32 (B, ...),
-    element index = flat index within the sample."""
+def sample_noise(key: torch.Tensor, step: int, shape: tuple[int, ...],
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Noise for a batch: key (B, 2) from :func:`noise_key`, shape (B, ...) -> (B, ...) of
+    ``dtype`` (float32, or float64 for a float64 step), element index = flat index within the
+    sample; element e is normal e % 4 of counter (e // 4, step, stream, 0)."""
+    _check_dtype(dtype)
     b = shape[0]
     n = 1
     for s in shape[1:]:
         n *= s
-    element = torch.arange(n, dtype=torch.int64, device=key.device).unsqueeze(0)
-    z = randn_counter(key[:, :1], element, step, key[:, 1:2])
-    return z.reshape((b,) + tuple(shape[1:]))
+    counter = torch.arange((n + 3) // 4, dtype=torch.int64, device=key.device).unsqueeze(0)
+    z = randn4_counter(key[:, :1], counter, step, key[:, 1:2], dtype)  # (B, counters, 4)
+    return z.reshape(b, -1)[:, :n].reshape((b,) + tuple(shape[1:]))

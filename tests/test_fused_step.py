@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from conftest import TOL, available_backends, device_for, rel_err
+from symfast import _backend
 from symfast.groups import get
 from symfast.ops.fused_step import StepCoefficients, fused_step
 from symfast.philox import noise_key, sample_noise
@@ -38,7 +39,7 @@ def _check(out, ref, dtype):
 
 
 @pytest.mark.parametrize("group,shape", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("noise_mode", ["philox", "philox_transformed", "tensor", "none"])
 def test_matches_reference(backend, group, shape, dtype, noise_mode):
     dev = device_for(backend)
@@ -140,8 +141,9 @@ def test_a_key_of_any_layout_gives_the_same_noise(backend):
 
 
 def test_cpu_noise_matches_reference_elementwise_over_many_draws():
-    """The CPU kernel's Box-Muller uses its own vectorisable log and cos; over ~200k draws (tails
-    out to |z| ~ 4.5 included) each normal stays within 2e-6 of the reference's torch.log/cos."""
+    """The CPU kernel's float32 Box-Muller uses its own vectorisable log and cos; over ~200k draws
+    (tails out to |z| ~ 4.5 included) each normal stays within 2e-6 of the reference's
+    torch.log/cos. Its float64 normals (libm's log and cos) agree to float64 rounding."""
     if "cpu" not in available_backends():
         pytest.skip("cpu kernels not built")
     coefs = StepCoefficients(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
@@ -152,6 +154,76 @@ def test_cpu_noise_matches_reference_elementwise_over_many_draws():
     ref = sample_noise(key, 5, shape)
     assert ref.abs().max() > 4.0
     assert (z - ref).abs().max() <= 2e-6
+    z64, _ = fused_step(x.double(), x.double(), coefs, backend="cpu", key=key, step=5)
+    assert (z64 - sample_noise(key, 5, shape, torch.float64)).abs().max() <= 1e-14
+
+
+@pytest.mark.skipif(not _backend.triton_status()[0], reason="triton not importable")
+def test_sample_noise_is_triton_randn4x():
+    """The stream's definition: element e is tl.randn4x(seed, e // 4)[e % 4] at step = stream = 0
+    (both Box-Muller outputs of both word pairs), checked against Triton's own randn4x."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def randn4x_kernel(out_ptr, seed, groups, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        n0, n1, n2, n3 = tl.randn4x(seed, offs)
+        mask = offs < groups
+        tl.store(out_ptr + offs * 4, n0, mask=mask)
+        tl.store(out_ptr + offs * 4 + 1, n1, mask=mask)
+        tl.store(out_ptr + offs * 4 + 2, n2, mask=mask)
+        tl.store(out_ptr + offs * 4 + 3, n3, mask=mask)
+
+    dev = device_for("triton")
+    n = 1001  # not a multiple of 4: the last counter's words are partly unused
+    for seed in (17, 2**40 + 3):
+        out = torch.empty(4 * 251, dtype=torch.float32, device=dev)
+        randn4x_kernel[(triton.cdiv(251, 128),)](out, seed, 251, BLOCK=128)
+        ref = sample_noise(noise_key([seed], 1), 0, (1, n))
+        torch.testing.assert_close(ref[0], out[:n].cpu(), rtol=1e-6, atol=1e-6)
+
+
+def _noise_only(key, rows_per_sample, step, shape, dtype):
+    out = torch.empty(shape, dtype=dtype)
+    torch.ops.symfast.fused_step_cpu_noise(key, rows_per_sample, step, out)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 33, 512, 515, 1100])
+def test_cpu_philox_words_exact_at_every_row_length(n):
+    """The AVX2 rounds take 16 counters at a time and the scalar loop the rest (a CPU without
+    AVX2 runs it alone): float64 normals expose a wrong Philox word as an O(1) error, so rows of
+    every length agree with the reference to float64 rounding, in the step and the draw-only op."""
+    if "cpu" not in available_backends():
+        pytest.skip("cpu kernels not built")
+    key = noise_key([3, 2**40 + 9], 2)
+    shape = (2, 3, n)
+    ref = sample_noise(key, 11, shape, torch.float64)
+    x, y = torch.zeros(shape, dtype=torch.float64), torch.zeros((4, 3, n), dtype=torch.float64)
+    z, _ = fused_step(x, y, StepCoefficients(c=1.0), "flip_h", key=key, step=11, backend="cpu")
+    assert (z - ref).abs().max() <= 1e-15
+    drawn = _noise_only(key, 3, 11, (6, n), torch.float64).reshape(shape)
+    assert (drawn - ref).abs().max() <= 1e-15
+    drawn32 = _noise_only(key, 3, 11, (6, n), torch.float32).reshape(shape)
+    z32, _ = fused_step(x.float(), y.float(), StepCoefficients(c=1.0), "flip_h", key=key, step=11,
+                        backend="cpu")
+    assert torch.equal(drawn32, z32)
+    assert (drawn32 - sample_noise(key, 11, shape)).abs().max() <= 2e-6
+
+
+def test_cpu_noise_only_bad_inputs():
+    if "cpu" not in available_backends():
+        pytest.skip("cpu kernels not built")
+    key = noise_key(1, 2)
+    with pytest.raises(RuntimeError, match="out must be"):
+        _noise_only(key, 1, 0, (2, 5), torch.float16)
+    with pytest.raises(RuntimeError, match="rows_per_sample"):
+        _noise_only(key, 3, 0, (4, 5), torch.float32)
+    with pytest.raises(RuntimeError, match="key must be"):
+        _noise_only(noise_key(1, 3), 1, 0, (2, 5), torch.float32)
+    with pytest.raises(RuntimeError, match="step"):
+        _noise_only(key, 1, -1, (2, 5), torch.float32)
 
 
 def test_compiles_fullgraph():

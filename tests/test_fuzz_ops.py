@@ -567,12 +567,7 @@ def coefficients(draw, dtype: torch.dtype, noise: bool):
 @st.composite
 def fused_cases(draw, backend: str):
     dtype = draw(st.sampled_from(FLOATS))
-    modes = NOISE_MODES
-    if dtype == torch.float64 and backend != "reference":
-        # fp64 with Philox noise is off by ~3e-8 on the kernels:
-        # test_fused_step_fp64_philox_noise_matches_reference
-        modes = ("none", "tensor")
-    mode = draw(st.sampled_from(modes))
+    mode = draw(st.sampled_from(NOISE_MODES))
     if mode == "noise_group":
         group_name, noise_group = None, draw(st.sampled_from(sorted(GROUPS)))
         shape_group = noise_group
@@ -1389,14 +1384,8 @@ def test_fused_step_zero_size_sample_dims(backend, group, shape):
         assert out.shape == x.shape and den.shape == x.shape
 
 
-FP64_NOISE = ("fused_step with a float64 state and Philox noise (c != 0, no noise= tensor): "
-              "x_next is ~3e-8 (relative) off the reference, TOL[float64] is 1e-12. The noise is "
-              "float32 Box-Muller everywhere, but the kernels' log/cos (cpu: its own vectorised "
-              "approximations; triton: the interpreter's / libdevice's) differ from the "
-              "reference's torch.log/cos in the last float32 bits, which a float64 step keeps")
-
-
-@pytest.mark.parametrize("backend", _xfail_on({"cpu": FP64_NOISE, "triton": FP64_NOISE}))
+# fixed: a float64 step draws float64 normals, Box-Muller in float64 from the same Philox words
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_step_fp64_philox_noise_matches_reference(backend):
     from symfast.philox import noise_key
 

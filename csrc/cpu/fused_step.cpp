@@ -6,9 +6,11 @@
 //   ybar     = 1/G sum_k g_k^-1 y_k
 //   denoised = c_skip x + c_out ybar
 //   x_next   = a x + b denoised + p u + q v + c z
-// z: a given noise tensor, or Philox4x32-10 normals (Triton's tl.randn bit pattern) keyed by
-// key[b] = (seed, stream), counter (element, step, stream, 0), element = r * N + i, optionally
-// gathered through noise_table (N,) int32 so that z <- g z.
+// z: a given noise tensor, or Philox4x32-10 normals keyed by key[b] = (seed, stream): element
+// e = r * N + i of a sample is normal e % 4 of counter (e / 4, step, stream, 0), whose four words
+// make two Box-Muller pairs of two normals each (Triton's randn4x; symfast/philox.py), optionally
+// gathered through noise_table (N,) int32 so that z <- g z. A float64 step takes the same Philox
+// words through Box-Muller in float64.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,8 +19,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <immintrin.h>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "orbit_plan.h"
 #include "symfast_module.h"
@@ -42,17 +49,17 @@ inline void check_table(const at::Tensor& table, int64_t rows, int64_t n, const 
   TORCH_CHECK(in_bounds, name, " holds an index outside [0, ", n, ")");
 }
 
-// log(x) for x in [1e-7, 1] and cos(x) for x in [0, 2*pi), in plain branch-free float code (the
-// Cephes single-precision algorithms, within ~1 ulp of libm) so that the loop in philox_normals
+// log(x) for x in [1e-7, 1], cos(x) and sin(x) for x in [0, 2*pi), in plain branch-free float code (the
+// Cephes single-precision algorithms, within ~1 ulp of libm) so that the Box-Muller loop
 // vectorises: the scalar libm calls kept it element by element, 15 ms for the noise of a
-// (64, 3, 64, 64) step against 1.8 ms for the rest of it.
+// (64, 3, 64, 64) step against 1.8 ms for the rest of it. The range reduction of log is musl's
+// logf one, x = 2^e (1 + m) with 1 + m in [sqrt(1/2), sqrt(2)) by integer arithmetic alone: the
+// same e and m as Cephes' frexp-and-compare, bit for bit, but GCC had if-converted the compare
+// by computing the whole polynomial and sqrt for both sides (Box-Muller 3.1 -> 2.5 ns/normal).
 inline float log_unit(float x) {
-  const int32_t bits = __builtin_bit_cast(int32_t, x);
-  float e = static_cast<float>((bits >> 23) - 126);
-  float m = __builtin_bit_cast(float, (bits & 0x007FFFFF) | 0x3F000000);  // [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.f : e;
-  m = small ? m + m - 1.f : m - 1.f;
+  const uint32_t ix = __builtin_bit_cast(uint32_t, x) + (0x3F800000u - 0x3F3504F3u);
+  const float e = static_cast<float>(static_cast<int32_t>(ix >> 23) - 127);
+  const float m = __builtin_bit_cast(float, (ix & 0x007FFFFFu) + 0x3F3504F3u) - 1.f;
   const float z = m * m;
   float y = 7.0376836292e-2f;
   y = y * m - 1.1514610310e-1f;
@@ -69,14 +76,20 @@ inline float log_unit(float x) {
   return m + y + 0.693359375f * e;
 }
 
-inline float cos_nonneg(float x) {
+// cos(x) and sin(x) for x in [0, 2*pi): Cephes' cosf and sinf, which share the octant reduction
+// and both polynomials.
+struct SinCos {
+  float cos, sin;
+};
+
+inline SinCos sincos_nonneg(float x) {
   int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // 4/pi
   j += j & 1;
   const float y = static_cast<float>(j);
   j &= 7;
   const bool flip_half = j > 3;
   j = flip_half ? j - 4 : j;
-  const bool negate = flip_half != (j > 1);
+  const bool negate_cos = flip_half != (j > 1);
   const float z = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) -
                   y * 3.77489497744594108e-8f;
   const float zz = z * z;
@@ -86,18 +99,24 @@ inline float cos_nonneg(float x) {
       ((2.443315711809948e-5f * zz - 1.388731625493765e-3f) * zz + 4.166664568298827e-2f) * zz *
           zz -
       0.5f * zz + 1.f;
-  const float r = ((j == 1) | (j == 2)) ? sin_poly : cos_poly;
-  return negate ? -r : r;
+  const bool swap = (j == 1) | (j == 2);
+  const float c = swap ? sin_poly : cos_poly, s = swap ? cos_poly : sin_poly;
+  return {negate_cos ? -c : c, flip_half ? -s : s};
 }
 
-// Philox4x32-10 -> first Box-Muller normal, as triton/language/random.py, for counters
-// (c0[i], c1, c2, 0) and key (k0, k1): z[i] for i < n. No calls and no branches in the body:
-// the AVX2 clone runs 8 lanes at once (the 32x32 -> 64-bit products become vpmuludq).
-SYMFAST_MULTIVERSION void philox_normals(const uint32_t* __restrict c0_in, int64_t n, uint32_t c1_in,
-                                         uint32_t c2_in, uint32_t k0_in, uint32_t k1_in,
-                                         float* __restrict z) {
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t c0 = c0_in[i], c1 = c1_in, c2 = c2_in, c3 = 0, k0 = k0_in, k1 = k1_in;
+// The Philox key and the counter words shared by a row: counter (q, step, stream, 0).
+struct PhiloxRow {
+  uint32_t step, stream, k0, k1;
+};
+
+// Philox4x32-10 of the counters (q0 + j, step, stream, 0), j < count, all four output words, laid
+// out as the two Box-Muller pairs of each counter: pair 2j = (w0, w1), pair 2j + 1 = (w2, w3),
+// a[p] and b[p] the pair's first and second word.
+void philox_pairs_scalar(uint32_t q0, int64_t count, const PhiloxRow& key, uint32_t* __restrict a,
+                         uint32_t* __restrict b) {
+  for (int64_t j = 0; j < count; ++j) {
+    uint32_t c0 = q0 + static_cast<uint32_t>(j), c1 = key.step, c2 = key.stream, c3 = 0;
+    uint32_t k0 = key.k0, k1 = key.k1;
 #pragma GCC unroll 10
     for (int round = 0; round < 10; ++round) {
       const uint64_t pb = static_cast<uint64_t>(kRoundB) * c2;
@@ -111,21 +130,143 @@ SYMFAST_MULTIVERSION void philox_normals(const uint32_t* __restrict c0_in, int64
       k0 += kKeyA;
       k1 += kKeyB;
     }
-    int32_t i0 = static_cast<int32_t>(c0), i1 = static_cast<int32_t>(c1);
-    i0 = i0 < 0 ? ~i0 : i0;
-    i1 = i1 < 0 ? ~i1 : i1;
-    const float u1 = std::max(1.0e-7f, static_cast<float>(i0) * 4.6566127342e-10f);
-    const float u2 = static_cast<float>(i1) * 4.6566127342e-10f;
-    const float th = 6.283185307179586f * u2;
-    z[i] = std::sqrt(-2.0f * log_unit(u1)) * cos_nonneg(th);
+    a[2 * j] = c0;
+    b[2 * j] = c1;
+    a[2 * j + 1] = c2;
+    b[2 * j + 1] = c3;
   }
 }
 
-// Philox normals are drawn in fp32; an fp64 step reads them widened.
-inline const float* in_acc_type(std::vector<float>& z, std::vector<float>&) { return z.data(); }
-inline const double* in_acc_type(std::vector<float>& z, std::vector<double>& wide) {
-  std::copy(z.begin(), z.end(), wide.begin());
-  return wide.data();
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(SYMFAST_BASELINE_ISA)
+#define SYMFAST_PHILOX_AVX2 1
+// The same rounds, 16 counters at a time. Each 32-bit word sits in the low half of a 64-bit lane,
+// 4 counters to a register, so that a round is one vpmuludq per product, a shift for its high
+// word and xors: the low word is the product itself (its high half is garbage that vpmuludq never
+// reads), and (w0, w2) or (w1, w3) of a counter are one 64-bit lane apart from a blend, the pair
+// layout of philox_pairs_scalar. GCC's own vectorisation of the scalar loop spent ~12 shuffles
+// per product widening and narrowing lanes: 7.7 ns per counter against 1.9 ns here (one thread,
+// Zen 3); 4 chains in flight beat 2 (2.4 ns) and 6 (2.2 ns, register spills). The tail of fewer
+// than 16 counters takes the scalar loop.
+__attribute__((target("avx2"))) void philox_pairs(uint32_t q0, int64_t count, const PhiloxRow& key,
+                                                  uint32_t* __restrict a, uint32_t* __restrict b) {
+  constexpr int kChains = 4;
+  const __m256i mul_a = _mm256_set1_epi32(static_cast<int32_t>(kRoundA));
+  const __m256i mul_b = _mm256_set1_epi32(static_cast<int32_t>(kRoundB));
+  const __m256i weyl_a = _mm256_set1_epi32(static_cast<int32_t>(kKeyA));
+  const __m256i weyl_b = _mm256_set1_epi32(static_cast<int32_t>(kKeyB));
+  const __m256i step = _mm256_set1_epi32(static_cast<int32_t>(key.step));
+  const __m256i stream = _mm256_set1_epi32(static_cast<int32_t>(key.stream));
+  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
+  int64_t j = 0;
+  for (; j + 4 * kChains <= count; j += 4 * kChains) {
+    __m256i c0[kChains], c1[kChains], c2[kChains], c3[kChains];
+    for (int h = 0; h < kChains; ++h) {
+      c0[h] = _mm256_add_epi32(_mm256_set1_epi64x(q0 + static_cast<uint32_t>(j + 4 * h)), lane);
+      c1[h] = step;
+      c2[h] = stream;
+      c3[h] = _mm256_setzero_si256();
+    }
+    __m256i k0 = _mm256_set1_epi32(static_cast<int32_t>(key.k0));
+    __m256i k1 = _mm256_set1_epi32(static_cast<int32_t>(key.k1));
+#pragma GCC unroll 10
+    for (int round = 0; round < 10; ++round) {
+      for (int h = 0; h < kChains; ++h) {
+        const __m256i pb = _mm256_mul_epu32(c2[h], mul_b);
+        const __m256i pa = _mm256_mul_epu32(c0[h], mul_a);
+        c0[h] = _mm256_xor_si256(_mm256_srli_epi64(pb, 32), _mm256_xor_si256(c1[h], k0));
+        c2[h] = _mm256_xor_si256(_mm256_srli_epi64(pa, 32), _mm256_xor_si256(c3[h], k1));
+        c1[h] = pb;
+        c3[h] = pa;
+      }
+      k0 = _mm256_add_epi32(k0, weyl_a);
+      k1 = _mm256_add_epi32(k1, weyl_b);
+    }
+    for (int h = 0; h < kChains; ++h) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a + 2 * (j + 4 * h)),
+                          _mm256_blend_epi32(c0[h], _mm256_slli_epi64(c2[h], 32), 0xAA));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(b + 2 * (j + 4 * h)),
+                          _mm256_blend_epi32(c1[h], _mm256_slli_epi64(c3[h], 32), 0xAA));
+    }
+  }
+  philox_pairs_scalar(q0 + static_cast<uint32_t>(j), count - j, key, a + 2 * j, b + 2 * j);
+}
+#endif
+
+// Without AVX2 (picked at load time, as SYMFAST_MULTIVERSION does).
+#ifdef SYMFAST_PHILOX_AVX2
+__attribute__((target("default")))
+#endif
+void philox_pairs(uint32_t q0, int64_t count, const PhiloxRow& key, uint32_t* __restrict a,
+                  uint32_t* __restrict b) {
+  philox_pairs_scalar(q0, count, key, a, b);
+}
+
+// Triton's uint32 -> [0, 1) map on the int32 bit pattern, before its scale: x < 0 ? ~x : x.
+inline int32_t uniform_bits(uint32_t w) {
+  const int32_t i = static_cast<int32_t>(w);
+  return i < 0 ? ~i : i;
+}
+
+// Box-Muller of each word pair, both outputs, in float32 as Triton's pair_uniform_to_normal:
+// z[2p] = r cos(th), z[2p + 1] = r sin(th).
+SYMFAST_MULTIVERSION void box_muller(const uint32_t* __restrict a, const uint32_t* __restrict b,
+                                     int64_t pairs, float* __restrict z) {
+  for (int64_t p = 0; p < pairs; ++p) {
+    const float u1 = std::max(1.0e-7f, static_cast<float>(uniform_bits(a[p])) * 4.6566127342e-10f);
+    const float u2 = static_cast<float>(uniform_bits(b[p])) * 4.6566127342e-10f;
+    const float r = std::sqrt(-2.0f * log_unit(u1));
+    const SinCos t = sincos_nonneg(6.283185307179586f * u2);
+    z[2 * p] = r * t.cos;
+    z[2 * p + 1] = r * t.sin;
+  }
+}
+
+// ... and in float64 for a float64 step (symfast/philox.py's float64 normals): the uniforms are
+// the 31-bit integers times 2^-31 exactly, log, cos and sin libm's, so that the step agrees with
+// the reference to float64 precision (float32 normals, whose log and cos differ from torch's in
+// the last bits, left it ~3e-8 off). libm's calls keep this loop scalar.
+void box_muller(const uint32_t* __restrict a, const uint32_t* __restrict b, int64_t pairs,
+                double* __restrict z) {
+  constexpr double kScale = 1.0 / 2147483648.0;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const double u1 = std::max(1.0e-7, static_cast<double>(uniform_bits(a[p])) * kScale);
+    const double u2 = static_cast<double>(uniform_bits(b[p])) * kScale;
+    const double r = std::sqrt(-2.0 * std::log(u1)), th = 6.283185307179586 * u2;
+    z[2 * p] = r * std::cos(th);
+    z[2 * p + 1] = r * std::sin(th);
+  }
+}
+
+// Normals are drawn and used a block at a time, so that the words and normals stay in L1.
+constexpr int64_t kNoiseBlock = 512;
+
+// The normals of elements [e0, e0 + len) of a sample (len <= kNoiseBlock): element e is normal
+// e % 4 of counter e / 4 (the stream of symfast/philox.py, Triton's randn4x).
+template <typename acc_t>
+void draw_normals(const PhiloxRow& key, uint32_t e0, int64_t len, acc_t* __restrict z) {
+  constexpr int64_t kMaxCounters = kNoiseBlock / 4 + 2;
+  uint32_t a[2 * kMaxCounters], b[2 * kMaxCounters];
+  acc_t drawn[4 * kMaxCounters];
+  const int64_t skip = e0 % 4, counters = (skip + len + 3) / 4;
+  philox_pairs(e0 / 4, counters, key, a, b);
+  box_muller(a, b, 2 * counters, drawn);
+  std::copy(drawn + skip, drawn + skip + len, z);
+}
+
+// The normals of a row of n elements starting at element e0 of its sample.
+template <typename acc_t>
+void draw_row(const PhiloxRow& key, uint32_t e0, int64_t n, acc_t* __restrict z) {
+  for (int64_t i = 0; i < n; i += kNoiseBlock)
+    draw_normals<acc_t>(key, e0 + static_cast<uint32_t>(i), std::min(kNoiseBlock, n - i), z + i);
+}
+
+// Row `row` of a batch keyed by key (B, 2) [seed, stream] with rows_per_sample rows per sample.
+inline PhiloxRow philox_row(const int64_t* key, int64_t row, int64_t rows_per_sample, int64_t step) {
+  const int64_t b = row / rows_per_sample;
+  const uint64_t seed = static_cast<uint64_t>(key[2 * b]);
+  return PhiloxRow{static_cast<uint32_t>(step), static_cast<uint32_t>(key[2 * b + 1]),
+                   static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)};
 }
 
 struct Coefs {
@@ -222,33 +363,72 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
     const int64_t grain = std::max<int64_t>(1, 16384 / (n * g));
     at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(n), transposed(plan.square_side ? n : 0);
-      std::vector<float> z(kp ? n : 0);
-      std::vector<acc_t> z_wide(kp && !std::is_same<acc_t, float>::value ? n : 0);  // fp64 only
-      std::vector<uint32_t> counters(kp ? n : 0);
+      std::vector<acc_t> row_noise(kp && ntp ? n : 0);
+      acc_t z[kNoiseBlock];
       for (int64_t row = begin; row < end; ++row) {
         symfast::orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, acc_t(1) / g,
                                                 acc.data(), transposed.data());
-        const acc_t* zrow = np_ ? np_ + row * n : nullptr;
-        if (kp) {
-          const int64_t b = row / rows_per_sample, r = row % rows_per_sample;
-          const uint64_t seed = static_cast<uint64_t>(kp[2 * b]);
-          const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-          const uint32_t stream = static_cast<uint32_t>(kp[2 * b + 1]);
-          const uint32_t base = static_cast<uint32_t>(r * n);
-          for (int64_t i = 0; i < n; ++i)
-            counters[i] = base + static_cast<uint32_t>(ntp ? symfast::decode(ntp[i]) : i);
-          philox_normals(counters.data(), n, static_cast<uint32_t>(step), stream, k0, k1, z.data());
-          if (ntp)
-            for (int64_t i = 0; i < n; ++i) z[i] = ntp[i] < 0 ? -z[i] : z[i];
-          zrow = in_acc_type(z, z_wide);
+        const int64_t off = row * n;
+        if (!kp) {
+          combine_row<scalar_t, acc_t>(xp + off, acc.data(), up ? up + off : nullptr,
+                                       vp ? vp + off : nullptr, np_ ? np_ + off : nullptr, k,
+                                       op + off, dp ? dp + off : nullptr, n);
+          continue;
         }
-        combine_row<scalar_t, acc_t>(xp + row * n, acc.data(), up ? up + row * n : nullptr,
-                                     vp ? vp + row * n : nullptr, zrow, k,
-                                     op + row * n, dp ? dp + row * n : nullptr, n);
+        // drawn a block at a time and used at once: no pass over a row of normals in memory,
+        // except where the noise table gathers across the row
+        const PhiloxRow pk = philox_row(kp, row, rows_per_sample, step);
+        const uint32_t row_base = static_cast<uint32_t>((row % rows_per_sample) * n);
+        if (ntp) draw_row<acc_t>(pk, row_base, n, row_noise.data());
+        for (int64_t i = 0; i < n; i += kNoiseBlock) {
+          const int64_t len = std::min(kNoiseBlock, n - i);
+          if (ntp) {
+            for (int64_t j = 0; j < len; ++j) {
+              const int32_t t = ntp[i + j];
+              z[j] = t < 0 ? -row_noise[~t] : row_noise[t];
+            }
+          } else {
+            draw_normals<acc_t>(pk, row_base + static_cast<uint32_t>(i), len, z);
+          }
+          combine_row<scalar_t, acc_t>(xp + off + i, acc.data() + i, up ? up + off + i : nullptr,
+                                       vp ? vp + off + i : nullptr, z, k, op + off + i,
+                                       dp ? dp + off + i : nullptr, len);
+        }
       }
     });
   });
   return {out, den};
+}
+
+// The fused step's noise alone: out (M, N) float32 or float64 <- the normals fused_step_cpu adds
+// (without a noise table), through the same draw_row. What drawing costs with no memory
+// traffic but one write of out (the compute floor in benchmarks/bench_sampler.py).
+void fused_step_cpu_noise(const at::Tensor& key_in, int64_t rows_per_sample, int64_t step,
+                          at::Tensor& out) {
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 2 && out.is_contiguous() &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble),
+              "out must be a contiguous float32 or float64 (M, N) CPU tensor, got ",
+              out.scalar_type(), " ", out.sizes());
+  const int64_t m = out.size(0), n = out.size(1);
+  TORCH_CHECK(rows_per_sample >= 1 && m % rows_per_sample == 0,
+              "rows_per_sample must divide M = ", m, ", got ", rows_per_sample);
+  TORCH_CHECK(step >= 0 && step <= 0xFFFFFFFFLL, "step must be in [0, 2^32), got ", step);
+  TORCH_CHECK(rows_per_sample * n <= 0xFFFFFFFFLL, "a sample has more than 2^32 elements");
+  const at::Tensor key = key_in.contiguous();
+  TORCH_CHECK(key.device().is_cpu() && key.scalar_type() == at::kLong && key.dim() == 2 &&
+                  key.size(0) == m / rows_per_sample && key.size(1) == 2,
+              "key must be int64 (", m / rows_per_sample, ", 2) on CPU, got ", key.scalar_type(),
+              " ", key.sizes());
+  if (m == 0 || n == 0) return;
+  const int64_t* kp = key.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fused_step_cpu_noise", [&] {
+    scalar_t* zp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, m, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        draw_row<scalar_t>(philox_row(kp, row, rows_per_sample, step),
+                           static_cast<uint32_t>((row % rows_per_sample) * n), n, zp + row * n);
+    });
+  });
 }
 
 }  // namespace
@@ -258,8 +438,12 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
       "fused_step_cpu(Tensor x, Tensor y, Tensor inverse_table, Tensor? u, Tensor? v, "
       "Tensor? noise, Tensor? key, Tensor? noise_table, int rows_per_sample, int step, "
       "float[] coefs, bool write_denoised) -> (Tensor, Tensor)");
+  m.def("fused_step_cpu_noise(Tensor key, int rows_per_sample, int step, Tensor(a!) out) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(symfast, CPU, m) { m.impl("fused_step_cpu", &fused_step_cpu); }
+TORCH_LIBRARY_IMPL(symfast, CPU, m) {
+  m.impl("fused_step_cpu", &fused_step_cpu);
+  m.impl("fused_step_cpu_noise", &fused_step_cpu_noise);
+}
 
 SYMFAST_PY_MODULE()

@@ -9,9 +9,10 @@ output at g_k x, the layout ``orbit`` produces), with host coefficients:
 
 u, v are optional extra tensors (the previous x̂0 of DPM-Solver++(2M), the first Heun stage), and z
 is the noise: a given tensor (the torch.Generator path), or Philox noise keyed by
-(seed, step, stream, element) (see symfast/philox.py), optionally transformed by the group element
-``noise_element`` (z ← g z) for equivariant stochastic sampling. Arithmetic is in float32 (float64
-for float64 inputs), in the order written above, and the result is cast to x's dtype.
+(seed, step, stream, element) (see symfast/philox.py; float64 normals for float64 inputs),
+optionally transformed by the group element ``noise_element`` (z ← g z) for equivariant stochastic
+sampling. Arithmetic is in float32 (float64 for float64 inputs), in the order written above, and the
+result is cast to x's dtype.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, group: Group, coefs: StepCoeffi
         x_next = x_next + q * v.to(acc)
     if c != 0.0:
         if noise is None:
-            z = philox.sample_noise(key, step, tuple(x.shape))
+            z = philox.sample_noise(key, step, tuple(x.shape), acc)
             if noise_element is not None:
                 z = (noise_group or group).act(z, noise_element)
         else:
