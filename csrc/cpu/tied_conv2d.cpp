@@ -53,7 +53,8 @@ bool fuse_per_sample(int64_t batch) { return batch >= at::get_num_threads(); }
 //   kWholeBatch  | the rest: a plane-parallel stencil of the batch, then GEMMs per sample (forward,
 //                | input gradient) or one GEMM over the batch (weight gradient)
 //
-// The first row that applies wins. bf16/fp16 on the non-fused routes keep their dtype (at::mm).
+// The first row that applies wins. bf16/fp16 on the non-fused routes are computed in fp32 and
+// rounded once, as on the fused route (reduced_in_fp32 below).
 enum class Pass { kForward, kGradInput, kGradWeight };
 enum class Route { kFused, kSmallPlane, kPerSample, kWholeBatch };
 
@@ -71,6 +72,17 @@ Route choose_path(Pass pass, at::ScalarType dtype, const Orbits& o, const Geomet
     return Route::kPerSample;
   return Route::kWholeBatch;
 }
+
+// bf16/fp16 off the fused route run the fp32 code on widened copies and round the results once.
+// In their own dtype (a reduced-precision stencil, then at::mm) every orbit sum was rounded before
+// the GEMM: a build without the AVX2 route (SYMFAST_ISA=baseline, tests/test_isa_variants.py)
+// was several bf16 ulps off the fp64 result where the fused route is within half an ulp, and
+// bf16 at::mm without bf16 FMA units is slow (349 ms vs 8.5 ms at the size noted in the forward).
+bool reduced_in_fp32(at::ScalarType dtype, Route route) {
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && route != Route::kFused;
+}
+
+at::Tensor widened(const at::Tensor& t) { return t.to(at::kFloat); }
 
 void check_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
@@ -144,6 +156,12 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
   }
   if (y.numel() == 0) return y;
   const Route route = choose_path(Pass::kForward, x.scalar_type(), o, g, bsz);
+  if (reduced_in_fp32(x.scalar_type(), route)) {
+    const c10::optional<at::Tensor> b32 =
+        has_bias ? c10::optional<at::Tensor>(widened(*bias)) : c10::nullopt;
+    return tied_conv2d_cpu(widened(x), widened(weight), b32, positions, offsets, kh, kw, sh, sw,
+                           ph, pw).to(x.scalar_type());
+  }
 #ifdef SYMFAST_FUSED_TIED_CONV
   if (route == Route::kFused) {
     // bf16: fp32 throughout (weights and bias widened here, inputs as they are copied), one
@@ -270,6 +288,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
     }
   }
 #endif
+  const bool reduced = reduced_in_fp32(x.scalar_type(), gx_route) || reduced_in_fp32(x.scalar_type(), gw_route);
+  if (reduced && (mask[0] || mask[1] || mask[2])) {
+    const auto [gx32, gw32, gb32] = tied_conv2d_backward_cpu(
+        widened(grad_out), widened(x), widened(weight), positions, offsets, kh, kw, sh, sw, ph, pw, mask);
+    if (mask[0]) gx = gx32.to(x.scalar_type());
+    if (mask[1]) gw = gw32.to(x.scalar_type());
+    if (mask[2]) gb = gb32.to(x.scalar_type());
+    return {gx, gw, gb};
+  }
   // kSmallPlane does not depend on the pass: it is the route of every gradient not yet done.
   if ((gx_route == Route::kSmallPlane || gw_route == Route::kSmallPlane) && (mask[0] || mask[1])) {
     // Both gradients as single GEMMs over the (C, R, B, Ho*Wo) layout (see stencil_batched).
