@@ -2,7 +2,10 @@
 torch.compile(reference) vs the cpu kernel, against the GEMM floor measured in the same run.
 
 The floor is the three GEMMs the op cannot avoid (scores = h·Wᵀ, grad h = dS·W, grad W = dSᵀ·h
-with W the stacked (K + K·C, F) weights), timed as plain torch.mm calls of those shapes.
+with W the stacked (K + K·C, F) weights), timed as plain torch.mm calls of those shapes, each
+threaded by the BLAS. The cpu kernel runs the same GEMMs but, with enough rows per thread, gives
+each thread its own block of rows (single-threaded GEMMs, no BLAS barriers): it can run below this
+floor when the BLAS's own threading scales worse than that.
 Variants are timed in interleaved rounds (median over rounds of per-round medians), so a burst of
 load on a shared machine hits them all alike.
 

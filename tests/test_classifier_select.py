@@ -86,6 +86,38 @@ def test_opcheck(backend_name):
                           (*args, 0.8, backend_name))
 
 
+@pytest.mark.parametrize("threads, shape", [
+    (2, BIG),              # 130 rows: two row blocks, each thread with its own GEMMs
+    (3, (199, 40, 7, 9)),  # three uneven row and column blocks
+    (2, (100, 33, 4, 6)),  # too few rows for two blocks: the BLAS threads the GEMMs
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_threading_paths_match_reference(threads, shape, dtype):
+    """The cpu kernel splits rows across threads or leaves the threading to the BLAS, by the
+    batch per thread (csrc/cpu/classifier_select.cpp, row_blocks): both paths, at several
+    thread counts, whatever OMP_NUM_THREADS the suite runs with."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        args = _inputs(*shape, dtype=dtype, requires_grad=True)
+        out = classifier_select(*args, temperature=0.7, backend="cpu")
+        ref_args = [a.detach().double().requires_grad_() for a in args]
+        ref = reference.classifier_select(*ref_args, 0.7)
+        assert rel_err(out, ref) <= TOL[dtype]
+        grad = torch.randn(out.shape, dtype=torch.float64)
+        got = torch.autograd.grad(out, args, grad.to(dtype))
+        want = torch.autograd.grad(ref, ref_args, grad.to(dtype).double())
+        for name, g, w in zip(["h", "gate_weight", "gate_bias", "weight", "bias"], got, want):
+            assert rel_err(g, w) <= TOL[dtype], name
+        # The row blocks run on OpenMP threads: they must take on the caller's inference mode,
+        # or writing the scores made under it would be refused there.
+        with torch.inference_mode():
+            plain = classifier_select(*[a.detach() for a in args], temperature=0.7, backend="cpu")
+        assert torch.equal(plain, out.detach())
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_gates_select_the_classifier():
     """With a sharp gate that always prefers classifier 1, the output is classifier 1's logits."""
     b, f, k, c = 5, 8, 3, 4
