@@ -21,7 +21,8 @@
     elements; same outputs checked; network time measured inside both runs.
 
 Run: python benchmarks/bench_sampler.py [--steps 50] [--skip-e2e]
-The noise target alone (prints and records the ratios): python benchmarks/bench_sampler.py --skip-e2e
+The noise target alone (printed and recorded with the step rows):
+    python benchmarks/bench_sampler.py --skip-e2e
 """
 from __future__ import annotations
 
@@ -68,12 +69,18 @@ def bench_step_op(repeats: int) -> list[dict]:
         return math.sqrt(ac_prev) * x0 + math.sqrt(1 - ac_prev) * eps
 
     ref_compiled = torch.compile(reference_step)
-    noiseless = lambda: fused_step(x, y, ddim, D4, return_denoised=False, backend="cpu")  # noqa: E731
-    noisy = lambda: fused_step(x, y, ancestral, D4, key=key, step=3,  # noqa: E731
-                               return_denoised=False, backend="cpu")
     rows_per_sample = shape[1]  # D4 acts on the (64, 64) planes: 3 rows of 4096 per sample
     drawn = torch.empty(shape[0] * rows_per_sample, shape[2] * shape[3])
-    draw_only = lambda: torch.ops.symfast.fused_step_cpu_noise(key, rows_per_sample, 3, drawn)  # noqa: E731
+
+    def noiseless():
+        return fused_step(x, y, ddim, D4, return_denoised=False, backend="cpu")
+
+    def noisy():
+        return fused_step(x, y, ancestral, D4, key=key, step=3, return_denoised=False,
+                          backend="cpu")
+
+    def draw_only():  # the same normals as noisy's, into a reused buffer
+        torch.ops.symfast.fused_step_cpu_noise(key, rows_per_sample, 3, drawn)
     noisy()  # loads the CPU kernels, which register fused_step_cpu_noise
     variants = {
         "fused cpu (DDIM)": noiseless,

@@ -4,10 +4,10 @@ One program per (state row, block of the row): gathers the |G| orbit outputs thr
 table, averages, forms x̂0 and the update, draws the Philox noise in registers and writes x_next
 (and x̂0 if asked). The noise uses tl.philox + Triton's own uint→float and Box–Muller, keyed by
 counter (element // 4, step, stream, 0) under the sample's seed, element e taking normal e % 4
-(``tl.randn4x``'s layout): the same numbers as the C++ kernel and the PyTorch reference. A float64 step takes the same Philox words through Box–Muller in
-float64 (symfast/philox.py), and its coefficients arrive as float32 pairs (hi, lo) with
-hi + lo = c to ~2^-48: a compiled kernel receives a Python float as float32, which cut 0.3 to
-0.30000001 in a float64 step.
+(``tl.randn4x``'s layout): the same numbers as the C++ kernel and the PyTorch reference. A
+float64 step takes the same Philox words through Box–Muller in float64 (symfast/philox.py), and
+its coefficients arrive as float32 pairs (hi, lo) with hi + lo = c to ~2^-48: a compiled kernel
+receives a Python float as float32, which would cut 0.3 to 0.30000001 in a float64 step.
 """
 from __future__ import annotations
 

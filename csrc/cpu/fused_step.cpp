@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <immintrin.h>
 #include <type_traits>
 #include <vector>
 
@@ -49,8 +48,8 @@ inline void check_table(const at::Tensor& table, int64_t rows, int64_t n, const 
   TORCH_CHECK(in_bounds, name, " holds an index outside [0, ", n, ")");
 }
 
-// log(x) for x in [1e-7, 1], cos(x) and sin(x) for x in [0, 2*pi), in plain branch-free float code (the
-// Cephes single-precision algorithms, within ~1 ulp of libm) so that the Box-Muller loop
+// log(x) for x in [1e-7, 1], cos(x) and sin(x) for x in [0, 2*pi), in plain branch-free float
+// code (the Cephes single-precision algorithms, within ~1 ulp of libm) so that the Box-Muller loop
 // vectorises: the scalar libm calls kept it element by element, 15 ms for the noise of a
 // (64, 3, 64, 64) step against 1.8 ms for the rest of it. The range reduction of log is musl's
 // logf one, x = 2^e (1 + m) with 1 + m in [sqrt(1/2), sqrt(2)) by integer arithmetic alone: the
@@ -233,7 +232,8 @@ inline int32_t uniform_bits(uint32_t w) {
 // log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172, by its series to s^23 (the next term
 // is < 1e-19 of log m).
 inline double log_unit(double x) {
-  const uint64_t ix = __builtin_bit_cast(uint64_t, x) + (0x3FF0000000000000ull - 0x3FE6A09E667F3BCDull);
+  const uint64_t ix =
+      __builtin_bit_cast(uint64_t, x) + (0x3FF0000000000000ull - 0x3FE6A09E667F3BCDull);
   // e exactly, without an int64 -> double conversion (none in AVX2): 2^52 + k has k in its mantissa
   const double e = __builtin_bit_cast(double, 0x4330000000000000ull | (ix >> 52)) -
                    (4503599627370496.0 + 1023.0);
@@ -348,7 +348,8 @@ void draw_row(const PhiloxRow& key, uint32_t e0, int64_t n, acc_t* __restrict z)
 }
 
 // Row `row` of a batch keyed by key (B, 2) [seed, stream] with rows_per_sample rows per sample.
-inline PhiloxRow philox_row(const int64_t* key, int64_t row, int64_t rows_per_sample, int64_t step) {
+inline PhiloxRow philox_row(const int64_t* key, int64_t row, int64_t rows_per_sample,
+                            int64_t step) {
   const int64_t b = row / rows_per_sample;
   const uint64_t seed = static_cast<uint64_t>(key[2 * b]);
   return PhiloxRow{static_cast<uint32_t>(step), static_cast<uint32_t>(key[2 * b + 1]),
