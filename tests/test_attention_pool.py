@@ -117,6 +117,28 @@ def test_repeated_tokens_accumulate_and_are_deterministic():
         assert rel_err(g0, r) <= TOL[torch.float32]
 
 
+def test_results_do_not_depend_on_the_thread_count():
+    """Work is handed out in chunks to whichever thread is free (a thread slowed by another
+    process takes fewer); grad_query's partial sums are kept per chunk, not per thread, so every
+    output is the same bits at 1, 2 and 3 threads."""
+    tokens, lengths, emb, keys, query = _inputs(61, 13, 23, 17, 5, torch.float32, "cpu", seed=7,
+                                                requires_grad=True)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            pooled, weights = attention_pool(tokens, lengths, emb, keys, query, return_weights=True,
+                                             backend="cpu")
+            grads = torch.autograd.grad(pooled.sum() + (weights ** 2).sum(), (emb, keys, query))
+            runs.append((pooled, weights, *grads))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 def test_only_needed_gradients():
     """Frozen keys and query: only the embedding table gets a gradient, and it is right."""
     tokens, lengths, emb, keys, query = _inputs(9, 6, 13, 5, 4, torch.float32, "cpu", seed=9)

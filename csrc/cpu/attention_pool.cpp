@@ -148,6 +148,9 @@ constexpr int64_t kStreamBytes = 4 << 20;
 // How many positions ahead the gathers prefetch their rows.
 constexpr int64_t kAhead = 4;
 
+// Sentences per chunk handed to a thread (parallel_chunks).
+constexpr int64_t kSentencesPerChunk = 8;
+
 // Raw pointers into the (contiguous) inputs, and the query in the accumulation type.
 template <typename scalar_t, typename acc_t>
 struct Views {
@@ -188,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_fwd_cpu(const at::Tensor& toke
     const std::vector<acc_t>& q = in.q;
     scalar_t* pp = pooled.data_ptr<scalar_t>();
     acc_t* wp = weights.data_ptr<acc_t>();
-    // One sentence gathers L*(d + d_k) values; a grain of 8 sentences amortises the fork.
-    at::parallel_for(0, s.b, 8, [&](int64_t begin, int64_t end) {
+    // One sentence gathers L*(d + d_k) values; chunks of 8 sentences amortise the hand-out.
+    parallel_chunks(s.b, kSentencesPerChunk, [&](int64_t, int64_t begin, int64_t end) {
       std::vector<acc_t> acc(s.d);
       for (int64_t b = begin; b < end; ++b) {
         const int64_t n = mask_padding ? lp[b] : s.l;
@@ -259,13 +262,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
     const acc_t* wp = weights.data_ptr<acc_t>();
     const int64_t positions = s.b * s.l;
 
-    // 1. Score gradients per sentence, and grad_query from per-thread partials.
+    // 1. Score gradients per sentence, and grad_query from per-chunk partials summed in chunk
+    //    order (the same bits whichever thread took a chunk).
     std::vector<acc_t> ds(positions, acc_t(0));
-    const int nthreads = at::get_num_threads();
-    std::vector<acc_t> query_partials(need_query ? nthreads * s.dk : 0, acc_t(0));
+    const int64_t chunks = (s.b + kSentencesPerChunk - 1) / kSentencesPerChunk;
+    std::vector<acc_t> query_partials(need_query ? chunks * s.dk : 0, acc_t(0));
     if (need_keys || need_query) {
-      at::parallel_for(0, s.b, 8, [&](int64_t begin, int64_t end) {
-        acc_t* gq = need_query ? query_partials.data() + at::get_thread_num() * s.dk : nullptr;
+      parallel_chunks(s.b, kSentencesPerChunk, [&](int64_t chunk, int64_t begin, int64_t end) {
+        acc_t* gq = need_query ? query_partials.data() + chunk * s.dk : nullptr;
         for (int64_t b = begin; b < end; ++b) {
           const int64_t n = mask_padding ? lp[b] : s.l;
           const int64_t* tok = tp + b * s.l;
@@ -296,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
       scalar_t* out = grad_query.data_ptr<scalar_t>();
       for (int64_t i = 0; i < s.dk; ++i) {
         acc_t sum = 0;
-        for (int t = 0; t < nthreads; ++t) sum += query_partials[t * s.dk + i];
+        for (int64_t c = 0; c < chunks; ++c) sum += query_partials[c * s.dk + i];
         out[i] = static_cast<scalar_t>(sum);
       }
     }
@@ -323,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
     scalar_t* gep = need_embedding ? grad_embedding.data_ptr<scalar_t>() : nullptr;
     scalar_t* gkp = need_keys ? grad_keys.data_ptr<scalar_t>() : nullptr;
     const bool stream = s.v * (s.d + s.dk) * static_cast<int64_t>(sizeof(scalar_t)) > kStreamBytes;
-    at::parallel_for(0, s.v, 512, [&](int64_t begin, int64_t end) {
+    parallel_chunks(s.v, 512, [&](int64_t, int64_t begin, int64_t end) {
       std::vector<acc_t> acc(std::max(s.d, s.dk));
       for (int64_t v = begin; v < end; ++v) {
         const int64_t lo = offsets[v], hi = offsets[v + 1];
