@@ -1,7 +1,8 @@
 """orbit_mean and orbit: the eager loop people write today vs torch.compile of it vs symfast's kernel.
 
 For D4 and C4 in fp32 at (64, 3, 64, 64) and (16, 4, 128, 128): median time, GB/s (bytes the op
-must read + write), and the share of the copy bandwidth measured in the same run.
+must read + write), and the share of the copy bandwidth measured in the same run. orbit is also
+timed writing into one reused buffer ("symfast cpu (out=)"), as a caller in a loop would.
 Run: python benchmarks/bench_group_average.py [--repeats N] [--quick]   (or: symfast bench group-average)
 """
 from __future__ import annotations
@@ -54,8 +55,10 @@ def run(repeats: int = 20, shapes=SHAPES, group_names=("d4", "c4")) -> list[dict
         for shape in shapes:
             x = torch.randn(shape)
             y = torch.randn((len(group) * shape[0],) + shape[1:])
+            buffer = torch.empty((len(group) * shape[0],) + shape[1:])
             for check_g, check_ref in ((orbit_mean(y, group), eager_orbit_mean(y, inverses)),
-                                       (orbit(x, group), eager_orbit(x, forwards))):
+                                       (orbit(x, group), eager_orbit(x, forwards)),
+                                       (orbit(x, group, out=buffer), eager_orbit(x, forwards))):
                 torch.testing.assert_close(check_g, check_ref, rtol=1e-6, atol=1e-6)
             compiled_mean = torch.compile(lambda t: eager_orbit_mean(t, inverses))
             compiled_orbit = torch.compile(lambda t: eager_orbit(t, forwards))
@@ -71,6 +74,9 @@ def run(repeats: int = 20, shapes=SHAPES, group_names=("d4", "c4")) -> list[dict
                     "eager loop": lambda: eager_orbit(x, forwards),
                     "torch.compile(loop)": lambda: compiled_orbit(x),
                     "symfast cpu": lambda: orbit(x, group, backend="cpu"),
+                    # a caller in a loop writing into one buffer: no fresh |G|·x allocation
+                    # (whose pages fault in on every call once it is beyond malloc's reuse)
+                    "symfast cpu (out=)": lambda: orbit(x, group, backend="cpu", out=buffer),
                 },
             }
             for op, fns in variants.items():

@@ -56,14 +56,23 @@ def _check(inp: torch.Tensor, table: torch.Tensor) -> None:
 
 def orbit(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """x: (M, N) -> (G, M, N)."""
+    out = torch.empty((table.shape[0],) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    orbit_out(x, table, out)
+    return out
+
+
+def orbit_out(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """x: (M, N) -> out, contiguous with G·M·N elements (any shape), x's dtype and device."""
     _check(x, table)
     x = x.contiguous()
     g, (m, n) = table.shape[0], x.shape
-    out = torch.empty((g, m, n), dtype=x.dtype, device=x.device)
+    if not out.is_contiguous() or out.numel() != g * m * n or out.dtype != x.dtype \
+            or out.device != x.device:
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of {g * m * n} elements "
+                         f"on {x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     if out.numel():
         block = min(_BLOCK, triton.next_power_of_2(n))
         _orbit_kernel[(g * m, triton.cdiv(n, block))](x, table, out, m, n, BLOCK=block, ACC=_acc(x))
-    return out
 
 
 def orbit_mean(y: torch.Tensor, inverse_table: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,16 @@ from symfast._symmetrize import _default_chunks, _main_tensor
 PREDICTIONS = ("eps", "x0", "v", "edm")
 
 
+def _sole_user(t: torch.Tensor) -> bool:
+    """Is ``t`` the only tensor using its storage (no view of it alive anywhere)? False where
+    this torch cannot say."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    # t's own reference, and the one of the storage object untyped_storage() returns
+    return use_count(t.untyped_storage()._cdata) == 2
+
+
 class LossTerms(NamedTuple):
     """Per-sample training losses, (B,) each: ``total`` = ``dsm`` + λ·``reg`` (``reg`` None
     without the regulariser), at the noise levels ``sigma``."""
@@ -132,8 +142,10 @@ class Denoiser(nn.Module):
         _, _, c_in, t = self.coefficients(sigma)
         x_in = x * c_in
         group = self.averaging_group
+        buffer = None
         if group is not None:
-            x_in = orbit(x_in, group, backend=self.backend)
+            buffer = self._take_orbit_buffer(x_in, len(group))
+            x_in = orbit(x_in, group, backend=self.backend, out=buffer)
         n = x_in.shape[0]
         order = len(group) if group is not None else 1
         chunks = self.chunks or (_default_chunks(x.shape[0], order, x.device) if order > 1 else 1)
@@ -147,7 +159,42 @@ class Denoiser(nn.Module):
         if y.shape != x_in.shape:
             raise ValueError(f"the model output has shape {tuple(y.shape)} but the sample it was "
                              f"given has shape {tuple(x_in.shape)}")
+        if buffer is not None:
+            self._orbit_buffers.append(buffer)
         return y.to(x.dtype)
+
+    def _take_orbit_buffer(self, x_in: torch.Tensor, order: int) -> torch.Tensor | None:
+        """The tensor the orbit of x_in is written into: the previous step's when nothing else
+        still uses it, else a fresh one (None where a fresh tensor from orbit itself is needed).
+
+        Sampling is a loop of steps whose orbits have one shape: reusing the |G|·B buffer spares
+        an allocation per step, which beyond malloc's reuse threshold (32 MB) is a fresh mapping
+        whose pages fault in on every call. A buffer is reused only when the one tensor kept here
+        is the sole user of its memory: the network's output may alias its input, the network
+        may keep its input, an earlier step's result may still be held; any such view keeps the
+        storage's count up and the step writes a fresh buffer instead. Not while autograd records
+        (the saved inputs must stay as they were) or torch.compile traces (it sees a fresh
+        tensor), and on CPU only (CUDA's caching allocator already hands the previous step's
+        block back); a different shape, dtype, device or inference mode takes a fresh one. The
+        denoiser keeps the last buffer between sampling runs."""
+        if (x_in.device.type != "cpu" or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()):
+            return None
+        pool = self.__dict__.setdefault("_orbit_buffers", [])
+        shape = (order * x_in.shape[0],) + tuple(x_in.shape[1:])
+        while pool:
+            buffer = pool.pop()  # one atomic step: two threads never take the same buffer
+            if (tuple(buffer.shape) == shape and buffer.dtype == x_in.dtype
+                    and buffer.device == x_in.device
+                    and buffer.is_inference() == torch.is_inference_mode_enabled()
+                    and _sole_user(buffer)):
+                return buffer
+        return torch.empty(shape, dtype=x_in.dtype, device=x_in.device)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_orbit_buffers", None)  # scratch memory, not state: copies skip it
+        return state
 
     def step(self, x: torch.Tensor, sigma: float, a: float, b: float, *, p: float = 0.0,
              q: float = 0.0, c: float = 0.0, u: torch.Tensor | None = None,

@@ -232,27 +232,6 @@ inline void accumulate_blocks(const scalar_t* __restrict src, const std::vector<
                                             acc);
 }
 
-template <typename scalar_t>
-inline void copy_blocks(const scalar_t* __restrict src,
-                                      const std::vector<Block>& blocks, scalar_t* __restrict dst) {
-  for (const Block& b : blocks) {
-    const int64_t len = b.len, step = b.step;
-    for (int64_t r = 0; r < b.rows; ++r) {
-      scalar_t* __restrict d = dst + b.dst + r * len;
-      const scalar_t* __restrict s = src + b.src + r * b.src_row_stride;
-      if (step == 1) {
-        if (b.neg) for (int64_t j = 0; j < len; ++j) d[j] = -s[j];
-        else for (int64_t j = 0; j < len; ++j) d[j] = s[j];
-      } else if (step == -1) {
-        if (b.neg) for (int64_t j = 0; j < len; ++j) d[j] = -s[-j];
-        else for (int64_t j = 0; j < len; ++j) d[j] = s[-j];
-      } else {
-        for (int64_t j = 0; j < len; ++j) d[j] = b.neg ? -s[step * j] : s[step * j];
-      }
-    }
-  }
-}
-
 template <typename scalar_t, typename acc_t>
 inline void accumulate_gather(const scalar_t* __restrict src,
                                             const int32_t* __restrict idx,
@@ -315,36 +294,6 @@ __attribute__((always_inline)) inline void transpose_add(T* __restrict dst, cons
   }
   for (int64_t i = 0; i < p; ++i)
     for (int64_t j = i < p8 ? p8 : 0; j < p; ++j) dst[i * p + j] += src[j * p + i];
-}
-
-// dst (p x p) = the transpose of block b (p rows of p, a row-preserving map) read straight from
-// src: dst[i*p + j] = sign * src[b.src + j*b.src_row_stride + b.step*i]. For fp32, 8x8 register
-// tiles, each filling 8 output rows; a plain loop for the rest and for the ragged edge. (Copying
-// the block out and transposing the copy cost a second pass per element.)
-template <typename T>
-__attribute__((always_inline)) inline void copy_transposed(const T* __restrict src, const Block& b,
-                                                           T* __restrict dst, int64_t p) {
-  const T* base = src + b.src;
-  int64_t p8 = 0;
-  if constexpr (std::is_same_v<T, float>) {
-    p8 = p - p % 8;
-    const float sign = b.neg ? -1.f : 1.f;
-    for (int64_t i0 = 0; i0 < p8; i0 += 8)
-      for (int64_t j0 = 0; j0 < p8; j0 += 8) {
-        v8f r[8];
-        for (int k = 0; k < 8; ++k) {
-          const float* row = base + (j0 + k) * b.src_row_stride;
-          r[k] = b.step == 1 ? load8(row + i0) : reverse8(load8(row - i0 - 7));
-        }
-        transpose8(r);
-        for (int k = 0; k < 8; ++k) store8(dst + (i0 + k) * p + j0, sign * r[k]);
-      }
-  }
-  for (int64_t i = 0; i < p; ++i)
-    for (int64_t j = i < p8 ? p8 : 0; j < p; ++j) {
-      const T v = base[j * b.src_row_stride + b.step * i];
-      dst[i * p + j] = b.neg ? -v : v;
-    }
 }
 
 constexpr int kMaxStreams = 32;

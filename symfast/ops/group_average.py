@@ -3,6 +3,8 @@
 The torch ops ``symfast::orbit`` and ``symfast::orbit_mean`` work on flattened views
 (x: (M, N), y: (G, M, N), N = the size of the dims the group acts on) and take the group's
 gather tables as tensors, so ``torch.compile`` sees plain tensor ops with fake implementations.
+``symfast::orbit_out`` writes the orbit into a caller's tensor (``orbit(..., out=)``); its schema
+declares the mutation (``Tensor(a!) out``), so torch.compile functionalizes it.
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from symfast.reference import group_average as reference
 _OP = "group_average"
 
 
-def _check_tables(inp: torch.Tensor, table: torch.Tensor, inverse_table: torch.Tensor) -> None:
+def _check_tables(inp: torch.Tensor, table: torch.Tensor,
+                  inverse_table: torch.Tensor | None = None) -> None:
     for arg, t in (("table", table), ("inverse_table", inverse_table)):
+        if t is None:
+            continue
         if t.device != inp.device:
             raise ValueError(f"{arg} is on {t.device} but the input is on {inp.device}; build "
                              f"tables with group.tables(shape, device=input.device)")
@@ -30,6 +35,34 @@ def _orbit_impl(x: torch.Tensor, table: torch.Tensor, inverse_table: torch.Tenso
                 backend: str) -> torch.Tensor:
     _check_tables(x, table, inverse_table)
     return _dispatch.kernel(_OP, backend, cpu="orbit_cpu", triton="orbit")(x, table)
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[low, high) bytes of memory t's elements lie in."""
+    low = high = t.data_ptr()
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride * t.element_size()
+        low, high = (low + reach, high) if reach < 0 else (low, high + reach)
+    return low, high + t.element_size()
+
+
+def _check_no_overlap(x: torch.Tensor, out: torch.Tensor) -> None:
+    """out must not share memory with x: the kernels read x while they write out. Compared by
+    the memory the two span (a strided x interleaved with out, sharing no element, is refused
+    too)."""
+    if x.numel() == 0 or out.numel() == 0 or x.device.type == "meta":
+        return
+    (x_low, x_high), (out_low, out_high) = _extent(x), _extent(out)
+    if x_low < out_high and out_low < x_high:
+        raise ValueError("out shares memory with x; orbit(..., out=) needs a separate output "
+                         "tensor (the kernels read x while writing out)")
+
+
+def _orbit_out_impl(x: torch.Tensor, table: torch.Tensor, backend: str,
+                    out: torch.Tensor) -> None:
+    _check_tables(x, table)
+    _check_no_overlap(x, out)
+    _dispatch.kernel(_OP, backend, cpu="orbit_out_cpu", triton="orbit_out")(x, table, out)
 
 
 def _orbit_mean_impl(y: torch.Tensor, table: torch.Tensor, inverse_table: torch.Tensor,
@@ -80,16 +113,62 @@ _orbit_mean_op, _orbit_mean_eager = _dispatch.kernel_op(
     _orbit_op, _orbit_eager, differentiable_backward=True)
 
 
+# orbit(..., out=): no autograd (as torch's out= functions), so no autograd.Function either; eager
+# calls run the implementation directly, compiled ones the custom op, whose fake returns nothing.
+_orbit_out_op = torch.library.custom_op("symfast::orbit_out", mutates_args=("out",))(_orbit_out_impl)
+
+
+@_orbit_out_op.register_fake
+def _orbit_out_fake(x, table, backend, out):
+    return None
+
+
+def _orbit_out(x: torch.Tensor, table: torch.Tensor, backend: str, out: torch.Tensor) -> None:
+    if torch.compiler.is_compiling():
+        _orbit_out_op(x, table, backend, out)
+    else:
+        _orbit_out_impl(x, table, backend, out)
+
+
+def _check_out(out, x: torch.Tensor, group: Group) -> None:
+    """out= of orbit: a contiguous tensor of the orbit's shape, dtype and device, apart from x;
+    like torch's out= functions, no autograd through it."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.dtype != x.dtype:
+        raise TypeError(f"out has dtype {out.dtype} but x has {x.dtype}")
+    if out.device != x.device:
+        raise ValueError(f"out is on {out.device} but x is on {x.device}")
+    want = (len(group) * x.shape[0],) + tuple(x.shape[1:])
+    if tuple(out.shape) != want:
+        raise ValueError(f"out must have shape {want} (|G|·B, ...) for x of shape "
+                         f"{tuple(x.shape)} and group {group.name}, got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous (strides {out.stride()} for shape "
+                         f"{tuple(out.shape)})")
+    if torch.is_grad_enabled() and (x.requires_grad or out.requires_grad):
+        raise RuntimeError("orbit(): functions with out=... arguments don't support automatic "
+                           "differentiation, but one of the arguments requires grad (call it "
+                           "under torch.no_grad(), or without out=)")
+    if not torch.compiler.is_compiling():  # compiled: the op checks the real tensors it runs on
+        _check_no_overlap(x, out)
+
+
 def _tables(t: torch.Tensor, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
     """The group's (table, inverse_table) for t's trailing dims, on t's device."""
     return group.tables(t.shape[t.dim() - group.event_ndim:], t.device)
 
 
 @_backend.profiled("orbit")
-def orbit(x: torch.Tensor, group: Group | str, *, backend: str | None = None) -> torch.Tensor:
+def orbit(x: torch.Tensor, group: Group | str, *, backend: str | None = None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
     """The orbit of a batch: x (B, ...) -> (|G|·B, ...), element-major (block k is g_k x).
 
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for x's device.
+    ``out``: a contiguous tensor of shape (|G|·B, ...), x's dtype and device, sharing no memory
+    with x, to write the orbit into (and return): a caller in a loop reuses one buffer instead of
+    a fresh |G|-times-larger allocation per call. As with torch's out= functions there is no
+    autograd through it: with grad enabled, x and out must not require grad.
     """
     group = get(group)
     _checks.floating("x", x)
@@ -97,11 +176,16 @@ def orbit(x: torch.Tensor, group: Group | str, *, backend: str | None = None) ->
     if x.dim() == group.event_ndim:
         raise ValueError(f"x has shape {tuple(x.shape)}: needs a batch dim before the "
                          f"{group.event_ndim} dims group {group.name} acts on")
+    if out is not None:
+        _check_out(out, x, group)
     backend = _dispatch.resolve(backend, x, _OP)
     if backend == "reference" or x.numel() == 0:  # empty: no work, and the kernels' tables need N > 0
-        return reference.orbit(x, group)
+        return reference.orbit(x, group, out=out)
     table, inverse_table = _tables(x, group)
     n = table.shape[1]
+    if out is not None:
+        _orbit_out(x.reshape(-1, n).contiguous(), table, backend, out)
+        return out
     out = _orbit_eager(x.reshape(-1, n).contiguous(), table, inverse_table, backend)
     return out.reshape((len(group) * x.shape[0],) + tuple(x.shape[1:]))
 

@@ -36,8 +36,9 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def orbit(x, group, backend=None, *, backward=False) -> Cost:
-    """Reads x once, writes |G| transformed copies; backward is orbit_mean of the gradient."""
+def orbit(x, group, backend=None, *, out=None, backward=False) -> Cost:
+    """Reads x once, writes |G| transformed copies (into ``out`` or a fresh tensor: the same
+    bytes); backward is orbit_mean of the gradient."""
     g = len(get(group))
     moved = (1 + g) * _nbytes(x)
     return Cost(moved * (2 if backward else 1), 0.0)

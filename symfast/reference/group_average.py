@@ -6,13 +6,15 @@ import torch
 from symfast.groups import Group
 
 
-def orbit(x: torch.Tensor, group: Group) -> torch.Tensor:
-    """x: (B, ...) -> (|G|·B, ...), element-major: block k is g_k x."""
+def orbit(x: torch.Tensor, group: Group, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x: (B, ...) -> (|G|·B, ...), element-major: block k is g_k x; written into ``out`` when
+    given (checked by symfast.ops.orbit)."""
     group.check_input(x)
     if x.dim() == group.event_ndim:
         raise ValueError(f"x has shape {tuple(x.shape)}: needs a batch dim before the "
                          f"{group.event_ndim} dims group {group.name} acts on")
-    return torch.cat([group.elements[k](x) for k in range(len(group))], dim=0)
+    blocks = [group.elements[k](x) for k in range(len(group))]
+    return torch.cat(blocks, dim=0) if out is None else torch.cat(blocks, dim=0, out=out)
 
 
 def orbit_mean(y: torch.Tensor, group: Group) -> torch.Tensor:
