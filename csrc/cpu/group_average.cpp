@@ -275,13 +275,13 @@ void orbit_into(const at::Tensor& x_in, const at::Tensor& table_in, const at::Te
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int32_t* tp = table.data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    // (k, m) output rows are independent; ~16K elements per task amortise the OpenMP fork.
+    // (k, m) output rows are independent; chunks of ~16K elements amortise the hand-out.
     const int64_t grain = std::max<int64_t>(1, 16384 / n);
-    at::parallel_for(0, g * m, grain, [&](int64_t begin, int64_t end) {
+    parallel_chunks(g * m, grain, [&](int64_t, int64_t begin, int64_t end) {
       if constexpr (std::is_same_v<scalar_t, float>) {
         if (stream) {
           orbit_rows<scalar_t, true>(xp, tp, op, plan, m, n, begin, end);
-          stream_fence();  // this thread's streaming stores land before the region's barrier
+          stream_fence();  // this chunk's streaming stores land before the region's barrier
           return;
         }
       }
