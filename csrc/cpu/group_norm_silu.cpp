@@ -469,11 +469,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     const ForwardArgs args{sh, eps};
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads_for(sh), 1, [&](int64_t, int64_t) {
+#if defined(__x86_64__) && defined(__GNUC__)
       if (cpu_has_avx2_fma()) {
         forward_tiles_avx2_fma<scalar_t, acc_t>(xp, prm, zp, mp, rp, args, &next);
-      } else {
-        forward_tiles_baseline<scalar_t, acc_t>(xp, prm, zp, mp, rp, args, &next);
+        return;
       }
+#endif
+      forward_tiles_baseline<scalar_t, acc_t>(xp, prm, zp, mp, rp, args, &next);
     });
   });
   return {z, mean, rstd};
@@ -521,11 +523,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     const ChannelSums sums{ga.data(), ga_xhat.data()};
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads_for(sh), 1, [&](int64_t, int64_t) {
+#if defined(__x86_64__) && defined(__GNUC__)
       if (cpu_has_avx2_fma()) {
         backward_tiles_avx2_fma<scalar_t, acc_t>(gzp, xp, prm, mp, rp, gxp, gsp, sums, sh, &next);
-      } else {
-        backward_tiles_baseline<scalar_t, acc_t>(gzp, xp, prm, mp, rp, gxp, gsp, sums, sh, &next);
+        return;
       }
+#endif
+      backward_tiles_baseline<scalar_t, acc_t>(gzp, xp, prm, mp, rp, gxp, gsp, sums, sh, &next);
     });
     // grad weight = sum over b of sum ga * xhat, grad bias = sum over b of sum ga: b in order.
     scalar_t* gwp = gweight.data_ptr<scalar_t>();
