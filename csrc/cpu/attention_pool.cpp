@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #endif
 
+#include "simd.h"
 #include "symfast_module.h"
 
 namespace {
@@ -134,12 +135,6 @@ inline void put_row(scalar_t* dst, const acc_t* src, int64_t n, bool /*stream*/)
 template <typename scalar_t>
 inline void zero_row(scalar_t* dst, int64_t n, bool /*stream*/) {
   std::fill(dst, dst + n, scalar_t(0));
-}
-
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
 }
 
 // Output tables larger than this are written with streaming stores (the L2 is 1 MB per core).
@@ -354,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_bwd_cpu(
           }
         }
       }
-      stream_fence();
+      symfast::stream_fence();
     });
   });
   return {grad_embedding, grad_keys, grad_query};

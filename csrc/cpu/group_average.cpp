@@ -31,12 +31,6 @@ namespace {
 
 using namespace symfast;
 
-inline void stream_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
 // ---- orbit ---------------------------------------------------------------------------------
 //
 // The orbit writes |G| times what it reads, so its speed is the speed of its stores. A plain store

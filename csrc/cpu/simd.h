@@ -6,8 +6,19 @@
 
 #include <cstdint>
 #include <cstring>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 namespace symfast {
+
+// Orders this thread's non-temporal (streaming) stores before whatever follows (a parallel
+// region's barrier): they bypass the cache and are not ordered by the usual store rules.
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int v8i __attribute__((vector_size(32)));
