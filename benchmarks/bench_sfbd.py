@@ -12,6 +12,10 @@
      preconditioning, so the two differ only in the loop.
    Targets: fused >= eager with the same network (paired ratio); WT >= 6x FA (fused medians of
    the same run).
+   The network is >99% of either path, so the paired ratio is 1 within the machine's run-to-run
+   spread (0.90-1.07 between runs here); what the two paths do differently is measured apart:
+   "loop": both paths with a network that costs nothing (x * 0.5), same grid and batch: the
+   time of the loop alone, and the network calls each makes (equal: the same evaluations).
 2. 2-process scaling: under torchrun, 2 processes x 1 thread each denoising their shards of 128
    images (symfast.train.sfbd.denoise_into_shards, shard files written) against rank 0 alone
    denoising all 128 with 1 thread, phases alternated in one job. Target: >= 85% efficiency.
@@ -70,6 +74,37 @@ def edm_loop(denoiser: Denoiser, y: torch.Tensor, tau: float, steps: int) -> tor
             d_prime = (x_next - denoised) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next.float()
+
+
+class _Free(torch.nn.Module):
+    """A network that costs nothing and counts its calls: what is left of a path is its loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * 0.5
+
+
+def bench_loop(size: int, repeats: int) -> dict:
+    """Both paths' own time (the network's removed) and their network calls, medians of paired
+    runs."""
+    y = noisy_batch(size)
+    net = _Free()
+    d = Denoiser(net, "edm")
+    paths = {"fused": lambda: denoise(d, y, TAU, steps=STEPS), "eager": lambda: edm_loop(d, y, TAU, STEPS)}
+    calls = {}
+    with torch.no_grad():
+        for name, fn in paths.items():
+            net.calls = 0
+            fn()
+            calls[name] = net.calls
+        t_eager, t_fused, ratio = paired_times(paths["eager"], paths["fused"], repeats)
+    return {"size": size, "fused_loop_ms": 1e3 * t_fused, "eager_loop_ms": 1e3 * t_eager,
+            "eager_vs_fused_loop_paired": ratio, "fused_network_calls": calls["fused"],
+            "eager_network_calls": calls["eager"]}
 
 
 def noisy_batch(size: int, n: int = BATCH) -> torch.Tensor:
@@ -186,7 +221,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="throughput,scaling")
+    parser.add_argument("--only", default="throughput,loop,scaling")
     parser.add_argument("--scaling-worker", nargs=3, metavar=("ROUNDS", "N", "OUT"),
                         help=argparse.SUPPRESS)  # the torchrun side of the scaling benchmark
     args = parser.parse_args()
@@ -206,6 +241,12 @@ def main() -> None:
         png = plot(rows, RESULTS / "sfbd.png")
         if png:
             print(f"wrote {png}")
+    if "loop" in parts:
+        loops = [bench_loop(size, repeats=11 if args.quick else 31) for size in (16, 32)]
+        print("\nThe loops alone (a network that costs nothing), batch 32:")
+        print_table(loops, ["size", "fused_loop_ms", "eager_loop_ms", "eager_vs_fused_loop_paired",
+                            "fused_network_calls", "eager_network_calls"])
+        payload["loop"] = loops
     if "scaling" in parts:
         sc = bench_scaling(rounds=3 if args.quick else 7)
         print(f"\n2 processes x 1 thread vs 1 process x 1 thread (WT 16x16, {sc['images']} images): "

@@ -141,6 +141,9 @@ TARGETS: tuple[Target, ...] = (
            lambda d: _row(d["throughput"], size=16, model="wt")["wt_vs_fa"], 6.0),
     Target(11, "SFBD backward step, fused symfast.denoise vs EDM's eager Heun loop, WT 16×16",
            "sfbd", lambda d: _row(d["throughput"], size=16, model="wt")["fused_vs_eager_paired"], 1.0),
+    Target(11, "SFBD backward step, the loop alone (network calls equal, the network's time "
+               "removed): EDM's eager loop time over symfast.denoise's, 32×32", "sfbd",
+           lambda d: _row(d["loop"], size=32)["eager_vs_fused_loop_paired"], 1.0),
     Target(11, "SFBD backward step, 2 processes vs 1 (scaling efficiency)", "sfbd",
            lambda d: d["scaling"]["efficiency"], 0.85, "%"),
     Target(13, "equivariant DDIMPipeline: non-network share of a step", "integrations",
