@@ -3,7 +3,7 @@ training loop's own overhead, and 2-process DDP scaling.
 
     python benchmarks/bench_train.py             # writes results/train.json and results/train.png
     python benchmarks/bench_train.py --quick     # fewer repeats and steps
-    python benchmarks/bench_train.py --only step,overhead,ddp
+    python benchmarks/bench_train.py --only step,overhead,ddp,cache
 
 1. Per training step (batch 64, digits at 16x16 and 32x32, channels 32,64,64, EDM loss, the
    fused AdamW of symfast's loop, gradient clipping; the same batch every step), in a bare loop,
@@ -22,6 +22,10 @@ training loop's own overhead, and 2-process DDP scaling.
    (batch 64), symfast's loop in both, alternated phase by phase in one torchrun job, beside the
    machine's limit for two processes in lock step (no communication). Target: >= 80% scaling
    efficiency.
+4. Why that limit: copy bandwidth of one process alone against two processes copying at once
+   (1 thread each), for working sets from 4 to 64 MB (source + destination) around the L3 size,
+   phases alternated in one torchrun job. Working sets that fit the shared L3 alone but not twice
+   over run at memory speed when both processes work.
 """
 from __future__ import annotations
 
@@ -199,6 +203,43 @@ def ddp_worker(pairs: int, steps: int, out: str) -> None:
     world.close()
 
 
+CACHE_WORKING_SETS_MB = (4, 8, 16, 32, 64)
+
+
+def shared_cache_worker(rounds: int, unused: str, out: str) -> None:
+    """Under torchrun, 2 processes of 1 thread: per working set, "solo" (rank 0 copies, rank 1
+    waits at the barrier) and "pair" (both copy at once), alternated ``rounds`` times; rank 0
+    writes its GB/s (bytes read + written per second) per phase to ``out``."""
+    import json
+
+    import torch.distributed as dist
+
+    from symfast.profiling.timing import copy_bandwidth
+
+    world = setup()
+    rates = {mb: {"solo": [], "pair": []} for mb in CACHE_WORKING_SETS_MB}
+    for _ in range(rounds):
+        for mb in CACHE_WORKING_SETS_MB:
+            for phase in ("solo", "pair"):
+                dist.barrier()
+                if phase == "pair" or world.is_main:
+                    # half the working set is the source, half the destination
+                    rate = copy_bandwidth(mb * 2**19, repeats=max(5, 640 // mb))
+                    rates[mb][phase].append(rate / 1e9)
+                dist.barrier()
+    if world.is_main:
+        Path(out).write_text(json.dumps(rates))
+    world.close()
+
+
+def bench_shared_cache(rounds: int) -> list[dict]:
+    rates = run_two_process_worker(__file__, "--cache-worker", rounds, "-")
+    return [{"working_set_mb": int(mb), "solo_GB/s": statistics.median(r["solo"]),
+             "each_of_two_GB/s": statistics.median(r["pair"]),
+             "two_vs_solo": statistics.median(r["pair"]) / statistics.median(r["solo"])}
+            for mb, r in rates.items()]
+
+
 def bench_ddp(pairs: int, steps: int) -> dict:
     """2-process DDP (gloo, 1 thread each) against 1 process with 1 thread, same global batch,
     and the lock-step limit, alternated inside one torchrun job (see ddp_worker)."""
@@ -242,10 +283,16 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="step,overhead,ddp")
+    parser.add_argument("--only", default="step,overhead,ddp,cache")
     parser.add_argument("--ddp-worker", nargs=3, metavar=("PAIRS", "STEPS", "OUT"),
                         help=argparse.SUPPRESS)  # the torchrun side of the DDP benchmark
+    parser.add_argument("--cache-worker", nargs=3, metavar=("ROUNDS", "UNUSED", "OUT"),
+                        help=argparse.SUPPRESS)  # the torchrun side of the shared-cache measurement
     args = parser.parse_args()
+    if args.cache_worker:
+        rounds, unused, out = args.cache_worker
+        shared_cache_worker(int(rounds), unused, out)
+        return
     if args.ddp_worker:
         pairs, steps, out = args.ddp_worker
         ddp_worker(int(pairs), int(steps), out)
@@ -276,6 +323,11 @@ def main() -> None:
               f"{', '.join(f'{100 * e:.0f}%' for e in ddp['lockstep_limit_per_round'])}); "
               f"DDP is at {100 * ddp['share_of_limit']:.0f}% of that limit")
         payload["ddp"] = ddp
+    if "cache" in parts:
+        cache = bench_shared_cache(rounds=3 if args.quick else 5)
+        print("\nCopy bandwidth, one process alone vs each of two copying at once (1 thread each):")
+        print_table(cache, ["working_set_mb", "solo_GB/s", "each_of_two_GB/s", "two_vs_solo"])
+        payload["shared_cache"] = cache
     print(f"\nwrote {write_results('train', payload)}")
 
 
