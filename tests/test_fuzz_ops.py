@@ -75,6 +75,7 @@ from conftest import TOL, available_backends, rel_err
 from symfast import groups
 from symfast.ops import (StepCoefficients, attention_pool, classifier_select, fused_step,
                          group_norm_silu, orbit, orbit_mean, tied_conv2d)
+from symfast.reference import group_norm_silu as gn_silu_reference
 from symfast.reference.tied_conv2d import kernel_orbits
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +232,8 @@ def view(spec: Spec, leaf: torch.Tensor) -> torch.Tensor:
 # which cancels near one-hot weights; a normalisation's backward projects out the mean and the
 # xhat direction of the incoming gradient.
 _SOFTMAX = torch.softmax
-_GROUP_NORM = torch.group_norm  # what the reference calls
+_GROUP_NORM = torch.group_norm  # what the references built on torch.group_norm call
+_GN_SILU = gn_silu_reference.group_norm_silu  # group_norm_silu's reference, written out
 
 
 class _PerturbedSoftmax(torch.autograd.Function):
@@ -279,9 +281,10 @@ class _GradNoise(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _perturbed_intermediates(u: float, gen: torch.Generator):
-    """Within: the reference's softmax and group_norm inputs and outputs carry relative
-    perturbations of size ``u`` (the softmax's output in its backward too), and group_norm's
-    input gradient a perturbation of size u times its terms."""
+    """Within: the references' softmax and group normalisations (torch.group_norm, and
+    group_norm_silu's written-out reference) have inputs and outputs with relative perturbations
+    of size ``u`` (the softmax's output in its backward too), and the normalisations' input
+    gradients a perturbation of size u times their terms."""
 
     def noise(shape, dtype):
         return u * (2 * torch.rand(shape, generator=gen, dtype=torch.float64) - 1).to(dtype)
@@ -290,9 +293,11 @@ def _perturbed_intermediates(u: float, gen: torch.Generator):
         x = x if dtype is None else x.to(dtype)
         return _PerturbedSoftmax.apply(x, dim, noise(x.shape, x.dtype), noise(x.shape, x.dtype))
 
-    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    def normalised(norm, x, num_groups, weight, eps):
+        """norm(x perturbed), its output perturbed, and x's gradient perturbed by u times the
+        terms of the normalisation's backward (rstd·|w|·(|dy| + group mean |dy|))."""
         xp = x * (1 + noise(x.shape, x.dtype))
-        out = _GROUP_NORM(xp, num_groups, weight, bias, eps, cudnn_enabled)
+        out = norm(xp)
         out = out * (1 + noise(out.shape, out.dtype))
         if xp.requires_grad and x.numel():
             d = x.detach()
@@ -303,11 +308,24 @@ def _perturbed_intermediates(u: float, gen: torch.Generator):
             out = _GradNoise.apply(out, xp, noise(x.shape, x.dtype) * scale, num_groups)
         return out
 
+    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+        return normalised(lambda xp: _GROUP_NORM(xp, num_groups, weight, bias, eps, cudnn_enabled),
+                          x, num_groups, weight, eps)
+
+    def group_norm_silu(x, groups, weight=None, bias=None, eps=1e-5, shift=None):
+        # the shift joins x first, so that its gradient carries the perturbation too (silu's
+        # derivative is at most 1.1: dz stands in for the normalisation's incoming gradient)
+        if shift is not None:
+            x = x + shift.reshape(tuple(shift.shape) + (1,) * (x.dim() - 2))
+        return normalised(lambda xp: _GN_SILU(xp, groups, weight, bias, eps), x, groups, weight, eps)
+
     torch.softmax, torch.group_norm = softmax, group_norm
+    gn_silu_reference.group_norm_silu = group_norm_silu
     try:
         yield
     finally:
         torch.softmax, torch.group_norm = _SOFTMAX, _GROUP_NORM
+        gn_silu_reference.group_norm_silu = _GN_SILU
 
 
 def _checks(dtype: torch.dtype, backend: str) -> list:
