@@ -226,6 +226,9 @@ SFBD_HELP = {
     "refresh_fraction": "online: share of the denoised set refreshed each time",
     "ramp_steps": "online: steps over which the denoised images' loss weight ramps to 1",
     "data_seed": "seed of the clean/noisy split and of the observation noise",
+    "fd_samples": "after each stage, the Frechet distance of this many samples to the clean images "
+                  "(digit features for --data digits, pixels otherwise) in its summary; "
+                  "0: none",
     "out": "output folder: pretrain/, round-K/ (or online/), sfbd.json",
     "progress": "progress bars and a summary line per stage",
 }

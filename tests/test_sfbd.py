@@ -90,6 +90,7 @@ def test_noisy_dataset_rejects_bad_input(kwargs, match):
     (dict(clean_fraction=1.5), "clean_fraction"), (dict(rounds=0), "rounds"),
     (dict(clean_fraction=0.01), "fewer than one batch"), (dict(mode="batch"), "mode"),
     (dict(denoise_sampler="rk4"), "denoise_sampler"), (dict(channels="16,x"), "channels|invalid"),
+    (dict(fd_samples=1), "fd_samples"), (dict(fd_samples=-2), "fd_samples"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, changes, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -112,6 +113,24 @@ def finished(tmp_path_factory):
     out = tmp_path_factory.mktemp("sfbd") / "run"
     result = run(dict(TINY, out=str(out)), device="cpu")
     return out, result
+
+
+def test_each_stage_summary_holds_the_frechet_distance_of_its_ema_samples(tmp_path):
+    from symfast.metrics import frechet_distance
+    from symfast.samplers.api import sample
+    out = tmp_path / "run"
+    result = run(dict(TINY, rounds=1, fd_samples=12, data_seed=3, out=str(out)), device="cpu")
+    assert [s["stage"] for s in result.summaries] == ["pretrain", "round 1"]
+    from symfast.train.build import build_dataset
+    clean = build_dataset(make_sfbd_config(dict(TINY, out=str(out))).train).images  # all 160
+    for stage, folder in zip(result.summaries, (out / "pretrain", out / "round-1")):
+        assert json.loads((folder / "summary.json").read_text())["fd"] == stage["fd"]
+        denoiser, _ = load(folder)
+        x = sample(denoiser, (12, 1, 8, 8), sampler="heun", steps=18, seed=3, progress=False)
+        assert stage["fd"] == frechet_distance(x.clamp(-1, 1), clean, "pixels") > 0
+    # not an experiment field: the finished run, asked again without it, redoes nothing
+    again = run(dict(TINY, rounds=1, data_seed=3, out=str(out)), device="cpu")
+    assert again.summaries == result.summaries
 
 
 def test_rounds_write_every_stage_and_the_backward_step_is_the_pf_ode(finished):

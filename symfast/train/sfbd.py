@@ -61,6 +61,10 @@ class SFBDConfig:
     denoise_batch, shard_size: images per network batch and per shard file.
     merge_clean: train each round on the denoised set ∪ the clean set.
     mode: "rounds" or "online"; online: ``refresh_every``, ``refresh_fraction``, ``ramp_steps``.
+    fd_samples: after each stage, the Fréchet distance of this many samples of the stage's EMA
+        model (Heun, 18 steps, seeded by ``data_seed``) to the whole clean dataset goes into its
+        summary as ``fd`` (symfast.metrics.frechet_distance: the shipped digit classifier's
+        features for data="digits", the pixels otherwise); 0: none.
     """
 
     tau: float = 0.5
@@ -78,6 +82,7 @@ class SFBDConfig:
     refresh_fraction: float = 0.25
     ramp_steps: int = 1000
     data_seed: int = 0
+    fd_samples: int = 0
     out: str = "runs/sfbd"
     progress: bool = True
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -91,6 +96,10 @@ class SFBDConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if isinstance(self.ramp_steps, bool) or not isinstance(self.ramp_steps, int) or self.ramp_steps < 0:
             raise ValueError(f"ramp_steps must be a non-negative int, got {self.ramp_steps!r}")
+        if isinstance(self.fd_samples, bool) or not isinstance(self.fd_samples, int) \
+                or self.fd_samples < 0 or self.fd_samples == 1:
+            raise ValueError(f"fd_samples must be 0 (no Fréchet distance) or an int >= 2, got "
+                             f"{self.fd_samples!r}")
         if isinstance(self.data_seed, bool) or not isinstance(self.data_seed, int) \
                 or not 0 <= self.data_seed < 2**63:
             raise ValueError(f"data_seed must be an int in [0, 2^63), got {self.data_seed!r}")
@@ -314,6 +323,7 @@ class _SFBD:
         if len(noisy_idx) == 0:
             raise ValueError(f"clean_fraction={cfg.clean_fraction} leaves no noisy image of {len(data)}")
         self.clean = data.images[clean_idx]
+        self.reference = data.images  # the clean distribution the Fréchet distance measures against
         self.noisy = NoisyDataset(data, cfg.tau, cfg.data_seed, noisy_idx)
         self.positions = torch.arange(len(self.noisy), dtype=torch.int64)
         self.out = Path(cfg.out)
@@ -353,10 +363,13 @@ class _SFBD:
         summary: dict[str, Any] | None = None
         if self.world.is_main:
             summary = {"stage": name, **values}
-            if self.evaluate is not None:
+            if self.evaluate is not None or self.cfg.fd_samples:
                 from symfast.train.api import load
                 denoiser, _ = load(folder, device=self.world.device)
-                summary.update(self.evaluate(denoiser))
+                if self.cfg.fd_samples:
+                    summary["fd"] = self._fd(denoiser)
+                if self.evaluate is not None:
+                    summary.update(self.evaluate(denoiser))
             atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
         return self.world.broadcast(summary)
 
@@ -376,6 +389,16 @@ class _SFBD:
             print(f"[sfbd] {summary['stage']}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                 ((k, summary[k]) for k in keys)), flush=True)
+
+    def _fd(self, denoiser) -> float:
+        """The Fréchet distance of ``fd_samples`` samples of ``denoiser`` to the clean images."""
+        from symfast.metrics import frechet_distance
+        from symfast.samplers.api import sample
+        shape = (self.cfg.fd_samples, *self.reference.shape[1:])
+        with torch.no_grad():
+            x = sample(denoiser, shape, sampler="heun", steps=18, seed=self.cfg.data_seed,
+                       progress=False).clamp(-1, 1).cpu()
+        return frechet_distance(x, self.reference, None if self.cfg.train.data == "digits" else "pixels")
 
     def _denoised_error(self, denoised: torch.Tensor, positions: torch.Tensor) -> float:
         """Mean squared error of the denoised images against the clean ones (known here)."""
