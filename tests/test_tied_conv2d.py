@@ -374,6 +374,33 @@ def test_cpu_weight_gradient_is_deterministic():
         assert torch.equal(torch.ops.symfast.tied_conv2d_backward_cpu(*args)[1], first)
 
 
+def test_cpu_unfused_weight_gradient_has_the_same_bits_at_any_thread_count():
+    """fp64 takes the per-sample route (stencil + GEMM per sample inside the parallel region):
+    its partial sums are fixed runs of samples added in order, so 1 and 2 threads and repeated
+    calls give the same bits."""
+    assert load_cpu_kernels("tied_conv2d")
+    gen = torch.Generator().manual_seed(21)
+    orbits = kernel_orbits("d4", (3, 3))
+    # large enough per sample that both threads take samples (the previous per-thread partials
+    # then gave other bits at 2 threads than at 1 here)
+    x = torch.randn(48, 16, 24, 24, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(48, 16, 24, 24, generator=gen, dtype=torch.float64)
+    weight = torch.randn(16, 16, orbits.count, generator=gen, dtype=torch.float64)
+    args = (grad_out, x, weight, orbits.positions, orbits.offsets, 3, 3, 1, 1, 1, 1, [False, True, False])
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2, 2):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.symfast.tied_conv2d_backward_cpu(*args)[1])
+    finally:
+        torch.set_num_threads(previous)
+    for got in results[1:]:
+        assert torch.equal(got, results[0])
+    want = _reference_grads(x, weight, torch.zeros(16, dtype=torch.float64), "d4", 3, 1, grad_out)[1][1]
+    assert rel_err(results[0], want) <= TOL[torch.float64]
+
+
 def test_cpu_backward_rejects_mismatched_grad_out_dtype():
     assert load_cpu_kernels("tied_conv2d")
     orbits = kernel_orbits("d4", (3, 3))

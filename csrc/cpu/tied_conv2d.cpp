@@ -353,30 +353,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
     }
   }
   if (mask[1] && gw_route == Route::kPerSample) {
-    // Each thread sums grad theta over whole samples into its own partial, with S[b] formed in
-    // a per-thread scratch that stays in cache: the (C, R, B, Ho*Wo) tensor of the path below
-    // (25 MB at 64 channels, 32x32, batch 32) and the transposed copy of grad_out are never
-    // written. Measured (D4 3x3, 64 -> 64, 32x32, batch 32, same-run A/B): 11.8-19.8 -> 8.9-12.6
-    // ms at 2 threads, 16.2-18.0 -> 13.1-15.7 ms at 1 thread.
-    const int64_t threads = at::get_num_threads();
-    at::Tensor partial = at::zeros({threads, oc, c * r}, x.options());
+    // grad theta summed over whole samples with S[b] formed in a per-thread scratch that stays
+    // in cache: the (C, R, B, Ho*Wo) tensor of the path below (25 MB at 64 channels, 32x32, batch
+    // 32) and the transposed copy of grad_out are never written. Measured (D4 3x3, 64 -> 64,
+    // 32x32, batch 32, same-run A/B): 11.8-19.8 -> 8.9-12.6 ms at 2 threads, 16.2-18.0 -> 13.1-15.7
+    // ms at 1 thread. The samples are cut into fixed runs, each summed into its own partial and
+    // the partials added in run order (as the fused route does): the bits do not depend on the
+    // thread count or on which thread took which run. Per-thread partials over samples handed out
+    // one by one gave other bits from one call to the next.
+    const int64_t runs = std::min<int64_t>(bsz, 8);
+    at::Tensor partial = at::zeros({runs, oc, c * r}, x.options());
     const at::Tensor xc = x.contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tied_conv2d_bwd_w", [&] {
       const scalar_t* xp = xc.data_ptr<scalar_t>();
-      std::atomic<int64_t> next_sample{0};
-      at::parallel_for(0, threads, 1, [&](int64_t t, int64_t) {
+      std::atomic<int64_t> next_run{0};
+      at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         at::Tensor sb = at::empty({c * r, hw}, x.options());
         std::vector<scalar_t> scratch(plane_scratch(g, o.count()));
-        at::Tensor acc = partial[t];
-        for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
-          stencil_sample<scalar_t, scalar_t>(xp + b * c * g.h * g.w, c, sb.data_ptr<scalar_t>(), o,
-                                             g, scratch.data());
-          acc.addmm_(gy[b], sb.t());
+        for (int64_t run = next_run++; run < runs; run = next_run++) {
+          at::Tensor acc = partial[run];
+          for (int64_t b = run * bsz / runs; b < (run + 1) * bsz / runs; ++b) {
+            stencil_sample<scalar_t, scalar_t>(xp + b * c * g.h * g.w, c, sb.data_ptr<scalar_t>(),
+                                               o, g, scratch.data());
+            acc.addmm_(gy[b], sb.t());
+          }
         }
       });
     });
-    gw = partial.sum(0).view({oc, c, r});
+    gw = partial[0];
+    for (int64_t run = 1; run < runs; ++run) gw.add_(partial[run]);
+    gw = gw.view({oc, c, r});
   } else if (mask[1]) {
     // S laid out (C, R, B, Ho*Wo) so grad theta is one GEMM with K = B*Ho*Wo (a single rounding
     // in low precision, and a long inner dimension for MKL).
