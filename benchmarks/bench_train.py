@@ -19,9 +19,11 @@ training loop's own overhead, and 2-process DDP scaling.
    forward/backward/step of an identical network drawing its batch and noise with torch, the
    two alternated step by step. Target: <= 5% of a step.
 3. DDP: 2 processes (gloo, 1 thread each, 32 images per rank) against 1 process with 1 thread
-   (batch 64), symfast's loop in both, alternated phase by phase in one torchrun job, beside the
-   machine's limit for two processes in lock step (no communication). Target: >= 80% scaling
-   efficiency.
+   (batch 64), symfast's loop in both, WT at 16x16 and 32x32, alternated phase by phase in one
+   torchrun job, beside the limit for two processes in lock step (no communication), and that
+   limit's two factors: a batch-32 step against half a batch-64 step in one process (the per-step
+   cost that does not shrink with the batch), and the slowdown of a batch-32 step while the other
+   process runs one too. Target: >= 80% scaling efficiency.
 4. Why that limit: copy bandwidth of one process alone against two processes copying at once
    (1 thread each), for working sets from 4 to 64 MB (source + destination) around the L3 size,
    phases alternated in one torchrun job. Working sets that fit the shared L3 alone but not twice
@@ -159,15 +161,21 @@ def bench_overhead(pairs: int) -> dict:
             "median_pair_ratio": statistics.median(a / b for a, b in zip(loop_t, bare_t))}
 
 
-def ddp_worker(pairs: int, steps: int, out: str) -> None:
-    """Run under torchrun with 2 processes of 1 thread. Alternates, `pairs` times, `steps`
-    iterations of each of three phases, so that every ratio compares phases seconds apart
-    (separate runs minutes apart swung 51-101% on this shared machine):
+DDP_PHASES = ("ddp", "solo", "solo_half", "lockstep")
+
+
+def ddp_worker(pairs: int, steps: int, size: int, out: str) -> None:
+    """Run under torchrun with 2 processes of 1 thread, WT at ``size`` x ``size``. Alternates,
+    `pairs` times, `steps` iterations of each phase, so that every ratio compares phases seconds
+    apart (separate runs minutes apart swung 51-101% on this shared machine):
     - "ddp": symfast's loop under DDP, 32 images per rank (global batch 64);
     - "solo": symfast's loop on rank 0 alone, batch 64 (rank 1 waits at a barrier);
+    - "solo_half": the same, batch 32: solo / (2 solo_half) is what the per-step cost that does
+      not shrink with the batch leaves of perfect scaling;
     - "lockstep": each rank its own loop of batch 32 with no gradient communication at all,
-      ranks held together by a barrier per step: the machine's own limit for two processes
-      working in step (their memory-bound phases coincide on the shared caches and memory).
+      ranks held together by a barrier per step: the limit for two processes working in step
+      (lockstep / solo_half: what each loses to the other on the shared caches and memory, and
+      to waiting for the slower one at every step).
     Rank 0 writes the per-step times to `out` (JSON)."""
     import json
 
@@ -175,7 +183,7 @@ def ddp_worker(pairs: int, steps: int, out: str) -> None:
 
     world = setup()
     with tempfile.TemporaryDirectory() as tmp:
-        base = dict(data="digits", image_size=16, channels=CHANNELS, equivariance="wt",
+        base = dict(data="digits", image_size=size, channels=CHANNELS, equivariance="wt",
                     batch_size=BATCH, steps=10**6, log_every=10**6, checkpoint_every=10**6,
                     progress=False)
         runs = {"ddp": _Run(make_config(base, out=f"{tmp}/ddp"), world, None, None),
@@ -183,11 +191,13 @@ def ddp_worker(pairs: int, steps: int, out: str) -> None:
                                  World(), None, None)}
         if world.is_main:
             runs["solo"] = _Run(make_config(base, out=f"{tmp}/solo"), World(), None, None)
+            runs["solo_half"] = _Run(make_config(base, batch_size=BATCH // 2, out=f"{tmp}/half"),
+                                     World(), None, None)
         for run in runs.values():
             run.open_outputs()
-        times = {"ddp": [], "solo": [], "lockstep": []}
+        times = {phase: [] for phase in DDP_PHASES}
         for i in range(pairs + 1):  # the first round warms up
-            for phase in ("ddp", "solo", "lockstep"):
+            for phase in DDP_PHASES:
                 dist.barrier()
                 t0 = time.perf_counter()
                 for _ in range(steps):
@@ -240,19 +250,25 @@ def bench_shared_cache(rounds: int) -> list[dict]:
             for mb, r in rates.items()]
 
 
-def bench_ddp(pairs: int, steps: int) -> dict:
+def bench_ddp(pairs: int, steps: int, size: int) -> dict:
     """2-process DDP (gloo, 1 thread each) against 1 process with 1 thread, same global batch,
-    and the lock-step limit, alternated inside one torchrun job (see ddp_worker)."""
-    times = run_two_process_worker(__file__, "--ddp-worker", pairs, steps)
-    eff = [s / (2 * d) for s, d in zip(times["solo"], times["ddp"])]
-    limit = [s / (2 * d) for s, d in zip(times["solo"], times["lockstep"])]
-    return {"size": 16, "model": "wt", "global_batch": BATCH, "rounds": pairs, "steps_per_phase": steps,
-            "ms_per_step_1proc": [1e3 * t for t in times["solo"]],
+    the lock-step limit and its two factors, alternated inside one torchrun job (ddp_worker)."""
+    times = run_two_process_worker(__file__, "--ddp-worker", pairs, steps, size)
+    solo, half = times["solo"], times["solo_half"]
+    eff = [s / (2 * d) for s, d in zip(solo, times["ddp"])]
+    limit = [s / (2 * d) for s, d in zip(solo, times["lockstep"])]
+    return {"size": size, "model": "wt", "global_batch": BATCH, "rounds": pairs,
+            "steps_per_phase": steps,
+            "ms_per_step_1proc": [1e3 * t for t in solo],
+            "ms_per_step_1proc_batch32": [1e3 * t for t in half],
             "ms_per_step_2proc": [1e3 * t for t in times["ddp"]],
             "ms_per_step_lockstep": [1e3 * t for t in times["lockstep"]],
             "efficiency": statistics.median(eff), "efficiency_per_round": eff,
             "lockstep_limit": statistics.median(limit), "lockstep_limit_per_round": limit,
-            "share_of_limit": statistics.median(e / lim for e, lim in zip(eff, limit))}
+            "share_of_limit": statistics.median(e / lim for e, lim in zip(eff, limit)),
+            "batch_limit": statistics.median(s / (2 * h) for s, h in zip(solo, half)),
+            "pair_slowdown": statistics.median(
+                lock / h for lock, h in zip(times["lockstep"], half))}
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -284,7 +300,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="step,overhead,ddp,cache")
-    parser.add_argument("--ddp-worker", nargs=3, metavar=("PAIRS", "STEPS", "OUT"),
+    parser.add_argument("--ddp-worker", nargs=4, metavar=("PAIRS", "STEPS", "SIZE", "OUT"),
                         help=argparse.SUPPRESS)  # the torchrun side of the DDP benchmark
     parser.add_argument("--cache-worker", nargs=3, metavar=("ROUNDS", "UNUSED", "OUT"),
                         help=argparse.SUPPRESS)  # the torchrun side of the shared-cache measurement
@@ -294,8 +310,8 @@ def main() -> None:
         shared_cache_worker(int(rounds), unused, out)
         return
     if args.ddp_worker:
-        pairs, steps, out = args.ddp_worker
-        ddp_worker(int(pairs), int(steps), out)
+        pairs, steps, size, out = args.ddp_worker
+        ddp_worker(int(pairs), int(steps), int(size), out)
         return
     parts = set(args.only.split(","))
     payload = {}
@@ -314,15 +330,20 @@ def main() -> None:
               f"{over['bare_ms_per_step']:.1f} ms; median pair ratio {over['median_pair_ratio']:.3f})")
         payload["overhead"] = over
     if "ddp" in parts:
-        ddp = bench_ddp(pairs=3 if args.quick else 8, steps=5 if args.quick else 10)
-        print(f"\nDDP, 2 processes x 1 thread vs 1 process x 1 thread, alternated phases: "
-              f"{100 * ddp['efficiency']:.0f}% scaling efficiency (median; per round "
-              f"{', '.join(f'{100 * e:.0f}%' for e in ddp['efficiency_per_round'])}). "
-              f"Two processes in lock step with no communication reach "
-              f"{100 * ddp['lockstep_limit']:.0f}% (per round "
-              f"{', '.join(f'{100 * e:.0f}%' for e in ddp['lockstep_limit_per_round'])}); "
-              f"DDP is at {100 * ddp['share_of_limit']:.0f}% of that limit")
-        payload["ddp"] = ddp
+        payload["ddp"] = []
+        for size in (16, 32):
+            ddp = bench_ddp(pairs=3 if args.quick else 8, steps=5 if args.quick else 10, size=size)
+            print(f"\nDDP, WT {size}x{size}, 2 processes x 1 thread vs 1 process x 1 thread, "
+                  f"alternated phases: {100 * ddp['efficiency']:.0f}% scaling efficiency (median; "
+                  f"per round {', '.join(f'{100 * e:.0f}%' for e in ddp['efficiency_per_round'])}). "
+                  f"Two processes in lock step with no communication reach "
+                  f"{100 * ddp['lockstep_limit']:.0f}% (per round "
+                  f"{', '.join(f'{100 * e:.0f}%' for e in ddp['lockstep_limit_per_round'])}); "
+                  f"DDP is at {100 * ddp['share_of_limit']:.0f}% of that limit. The limit's factors: "
+                  f"a batch-32 step costs {1 / (2 * ddp['batch_limit']):.2f} of a batch-64 step in "
+                  f"one process ({100 * ddp['batch_limit']:.0f}% scaling at most), and runs "
+                  f"{ddp['pair_slowdown']:.2f}x as long beside the other process's")
+            payload["ddp"].append(ddp)
     if "cache" in parts:
         cache = bench_shared_cache(rounds=3 if args.quick else 5)
         print("\nCopy bandwidth, one process alone vs each of two copying at once (1 thread each):")

@@ -9,8 +9,6 @@ bias gradient: a sum), called once whether eager or compiled.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from symfast import _backend
@@ -35,9 +33,19 @@ def _pair(value, name: str, minimum: int) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-@functools.lru_cache(maxsize=None)
+_TABLES: dict[tuple[KernelOrbits, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _tables(orbits: KernelOrbits, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return orbits.positions.to(device), orbits.offsets.to(device)
+    """The orbit tables on ``device``, copied there once per process. Under torch.compile the
+    copy is traced instead (dynamo warned at every compile that it ignores an lru_cache)."""
+    if torch.compiler.is_compiling():
+        return orbits.positions.to(device), orbits.offsets.to(device)
+    key = (orbits, device)
+    tables = _TABLES.get(key)
+    if tables is None:
+        tables = _TABLES[key] = (orbits.positions.to(device), orbits.offsets.to(device))
+    return tables
 
 
 def _cpu_args(kernel_size, stride, padding) -> tuple[int, ...]:
