@@ -16,7 +16,7 @@ from symfast import sample
 from symfast.data.images import ImageTensorDataset, gaussian_mixture, save_image_grid
 from symfast.groups import get
 from symfast.train import EMA, TrainConfig, TrainingDiverged, load, lr_at, make_config, train
-from symfast.train.loop import DataOrder, _Run, sample_normals, sample_uniforms
+from symfast.train.loop import DataOrder, _Run, clip_grad_norm_, sample_normals, sample_uniforms
 from symfast.train.distributed import World
 
 TINY = dict(data="gmm-d4", image_size=8, channels=(8, 16), heads=2, batch_size=8, progress=False,
@@ -171,6 +171,48 @@ def test_ema_follows_edm():
     copy = EMA(net, (1000.0, 50.0))
     copy.load_state_tensors(ema.state_tensors())
     assert all(torch.equal(a, b) for a, b in zip(copy.models[1].parameters(), ema.models[1].parameters()))
+    # the loaded copy keeps moving (update works on the tensors load_state_tensors wrote into)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    for e in (ema, copy):
+        e.update(nimg=5000, batch=10)
+    assert all(torch.equal(a, b) for a, b in zip(copy.models[1].parameters(), ema.models[1].parameters()))
+    assert not torch.equal(copy.models[1].weight, before[0])
+
+
+@pytest.mark.parametrize("clip", [None, 0.1, 1e9])
+def test_clip_grad_norm_gives_torchs_bits(clip):
+    torch.manual_seed(0)
+    shapes = [(64, 32, 3), (64,), (7, 5), (1,), (128, 96)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    params.append(nn.Parameter(torch.randn(3)))  # no gradient: skipped by both
+    for p in params[:-1]:
+        p.grad = torch.randn_like(p) * 3
+    mine = [p.grad.clone() for p in params[:-1]]
+    theirs = [p.grad.clone() for p in params[:-1]]
+    for p, g in zip(params, mine):
+        p.grad = g
+    norm = clip_grad_norm_(params, clip)
+    for p, g in zip(params, theirs):
+        p.grad = g
+    expected = torch.nn.utils.clip_grad_norm_(params, math.inf if clip is None else clip, foreach=True)
+    assert torch.equal(norm, expected)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    if clip == 0.1:  # the norm was ~170: scaled down to the clip
+        assert norm > 100
+        assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in mine])) <= 0.1 + 1e-6
+    # mixed dtypes take torch's own path
+    extra = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    extra.grad = torch.ones(4, dtype=torch.float64)
+    pristine = [g.clone() for g in mine] + [extra.grad.clone()]
+    for p, g in zip(params[:-1] + [extra], pristine):
+        p.grad = g.clone()
+    mixed = clip_grad_norm_(params + [extra], clip)
+    for p, g in zip(params[:-1] + [extra], pristine):
+        p.grad = g.clone()
+    assert torch.equal(mixed, torch.nn.utils.clip_grad_norm_(
+        params + [extra], math.inf if clip is None else clip, foreach=True))
 
 
 def test_learning_rate_schedules():

@@ -227,6 +227,25 @@ def train(config: TrainConfig | dict | str | None = None, *, network: nn.Module 
         world.close()
 
 
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """The gradients' total 2-norm, and the gradients scaled by min(clip / (norm + 1e-6), 1)
+    unless ``clip`` is None: torch.nn.utils.clip_grad_norm_(foreach=True) op for op (the same
+    bits) when every gradient shares one device and dtype, without its per-call grouping and
+    generator walks (~1 ms a step for ~115 tensors on the CPU) and without the multiplication by 1
+    that an infinite clip asks of it. Mixed devices or dtypes go to torch's own function."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    first = grads[0]
+    if any(g.device != first.device or g.dtype != first.dtype for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, math.inf if clip is None else clip, foreach=True)
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    if clip is not None:
+        torch._foreach_mul_(grads, torch.clamp(float(clip) / (total + 1e-6), max=1.0))
+    return total
+
 class _Run:
     """One training run on one rank."""
 
@@ -248,6 +267,7 @@ class _Run:
             self._init_from(cfg.init_from)
         self.ema = EMA(self.net, cfg.ema_halflife_images, cfg.ema_rampup)
         self.optimizer = make_optimizer(self.net.parameters(), cfg)
+        self.params = list(self.net.parameters())
         self.step, self.nimg, self.skipped = 0, 0, 0
         self.last_checkpoint: Path | None = None
         if resumed is not None:
@@ -425,9 +445,7 @@ class _Run:
         loss = terms.total.mean() if weights is None else (terms.total * weights).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        clip = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), clip, foreach=True)
-        return terms, grad_norm
+        return terms, clip_grad_norm_(self.params, cfg.grad_clip)
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self) -> TrainResult:
