@@ -5,8 +5,10 @@
 #      them on the GPU when CUDA is available, compiled instead of interpreted) and the CUDA
 #      profiling tests; fuzz examples cut to SYMFAST_FUZZ_EXAMPLES (default 10) to fit the time;
 #   3. `symfast bench all --device cuda --quick` (CUDA-event timing, limits measured on the GPU);
-#   4. `symfast profile sample --device cuda` (kernel time per category, trace.json).
-# Each stage has its own timeout (30 + 240 + 120 + 45 s: 7.25 min at most) and the script goes
+#   4. `symfast profile sample --device cuda` (kernel time per category, trace.json);
+#   5. `symfast train` on the GPU (a process finds CUDA and takes it): a tiny WT run that writes
+#      checkpoints of CUDA tensors, a sample grid, then resumes from its checkpoint to more steps.
+# Each stage has its own timeout (30 + 240 + 120 + 40 + 40 s: 7.8 min at most) and the script goes
 # on after a failure, so one run reports all of them; it exits non-zero if any stage failed.
 # Not run on a GPU yet (written on a CPU-only machine): the timeouts are estimates.
 #
@@ -40,7 +42,10 @@ stage tests 240 env SYMFAST_FUZZ_EXAMPLES="${SYMFAST_FUZZ_EXAMPLES:-10}" \
     python -m pytest -q -p no:cacheprovider -k "triton or cuda" --maxfail=30 \
     --junitxml="$OUT/pytest.xml" tests
 stage bench 120 python -m symfast bench all --device cuda --quick --out "$OUT/bench"
-stage profile 45 python -m symfast profile sample --device cuda --steps 4 --out "$OUT/profile-sample"
+stage profile 40 python -m symfast profile sample --device cuda --steps 4 --out "$OUT/profile-sample"
+train=(python -m symfast train --data digits --image-size 8 --channels 8,16 --heads 2
+       --equivariance wt --batch-size 8 --checkpoint-every 3 --sample-every 6 --out "$OUT/train")
+stage train 40 bash -c '"$@" --steps 6 && "$@" --steps 9 --resume auto' train "${train[@]}"
 
 echo
 echo "results in $OUT"
