@@ -21,10 +21,16 @@ __all__ = ["RESULTS", "copy_bandwidth", "machine_info", "median_time", "paired_r
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_results(name: str, payload: dict) -> Path:
+def write_results(name: str, payload: dict, parts: set[str] | None = None,
+                  all_parts: set[str] | None = None) -> Path:
     """benchmarks/results/<name>.json: the payload, the machine it was measured on, the date and
-    the command (the README's tables name all three beside each figure)."""
+    the command (the README's tables name all three beside each figure). A run of some of a
+    script's parts (``parts`` short of ``all_parts``: its --only) goes to
+    <name>.only-<parts>.json beside it (git ignores those): the committed file holds one whole run,
+    and a partial one written over it lost the other parts' results."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if parts is not None and all_parts is not None and not all_parts <= parts:
+        name = f"{name}.only-{'-'.join(sorted(parts))}"
     path = RESULTS / f"{name}.json"
     script = Path(sys.argv[0]).resolve()
     root = RESULTS.parent.parent

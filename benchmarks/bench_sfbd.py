@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sfbd.py            # writes results/sfbd.json and results/sfbd.png
     python benchmarks/bench_sfbd.py --quick    # fewer repeats
+    python benchmarks/bench_sfbd.py --only loop   # some parts: results/sfbd.only-loop.json
 
 1. Throughput (batch 32 noisy digits, τ = 0.5, Heun with S_churn = 0 on the 40-step ρ = 7 EDM grid
    cut at τ, channels 32,64,64) at 16x16 and 32x32 for the plain UNet, EquivariantUNet (WT, D4)
@@ -218,10 +219,13 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+PARTS = ('throughput', 'loop', 'scaling')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="throughput,loop,scaling")
+    parser.add_argument("--only", default=",".join(PARTS))
     parser.add_argument("--scaling-worker", nargs=3, metavar=("ROUNDS", "N", "OUT"),
                         help=argparse.SUPPRESS)  # the torchrun side of the scaling benchmark
     args = parser.parse_args()
@@ -230,6 +234,8 @@ def main() -> None:
         scaling_worker(int(rounds), int(n), out)
         return
     parts = set(args.only.split(","))
+    if not parts <= set(PARTS):
+        parser.error(f"--only takes parts of {','.join(PARTS)}; got {args.only!r}")
     payload = {}
     if "throughput" in parts:
         rows = bench_throughput((16, 32), repeats=3 if args.quick else 7)
@@ -253,7 +259,7 @@ def main() -> None:
               f"{100 * sc['efficiency']:.0f}% scaling efficiency (median; per round "
               f"{', '.join(f'{100 * e:.0f}%' for e in sc['efficiency_per_round'])})")
         payload["scaling"] = sc
-    print(f"\nwrote {write_results('sfbd', payload)}")
+    print(f"\nwrote {write_results('sfbd', payload, parts, set(PARTS))}")
 
 
 if __name__ == "__main__":

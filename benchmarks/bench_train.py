@@ -3,7 +3,7 @@ training loop's own overhead, and 2-process DDP scaling.
 
     python benchmarks/bench_train.py             # writes results/train.json and results/train.png
     python benchmarks/bench_train.py --quick     # fewer repeats and steps
-    python benchmarks/bench_train.py --only step,overhead,ddp,cache
+    python benchmarks/bench_train.py --only ddp  # some parts: results/train.only-ddp.json
 
 1. Per training step (batch 64, digits at 16x16 and 32x32, channels 32,64,64, EDM loss, the
    fused AdamW of symfast's loop, gradient clipping; the same batch every step), in a bare loop,
@@ -296,10 +296,13 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+PARTS = ('step', 'overhead', 'ddp', 'cache')
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", default="step,overhead,ddp,cache")
+    parser.add_argument("--only", default=",".join(PARTS))
     parser.add_argument("--ddp-worker", nargs=4, metavar=("PAIRS", "STEPS", "SIZE", "OUT"),
                         help=argparse.SUPPRESS)  # the torchrun side of the DDP benchmark
     parser.add_argument("--cache-worker", nargs=3, metavar=("ROUNDS", "UNUSED", "OUT"),
@@ -314,6 +317,8 @@ def main() -> None:
         ddp_worker(int(pairs), int(steps), int(size), out)
         return
     parts = set(args.only.split(","))
+    if not parts <= set(PARTS):
+        parser.error(f"--only takes parts of {','.join(PARTS)}; got {args.only!r}")
     payload = {}
     if "step" in parts:
         rows = bench_steps((16, 32), repeats=5 if args.quick else 15)
@@ -349,7 +354,7 @@ def main() -> None:
         print("\nCopy bandwidth, one process alone vs each of two copying at once (1 thread each):")
         print_table(cache, ["working_set_mb", "solo_GB/s", "each_of_two_GB/s", "two_vs_solo"])
         payload["shared_cache"] = cache
-    print(f"\nwrote {write_results('train', payload)}")
+    print(f"\nwrote {write_results('train', payload, parts, set(PARTS))}")
 
 
 if __name__ == "__main__":
