@@ -37,8 +37,9 @@ def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, backend: str | None,
     modules stay, so parameter names and state dicts do not change); backend="reference" is
     the unfused composition. Parameters and shift are used in x's dtype: under bf16 autocast
     x and the shift arrive in bf16 while the parameters stay fp32."""
-    weight, bias = (None if p is None else p.to(x.dtype) for p in (norm.weight, norm.bias))
-    shift = None if shift is None else shift.to(x.dtype)
+    dtype = x.dtype
+    weight, bias = (p if p is None or p.dtype == dtype else p.to(dtype) for p in (norm.weight, norm.bias))
+    shift = shift if shift is None or shift.dtype == dtype else shift.to(dtype)
     return group_norm_silu(x, norm.num_groups, weight, bias, norm.eps, shift=shift, backend=backend)
 
 

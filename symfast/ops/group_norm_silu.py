@@ -91,7 +91,8 @@ def _check(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torc
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     for name, t, shape in (("shift", shift, (b, c)), ("weight", weight, (c,)), ("bias", bias, (c,))):
-        _checks.shape(name, t, shape, f" for x of shape {tuple(x.shape)}")
+        if t is not None and t.shape != shape:  # the message formatted only when it is raised
+            _checks.shape(name, t, shape, f" for x of shape {tuple(x.shape)}")
         _checks.like(name, t, "x", x)
 
 

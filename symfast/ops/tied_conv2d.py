@@ -21,6 +21,12 @@ _OP = "tied_conv2d"
 
 
 def _pair(value, name: str, minimum: int) -> tuple[int, int]:
+    # the common cases (TiedConv2d passes its pairs every call), checked in one step
+    if type(value) is int and value >= minimum:
+        return value, value
+    if (type(value) is tuple and len(value) == 2 and type(value[0]) is int
+            and type(value[1]) is int and value[0] >= minimum and value[1] >= minimum):
+        return value
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
@@ -73,11 +79,11 @@ def _backward_impl(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
                    needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad x, grad weight, grad bias) in one call; a gradient not in ``needs`` comes back as
     an empty tensor (a custom op returns tensors, not None)."""
-    kernels = _dispatch.kernels(_OP, backend)
     if backend == "cpu":
-        grads = kernels.tied_conv2d_backward_cpu(grad_out, x, weight, positions, offsets,
-                                                 *_cpu_args(kernel_size, stride, padding), needs)
+        grads = _dispatch.cpu_kernel(_OP, "tied_conv2d_backward_cpu")(
+            grad_out, x, weight, positions, offsets, *_cpu_args(kernel_size, stride, padding), needs)
     else:  # three Triton launchers where the CPU has one op
+        kernels = _dispatch.kernels(_OP, backend)
         grad_out = grad_out.contiguous()
         grads = (kernels.grad_input(grad_out, x.shape, weight, positions, offsets, kernel_size,
                                     stride, padding) if needs[0] else None,
