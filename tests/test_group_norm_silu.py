@@ -204,6 +204,31 @@ def test_extreme_pre_activations_are_finite_and_accurate(backend):
     assert (z.double().cpu() - want).abs().max() <= 1e-3 and rel_err(z, want) <= 1e-6
 
 
+def test_silu_far_below_zero_is_the_float64_result_rounded(backend):
+    """Pre-activations far below zero: silu(a) = a e^a rounds to -0 in float at a = -491 (it is
+    1e-211), on every backend, and so does its gradient. The cpu kernel left 8e-36 there, from a
+    sigmoid floored at e^-87 (found by the fuzz suite at 10,000 examples); it now also gives a e^a
+    to an ulp where that is a subnormal or tiny float (a from -110 to -87), forward and backward
+    (torch's own float silu is 0 below -88.7, where this is not, so that part is the kernel's)."""
+    device = device_for(backend)
+    deep = torch.tensor([-491.0, -300.0, -120.0, -110.5], device=device)
+    tails = torch.tensor([-109.0, -105.0, -100.0, -95.0, -90.0, -88.0, -87.5, -87.0, -86.0, -50.0])
+    a = torch.cat([deep, tails.to(device)]) if backend == "cpu" else deep
+    n = a.numel()
+    x = torch.zeros(1, n, 1, 1, device=device)  # groups of one element: a = bias
+    bias = a.clone().requires_grad_()
+    z = group_norm_silu(x, n, torch.ones(n, device=device), bias, backend=backend)
+    grad_z = torch.full_like(z, 3.0)
+    (grad_bias,) = torch.autograd.grad(z, bias, grad_z)
+    exact = a.detach().double().cpu().requires_grad_()
+    want = exact * torch.sigmoid(exact)
+    (want_grad,) = torch.autograd.grad(want, exact, grad_z.double().cpu().flatten())
+    for got, ref in ((z.detach().flatten().cpu(), want.detach().float()), (grad_bias.cpu(), want_grad.float())):
+        assert (got[:4] == 0).all()
+        assert torch.equal(got == 0, ref == 0)
+        assert ((got - ref).abs() <= 2e-6 * ref.abs()).all(), (got, ref)
+
+
 def test_eager_path_matches_the_custom_op():
     """Eager calls skip the custom op's Python dispatch (_dispatch.kernel_op); the output and
     every gradient must equal the custom op's, with and without grad mode."""

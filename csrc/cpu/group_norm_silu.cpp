@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -132,11 +133,12 @@ SYMFAST_INLINE v8f exp8_nonpositive(v8f t) {
   return p * scale;
 }
 
-// sigmoid(a) = 1 / (1 + e^-a) from e = e^-|a| <= 1 (no overflow for either sign); below
-// a = -87 it returns e^-87 / (1 + e^-87) (~1.6e-38) instead of a denormal. A vrcpps estimate
-// plus a Newton step instead of the division measured 5-10% slower (forward and backward,
-// (64, 96, 32, 32) and (64, 64, 16, 16) fp32, 1 and 2 threads, interleaved): the loops wait on
-// memory, not on vdivps.
+// sigmoid(a) = 1 / (1 + e^-a) from e = e^-|a| <= 1 (no overflow for either sign); e is floored
+// at e^-87 (below that e^-|a| leaves float's normal range), which leaves 1 above a = 87 and, below
+// a = -87, e^-87 instead of e^a: silu<true> and silu_grad<true> take those lanes apart. A vrcpps
+// estimate plus a Newton step instead of the division measured 5-10% slower (forward and
+// backward, (64, 96, 32, 32) and (64, 64, 16, 16) fp32, 1 and 2 threads, interleaved): the loops
+// wait on memory, not on vdivps.
 SYMFAST_INLINE v8f sigmoid(v8f a) {
   v8u32 bits;
   std::memcpy(&bits, &a, sizeof bits);
@@ -152,6 +154,45 @@ SYMFAST_INLINE v8f sigmoid(v8f a) {
 SYMFAST_INLINE double sigmoid(double a) {
   const double e = std::exp(-std::abs(a));
   return (a >= 0 ? 1.0 : e) / (1.0 + e);
+}
+
+// Below a = -87, f(a) * e^a (silu: f = a; its derivative times the incoming gradient g: f =
+// g (1 + a)) taken with 2^64 of headroom, (f e^(a + 64 ln 2)) 2^-64, so that the product is
+// rounded once into the subnormal range as the float64 result rounded to float is; 0 below
+// a = -110, where it rounds to 0. With sigmoid's e^-87 floor instead, silu was ~1e-36 where it
+// is a e^a (1e-211 at a = -491: found by the fuzz suite at 10,000 examples). The loops run the
+// plain formulas, track the row's smallest a (one vector min) and run the row again with these
+// only when it went below -87: the exact forms cost ~7% of the forward when always taken.
+SYMFAST_INLINE v8f times_deep_exp(v8f f, v8f a) {
+  const v8f zero_below = v8f{} - 110.0f;
+  const v8f e = exp8_nonpositive((a < zero_below ? zero_below : a) + 44.3614195558364998f);
+  return a < zero_below ? f * 0.0f : (f * e) * 0x1p-64f;
+}
+
+SYMFAST_INLINE bool below_sigmoid_floor(v8f amin) {
+  const v8i below = amin < v8f{} - 87.0f;
+  uint64_t w[4];
+  std::memcpy(w, &below, sizeof w);
+  return (w[0] | w[1] | w[2] | w[3]) != 0;
+}
+SYMFAST_INLINE bool below_sigmoid_floor(double) { return false; }  // std::exp has no floor
+
+// silu(a) = a sigmoid(a) and g silu'(a), silu'(a) = sig(a) (1 + a (1 - sig(a))); `exact`: also
+// right below a = -87 (see times_deep_exp).
+template <bool exact, typename V>
+SYMFAST_INLINE V silu(V a) {
+  const V z = a * sigmoid(a);
+  if constexpr (exact && std::is_same_v<V, v8f>) return a < v8f{} - 87.0f ? times_deep_exp(a, a) : z;
+  return z;
+}
+
+template <bool exact, typename V>
+SYMFAST_INLINE V silu_grad(V g, V a) {
+  const V sig = sigmoid(a);
+  const V ga = g * (sig * (1.0f + a * (1.0f - sig)));
+  if constexpr (exact && std::is_same_v<V, v8f>)
+    return a < v8f{} - 87.0f ? times_deep_exp(g * (1.0f + a), a) : ga;
+  return ga;
 }
 
 // Calls f(i, cnt) for the lane blocks [i, i + cnt) of [0, n): cnt == W except at the tail.
@@ -268,12 +309,18 @@ SYMFAST_INLINE void forward_tile(const scalar_t* __restrict x, const TileParams<
     const acc_t d = centre_of(prm, mean, xt, sh, b, c);
     const acc_t scale = rstd * static_cast<acc_t>(prm.weight_of(c));
     const acc_t offset = static_cast<acc_t>(prm.bias_of(c));
-    for_lanes<Lanes<acc_t>::W>(0, s, [&](int64_t i, int64_t cnt) SYMFAST_LAMBDA_INLINE {
-      prefetch_next(xn, j * s + i);
-      // (x - d) * scale, not x * scale - d * scale: no cancellation when |mean| >> std.
-      const V a = (load_lanes(row + i, cnt) - d) * scale + offset;
-      store_lanes(out + i, a * sigmoid(a), cnt);
-    });
+    V amin = V{} + std::numeric_limits<acc_t>::infinity();
+    const auto silu_row = [&](auto exact) SYMFAST_LAMBDA_INLINE {
+      for_lanes<Lanes<acc_t>::W>(0, s, [&](int64_t i, int64_t cnt) SYMFAST_LAMBDA_INLINE {
+        prefetch_next(xn, j * s + i);
+        // (x - d) * scale, not x * scale - d * scale: no cancellation when |mean| >> std.
+        const V a = (load_lanes(row + i, cnt) - d) * scale + offset;
+        if constexpr (!decltype(exact)::value) amin = a < amin ? a : amin;
+        store_lanes(out + i, silu<decltype(exact)::value>(a), cnt);
+      });
+    };
+    silu_row(std::false_type{});
+    if (below_sigmoid_floor(amin)) silu_row(std::true_type{});
   }
   mean_out[t] = mean;
   rstd_out[t] = rstd;
@@ -315,16 +362,21 @@ SYMFAST_INLINE void backward_tile(const scalar_t* __restrict gz, const scalar_t*
     acc_t* gar = ga_tile + j * ps;
     const acc_t d = centre_of(prm, mean, x + base, sh, b, c);
     const acc_t w = static_cast<acc_t>(prm.weight_of(c)), bias = static_cast<acc_t>(prm.bias_of(c));
-    const auto r = row_sums<2, acc_t>(s, [&](int64_t i, int64_t cnt, std::array<V, 2>& acc)
-                                             SYMFAST_LAMBDA_INLINE {
-      const V xhat = (load_lanes(xr + i, cnt) - d) * rstd;
-      const V a = xhat * w + bias;
-      const V sig = sigmoid(a);
-      const V ga = mask_tail(load_lanes(gr + i, cnt) * (sig * (1.0f + a * (1.0f - sig))), cnt);
-      store_lanes(gar + i, ga, W);  // ga_tile rows are padded to whole lane blocks
-      acc[0] += ga;
-      acc[1] += ga * xhat;
-    });
+    V amin = V{} + std::numeric_limits<acc_t>::infinity();
+    const auto pass1 = [&](auto exact) SYMFAST_LAMBDA_INLINE {
+      return row_sums<2, acc_t>(s, [&](int64_t i, int64_t cnt, std::array<V, 2>& acc)
+                                       SYMFAST_LAMBDA_INLINE {
+        const V xhat = (load_lanes(xr + i, cnt) - d) * rstd;
+        const V a = xhat * w + bias;
+        if constexpr (!decltype(exact)::value) amin = a < amin ? a : amin;
+        const V ga = mask_tail(silu_grad<decltype(exact)::value>(load_lanes(gr + i, cnt), a), cnt);
+        store_lanes(gar + i, ga, W);  // ga_tile rows are padded to whole lane blocks
+        acc[0] += ga;
+        acc[1] += ga * xhat;
+      });
+    };
+    auto r = pass1(std::false_type{});
+    if (below_sigmoid_floor(amin)) r = pass1(std::true_type{});
     sums.ga[b * sh.channels + c] = r[0];
     sums.ga_xhat[b * sh.channels + c] = r[1];
     group_ga += static_cast<double>(w) * r[0];
