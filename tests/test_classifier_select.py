@@ -33,14 +33,19 @@ def _shapes(backend):
 @pytest.mark.parametrize("temperature", [1.0, 0.37])
 def test_forward_and_grads_match_reference(backend, dtype, temperature):
     dev = device_for(backend)
+    # Seeded: the inputs drawn from the global generator depended on the tests run before, and
+    # about 1 in 300 random draws of the (5, 33, 6, 1) case has a gate_weight gradient that float32
+    # does not give to 1e-5 of float64 (torch's own float32 autograd of the reference reached
+    # 2.9e-5 on 1 of 300 seeds, the kernel the same; the baseline-ISA build met such a draw in CI).
+    gen = torch.Generator().manual_seed(0)
     for shape in _shapes(backend):
-        args = _inputs(*shape, dtype=dtype, device=dev, requires_grad=True)
+        args = _inputs(*shape, dtype=dtype, device=dev, requires_grad=True, gen=gen)
         out = classifier_select(*args, temperature=temperature, backend=backend)
         ref_args = [a.detach().double().cpu().requires_grad_() for a in args]
         ref = reference.classifier_select(*ref_args, temperature)
         assert out.shape == (shape[0], shape[3]) and out.dtype == dtype
         assert rel_err(out, ref) <= TOL[dtype], shape
-        grad = torch.randn(out.shape, dtype=torch.float64)
+        grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
         got = torch.autograd.grad(out, args, grad.to(dtype).to(dev))
         want = torch.autograd.grad(ref, ref_args, grad.to(dtype).double())
         names = ["h", "gate_weight", "gate_bias", "weight", "bias"]
