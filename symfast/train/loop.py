@@ -227,7 +227,6 @@ def train(config: TrainConfig | dict | str | None = None, *, network: nn.Module 
         world.close()
 
 
-
 @torch.no_grad()
 def clip_grad_norm_(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
     """The gradients' total 2-norm, and the gradients scaled by min(clip / (norm + 1e-6), 1)
@@ -245,6 +244,7 @@ def clip_grad_norm_(params: list[torch.Tensor], clip: float | None) -> torch.Ten
     if clip is not None:
         torch._foreach_mul_(grads, torch.clamp(float(clip) / (total + 1e-6), max=1.0))
     return total
+
 
 class _Run:
     """One training run on one rank."""
