@@ -34,6 +34,7 @@ from torch import nn
 from symfast.groups import Group, get
 from symfast.ops.fused_step import StepCoefficients, fused_step
 from symfast.nn.regularizer import equivariance_target
+from symfast.ops import _checks
 from symfast.ops.group_average import orbit, orbit_mean
 from symfast.schedules import DDPMSchedule, EDMSchedule, Schedule, VESchedule
 from symfast._symmetrize import _default_chunks, _main_tensor
@@ -128,7 +129,10 @@ class Denoiser(nn.Module):
 
     def coefficients(self, sigma: float) -> tuple[float, float, float, float]:
         """(c_skip, c_out, c_in, model time) at noise level σ, host floats."""
-        s = float(sigma)
+        s = _checks.real("sigma", sigma)
+        if not (0 < s < math.inf):
+            # σ = 0 is the clean data, where a sampler stops instead of calling the network
+            raise ValueError(f"sigma must be finite and > 0, got {sigma}")
         return (*self._scalings(s, math.sqrt), self.schedule.model_time(s))
 
     @property
@@ -139,6 +143,7 @@ class Denoiser(nn.Module):
     def orbit_outputs(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """Raw network outputs at the (scaled) orbit of x: (|G|·B, ...), element-major; (B, ...)
         without frame averaging."""
+        _checks.floating("x", x)
         _, _, c_in, t = self.coefficients(sigma)
         x_in = x * c_in
         group = self.averaging_group
@@ -149,9 +154,9 @@ class Denoiser(nn.Module):
         n = x_in.shape[0]
         order = len(group) if group is not None else 1
         chunks = self.chunks or (_default_chunks(x.shape[0], order, x.device) if order > 1 else 1)
-        size = -(-n // chunks)
+        size = max(1, -(-n // chunks))
         outs = []
-        for i in range(0, n, size):
+        for i in range(0, max(n, 1), size):  # an empty batch is one call on it, as for the model
             part = x_in[i:i + size]
             tt = torch.full((part.shape[0],), t, dtype=torch.float32, device=x.device)
             outs.append(_main_tensor(self.model(part, tt)))
@@ -249,6 +254,8 @@ class Denoiser(nn.Module):
                             f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        if x0.shape[0] == 0:
+            raise ValueError("x0 must hold at least one sample (a mean over none is NaN)")
         batch, device = x0.shape[0], x0.device
         if sigma is None:
             if t is not None:
@@ -261,6 +268,8 @@ class Denoiser(nn.Module):
             sigma = sigma.expand(batch) if sigma.numel() == 1 else sigma
             if sigma.shape != (batch,):
                 raise ValueError(f"sigma must be a scalar or ({batch},), got {tuple(sigma.shape)}")
+            if not bool(((sigma > 0) & (sigma < math.inf)).all()):  # NaN fails both
+                raise ValueError(f"sigma must be finite and > 0, got {sigma.tolist()}")
             if t is None:
                 t = torch.tensor([self.schedule.model_time(float(v)) for v in sigma.cpu()],
                                  dtype=torch.float32, device=device)

@@ -81,6 +81,19 @@ def test_unet_rejects_sizes_it_cannot_keep_exact():
         TiedConv2d(0, 2, 3, "d4")
 
 
+@pytest.mark.parametrize("width", [8, 16, 24, 32])
+def test_every_block_sees_the_noise_conditioning(width):
+    """A block adds the time embedding per channel before a GroupNorm; with one channel per group
+    the mean subtraction removed it again and the block ignored t (found by
+    tests/test_fuzz_modules.py: the time layers' gradients were exactly zero at width 8)."""
+    torch.manual_seed(0)
+    net = UNet(1, 1, channels=(width, 16), heads=1)
+    block = net.down[0]
+    h = torch.randn(2, width, 4, 4)
+    emb = [net.time_mlp(torch.randn(2, net.embed_dim)) for _ in range(2)]
+    assert rel_err(block(h, emb[0]), block(h, emb[1])) > 1e-3
+
+
 def test_tie_weights_reports_what_still_breaks_equivariance():
     class Model(nn.Module):
         def __init__(self):
@@ -297,10 +310,10 @@ def test_equivariant_unet_runs_the_fused_op_and_stays_exact(monkeypatch):
 
 @pytest.mark.parametrize("cls", ["UNet", "EquivariantUNet"])
 def test_a_1x1_bottom_level_with_single_channel_groups_is_refused_clearly(cls):
-    """4x4 input, three levels: the bottom is 1x1 and GroupNorm(8, 8) there normalises single
+    """4x4 input, three levels: the bottom is 1x1 and GroupNorm(1, 1) there normalises single
     values (output = bias whatever the input): refused at any batch size, naming the sizes."""
     import symfast.nn as snn
-    net = getattr(snn, cls)(1, 1, (4, 8, 8))
+    net = getattr(snn, cls)(1, 1, (4, 8, 1), heads=1)
     for batch in (1, 3):
         with pytest.raises(ValueError, match=r"bottom level would be 1x1.*at least 8x8"):
             net(torch.randn(batch, 1, 4, 4), torch.tensor(0.3))

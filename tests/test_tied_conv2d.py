@@ -452,3 +452,30 @@ def test_empty_batch_and_no_output_channels_on_every_backend(backend):
     y.sum().backward()
     assert y.shape == (2, 0, 8, 8) and torch.equal(x.grad, torch.zeros_like(x))
     assert w.grad.shape == (0, 3, 3)
+
+
+@pytest.mark.parametrize("group, kernel, shape", [("c4", 3, (1, 1, 1, 1)), ("trivial", 3, (1, 1, 1, 1)),
+                                                  ("d4", 5, (1, 2, 1, 1)), ("d4", 3, (3, 2, 4, 4)),
+                                                  ("flip_h", 3, (5, 3, 3, 7))])
+def test_weight_gradient_nan_only_where_the_input_reaches(backend, group, kernel, shape):
+    """A NaN in x makes NaN only the weight gradients of orbits whose taps read it. The cpu
+    kernel lays narrow planes side by side and multiplied the stencil of dropped columns, which
+    reads the NaN, by a zero grad_out (0 · NaN): found by tests/test_fuzz_modules.py."""
+    dev = device_for(backend)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g)
+    x[shape[0] // 2, 0, shape[2] // 2, shape[3] - 1] = float("nan")
+    orbits = kernel_orbits(groups.get(group), (kernel, kernel))
+    weight = torch.randn(2, shape[1], orbits.count, generator=g)
+    seed = torch.randn(shape[0], 2, shape[2], shape[3], generator=g)
+    grads = {}
+    for b in ("reference", backend):
+        w = weight.to(dev).clone().requires_grad_(True)
+        out = tied_conv2d(x.to(dev), w, None, kernel, group, 1, kernel // 2, backend=b)
+        out.backward(seed.to(dev))
+        grads[b] = w.grad.cpu().clone()
+    ref, got = grads["reference"], grads[backend]
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert not torch.isnan(ref).all()  # some orbits never read the NaN
+    finite = ~torch.isnan(ref)
+    assert rel_err(got[finite], ref[finite]) <= TOL[torch.float32]

@@ -2,6 +2,9 @@
 // panel packing, the AVX2 micro-kernels, the canvas for narrow planes. Included by
 // tied_conv2d.cpp only, after tied_conv2d_stencil.h.
 #pragma once
+#include <algorithm>
+#include <cmath>
+
 #include "tied_conv2d_stencil.h"
 
 namespace {
@@ -525,11 +528,16 @@ SYMFAST_AVX2_FMA __attribute__((always_inline)) inline void transpose_strip(
 // pixel-major panels (straight from grad_out when the strip is 16 columns of one sample, else
 // through a canvas strip with zeros where the forward drops a column, so those pixels add
 // nothing); then the chunk's GEMM.
+//
+// zero_dropped: the stencil's dropped columns are zeroed too. Their grad_out is 0, but the stencil
+// there reads a neighbour's or the sample's own input, and 0 · NaN (or inf) would put a NaN into
+// orbits that never touch that input (found by tests/test_fuzz_modules.py: a NaN in a 1x1 input
+// made the edge orbits' gradient NaN where it is exactly 0).
 template <typename scalar_t>
 SYMFAST_AVX2_FMA void grad_weight_item(const scalar_t* x, const scalar_t* gy, int64_t m, int64_t b0,
                                        int64_t ns, int64_t y0, int64_t y1, const Canvas& cv,
                                        const int32_t* off, int64_t r, float* partial, int64_t ldp,
-                                       GradWeightScratch& sc) {
+                                       GradWeightScratch& sc, bool zero_dropped) {
   fill_canvas(x + b0 * cv.c * cv.h * cv.w, ns, y0, y1 - y0, cv, sc.pad.data());
   const int64_t hw = cv.ho * cv.wo, k = cv.c * r, units = (y1 - y0) * cv.strips;
   float* s = sc.s.data();
@@ -548,6 +556,15 @@ SYMFAST_AVX2_FMA void grad_weight_item(const scalar_t* x, const scalar_t* gy, in
       unit_src[u - u0] = ds >= 0 && ds < ns ? (b0 + ds) * m * hw + yy * cv.wo + cv.direct_x[st] : -1;
       pack_stencil_strip(sc.pad.data() + (yy - y0) * cv.wp + st * kNR, cv.plane, cv.c, cv.flat.data(),
                          off, r, s + (u - u0) * kNR, kRowStride);
+      if (zero_dropped && unit_src[u - u0] < 0) {
+        bool kept[kNR] = {};
+        for (int64_t sg = cv.seg_begin[st]; sg < cv.seg_begin[st + 1]; ++sg)
+          if (cv.segs[sg].sample < ns)
+            std::fill(kept + cv.segs[sg].col, kept + cv.segs[sg].col + cv.segs[sg].len, true);
+        for (int64_t kk = 0; kk < k; ++kk)
+          for (int64_t col = 0; col < kNR; ++col)
+            if (!kept[col]) s[kk * kRowStride + (u - u0) * kNR + col] = 0.f;
+      }
     }
     // grad_out of the chunk's pixels, channel by channel: each channel's rows are read in order.
     for (int64_t o = 0; o < m; ++o)
@@ -586,32 +603,45 @@ SYMFAST_AVX2_FMA void grad_weight_item(const scalar_t* x, const scalar_t* gy, in
 // 0.86 -> 0.48, 128->64 at 8x8 4.01 -> 2.97. MKL stays ~10% ahead on 16x16 planes with K = C*R of
 // 192-384 (128->64: 8.58 -> 9.60), and 1 output channel uses 1/8 of each 8-wide panel (32->1 at
 // 32x32: 2.99 -> 3.95); one kernel for every shape is worth that (the step got faster overall).
+//
+// A NaN in the result is the one sign that a dropped column may have met a non-finite input: only
+// then is the gradient computed again with those columns zeroed (zero_dropped in
+// grad_weight_item), which keeps that pass off the path of finite inputs.
 template <typename scalar_t>
 void tied_conv2d_grad_weight_fused(const scalar_t* xp, const scalar_t* gyp, int64_t bsz, int64_t c,
                                    int64_t m, const Orbits& o, const Geometry& g, float* gw) {
   const Canvas cv = make_canvas(o, g, bsz, c);
   const int64_t r = o.count(), k = c * r, ldp = (m + 7) / 8 * 8;
   const int64_t items = cv.groups * cv.blocks, runs = std::min<int64_t>(items, 8);
-  std::vector<float> partial(runs * k * ldp, 0.f);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    GradWeightScratch sc;
-    sc.pad.assign(cv.c * cv.plane);
-    sc.s.assign(k * kRowStride);
-    sc.g.assign(m * kRowStride);
-    sc.panels.assign(ldp * kChunk);
-    for (int64_t run = next++; run < runs; run = next++)
-      for (int64_t it = run * items / runs; it < (run + 1) * items / runs; ++it) {
-        const int64_t b0 = (it / cv.blocks) * cv.n, y0 = (it % cv.blocks) * kRowBlock;
-        grad_weight_item<scalar_t>(xp, gyp, m, b0, std::min(cv.n, bsz - b0), y0,
-                                   std::min(g.ho, y0 + kRowBlock), cv, o.offsets.data(), r,
-                                   partial.data() + run * k * ldp, ldp, sc);
+  std::vector<float> partial(runs * k * ldp);
+  const auto compute = [&](bool zero_dropped) {
+    std::fill(partial.begin(), partial.end(), 0.f);
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      GradWeightScratch sc;
+      sc.pad.assign(cv.c * cv.plane);
+      sc.s.assign(k * kRowStride);
+      sc.g.assign(m * kRowStride);
+      sc.panels.assign(ldp * kChunk);
+      for (int64_t run = next++; run < runs; run = next++)
+        for (int64_t it = run * items / runs; it < (run + 1) * items / runs; ++it) {
+          const int64_t b0 = (it / cv.blocks) * cv.n, y0 = (it % cv.blocks) * kRowBlock;
+          grad_weight_item<scalar_t>(xp, gyp, m, b0, std::min(cv.n, bsz - b0), y0,
+                                     std::min(g.ho, y0 + kRowBlock), cv, o.offsets.data(), r,
+                                     partial.data() + run * k * ldp, ldp, sc, zero_dropped);
+        }
+    });
+    for (int64_t run = 1; run < runs; ++run)
+      for (int64_t i = 0; i < k * ldp; ++i) partial[i] += partial[run * k * ldp + i];
+    bool nan = false;
+    for (int64_t oc = 0; oc < m; ++oc)
+      for (int64_t kk = 0; kk < k; ++kk) {
+        gw[oc * k + kk] = partial[kk * ldp + oc];
+        nan |= std::isnan(gw[oc * k + kk]);
       }
-  });
-  for (int64_t run = 1; run < runs; ++run)
-    for (int64_t i = 0; i < k * ldp; ++i) partial[i] += partial[run * k * ldp + i];
-  for (int64_t oc = 0; oc < m; ++oc)
-    for (int64_t kk = 0; kk < k; ++kk) gw[oc * k + kk] = partial[kk * ldp + oc];
+    return nan;
+  };
+  if (compute(false)) compute(true);
 }
 #endif
 

@@ -53,6 +53,9 @@ class TiedConv2d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the op would blame the weight's shape, which is fixed here: the input is what is wrong
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != self.in_channels:
+            raise ValueError(f"x has {x.shape[1]} channels but this TiedConv2d takes {self.in_channels}")
         return tied_conv2d(x, self.weight, self.bias, self.kernel_size, self.group, self.stride,
                            self.padding, backend=self.backend)
 
