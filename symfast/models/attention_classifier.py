@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from symfast.ops import _checks
 from symfast.ops.attention_pool import attention_pool
 
 HEADS = ("fc", "tc", "tl")
@@ -25,10 +26,13 @@ class AttentionClassifier(nn.Module):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d", d), ("d_k", d_k),
                             ("n_classes", n_classes), ("hidden", hidden)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        # at construction: an int here would fail only later, inside torch or attention_pool
+        _checks.flag("train_query", train_query)
+        _checks.flag("mask_padding", mask_padding)
         self.head_kind, self.mask_padding, self.backend = head, mask_padding, backend
         self.embedding = nn.Parameter(torch.randn(vocab_size, d, generator=generator) * 1e-6)
         self.keys = nn.Parameter(torch.zeros(vocab_size, d_k))

@@ -9,7 +9,8 @@ import math
 import torch
 from torch import nn
 
-from symfast.ops.classifier_select import classifier_select
+from symfast.ops import _checks
+from symfast.ops.classifier_select import _MIN_TEMPERATURE, classifier_select
 
 
 def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
@@ -41,6 +42,12 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0
     return torch.clamp(torch.minimum(rising, falling), min=0.0).float()
 
 
+def _positive_ints(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 class LogMel(nn.Module):
     """waveform (B, T) -> log-mel spectrogram (B, 1, n_mels, frames) of the clip scaled to unit
     RMS, so a clip's gain is invisible (also in bands near the ``eps`` floor, where removing the
@@ -55,16 +62,32 @@ class LogMel(nn.Module):
                              persistent=False)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        _checks.floating("waveform", waveform)
+        _checks.like("waveform", waveform, "the front end's window", self.window, dtype=False)
         if waveform.dim() != 2:
             raise ValueError(f"waveform must be (B, T), got shape {tuple(waveform.shape)}")
         if waveform.shape[1] < self.n_fft // 2 + 1:
             raise ValueError(f"waveform has {waveform.shape[1]} samples; need > n_fft/2 = {self.n_fft // 2}")
+        if waveform.shape[0] == 0:
+            # torch.stft refuses an empty batch; the empty spectrogram's shape follows from T
+            # (center=True: 1 + T // hop frames), and it stays in the graph for backward
+            frames = 1 + waveform.shape[1] // self.hop_length
+            return waveform[:, None, None, :1].expand(0, 1, self.filterbank.shape[1], frames)
+        # bf16/fp16 in fp32: torch.stft has no FFT for them, and a fixed front end has no
+        # reason to round its intermediates; the spectrogram is returned in the waveform's dtype
+        dtype = waveform.dtype
+        waveform = waveform.to(torch.promote_types(dtype, torch.float32))
+        # to the peak first: the square of the RMS would overflow above ~1e154 (1e19 in fp32) and
+        # fall under the floor below 1e-8; scaled to the peak, a clip's RMS is at least
+        # 1/sqrt(T) and the floor is for a silent clip only
+        peak = waveform.abs().amax(1, keepdim=True)
+        waveform = waveform / torch.where(peak > 0, peak, 1.0)
         waveform = waveform / waveform.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)
         spec = torch.stft(waveform, self.n_fft, self.hop_length, window=self.window.to(waveform.dtype),
                           center=True, return_complex=True)  # (B, n_freqs, frames)
         power = spec.real ** 2 + spec.imag ** 2
         mel = torch.einsum("bft,fm->bmt", power, self.filterbank.to(power.dtype))
-        return torch.log(mel + self.eps).unsqueeze(1)
+        return torch.log(mel + self.eps).unsqueeze(1).to(dtype)
 
 
 class ConvBackbone(nn.Module):
@@ -93,9 +116,12 @@ class ClassifierSelect(nn.Module):
     def __init__(self, in_features: int, n_classes: int, n_classifiers: int = 4,
                  temperature: float = 1.0, backend: str | None = None):
         super().__init__()
-        if n_classifiers < 1 or n_classes < 1 or in_features < 1:
-            raise ValueError(f"need in_features, n_classes, n_classifiers >= 1, got "
-                             f"{in_features}, {n_classes}, {n_classifiers}")
+        _positive_ints(in_features=in_features, n_classes=n_classes, n_classifiers=n_classifiers)
+        # classifier_select's own check, here at construction rather than at the first forward
+        _checks.real("temperature", temperature)
+        if not _MIN_TEMPERATURE <= temperature < math.inf:
+            raise ValueError(f"temperature must be finite and >= {_MIN_TEMPERATURE:.3g}, got "
+                             f"{temperature}")
         bound = 1 / math.sqrt(in_features)
 
         def param(*shape):
@@ -116,14 +142,23 @@ class ClassifierSelect(nn.Module):
 
 
 class _AudioCNN(nn.Module):
-    def __init__(self, head_in: int, sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
+    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int,
                  channels: tuple[int, ...]):
         super().__init__()
+        _positive_ints(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels)
+        if n_fft < 2:
+            raise ValueError(f"n_fft must be >= 2 (a spectrum of at least 2 bins), got {n_fft}")
+        if (not isinstance(channels, (tuple, list)) or not channels
+                or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)):
+            raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels!r}")
         self.frontend = LogMel(sample_rate, n_fft, hop_length, n_mels)
         self.backbone = ConvBackbone(channels)
 
     def features(self, waveform: torch.Tensor) -> torch.Tensor:
         """waveform (B, T) -> backbone features (B, channels[-1])."""
+        # named here: the convolutions would refuse another dtype or device without the name
+        _checks.floating("waveform", waveform)
+        _checks.like("waveform", waveform, "the model", self.backbone.layers[0].weight)
         return self.backbone(self.frontend(waveform))
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
@@ -138,8 +173,9 @@ class CABCNN(_AudioCNN):
                  sample_rate: int = 8000, n_fft: int = 256, hop_length: int = 128,
                  channels: tuple[int, ...] = (16, 32, 64), temperature: float = 1.0,
                  backend: str | None = None):
-        super().__init__(channels[-1], sample_rate, n_fft, hop_length, n_mels, channels)
-        self.head = ClassifierSelect(channels[-1], n_classes, n_classifiers, temperature, backend)
+        super().__init__(sample_rate, n_fft, hop_length, n_mels, channels)
+        self.head = ClassifierSelect(self.backbone.out_features, n_classes, n_classifiers,
+                                     temperature, backend)
 
 
 class BaselineCNN(_AudioCNN):
@@ -148,9 +184,10 @@ class BaselineCNN(_AudioCNN):
     def __init__(self, n_classes: int, n_mels: int = 32, hidden: int = 128,
                  sample_rate: int = 8000, n_fft: int = 256, hop_length: int = 128,
                  channels: tuple[int, ...] = (16, 32, 64)):
-        super().__init__(channels[-1], sample_rate, n_fft, hop_length, n_mels, channels)
-        self.head = nn.Sequential(nn.Linear(channels[-1], hidden), nn.ReLU(inplace=True),
-                                  nn.Linear(hidden, n_classes))
+        super().__init__(sample_rate, n_fft, hop_length, n_mels, channels)
+        _positive_ints(n_classes=n_classes, hidden=hidden)
+        self.head = nn.Sequential(nn.Linear(self.backbone.out_features, hidden),
+                                  nn.ReLU(inplace=True), nn.Linear(hidden, n_classes))
 
 
 def count_parameters(model: nn.Module) -> int:
