@@ -26,8 +26,7 @@ class AttentionClassifier(nn.Module):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("d", d), ("d_k", d_k),
                             ("n_classes", n_classes), ("hidden", hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.positive_int(name, value)
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         # at construction: an int here would fail only later, inside torch or attention_pool

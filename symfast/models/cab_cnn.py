@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from symfast.ops import _checks
-from symfast.ops.classifier_select import _MIN_TEMPERATURE, classifier_select
+from symfast.ops.classifier_select import check_temperature, classifier_select
 
 
 def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
@@ -44,8 +44,7 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0
 
 def _positive_ints(**values) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _checks.positive_int(name, value)
 
 
 class LogMel(nn.Module):
@@ -117,11 +116,7 @@ class ClassifierSelect(nn.Module):
                  temperature: float = 1.0, backend: str | None = None):
         super().__init__()
         _positive_ints(in_features=in_features, n_classes=n_classes, n_classifiers=n_classifiers)
-        # classifier_select's own check, here at construction rather than at the first forward
-        _checks.real("temperature", temperature)
-        if not _MIN_TEMPERATURE <= temperature < math.inf:
-            raise ValueError(f"temperature must be finite and >= {_MIN_TEMPERATURE:.3g}, got "
-                             f"{temperature}")
+        check_temperature(temperature)  # at construction rather than at the first forward
         bound = 1 / math.sqrt(in_features)
 
         def param(*shape):

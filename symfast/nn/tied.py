@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from symfast.groups import Group, get
+from symfast.ops import _checks
 from symfast.ops.tied_conv2d import _pair, tied_conv2d
 from symfast.reference.tied_conv2d import expand_weight, kernel_orbits
 
@@ -30,8 +31,7 @@ class TiedConv2d(nn.Module):
                  backend: str | None = None):
         super().__init__()
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.positive_int(name, value)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size, "kernel_size", 1)
         self.stride = _pair(stride, "stride", 1)

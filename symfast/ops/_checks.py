@@ -57,6 +57,13 @@ def integer(name: str, value) -> int:
     return value
 
 
+def positive_int(name: str, value) -> int:
+    """A size: an int (not a bool) >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def real(name: str, value) -> float:
     """A real host number (not a bool) as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

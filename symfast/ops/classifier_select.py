@@ -78,6 +78,17 @@ _select_op, _select_eager = _dispatch.kernel_op(
 _MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
 
 
+def check_temperature(temperature) -> None:
+    """A finite temperature the kernels can divide by (modules check it at construction)."""
+    _checks.real("temperature", temperature)
+    if not (0 < float(temperature) < float("inf")):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    # the kernels scale by 1/temperature in fp32: below this it is inf and every gate NaN
+    if float(temperature) < _MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {_MIN_TEMPERATURE:.3g} (1 / the largest fp32), "
+                         f"got {temperature}")
+
+
 def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
     named = {"h": h, "gate_weight": gate_weight, "gate_bias": gate_bias, "weight": weight,
              "bias": bias}
@@ -97,13 +108,7 @@ def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
     c = weight.shape[1]
     if bias.shape != (k, c):
         raise ValueError(f"bias must be ({k}, {c}), got shape {tuple(bias.shape)}")
-    _checks.real("temperature", temperature)
-    if not (0 < float(temperature) < float("inf")):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    # the kernels scale by 1/temperature in fp32: below this it is inf and every gate NaN
-    if float(temperature) < _MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be >= {_MIN_TEMPERATURE:.3g} (1 / the largest fp32), "
-                         f"got {temperature}")
+    check_temperature(temperature)
 
 
 @_backend.profiled("classifier_select")
