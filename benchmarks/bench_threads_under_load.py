@@ -11,7 +11,10 @@ against 3.0 s at 1, with one core busy). For every op (the README's size, fp32, 
 and backward where it has one) and for a WT training step, this times 1 and N threads
 (N = torch.get_num_threads() at start), with the machine quiet and with one core held by a spinning
 process, all in one run, as medians of repeats. The ratio that matters is
-"N threads, loaded / 1 thread, loaded": above 1, using every core hurts once one is busy.
+"N threads, loaded / 1 thread, loaded": above 1, using every core hurts once one is busy. The
+kernels notice a busy machine themselves and then run their regions on one thread for a while
+(csrc/cpu/symfast_module.h); each row also counts, for the N-thread runs, the kernels' regions
+that ran on a team, those that found the machine busy, and those that ran alone.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median_time, print_table, write_results  # noqa: E402
 
 import symfast.ops as ops  # noqa: E402
+from symfast._ext import cpu_team_record  # noqa: E402
 from symfast.profiling import cases  # noqa: E402
 
 
@@ -35,17 +40,25 @@ TRAINED = ("group_norm_silu", "tied_conv2d", "attention_pool", "classifier_selec
 
 
 def _op_step(op: str):
-    """Forward (and backward, for the ops in TRAINED) of ``op`` at the README's size."""
+    """Forward (and backward, for the ops in TRAINED) of ``op`` at the README's size. The backward
+    takes a gradient made once and returns the input gradients (torch.autograd.grad), so that no
+    torch op of the harness (a loss, .grad accumulation) is timed with the kernel's."""
     case = cases.make_case(op, "readme", torch.float32, "cpu")
     args = [a.detach().requires_grad_() if op in TRAINED and isinstance(a, torch.Tensor)
             and a.is_floating_point() else a for a in case.args]
+    inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     fn = getattr(ops, op)
 
-    def step():
+    def forward():
         out = fn(*args, backend="cpu", **case.kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        if out.requires_grad:
-            out.sum().backward()
+        return out[0] if isinstance(out, tuple) else out
+
+    grad_out = torch.randn_like(forward()) if inputs else None
+
+    def step():
+        out = forward()
+        if inputs:
+            torch.autograd.grad(out, inputs, grad_out)
     return case.shape, step
 
 
@@ -62,6 +75,14 @@ def _spinner() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
+def _wait_for_teams() -> None:
+    """Until the kernels run on teams again: after a busy spell their regions stay on one thread
+    for a back-off of up to a second (csrc/cpu/symfast_module.h), which would time a quiet run
+    that follows a loaded one at one thread."""
+    while cpu_team_record()["solo_left_ns"] > 0:
+        time.sleep(0.05)
+
+
 def run(repeats: int) -> list[dict]:
     threads = torch.get_num_threads()
     if threads < 2:
@@ -71,11 +92,17 @@ def run(repeats: int) -> list[dict]:
     for name, shape, step in steps:
         row = {"op": name, "shape": shape}
         for load in ("quiet", "loaded"):
+            _wait_for_teams()
             spinner = _spinner() if load == "loaded" else None
             try:
                 for n in (1, threads):
                     torch.set_num_threads(n)
+                    before = cpu_team_record()
                     row[f"{load}_t{n}_ms"] = median_time(step, repeats, warmup=2) * 1e3
+                    after = cpu_team_record()
+                    if n > 1:  # how the kernels' own regions ran: on a team, or alone after a busy one
+                        for key in ("team_regions", "busy_regions", "solo_regions", "solo_calls"):
+                            row[f"{load}_t{n}_{key}"] = after[key] - before[key]
             finally:
                 torch.set_num_threads(threads)
                 if spinner is not None:

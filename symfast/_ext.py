@@ -69,3 +69,32 @@ def load_cpu_kernels(op: str) -> bool:
         load_errors[op] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         logger.warning("symfast: CPU kernel %r unavailable (%s)", op, load_errors[op])
         return False
+
+
+_TEAM_FIELDS = ("team_regions", "busy_regions", "solo_regions", "solo_calls", "backoff_ns",
+                "solo_left_ns")
+
+
+def cpu_team_record() -> dict[str, int] | None:
+    """How the C++ kernels' parallel regions have run in this process (csrc/cpu/symfast_module.h):
+    regions run on a team of threads, those of them that found the machine busy (threads runnable
+    but kept off a core by another process), regions since run on the calling thread alone, op
+    calls run on it alone (ATen's work inside them included), the current back-off and how much
+    of it is left, in ns. None without the CPU kernels."""
+    if not load_cpu_kernels("group_average"):
+        return None
+    import torch
+
+    return dict(zip(_TEAM_FIELDS, torch.ops.symfast.cpu_team_record()))
+
+
+def cpu_team_solo_for(ms: int) -> None:
+    """Run the C++ kernels' parallel regions on the calling thread alone for the next ``ms``
+    milliseconds, as they do after finding the machine busy (0: teams again from now on)."""
+    if isinstance(ms, bool) or not isinstance(ms, int) or ms < 0:
+        raise ValueError(f"ms must be an int >= 0, got {ms!r}")
+    if not load_cpu_kernels("group_average"):
+        raise RuntimeError(f"the CPU kernels are not available: {load_errors.get('group_average')}")
+    import torch
+
+    torch.ops.symfast.cpu_team_solo_for(ms)

@@ -157,9 +157,11 @@ void for_blocks(int64_t n, int64_t blocks, const Body& body) {
     return;
   }
   const at::ThreadLocalState caller;
-  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+  Chunks chunks(blocks, 1);
+  parallel_team(blocks, [&] {
     at::ThreadLocalStateGuard guard(caller);
-    for (int64_t t = first; t < last; ++t) body(n * t / blocks, n * (t + 1) / blocks);
+    for (int64_t t, first, last; chunks.take(t, first, last);)
+      body(n * first / blocks, n * last / blocks);
   });
 }
 
@@ -219,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> classifier_select_fwd_cpu(
       });
     } else {
       gemm(0, d.b);
-      at::parallel_for(0, d.b, row_grain(d), mix);
+      parallel_chunks(d.b, row_grain(d), [&](int64_t, int64_t r0, int64_t r1) { mix(r0, r1); });
     }
   });
   return {out.to(h_in.scalar_type()), scores};
@@ -283,7 +285,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> classifie
       });
       for_blocks(n, blocks, grad_params_cols);
     } else {
-      at::parallel_for(0, d.b, row_grain(d), mix);
+      parallel_chunks(d.b, row_grain(d), [&](int64_t, int64_t r0, int64_t r1) { mix(r0, r1); });
       grad_h_rows(0, d.b);
       grad_params_cols(0, n);
     }
@@ -307,8 +309,8 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  m.impl("classifier_select_fwd_cpu", &classifier_select_fwd_cpu);
-  m.impl("classifier_select_bwd_cpu", &classifier_select_bwd_cpu);
+  SYMFAST_IMPL(m, classifier_select_fwd_cpu);
+  SYMFAST_IMPL(m, classifier_select_bwd_cpu);
 }
 
 SYMFAST_PY_MODULE()

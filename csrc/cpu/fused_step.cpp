@@ -440,38 +440,41 @@ std::tuple<at::Tensor, at::Tensor> fused_step_cpu(
     scalar_t* op = out.data_ptr<scalar_t>();
     scalar_t* dp = write_denoised ? den.data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, 16384 / (n * g));
-    at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    Chunks chunks(m, grain);
+    parallel_team(chunks.count(), [&] {
       std::vector<acc_t> acc(n), transposed(plan.square_side ? n : 0);
       std::vector<acc_t> row_noise(kp && ntp ? n : 0);
       acc_t z[kNoiseBlock];
-      for (int64_t row = begin; row < end; ++row) {
-        symfast::orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, acc_t(1) / g,
-                                                acc.data(), transposed.data());
-        const int64_t off = row * n;
-        if (!kp) {
-          combine_row<scalar_t, acc_t>(xp + off, acc.data(), up ? up + off : nullptr,
-                                       vp ? vp + off : nullptr, np_ ? np_ + off : nullptr, k,
-                                       op + off, dp ? dp + off : nullptr, n);
-          continue;
-        }
-        // drawn a block at a time and used at once: no pass over a row of normals in memory,
-        // except where the noise table gathers across the row
-        const PhiloxRow pk = philox_row(kp, row, rows_per_sample, step);
-        const uint32_t row_base = static_cast<uint32_t>((row % rows_per_sample) * n);
-        if (ntp) draw_row<acc_t>(pk, row_base, n, row_noise.data());
-        for (int64_t i = 0; i < n; i += kNoiseBlock) {
-          const int64_t len = std::min(kNoiseBlock, n - i);
-          if (ntp) {
-            for (int64_t j = 0; j < len; ++j) {
-              const int32_t t = ntp[i + j];
-              z[j] = t < 0 ? -row_noise[~t] : row_noise[t];
-            }
-          } else {
-            draw_normals<acc_t>(pk, row_base + static_cast<uint32_t>(i), len, z);
+      for (int64_t chunk, begin, end; chunks.take(chunk, begin, end);) {
+        for (int64_t row = begin; row < end; ++row) {
+          symfast::orbit_sum_row<scalar_t, acc_t>(yp, tp, plan, g, m, n, row, acc_t(1) / g,
+                                                  acc.data(), transposed.data());
+          const int64_t off = row * n;
+          if (!kp) {
+            combine_row<scalar_t, acc_t>(xp + off, acc.data(), up ? up + off : nullptr,
+                                         vp ? vp + off : nullptr, np_ ? np_ + off : nullptr, k,
+                                         op + off, dp ? dp + off : nullptr, n);
+            continue;
           }
-          combine_row<scalar_t, acc_t>(xp + off + i, acc.data() + i, up ? up + off + i : nullptr,
-                                       vp ? vp + off + i : nullptr, z, k, op + off + i,
-                                       dp ? dp + off + i : nullptr, len);
+          // drawn a block at a time and used at once: no pass over a row of normals in memory,
+          // except where the noise table gathers across the row
+          const PhiloxRow pk = philox_row(kp, row, rows_per_sample, step);
+          const uint32_t row_base = static_cast<uint32_t>((row % rows_per_sample) * n);
+          if (ntp) draw_row<acc_t>(pk, row_base, n, row_noise.data());
+          for (int64_t i = 0; i < n; i += kNoiseBlock) {
+            const int64_t len = std::min(kNoiseBlock, n - i);
+            if (ntp) {
+              for (int64_t j = 0; j < len; ++j) {
+                const int32_t t = ntp[i + j];
+                z[j] = t < 0 ? -row_noise[~t] : row_noise[t];
+              }
+            } else {
+              draw_normals<acc_t>(pk, row_base + static_cast<uint32_t>(i), len, z);
+            }
+            combine_row<scalar_t, acc_t>(xp + off + i, acc.data() + i, up ? up + off + i : nullptr,
+                                         vp ? vp + off + i : nullptr, z, k, op + off + i,
+                                         dp ? dp + off + i : nullptr, len);
+          }
         }
       }
     });
@@ -502,7 +505,7 @@ void fused_step_cpu_noise(const at::Tensor& key_in, int64_t rows_per_sample, int
   const int64_t* kp = key.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fused_step_cpu_noise", [&] {
     scalar_t* zp = out.data_ptr<scalar_t>();
-    at::parallel_for(0, m, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+    parallel_chunks(m, std::max<int64_t>(1, 16384 / n), [&](int64_t, int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row)
         draw_row<scalar_t>(philox_row(kp, row, rows_per_sample, step),
                            static_cast<uint32_t>((row % rows_per_sample) * n), n, zp + row * n);
@@ -521,8 +524,8 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  m.impl("fused_step_cpu", &fused_step_cpu);
-  m.impl("fused_step_cpu_noise", &fused_step_cpu_noise);
+  SYMFAST_IMPL(m, fused_step_cpu);
+  SYMFAST_IMPL(m, fused_step_cpu_noise);
 }
 
 SYMFAST_PY_MODULE()

@@ -313,25 +313,46 @@ at::Tensor orbit_mean_cpu(const at::Tensor& y_in, const at::Tensor& inverse_tabl
     const int32_t* tp = table.data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 16384 / (n * g));
-    at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
+    parallel_chunks(m, grain, [&](int64_t, int64_t begin, int64_t end) {
       orbit_mean_rows<scalar_t, acc_t>(yp, tp, op, plan, g, m, n, begin, end);
     });
   });
   return out;
 }
 
+// parallel_team's busy-machine record is one per process (symfast_module.h), shared by every
+// module; this one, which sampling loads first, reads and sets it.
+std::vector<int64_t> cpu_team_record() {
+  const team_detail::Record& r = team_detail::record();
+  const int64_t left = r.solo_until_ns.load() - team_detail::clock_ns(CLOCK_MONOTONIC);
+  return {r.team_regions.load(), r.busy_regions.load(), r.solo_regions.load(), r.solo_calls.load(),
+          r.backoff_ns.load(), std::max<int64_t>(0, left)};
+}
+
+// Regions run on the calling thread alone for the next `ms` milliseconds, as if the machine had
+// been found busy (0: teams again from now on); the back-off starts again from zero.
+void cpu_team_solo_for(int64_t ms) {
+  TORCH_CHECK(ms >= 0, "ms must be >= 0, got ", ms);
+  team_detail::Record& r = team_detail::record();
+  r.backoff_ns.store(0);
+  r.busy_in_a_row.store(0);
+  r.solo_until_ns.store(ms > 0 ? team_detail::clock_ns(CLOCK_MONOTONIC) + ms * 1'000'000 : 0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(symfast, m) {
+  m.def("cpu_team_record() -> int[]", &cpu_team_record);
+  m.def("cpu_team_solo_for(int ms) -> ()", &cpu_team_solo_for);
   m.def("orbit_cpu(Tensor x, Tensor table) -> Tensor");
   m.def("orbit_out_cpu(Tensor x, Tensor table, Tensor(a!) out) -> ()");
   m.def("orbit_mean_cpu(Tensor y, Tensor inverse_table) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  m.impl("orbit_cpu", &orbit_cpu);
-  m.impl("orbit_out_cpu", &orbit_out_cpu);
-  m.impl("orbit_mean_cpu", &orbit_mean_cpu);
+  SYMFAST_IMPL(m, orbit_cpu);
+  SYMFAST_IMPL(m, orbit_out_cpu);
+  SYMFAST_IMPL(m, orbit_mean_cpu);
 }
 
 SYMFAST_PY_MODULE()

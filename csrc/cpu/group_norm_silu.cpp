@@ -522,7 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
     acc_t* rp = rstd.data_ptr<acc_t>();
     const ForwardArgs args{sh, eps};
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, threads_for(sh), 1, [&](int64_t, int64_t) {
+    parallel_team(threads_for(sh), [&] {
 #if defined(__x86_64__) && defined(__GNUC__)
       if (cpu_has_avx2_fma()) {
         forward_tiles_avx2_fma<scalar_t, acc_t>(xp, prm, zp, mp, rp, args, &next);
@@ -576,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backw
     scalar_t* gsp = gshift.data_ptr<scalar_t>();
     const ChannelSums sums{ga.data(), ga_xhat.data()};
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, threads_for(sh), 1, [&](int64_t, int64_t) {
+    parallel_team(threads_for(sh), [&] {
 #if defined(__x86_64__) && defined(__GNUC__)
       if (cpu_has_avx2_fma()) {
         backward_tiles_avx2_fma<scalar_t, acc_t>(gzp, xp, prm, mp, rp, gxp, gsp, sums, sh, &next);
@@ -611,8 +611,8 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  m.impl("group_norm_silu_cpu", &group_norm_silu_cpu);
-  m.impl("group_norm_silu_backward_cpu", &group_norm_silu_backward_cpu);
+  SYMFAST_IMPL(m, group_norm_silu_cpu);
+  SYMFAST_IMPL(m, group_norm_silu_backward_cpu);
 }
 
 SYMFAST_PY_MODULE()

@@ -7,6 +7,8 @@
 #pragma once
 #include <Python.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
+#include <time.h>
 
 #include <algorithm>
 #include <atomic>
@@ -50,19 +52,147 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
-// fn(chunk, begin, end) for each chunk [begin, end) of [0, n) cut every `chunk_size`, handed out
-// by an atomic counter to the threads of one parallel region. A thread slowed by another process
-// on its core takes fewer chunks instead of holding the others at the end of the region: with a
-// static split, 2 threads with one core busy ran orbit at 1.9x and attention_pool at 1.3x the
-// time of 1 thread (benchmarks/bench_threads_under_load.py). The chunk index lets a caller keep
-// partial sums per chunk, so results do not depend on which thread took which chunk.
+// Parallel regions that notice a busy machine. On a machine where another process holds a core,
+// a team of as many threads as cores waits at every region's end for the thread that shares its
+// core (OpenMP spins there, so the waiting thread even keeps the other one off the CPU): orbit ran
+// 3.5x slower at 2 threads than at 1 with one core busy (benchmarks/bench_threads_under_load.py).
+// Each region therefore measures how long its threads were runnable but not running (wall time
+// since the region started minus the thread's own CPU time, which also counts a late start); when
+// that exceeds a quarter of the region (and kMinLostNs) in kBusyInARow team regions in a row (one
+// alone can be a quiet machine waking a sleeping thread), the following regions, and the calls
+// of the ops that contain them (SYMFAST_IMPL), run on the calling thread alone, with its nested
+// regions (ATen, MKL) at one thread too, for a back-off that doubles while the machine stays busy
+// (from kMinSoloNs to kMaxSoloNs; one team region probes the machine after each) and starts again
+// from zero after a region that ran clean. The bits of every result are the same either way:
+// work is cut into fixed chunks whose partial results never depend on which thread, or how many,
+// took them.
+namespace team_detail {
+
+constexpr int64_t kMinLostNs = 200'000;
+constexpr int64_t kMinSoloNs = 20'000'000;
+constexpr int64_t kMaxSoloNs = 1'000'000'000;
+constexpr int64_t kBusyInARow = 2;
+
+inline int64_t clock_ns(clockid_t clock) {
+  timespec ts;
+  clock_gettime(clock, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+// One record per process (GCC makes an inline function's static unique across the modules).
+struct Record {
+  std::atomic<int64_t> solo_until_ns{0}, backoff_ns{0}, busy_in_a_row{0};
+  std::atomic<int64_t> team_regions{0}, busy_regions{0}, solo_regions{0}, solo_calls{0};
+};
+
+inline Record& record() {
+  static Record r;
+  return r;
+}
+
+// omp_set_num_threads sets the calling thread's own team size, which ATen and MKL read.
+class OneThread {
+ public:
+  OneThread() : previous_(omp_get_max_threads()) { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(previous_); }
+  OneThread(const OneThread&) = delete;
+  OneThread& operator=(const OneThread&) = delete;
+
+ private:
+  int previous_;
+};
+
+inline bool solo_now() {
+  return clock_ns(CLOCK_MONOTONIC) < record().solo_until_ns.load(std::memory_order_relaxed);
+}
+
+}  // namespace team_detail
+
+// Entry points are registered through this (SYMFAST_IMPL): while the machine is found busy, the
+// whole call runs on the calling thread, the ATen ops between the kernels' regions too.
+template <auto Fn>
+struct BusyAware;
+template <typename R, typename... Args, R (*Fn)(Args...)>
+struct BusyAware<Fn> {
+  static R call(Args... args) {
+    if (!team_detail::solo_now()) return Fn(args...);
+    team_detail::record().solo_calls.fetch_add(1, std::memory_order_relaxed);
+    const team_detail::OneThread one;
+    return Fn(args...);
+  }
+};
+#define SYMFAST_IMPL(m, fn) m.impl(#fn, &BusyAware<&fn>::call)
+
+// Runs body() once on each thread of a team of at most max_threads (the calling thread alone when
+// the machine was found busy, see above); the threads share the work through their own counter.
+template <typename F>
+void parallel_team(int64_t max_threads, const F& body) {
+  using namespace team_detail;
+  const int64_t threads = std::min<int64_t>(max_threads, at::get_num_threads());
+  if (threads <= 1 || at::in_parallel_region()) {
+    body();
+    return;
+  }
+  Record& rec = record();
+  const int64_t start = clock_ns(CLOCK_MONOTONIC);
+  if (start < rec.solo_until_ns.load(std::memory_order_relaxed)) {
+    rec.solo_regions.fetch_add(1, std::memory_order_relaxed);
+    const OneThread one;
+    body();
+    return;
+  }
+  std::atomic<int64_t> lost{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const int64_t cpu = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    body();
+    const int64_t off_cpu =
+        (clock_ns(CLOCK_MONOTONIC) - start) - (clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu);
+    for (int64_t seen = lost.load(); off_cpu > seen && !lost.compare_exchange_weak(seen, off_cpu);) {
+    }
+  });
+  const int64_t end = clock_ns(CLOCK_MONOTONIC);
+  rec.team_regions.fetch_add(1, std::memory_order_relaxed);
+  if (lost.load() > std::max(kMinLostNs, (end - start) / 4)) {
+    rec.busy_regions.fetch_add(1, std::memory_order_relaxed);
+    if (rec.busy_in_a_row.fetch_add(1, std::memory_order_relaxed) + 1 >= kBusyInARow) {
+      const int64_t next = std::clamp(2 * rec.backoff_ns.load(std::memory_order_relaxed), kMinSoloNs,
+                                      kMaxSoloNs);
+      rec.backoff_ns.store(next, std::memory_order_relaxed);
+      rec.solo_until_ns.store(end + next, std::memory_order_relaxed);
+    }
+  } else {
+    rec.busy_in_a_row.store(0, std::memory_order_relaxed);
+    rec.backoff_ns.store(0, std::memory_order_relaxed);
+  }
+}
+
+// Fixed chunks [begin, end) of [0, n), cut every `size`, handed out by an atomic counter: a
+// thread slowed by another process on its core takes fewer chunks instead of holding the others
+// at the end of the region, and a caller can keep partial results per chunk index.
+class Chunks {
+ public:
+  Chunks(int64_t n, int64_t size) : n_(n), size_(size), count_(n > 0 ? (n + size - 1) / size : 0) {}
+  int64_t count() const { return count_; }
+  // The next chunk not yet taken by any thread; false when none is left.
+  bool take(int64_t& chunk, int64_t& begin, int64_t& end) {
+    chunk = next_.fetch_add(1, std::memory_order_relaxed);
+    if (chunk >= count_) return false;
+    begin = chunk * size_;
+    end = std::min(n_, begin + size_);
+    return true;
+  }
+
+ private:
+  int64_t n_, size_, count_;
+  std::atomic<int64_t> next_{0};
+};
+
+// fn(chunk, begin, end) for each chunk of [0, n) cut every `chunk_size`, on a team (parallel_team).
 template <typename F>
 void parallel_chunks(int64_t n, int64_t chunk_size, const F& fn) {
-  if (n <= 0) return;
-  const int64_t chunks = (n + chunk_size - 1) / chunk_size;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next++; c < chunks; c = next++)
-      fn(c, c * chunk_size, std::min(n, (c + 1) * chunk_size));
+  Chunks chunks(n, chunk_size);
+  if (chunks.count() == 0) return;
+  parallel_team(chunks.count(), [&] {
+    for (int64_t c, begin, end; chunks.take(c, begin, end);) fn(c, begin, end);
   });
 }

@@ -205,7 +205,7 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* xp = x.data_ptr<scalar_t>();
       std::atomic<int64_t> next_sample{0};
-      at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      parallel_team(bsz, [&] {
         // OpenMP workers do not inherit the caller's below-autograd dispatch state.
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         at::Tensor sb = at::empty({c * r, hw}, x.options());
@@ -329,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
         using acc_t = at::opmath_type<scalar_t>;
         if (gx_route == Route::kPerSample) {
           std::atomic<int64_t> next_sample{0};
-      at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      parallel_team(bsz, [&] {
             at::AutoDispatchBelowADInplaceOrView below_autograd;
             at::Tensor gsb = at::empty({c * r, hw}, x.options());
             std::vector<acc_t> acc(plane_scratch(g, o.count()));
@@ -367,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tied_conv2d_bwd_w", [&] {
       const scalar_t* xp = xc.data_ptr<scalar_t>();
       std::atomic<int64_t> next_run{0};
-      at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      parallel_team(runs, [&] {
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         at::Tensor sb = at::empty({c * r, hw}, x.options());
         std::vector<scalar_t> scratch(plane_scratch(g, o.count()));
@@ -418,10 +418,10 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  m.impl("tied_stencil_cpu", &tied_stencil_cpu);
-  m.impl("tied_stencil_transpose_cpu", &tied_stencil_transpose_cpu);
-  m.impl("tied_conv2d_cpu", &tied_conv2d_cpu);
-  m.impl("tied_conv2d_backward_cpu", &tied_conv2d_backward_cpu);
+  SYMFAST_IMPL(m, tied_stencil_cpu);
+  SYMFAST_IMPL(m, tied_stencil_transpose_cpu);
+  SYMFAST_IMPL(m, tied_conv2d_cpu);
+  SYMFAST_IMPL(m, tied_conv2d_backward_cpu);
 }
 
 SYMFAST_PY_MODULE()

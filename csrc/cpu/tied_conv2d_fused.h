@@ -374,7 +374,7 @@ void tied_conv2d_fused(const scalar_t* xp, int64_t bsz, int64_t c, const float* 
   const ThetaPack tp = pack_theta(theta, m, c * o.count());
   const int64_t items = cv.groups * cv.blocks;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  parallel_team(items, [&] {
     AlignedFloats pad, panel, tile;
     pad.assign(cv.c * cv.plane);
     panel.assign(tp.k * kNR);
@@ -617,7 +617,7 @@ void tied_conv2d_grad_weight_fused(const scalar_t* xp, const scalar_t* gyp, int6
   const auto compute = [&](bool zero_dropped) {
     std::fill(partial.begin(), partial.end(), 0.f);
     std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min<int64_t>(runs, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    parallel_team(runs, [&] {
       GradWeightScratch sc;
       sc.pad.assign(cv.c * cv.plane);
       sc.s.assign(k * kRowStride);

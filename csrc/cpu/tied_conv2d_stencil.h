@@ -312,6 +312,12 @@ int64_t plane_scratch(const Geometry& g, int64_t r) {
   return std::max(g.wo, g.h * g.w);
 }
 
+// (b, c) planes per chunk handed to a thread: ~16K stencil outputs, so that small planes (4x4
+// and 8x8 in a UNet's lower levels) do not pay an atomic hand-out each.
+int64_t planes_per_chunk(const Geometry& g, int64_t r) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, r * g.ho * g.wo));
+}
+
 template <typename scalar_t, typename acc_t>
 void stencil_plane(const scalar_t* src, scalar_t* dst, int64_t sr, const Orbits& o,
                    const Geometry& g, acc_t* scratch) {
@@ -364,11 +370,14 @@ void stencil_into(const at::Tensor& x, scalar_t* out, int64_t sb, int64_t sc, in
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = x.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
-  at::parallel_for(0, x.size(0) * c, 1, [&](int64_t begin, int64_t end) {
+  Chunks chunks(x.size(0) * c, planes_per_chunk(g, o.count()));
+  parallel_team(chunks.count(), [&] {
     std::vector<acc_t> acc(plane_scratch(g, o.count()));
-    for (int64_t plane = begin; plane < end; ++plane)
-      stencil_plane<scalar_t, acc_t>(xp + plane * g.h * g.w, out + (plane / c) * sb + (plane % c) * sc,
-                                     sr, o, g, acc.data());
+    for (int64_t chunk, begin, end; chunks.take(chunk, begin, end);) {
+      for (int64_t plane = begin; plane < end; ++plane)
+        stencil_plane<scalar_t, acc_t>(xp + plane * g.h * g.w,
+                                       out + (plane / c) * sb + (plane % c) * sc, sr, o, g, acc.data());
+    }
   });
 }
 
@@ -380,11 +389,14 @@ void stencil_transpose_into(const scalar_t* gs, int64_t sb, int64_t sc, int64_t 
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = gx.size(1);
   scalar_t* gxp = gx.data_ptr<scalar_t>();
-  at::parallel_for(0, gx.size(0) * c, 1, [&](int64_t begin, int64_t end) {
+  Chunks chunks(gx.size(0) * c, planes_per_chunk(g, o.count()));
+  parallel_team(chunks.count(), [&] {
     std::vector<acc_t> acc(plane_scratch(g, o.count()));
-    for (int64_t plane = begin; plane < end; ++plane)
-      stencil_transpose_plane<scalar_t, acc_t>(gs + (plane / c) * sb + (plane % c) * sc, sr,
-                                               gxp + plane * g.h * g.w, o, g, acc.data());
+    for (int64_t chunk, begin, end; chunks.take(chunk, begin, end);) {
+      for (int64_t plane = begin; plane < end; ++plane)
+        stencil_transpose_plane<scalar_t, acc_t>(gs + (plane / c) * sb + (plane % c) * sc, sr,
+                                                 gxp + plane * g.h * g.w, o, g, acc.data());
+    }
   });
 }
 
