@@ -125,28 +125,43 @@ def _backward_kernel(gz_ptr, x_ptr, shift_ptr, weight_ptr, bias_ptr, mean_ptr, r
     pid, b, cg, c_start, count, base0 = _this_tile(C, S, G)
     mean = tl.load(mean_ptr + pid).to(ACC)
     rstd = tl.load(rstd_ptr + pid).to(ACC)
-    group_ga = tl.sum(tl.zeros([CB], ACC), axis=0)  # 0-d, of the accumulation type
-    group_ga_xhat = tl.sum(tl.zeros([CB], ACC), axis=0)
+    # The tile's sums in float64 (0-d): sum of k_ga * ga with k_ga = rstd * w as the second pass
+    # rounds it, of w * ga * xhat, and of xhat as the second pass computes it (see k_mean below).
+    group_kga_ga = tl.sum(tl.zeros([CB], tl.float64), axis=0)
+    group_ga_xhat = tl.sum(tl.zeros([CB], tl.float64), axis=0)
+    group_xhat = tl.sum(tl.zeros([CB], tl.float64), axis=0)
     for c_off in range(0, cg, CB):
         ch = c_off + tl.arange(0, CB)
         w, bb = _channel_params(weight_ptr, bias_ptr, c_start + c_off, cg - c_off, tl.arange(0, CB),
                                 HAS_WEIGHT, HAS_BIAS, ACC)
         acc_ga = tl.zeros([CB, SB], ACC)
         acc_ga_xhat = tl.zeros([CB, SB], ACC)
+        acc_xhat = tl.zeros([CB, SB], ACC)
         for s0 in range(0, S, SB):
-            xhat, ga, _ = _grad_pre(x_ptr, gz_ptr, shift_ptr, base0, b, c_start, C, S, cg, ch,
-                                    s0 + tl.arange(0, SB), mean, rstd, w, bb, HAS_SHIFT, ACC)
+            xhat, ga, mask = _grad_pre(x_ptr, gz_ptr, shift_ptr, base0, b, c_start, C, S, cg, ch,
+                                       s0 + tl.arange(0, SB), mean, rstd, w, bb, HAS_SHIFT, ACC)
             acc_ga += ga
             acc_ga_xhat += ga * xhat
+            acc_xhat += tl.where(mask, xhat, 0.0)
         ga_c = tl.sum(acc_ga, axis=1)
         ga_xhat_c = tl.sum(acc_ga_xhat, axis=1)
         cmask = ch < cg
         tl.store(ga_sum_ptr + b * C + c_start + ch, ga_c, mask=cmask)
         tl.store(ga_xhat_sum_ptr + b * C + c_start + ch, ga_xhat_c, mask=cmask)
-        group_ga += tl.sum(tl.where(cmask, w * ga_c, 0.0), axis=0)
-        group_ga_xhat += tl.sum(tl.where(cmask, w * ga_xhat_c, 0.0), axis=0)
-    k_mean = rstd * group_ga / count
-    k_xhat = rstd * group_ga_xhat / count
+        k_ga = (rstd * w).to(tl.float64)
+        group_kga_ga += tl.sum(tl.where(cmask, k_ga * ga_c.to(tl.float64), 0.0), axis=0)
+        group_ga_xhat += tl.sum(tl.where(cmask, w.to(tl.float64) * ga_xhat_c.to(tl.float64), 0.0),
+                                axis=0)
+        group_xhat += tl.sum(tl.where(cmask, tl.sum(acc_xhat, axis=1).to(tl.float64), 0.0), axis=0)
+    # gx = ga k_ga - xhat k_xhat - k_mean sums to 0 over the tile in exact arithmetic, and every
+    # gradient upstream of a per-group shift is made of that sum: k_mean makes the terms formed
+    # below sum to 0 (also correcting for the mean of xhat, which the forward's rounded mean
+    # leaves off 0) and is subtracted as hi + lo, so that its own rounding does not shift the
+    # whole tile one way (as the cpu kernel, csrc/cpu/group_norm_silu.cpp).
+    k_xhat = (rstd.to(tl.float64) * group_ga_xhat / count).to(ACC)
+    k_mean = (group_kga_ga - k_xhat.to(tl.float64) * group_xhat) / count
+    k_mean_hi = k_mean.to(ACC)
+    k_mean_lo = (k_mean - k_mean_hi.to(tl.float64)).to(ACC)
     for c_off in range(0, cg, CB):
         ch = c_off + tl.arange(0, CB)
         w, bb = _channel_params(weight_ptr, bias_ptr, c_start + c_off, cg - c_off, tl.arange(0, CB),
@@ -156,7 +171,7 @@ def _backward_kernel(gz_ptr, x_ptr, shift_ptr, weight_ptr, bias_ptr, mean_ptr, r
             pos = s0 + tl.arange(0, SB)
             xhat, ga, mask = _grad_pre(x_ptr, gz_ptr, shift_ptr, base0, b, c_start, C, S, cg, ch,
                                        pos, mean, rstd, w, bb, HAS_SHIFT, ACC)
-            g = ga * (rstd * w)[:, None] - xhat * k_xhat - k_mean
+            g = ((ga * (rstd * w)[:, None] - xhat * k_xhat) - k_mean_hi) - k_mean_lo
             tl.store(gx_ptr + base0 + ch[:, None] * S + pos[None, :], g.to(gx_ptr.dtype.element_ty),
                      mask=mask)
             acc_g += tl.where(mask, g, 0.0)

@@ -357,7 +357,9 @@ SYMFAST_INLINE void backward_tile(const scalar_t* __restrict gz, const scalar_t*
   const int64_t ps = padded_row<acc_t>(s);
   // Pass 1: ga = gz * silu'(a), a = xhat * w + bias, silu'(a) = sig(a) (1 + a (1 - sig(a))),
   // kept in ga_tile (L1/L2) for pass 2 instead of recomputing the sigmoid.
-  double group_ga = 0, group_ga_xhat = 0;  // sums over the tile of w * ga and w * ga * xhat
+  double group_ga_xhat = 0;  // sum over the tile of w * ga * xhat
+  double group_kga_ga = 0;   // sum over the tile of k_ga * ga, k_ga = rstd * w as pass 2 rounds it
+  double group_xhat = 0;     // sum over the tile of xhat as pass 2 computes it (0 but for rounding)
   for (int64_t j = 0; j < cg; ++j) {
     const int64_t c = c0 + j;
     const scalar_t *xr = x + base + j * s, *gr = gz + base + j * s;
@@ -366,7 +368,7 @@ SYMFAST_INLINE void backward_tile(const scalar_t* __restrict gz, const scalar_t*
     const acc_t w = static_cast<acc_t>(prm.weight_of(c)), bias = static_cast<acc_t>(prm.bias_of(c));
     V amin = V{} + std::numeric_limits<acc_t>::infinity();
     const auto pass1 = [&](auto exact) SYMFAST_LAMBDA_INLINE {
-      return row_sums<2, acc_t>(s, [&](int64_t i, int64_t cnt, std::array<V, 2>& acc)
+      return row_sums<3, acc_t>(s, [&](int64_t i, int64_t cnt, std::array<V, 3>& acc)
                                        SYMFAST_LAMBDA_INLINE {
         const V xhat = (load_lanes(xr + i, cnt) - d) * rstd;
         const V a = xhat * w + bias;
@@ -375,19 +377,30 @@ SYMFAST_INLINE void backward_tile(const scalar_t* __restrict gz, const scalar_t*
         store_lanes(gar + i, ga, W);  // ga_tile rows are padded to whole lane blocks
         acc[0] += ga;
         acc[1] += ga * xhat;
+        acc[2] += mask_tail(xhat, cnt);
       });
     };
     auto r = pass1(std::false_type{});
     if (below_sigmoid_floor(amin)) r = pass1(std::true_type{});
     sums.ga[b * sh.channels + c] = r[0];
     sums.ga_xhat[b * sh.channels + c] = r[1];
-    group_ga += static_cast<double>(w) * r[0];
     group_ga_xhat += static_cast<double>(w) * r[1];
+    group_kga_ga += static_cast<double>(rstd * w) * r[0];
+    group_xhat += r[2];
   }
-  // Pass 2: gx = rstd * (w ga - m1 - xhat m2) = ga (rstd w) - xhat (rstd m2) - rstd m1, with
-  // m1, m2 the tile means of w ga and w ga xhat; its per-channel sum is the shift's gradient.
-  const acc_t k_mean = static_cast<acc_t>(rstd * (group_ga / count));
+  // Pass 2: gx = rstd * (w ga - m1 - xhat m2) = ga k_ga - xhat k_xhat - k_mean, with m1, m2 the
+  // tile means of w ga and w ga xhat; its per-channel sum is the shift's gradient. Its sum over
+  // the tile is 0 in exact arithmetic, and every gradient upstream of a shift added per group
+  // (the UNet's time embedding) is made of that sum: k_mean is taken so that the sum of the
+  // terms pass 2 actually forms is 0 (its k_ga and k_xhat rounded, its xhat, whose mean the
+  // rounded mean of the forward leaves off 0, which the exact gradient corrects for), and
+  // subtracted as two floats (hi + lo), so that its own rounding does not shift every element
+  // of the tile the same way. With k_mean rounded once, the sum's error grew with the tile,
+  // ~8x torch's at the tail of fuzzed draws.
   const acc_t k_xhat = static_cast<acc_t>(rstd * (group_ga_xhat / count));
+  const double k_mean = (group_kga_ga - static_cast<double>(k_xhat) * group_xhat) / count;
+  const acc_t k_mean_hi = static_cast<acc_t>(k_mean);
+  const acc_t k_mean_lo = static_cast<acc_t>(k_mean - static_cast<double>(k_mean_hi));
   for (int64_t j = 0; j < cg; ++j) {
     const int64_t c = c0 + j;
     const scalar_t* xr = x + base + j * s;
@@ -398,7 +411,7 @@ SYMFAST_INLINE void backward_tile(const scalar_t* __restrict gz, const scalar_t*
     const auto r = row_sums<1, acc_t>(s, [&](int64_t i, int64_t cnt, std::array<V, 1>& acc)
                                              SYMFAST_LAMBDA_INLINE {
       const V xhat = (load_lanes(xr + i, cnt) - d) * rstd;
-      const V g = load_lanes(gar + i, W) * k_ga - xhat * k_xhat - k_mean;
+      const V g = ((load_lanes(gar + i, W) * k_ga - xhat * k_xhat) - k_mean_hi) - k_mean_lo;
       store_lanes(out + i, g, cnt);
       acc[0] += mask_tail(g, cnt);
     });
