@@ -98,3 +98,34 @@ def cpu_team_solo_for(ms: int) -> None:
     import torch
 
     torch.ops.symfast.cpu_team_solo_for(ms)
+
+
+class BusyCores:
+    """Says, once, that another process is using the cores, as the C++ kernels saw it: they then
+    run their calls on one thread, but torch's own ops at several threads slow down several-fold
+    on a shared machine (a WT training step: 560 ms at 2 threads against 179 ms at 1, README).
+    A no-op when torch runs one thread or the CPU kernels are not built."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._last = cpu_team_record() if torch.get_num_threads() > 1 else None
+
+    def check(self) -> str | None:
+        """The advice, the first time the kernels ran over a quarter of their parallel work
+        alone since the previous check; otherwise None."""
+        if self._last is None:
+            return None
+        import torch
+
+        now = cpu_team_record()
+        alone = now["solo_calls"] - self._last["solo_calls"]
+        teams = now["team_regions"] - self._last["team_regions"]
+        self._last = now
+        if alone == 0 or alone * 4 <= alone + teams:
+            return None
+        self._last = None
+        return (f"another process is using the cores: symfast's kernels ran {alone} calls on one "
+                f"thread since the last log to stay fast, but torch's own ops at "
+                f"{torch.get_num_threads()} threads slow down several-fold on a shared machine; "
+                f"for this run set OMP_NUM_THREADS=1 (or OMP_WAIT_POLICY=PASSIVE) in the shell")

@@ -4,6 +4,7 @@ non-finite steps, and bad input caught before any work."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
@@ -150,6 +151,28 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     assert result.skipped_steps == 2 and result.step == 6
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert metrics_rows(tmp_path)[-1]["skipped_steps"] == "2"
+
+
+def test_a_run_on_busy_cores_says_how_to_set_the_threads(tmp_path, caplog):
+    """When the kernels find another process on the cores (forced here) they run alone, and the
+    run says once that torch's own ops want OMP_NUM_THREADS=1; at one thread it says nothing."""
+    from symfast._ext import cpu_team_solo_for, load_cpu_kernels
+    if not load_cpu_kernels("group_average"):
+        pytest.skip("the CPU kernels are not built")
+    before = torch.get_num_threads()
+    try:
+        for threads, expected in ((2, 1), (1, 0)):
+            torch.set_num_threads(threads)
+            cpu_team_solo_for(600_000)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="symfast.train"):
+                train(**TINY, equivariance="wt", steps=4, log_every=1, checkpoint_every=4,
+                      out=str(tmp_path / f"threads-{threads}"))
+            said = [r for r in caplog.records if "OMP_NUM_THREADS=1" in r.getMessage()]
+            assert len(said) == expected, [r.getMessage() for r in caplog.records]
+    finally:
+        cpu_team_solo_for(0)
+        torch.set_num_threads(before)
 
 
 def test_ema_follows_edm():

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import symfast
+from symfast._ext import BusyCores
 from symfast._io import atomic_write_text
 from symfast.groups import get
 from symfast.nn.regularizer import act_per_sample
@@ -481,6 +482,7 @@ class _Run:
         self.acc = torch.zeros(4 + 2 * len(self.bin_names), dtype=torch.float64, device=world.device)
         self.consecutive_bad, self.last_loss = 0, None
         self.tick, self.tick_nimg = time.perf_counter(), self.nimg
+        self.busy_cores = BusyCores() if world.device.type == "cpu" and world.is_main else None
 
     def close_outputs(self) -> None:
         self.bar.close()
@@ -527,6 +529,8 @@ class _Run:
         row = self._log_row(self.acc, (self.nimg - self.tick_nimg) / max(now - self.tick, 1e-9))
         self.tick, self.tick_nimg = now, self.nimg
         self.acc.zero_()
+        if self.busy_cores is not None and (advice := self.busy_cores.check()):
+            log.warning("%s", advice)
         if row.get("loss") is not None:
             self.last_loss = row["loss"]
         if self.metrics is not None:
