@@ -10,7 +10,8 @@ regions then runs far slower than with fewer threads (CAB-CNN training here: 38 
 against 3.0 s at 1, with one core busy). For every op (the README's size, fp32, cpu backend, forward
 and backward where it has one) and for a WT training step, this times 1 and N threads
 (N = torch.get_num_threads() at start), with the machine quiet and with one core held by a spinning
-process, all in one run, as medians of repeats. The ratio that matters is
+process, all in one run, as medians of repeats; each row is the median of several rounds of its
+quiet and loaded phases (region counts summed over them). The ratio that matters is
 "N threads, loaded / 1 thread, loaded": above 1, using every core hurts once one is busy. The
 kernels notice a busy machine themselves and then run their regions on one thread for a while
 (csrc/cpu/symfast_module.h); each row also counts, for the N-thread runs, the kernels' regions
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median_time, print_table, write_results  # noqa: E402
 
 import symfast.ops as ops  # noqa: E402
-from symfast._ext import cpu_team_record  # noqa: E402
+from symfast._ext import cpu_team_record, cpu_team_solo_for  # noqa: E402
 from symfast.profiling import cases  # noqa: E402
 
 
@@ -75,15 +77,14 @@ def _spinner() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def _wait_for_teams() -> None:
-    """Until the kernels run on teams again: after a busy spell their regions stay on one thread
-    for a back-off of up to a second (csrc/cpu/symfast_module.h), which would time a quiet run
-    that follows a loaded one at one thread."""
-    while cpu_team_record()["solo_left_ns"] > 0:
-        time.sleep(0.05)
+def _forget_the_load() -> None:
+    """Start each phase from a clean record: after a busy spell the kernels keep their regions on
+    one thread for a back-off of up to a second, and a first region that wakes a sleeping thread
+    can look busy and extend it; a quiet phase here measures the quiet steady state."""
+    cpu_team_solo_for(0)
 
 
-def run(repeats: int) -> list[dict]:
+def run(repeats: int, rounds: int) -> list[dict]:
     threads = torch.get_num_threads()
     if threads < 2:
         raise SystemExit("needs at least 2 threads (set OMP_NUM_THREADS unset or >= 2)")
@@ -91,23 +92,28 @@ def run(repeats: int) -> list[dict]:
     rows = []
     for name, shape, step in steps:
         row = {"op": name, "shape": shape}
-        for load in ("quiet", "loaded"):
-            _wait_for_teams()
-            spinner = _spinner() if load == "loaded" else None
-            try:
-                for n in (1, threads):
-                    torch.set_num_threads(n)
-                    before = cpu_team_record()
-                    row[f"{load}_t{n}_ms"] = median_time(step, repeats, warmup=2) * 1e3
-                    after = cpu_team_record()
-                    if n > 1:  # how the kernels' own regions ran: on a team, or alone after a busy one
-                        for key in ("team_regions", "busy_regions", "solo_regions", "solo_calls"):
-                            row[f"{load}_t{n}_{key}"] = after[key] - before[key]
-            finally:
-                torch.set_num_threads(threads)
-                if spinner is not None:
-                    spinner.kill()
-                    spinner.wait()
+        times: dict[str, list[float]] = {}
+        for _ in range(rounds):  # the machine's own noise moves one phase by 2x: rounds, median
+            for load in ("quiet", "loaded"):
+                _forget_the_load()
+                spinner = _spinner() if load == "loaded" else None
+                try:
+                    for n in (1, threads):
+                        torch.set_num_threads(n)
+                        before = cpu_team_record()
+                        times.setdefault(f"{load}_t{n}_ms", []).append(
+                            median_time(step, repeats, warmup=2) * 1e3)
+                        after = cpu_team_record()
+                        if n > 1:  # how the kernels' regions ran: on a team, or alone after a busy one
+                            for key in ("team_regions", "busy_regions", "solo_regions"):
+                                k = f"{load}_t{n}_{key}"
+                                row[k] = row.get(k, 0) + after[key] - before[key]
+                finally:
+                    torch.set_num_threads(threads)
+                    if spinner is not None:
+                        spinner.kill()
+                        spinner.wait()
+        row.update({k: statistics.median(v) for k, v in times.items()})
         row["speedup_quiet"] = row["quiet_t1_ms"] / row[f"quiet_t{threads}_ms"]
         row["loaded_tN_over_t1"] = row[f"loaded_t{threads}_ms"] / row["loaded_t1_ms"]
         rows.append(row)
@@ -121,15 +127,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    repeats = 5 if args.quick else 15
+    repeats, rounds = (5, 1) if args.quick else (15, 5)
     threads = torch.get_num_threads()
-    rows = run(repeats)
+    rows = run(repeats, rounds)
     print_table(rows, ["op", "shape", "quiet_t1_ms", f"quiet_t{threads}_ms", "loaded_t1_ms",
                        f"loaded_t{threads}_ms", "speedup_quiet", "loaded_tN_over_t1"])
     policy = os.environ.get("OMP_WAIT_POLICY")  # read by OpenMP at start: record what this run had
     name = "threads_under_load" + (f"_{policy.lower()}" if policy else "")
-    path = write_results(name, {"threads": threads, "repeats": repeats, "omp_wait_policy": policy,
-                                "rows": rows})
+    path = write_results(name, {"threads": threads, "repeats": repeats, "rounds": rounds,
+                                "omp_wait_policy": policy, "rows": rows})
     print(f"wrote {path}")
 
 

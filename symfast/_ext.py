@@ -71,16 +71,14 @@ def load_cpu_kernels(op: str) -> bool:
         return False
 
 
-_TEAM_FIELDS = ("team_regions", "busy_regions", "solo_regions", "solo_calls", "backoff_ns",
-                "solo_left_ns")
+_TEAM_FIELDS = ("team_regions", "busy_regions", "solo_regions", "backoff_ns", "solo_left_ns")
 
 
 def cpu_team_record() -> dict[str, int] | None:
     """How the C++ kernels' parallel regions have run in this process (csrc/cpu/symfast_module.h):
     regions run on a team of threads, those of them that found the machine busy (threads runnable
-    but kept off a core by another process), regions since run on the calling thread alone, op
-    calls run on it alone (ATen's work inside them included), the current back-off and how much
-    of it is left, in ns. None without the CPU kernels."""
+    but kept off a core by another process), regions since run on the calling thread alone, the
+    current back-off and how much of it is left, in ns. None without the CPU kernels."""
     if not load_cpu_kernels("group_average"):
         return None
     import torch
@@ -119,13 +117,13 @@ class BusyCores:
         import torch
 
         now = cpu_team_record()
-        alone = now["solo_calls"] - self._last["solo_calls"]
+        alone = now["solo_regions"] - self._last["solo_regions"]
         teams = now["team_regions"] - self._last["team_regions"]
         self._last = now
         if alone == 0 or alone * 4 <= alone + teams:
             return None
         self._last = None
-        return (f"another process is using the cores: symfast's kernels ran {alone} calls on one "
-                f"thread since the last log to stay fast, but torch's own ops at "
+        return (f"another process is using the cores: symfast's kernels ran {alone} parallel "
+                f"regions on one thread since the last log to stay fast, but torch's own ops at "
                 f"{torch.get_num_threads()} threads slow down several-fold on a shared machine; "
                 f"for this run set OMP_NUM_THREADS=1 (or OMP_WAIT_POLICY=PASSIVE) in the shell")

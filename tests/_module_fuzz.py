@@ -93,6 +93,20 @@ def close_in_total(name: str, got: dict, ref: dict, exact: dict, dtype: torch.dt
     close_to_reference(name, flat(got), flat(ref), flat(exact), dtype, [flat(p) for p in perturbed])
 
 
+def rounding_sensitivity(run: Callable[[], torch.Tensor]) -> float:
+    """How far ``run()``, a float64 computation on the reference backend, moves when its softmax
+    and normalisations are perturbed at float64's working precision (the conditioning model of
+    :func:`run_three`): what the rounding of another summation order can become through this
+    computation at this input. The larger of two perturbed runs."""
+    base = run()
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(2):
+        with _perturbed_intermediates(2.0 ** -52, gen):
+            worst = max(worst, rel_err(run(), base))
+    return worst
+
+
 def rounded(t: torch.Tensor, dtype: torch.dtype, compute: torch.dtype) -> torch.Tensor:
     """``t`` rounded to the tested ``dtype``, then held in ``compute`` (the float64 run computes
     exactly on the values the tested dtype holds)."""

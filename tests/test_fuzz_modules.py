@@ -17,7 +17,7 @@ import torch
 from hypothesis import assume, note
 from hypothesis import strategies as st
 
-from _module_fuzz import grads, rounded, run_three, with_backend
+from _module_fuzz import SLACK, grads, rounded, rounding_sensitivity, run_three, with_backend
 from symfast import Denoiser, sample
 from symfast.nn import EquivariantUNet, TiedConv2d, UNet
 from symfast.schedules import DDPMSchedule, EDMSchedule, VESchedule
@@ -178,25 +178,31 @@ def test_fuzz_unet(backend):
 @pytest.mark.parametrize("backend", EQUIVARIANCE_BACKENDS)
 def test_fuzz_equivariant_unet_is_equivariant(backend):
     """F(g x, t) = g F(x, t) for every element, at every size the network accepts, to the
-    rounding of a changed summation order. In float64: in a lower precision the rounding of a
-    small random network is amplified without bound (a GroupNorm over two nearly equal values
-    decides their signs by it), and the comparisons with the float64 reference above already
-    bound each side of the equation by the reference's own error."""
+    rounding of a changed summation order as this network amplifies it at this input: TOL plus
+    SLACK times the float64 reference's :func:`rounding_sensitivity` (a 2x2 input of size 1e-8
+    into a width-1 c4 network moves the reference's own output by 1.7e-11 under a rotation,
+    found at 2,000 examples). In float64: in a lower precision the rounding of a small random
+    network is amplified without bound (a GroupNorm over two nearly equal values decides their
+    signs by it), and the comparisons with the float64 reference above already bound each side
+    of the equation by the reference's own error."""
     def body(backend, case):
         assume(case["group"] is not None and case["nan"] is None and case["x"].shape[0] > 0)
         dtype = torch.float64
         net = with_backend(_unet(case), backend, dtype, dtype)
+        reference = with_backend(_unet(case), "reference", dtype, dtype)
         x = view(case["x"], make_leaf(case["x"], dtype))
         t = case["t"] if isinstance(case["t"], float) else torch.tensor(case["t"])
         with torch.no_grad():
+            allowed = TOL[dtype] + SLACK * rounding_sensitivity(lambda: reference(x, t))
             out = net(x, t)
             group = net.group
             for k in range(len(group)):
                 moved = net(group.act(x, k), t)
                 expected = group.act(out, k)
                 err = float((moved - expected).norm() / expected.norm().clamp_min(1e-300))
-                note(f"element {k}: rel_err {err:.3g}")
-                assert err <= TOL[dtype], f"element {k} of {group.name}: rel_err {err:.3g}"
+                note(f"element {k}: rel_err {err:.3g} (allowed {allowed:.3g})")
+                assert err <= allowed, (f"element {k} of {group.name}: rel_err {err:.3g}, "
+                                        f"allowed {allowed:.3g}")
 
     _fuzz(backend, unet_cases(backend), body, share=0.25)
 

@@ -369,8 +369,8 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  SYMFAST_IMPL(m, attention_pool_fwd_cpu);
-  SYMFAST_IMPL(m, attention_pool_bwd_cpu);
+  m.impl("attention_pool_fwd_cpu", &attention_pool_fwd_cpu);
+  m.impl("attention_pool_bwd_cpu", &attention_pool_bwd_cpu);
 }
 
 SYMFAST_PY_MODULE()

@@ -309,8 +309,8 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  SYMFAST_IMPL(m, classifier_select_fwd_cpu);
-  SYMFAST_IMPL(m, classifier_select_bwd_cpu);
+  m.impl("classifier_select_fwd_cpu", &classifier_select_fwd_cpu);
+  m.impl("classifier_select_bwd_cpu", &classifier_select_bwd_cpu);
 }
 
 SYMFAST_PY_MODULE()

@@ -524,8 +524,8 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  SYMFAST_IMPL(m, fused_step_cpu);
-  SYMFAST_IMPL(m, fused_step_cpu_noise);
+  m.impl("fused_step_cpu", &fused_step_cpu);
+  m.impl("fused_step_cpu_noise", &fused_step_cpu_noise);
 }
 
 SYMFAST_PY_MODULE()

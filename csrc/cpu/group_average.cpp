@@ -325,8 +325,8 @@ at::Tensor orbit_mean_cpu(const at::Tensor& y_in, const at::Tensor& inverse_tabl
 std::vector<int64_t> cpu_team_record() {
   const team_detail::Record& r = team_detail::record();
   const int64_t left = r.solo_until_ns.load() - team_detail::clock_ns(CLOCK_MONOTONIC);
-  return {r.team_regions.load(), r.busy_regions.load(), r.solo_regions.load(), r.solo_calls.load(),
-          r.backoff_ns.load(), std::max<int64_t>(0, left)};
+  return {r.team_regions.load(), r.busy_regions.load(), r.solo_regions.load(), r.backoff_ns.load(),
+          std::max<int64_t>(0, left)};
 }
 
 // Regions run on the calling thread alone for the next `ms` milliseconds, as if the machine had
@@ -350,9 +350,9 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  SYMFAST_IMPL(m, orbit_cpu);
-  SYMFAST_IMPL(m, orbit_out_cpu);
-  SYMFAST_IMPL(m, orbit_mean_cpu);
+  m.impl("orbit_cpu", &orbit_cpu);
+  m.impl("orbit_out_cpu", &orbit_out_cpu);
+  m.impl("orbit_mean_cpu", &orbit_mean_cpu);
 }
 
 SYMFAST_PY_MODULE()

@@ -624,8 +624,8 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  SYMFAST_IMPL(m, group_norm_silu_cpu);
-  SYMFAST_IMPL(m, group_norm_silu_backward_cpu);
+  m.impl("group_norm_silu_cpu", &group_norm_silu_cpu);
+  m.impl("group_norm_silu_backward_cpu", &group_norm_silu_backward_cpu);
 }
 
 SYMFAST_PY_MODULE()

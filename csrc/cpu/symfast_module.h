@@ -58,14 +58,19 @@ inline bool cpu_has_avx2_fma() {
 // 3.5x slower at 2 threads than at 1 with one core busy (benchmarks/bench_threads_under_load.py).
 // Each region therefore measures how long its threads were runnable but not running (wall time
 // since the region started minus the thread's own CPU time, which also counts a late start); when
-// that exceeds a quarter of the region (and kMinLostNs) in kBusyInARow team regions in a row (one
-// alone can be a quiet machine waking a sleeping thread), the following regions, and the calls
-// of the ops that contain them (SYMFAST_IMPL), run on the calling thread alone, with its nested
-// regions (ATen, MKL) at one thread too, for a back-off that doubles while the machine stays busy
-// (from kMinSoloNs to kMaxSoloNs; one team region probes the machine after each) and starts again
-// from zero after a region that ran clean. The bits of every result are the same either way:
-// work is cut into fixed chunks whose partial results never depend on which thread, or how many,
-// took them.
+// that exceeds a quarter of the region (and kMinLostNs), and the region took over 3/4 of the CPU
+// time its threads spent in it (about what one thread would have taken: below that the team,
+// though slowed, still beats one thread; a quiet team takes about half), in kBusyInARow team
+// regions in a row (one alone can be a quiet machine waking a sleeping thread), the following
+// regions run on the calling thread alone, for a back-off that doubles while the machine stays busy (from kMinSoloNs
+// to kMaxSoloNs; one team region probes the machine after each) and starts again from zero after
+// a region that ran clean. The bits of every result are the same either way: work is cut into
+// fixed chunks whose partial results never depend on which thread, or how many, took them, and
+// the ATen calls inside a region (per-sample GEMMs) run on one thread in both (nested in a team,
+// or with the calling thread's team size set to 1 when alone). The ATen calls between regions
+// keep torch's thread count: MKL's results can depend on it (a GEMM with a long inner dimension
+// splits it over threads), so running those alone too would change bits from one call to the
+// next on a machine whose load comes and goes.
 namespace team_detail {
 
 constexpr int64_t kMinLostNs = 200'000;
@@ -82,7 +87,7 @@ inline int64_t clock_ns(clockid_t clock) {
 // One record per process (GCC makes an inline function's static unique across the modules).
 struct Record {
   std::atomic<int64_t> solo_until_ns{0}, backoff_ns{0}, busy_in_a_row{0};
-  std::atomic<int64_t> team_regions{0}, busy_regions{0}, solo_regions{0}, solo_calls{0};
+  std::atomic<int64_t> team_regions{0}, busy_regions{0}, solo_regions{0};
 };
 
 inline Record& record() {
@@ -102,26 +107,7 @@ class OneThread {
   int previous_;
 };
 
-inline bool solo_now() {
-  return clock_ns(CLOCK_MONOTONIC) < record().solo_until_ns.load(std::memory_order_relaxed);
-}
-
 }  // namespace team_detail
-
-// Entry points are registered through this (SYMFAST_IMPL): while the machine is found busy, the
-// whole call runs on the calling thread, the ATen ops between the kernels' regions too.
-template <auto Fn>
-struct BusyAware;
-template <typename R, typename... Args, R (*Fn)(Args...)>
-struct BusyAware<Fn> {
-  static R call(Args... args) {
-    if (!team_detail::solo_now()) return Fn(args...);
-    team_detail::record().solo_calls.fetch_add(1, std::memory_order_relaxed);
-    const team_detail::OneThread one;
-    return Fn(args...);
-  }
-};
-#define SYMFAST_IMPL(m, fn) m.impl(#fn, &BusyAware<&fn>::call)
 
 // Runs body() once on each thread of a team of at most max_threads (the calling thread alone when
 // the machine was found busy, see above); the threads share the work through their own counter.
@@ -141,18 +127,19 @@ void parallel_team(int64_t max_threads, const F& body) {
     body();
     return;
   }
-  std::atomic<int64_t> lost{0};
+  std::atomic<int64_t> lost{0}, work{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    const int64_t cpu = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    const int64_t cpu0 = clock_ns(CLOCK_THREAD_CPUTIME_ID);
     body();
-    const int64_t off_cpu =
-        (clock_ns(CLOCK_MONOTONIC) - start) - (clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu);
+    const int64_t cpu = clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
+    const int64_t off_cpu = (clock_ns(CLOCK_MONOTONIC) - start) - cpu;
+    work.fetch_add(cpu, std::memory_order_relaxed);
     for (int64_t seen = lost.load(); off_cpu > seen && !lost.compare_exchange_weak(seen, off_cpu);) {
     }
   });
   const int64_t end = clock_ns(CLOCK_MONOTONIC);
   rec.team_regions.fetch_add(1, std::memory_order_relaxed);
-  if (lost.load() > std::max(kMinLostNs, (end - start) / 4)) {
+  if (lost.load() > std::max(kMinLostNs, (end - start) / 4) && 4 * (end - start) > 3 * work.load()) {
     rec.busy_regions.fetch_add(1, std::memory_order_relaxed);
     if (rec.busy_in_a_row.fetch_add(1, std::memory_order_relaxed) + 1 >= kBusyInARow) {
       const int64_t next = std::clamp(2 * rec.backoff_ns.load(std::memory_order_relaxed), kMinSoloNs,

@@ -418,10 +418,10 @@ TORCH_LIBRARY_FRAGMENT(symfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(symfast, CPU, m) {
-  SYMFAST_IMPL(m, tied_stencil_cpu);
-  SYMFAST_IMPL(m, tied_stencil_transpose_cpu);
-  SYMFAST_IMPL(m, tied_conv2d_cpu);
-  SYMFAST_IMPL(m, tied_conv2d_backward_cpu);
+  m.impl("tied_stencil_cpu", &tied_stencil_cpu);
+  m.impl("tied_stencil_transpose_cpu", &tied_stencil_transpose_cpu);
+  m.impl("tied_conv2d_cpu", &tied_conv2d_cpu);
+  m.impl("tied_conv2d_backward_cpu", &tied_conv2d_backward_cpu);
 }
 
 SYMFAST_PY_MODULE()
