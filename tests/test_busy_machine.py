@@ -64,8 +64,8 @@ def _same_bits_alone(run) -> None:
     """run() -> tensors: the same bits on teams and with every region alone."""
     before = cpu_team_record()
     on_team = run()
-    teamed = _delta(before, cpu_team_record())
-    assert teamed["team_regions"] >= 1 and teamed["solo_regions"] == 0, teamed
+    # at least one region on a team (on a busy machine the rest may already go alone)
+    assert _delta(before, cpu_team_record())["team_regions"] >= 1
     cpu_team_solo_for(60_000)
     before = cpu_team_record()
     alone = run()
