@@ -64,9 +64,9 @@ inline bool cpu_has_avx2_fma() {
 // regions in a row (one alone can be a quiet machine waking a sleeping thread), the following
 // regions run on the calling thread alone, for a back-off that doubles while the machine stays
 // busy (from kMinSoloNs to kMaxSoloNs; one team region probes the machine after each) and starts
-// again from zero after a region that ran clean. The bits of every result are the same either way: work is cut into
-// fixed chunks whose partial results never depend on which thread, or how many, took them, and
-// the ATen calls inside a region (per-sample GEMMs) run on one thread in both (nested in a team,
+// again from zero after a region that ran clean. The bits of every result are the same either
+// way: work is cut into fixed chunks whose partial results never depend on which thread, or how
+// many, took them, and the ATen calls inside a region (per-sample GEMMs) run on one thread in both (nested in a team,
 // or with the calling thread's team size set to 1 when alone). The ATen calls between regions
 // keep torch's thread count: MKL's results can depend on it (a GEMM with a long inner dimension
 // splits it over threads), so running those alone too would change bits from one call to the
