@@ -52,25 +52,25 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
-// Parallel regions that notice a busy machine. On a machine where another process holds a core,
-// a team of as many threads as cores waits at every region's end for the thread that shares its
-// core (OpenMP spins there, so the waiting thread even keeps the other one off the CPU): orbit ran
-// 3.5x slower at 2 threads than at 1 with one core busy (benchmarks/bench_threads_under_load.py).
-// Each region therefore measures how long its threads were runnable but not running (wall time
-// since the region started minus the thread's own CPU time, which also counts a late start); when
-// that exceeds a quarter of the region (and kMinLostNs), and the region took over 3/4 of the CPU
-// time its threads spent in it (about what one thread would have taken: below that the team,
-// though slowed, still beats one thread; a quiet team takes about half), in kBusyInARow team
-// regions in a row (one alone can be a quiet machine waking a sleeping thread), the following
-// regions run on the calling thread alone, for a back-off that doubles while the machine stays
-// busy (from kMinSoloNs to kMaxSoloNs; one team region probes the machine after each) and starts
-// again from zero after a region that ran clean. The bits of every result are the same either
-// way: work is cut into fixed chunks whose partial results never depend on which thread, or how
-// many, took them, and the ATen calls inside a region (per-sample GEMMs) run on one thread in both (nested in a team,
-// or with the calling thread's team size set to 1 when alone). The ATen calls between regions
-// keep torch's thread count: MKL's results can depend on it (a GEMM with a long inner dimension
-// splits it over threads), so running those alone too would change bits from one call to the
-// next on a machine whose load comes and goes.
+// Parallel regions that notice a busy machine. On a machine where another process holds a core, a
+// team of as many threads as cores waits at every region's end for the thread that shares its core
+// (OpenMP spins there, so the waiting thread even keeps the other one off the CPU): orbit ran 3.5x
+// slower at 2 threads than at 1 with one core busy (benchmarks/bench_threads_under_load.py). Each
+// region therefore measures how long its threads were runnable but not running (wall time since the
+// region started minus the thread's own CPU time, which also counts a late start); when that
+// exceeds a quarter of the region (and kMinLostNs), and the region took over 3/4 of the CPU time
+// its threads spent in it (about what one thread would have taken: below that the team, though
+// slowed, still beats one thread; a quiet team takes about half), in kBusyInARow team regions in a
+// row (one alone can be a quiet machine waking a sleeping thread), the following regions run on the
+// calling thread alone, for a back-off that doubles while the machine stays busy (from kMinSoloNs
+// to kMaxSoloNs; one team region probes the machine after each) and starts again from zero after a
+// region that ran clean. The bits of every result are the same either way: work is cut into fixed
+// chunks whose partial results never depend on which thread, or how many, took them, and the ATen
+// calls inside a region (per-sample GEMMs) run on one thread in both (nested in a team, or with the
+// calling thread's team size set to 1 when alone). The ATen calls between regions keep torch's
+// thread count: MKL's results can depend on it (a GEMM with a long inner dimension splits it over
+// threads), so running those alone too would change bits from one call to the next on a machine
+// whose load comes and goes.
 namespace team_detail {
 
 constexpr int64_t kMinLostNs = 200'000;
