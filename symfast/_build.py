@@ -20,9 +20,10 @@ def _sanitize() -> list[str]:
     return SANITIZE_FLAGS if os.environ.get("SYMFAST_SANITIZE") == "1" else []
 
 
-# SYMFAST_ISA=baseline: the baseline-ISA code only, no AVX2 clone and no AVX2 intrinsics kernel
-# (tests/test_isa_variants.py tests the variant a CPU without AVX2 runs on a machine with it).
-ISA_FLAGS = {"auto": [], "baseline": ["-DSYMFAST_BASELINE_ISA"]}
+# SYMFAST_ISA=baseline: the baseline-ISA code only, no AVX2 clone and no AVX2 intrinsics kernel;
+# SYMFAST_ISA=avx2: no AVX-512 variant (tests/test_isa_variants.py tests the variants a CPU
+# without AVX2, or without AVX-512, runs on a machine that has them).
+ISA_FLAGS = {"auto": [], "baseline": ["-DSYMFAST_BASELINE_ISA"], "avx2": ["-DSYMFAST_NO_AVX512"]}
 
 
 def _isa() -> list[str]:

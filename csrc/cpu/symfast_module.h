@@ -134,16 +134,18 @@ void parallel_team(int64_t max_threads, const F& body) {
     const int64_t cpu = clock_ns(CLOCK_THREAD_CPUTIME_ID) - cpu0;
     const int64_t off_cpu = (clock_ns(CLOCK_MONOTONIC) - start) - cpu;
     work.fetch_add(cpu, std::memory_order_relaxed);
-    for (int64_t seen = lost.load(); off_cpu > seen && !lost.compare_exchange_weak(seen, off_cpu);) {
+    int64_t seen = lost.load();
+    while (off_cpu > seen && !lost.compare_exchange_weak(seen, off_cpu)) {
     }
   });
   const int64_t end = clock_ns(CLOCK_MONOTONIC);
   rec.team_regions.fetch_add(1, std::memory_order_relaxed);
-  if (lost.load() > std::max(kMinLostNs, (end - start) / 4) && 4 * (end - start) > 3 * work.load()) {
+  const int64_t wall = end - start;
+  if (lost.load() > std::max(kMinLostNs, wall / 4) && 4 * wall > 3 * work.load()) {
     rec.busy_regions.fetch_add(1, std::memory_order_relaxed);
     if (rec.busy_in_a_row.fetch_add(1, std::memory_order_relaxed) + 1 >= kBusyInARow) {
-      const int64_t next = std::clamp(2 * rec.backoff_ns.load(std::memory_order_relaxed), kMinSoloNs,
-                                      kMaxSoloNs);
+      const int64_t doubled = 2 * rec.backoff_ns.load(std::memory_order_relaxed);
+      const int64_t next = std::clamp(doubled, kMinSoloNs, kMaxSoloNs);
       rec.backoff_ns.store(next, std::memory_order_relaxed);
       rec.solo_until_ns.store(end + next, std::memory_order_relaxed);
     }
@@ -160,7 +162,12 @@ class Chunks {
  public:
   Chunks(int64_t n, int64_t size) : n_(n), size_(size), count_(n > 0 ? (n + size - 1) / size : 0) {}
   int64_t count() const { return count_; }
-  // The next chunk not yet taken by any thread; false when none is left.
+  // The next chunk not yet taken by any thread (its index only); false when none is left.
+  bool take(int64_t& chunk) {
+    chunk = next_.fetch_add(1, std::memory_order_relaxed);
+    return chunk < count_;
+  }
+  // The next chunk and its range [begin, end); false when none is left.
   bool take(int64_t& chunk, int64_t& begin, int64_t& end) {
     chunk = next_.fetch_add(1, std::memory_order_relaxed);
     if (chunk >= count_) return false;

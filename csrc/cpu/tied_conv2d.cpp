@@ -36,7 +36,7 @@ namespace {
 // With at least one sample per thread, each thread runs stencil -> GEMM (single-threaded inside
 // the parallel region) for whole samples, so S stays in cache instead of a (B, C, R, Ho, Wo)
 // round trip through memory. Fewer samples than threads: a plane-parallel stencil, then one
-// multi-threaded GEMM per sample. Samples are handed out dynamically (an atomic counter), so a
+// multi-threaded GEMM per sample. Samples are handed out dynamically (a Chunks counter), so a
 // thread slowed by another process on a shared core does not hold the others at the barrier.
 bool fuse_per_sample(int64_t batch) { return batch >= at::get_num_threads(); }
 
@@ -204,13 +204,13 @@ at::Tensor tied_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& weight,
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* xp = x.data_ptr<scalar_t>();
-      std::atomic<int64_t> next_sample{0};
+      Chunks samples(bsz, 1);
       parallel_team(bsz, [&] {
         // OpenMP workers do not inherit the caller's below-autograd dispatch state.
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         at::Tensor sb = at::empty({c * r, hw}, x.options());
         std::vector<acc_t> acc(plane_scratch(g, o.count()));
-        for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
+        for (int64_t b; samples.take(b);) {
           stencil_sample<scalar_t, acc_t>(xp + b * c * g.h * g.w, c, sb.data_ptr<scalar_t>(), o, g,
                                           acc.data());
           at::Tensor yb = y[b].view({oc, hw});
@@ -328,12 +328,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "tied_conv2d_bwd_x", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         if (gx_route == Route::kPerSample) {
-          std::atomic<int64_t> next_sample{0};
+          Chunks samples(bsz, 1);
       parallel_team(bsz, [&] {
             at::AutoDispatchBelowADInplaceOrView below_autograd;
             at::Tensor gsb = at::empty({c * r, hw}, x.options());
             std::vector<acc_t> acc(plane_scratch(g, o.count()));
-            for (int64_t b = next_sample++; b < bsz; b = next_sample++) {
+            for (int64_t b; samples.take(b);) {
               at::mm_out(gsb, w2t, gy[b]);
               for (int64_t ch = 0; ch < c; ++ch)
                 stencil_transpose_plane<scalar_t, acc_t>(
@@ -366,12 +366,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tied_conv2d_backward_cpu(
     const at::Tensor xc = x.contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "tied_conv2d_bwd_w", [&] {
       const scalar_t* xp = xc.data_ptr<scalar_t>();
-      std::atomic<int64_t> next_run{0};
+      Chunks run_chunks(runs, 1);
       parallel_team(runs, [&] {
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         at::Tensor sb = at::empty({c * r, hw}, x.options());
         std::vector<scalar_t> scratch(plane_scratch(g, o.count()));
-        for (int64_t run = next_run++; run < runs; run = next_run++) {
+        for (int64_t run; run_chunks.take(run);) {
           at::Tensor acc = partial[run];
           for (int64_t b = run * bsz / runs; b < (run + 1) * bsz / runs; ++b) {
             stencil_sample<scalar_t, scalar_t>(xp + b * c * g.h * g.w, c, sb.data_ptr<scalar_t>(),

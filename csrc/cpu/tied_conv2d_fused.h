@@ -373,13 +373,13 @@ void tied_conv2d_fused(const scalar_t* xp, int64_t bsz, int64_t c, const float* 
   const Canvas cv = make_canvas(o, g, bsz, c);
   const ThetaPack tp = pack_theta(theta, m, c * o.count());
   const int64_t items = cv.groups * cv.blocks;
-  std::atomic<int64_t> next{0};
+  Chunks chunks(items, 1);
   parallel_team(items, [&] {
     AlignedFloats pad, panel, tile;
     pad.assign(cv.c * cv.plane);
     panel.assign(tp.k * kNR);
     tile.assign(m * kNR);
-    for (int64_t it = next++; it < items; it = next++) {
+    for (int64_t it; chunks.take(it);) {
       const int64_t b0 = (it / cv.blocks) * cv.n, y0 = (it % cv.blocks) * kRowBlock;
       forward_item<scalar_t>(xp, yp, b0, std::min(cv.n, bsz - b0), y0, std::min(g.ho, y0 + kRowBlock),
                              cv, tp, o.offsets.data(), o.count(), bias, pad.data(), panel.data(),
@@ -616,14 +616,14 @@ void tied_conv2d_grad_weight_fused(const scalar_t* xp, const scalar_t* gyp, int6
   std::vector<float> partial(runs * k * ldp);
   const auto compute = [&](bool zero_dropped) {
     std::fill(partial.begin(), partial.end(), 0.f);
-    std::atomic<int64_t> next{0};
+    Chunks run_chunks(runs, 1);
     parallel_team(runs, [&] {
       GradWeightScratch sc;
       sc.pad.assign(cv.c * cv.plane);
       sc.s.assign(k * kRowStride);
       sc.g.assign(m * kRowStride);
       sc.panels.assign(ldp * kChunk);
-      for (int64_t run = next++; run < runs; run = next++)
+      for (int64_t run; run_chunks.take(run);)
         for (int64_t it = run * items / runs; it < (run + 1) * items / runs; ++it) {
           const int64_t b0 = (it / cv.blocks) * cv.n, y0 = (it % cv.blocks) * kRowBlock;
           grad_weight_item<scalar_t>(xp, gyp, m, b0, std::min(cv.n, bsz - b0), y0,
