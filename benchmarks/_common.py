@@ -15,31 +15,45 @@ from symfast._io import atomic_write_text
 from symfast.profiling.bench import format_table
 from symfast.profiling.timing import copy_bandwidth, machine_info, median_time, paired_ratio
 
-__all__ = ["RESULTS", "copy_bandwidth", "machine_info", "median_time", "paired_ratio",
-           "print_table", "run_two_process_worker", "write_results"]
+__all__ = ["RESULTS", "copy_bandwidth", "machine_info", "machine_kind", "median_time",
+           "paired_ratio", "print_table", "run_two_process_worker", "write_results"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_kind(info: dict) -> str:
+    """The folder name of a machine kind under benchmarks/results/machines/: its core and ISA,
+    e.g. "zen3-avx2" (the CPU model where the core is unknown)."""
+    core = info.get("core") if info.get("core", "unknown") != "unknown" else info.get("cpu", "cpu")
+    return "".join(ch for ch in f"{core}-{info.get('isa', 'unknown')}".lower()
+                   if ch.isalnum() or ch == "-")
 
 
 def write_results(name: str, payload: dict, parts: set[str] | None = None,
                   all_parts: set[str] | None = None) -> Path:
     """benchmarks/results/<name>.json: the payload, the machine it was measured on, the date and
-    the command (the README's tables name all three beside each figure). A run of some of a
-    script's parts (``parts`` short of ``all_parts``: its --only) goes to
-    <name>.only-<parts>.json beside it (git ignores those): the committed file holds one whole run,
-    and a partial one written over it lost the other parts' results."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    the command (the README's tables name all three beside each figure); the same file also goes
+    to benchmarks/results/machines/<kind>/<name>.json, the latest run on each machine kind, from
+    which the README's targets table shows every kind measured (issue 16: targets hold on each).
+    A run of some of a script's parts (``parts`` short of ``all_parts``: its --only) goes to
+    <name>.only-<parts>.json beside the first (git ignores those): the committed files hold one
+    whole run, and a partial one written over them lost the other parts' results."""
     if parts is not None and all_parts is not None and not all_parts <= parts:
         name = f"{name}.only-{'-'.join(sorted(parts))}"
-    path = RESULTS / f"{name}.json"
+        folders = [RESULTS]
+    else:
+        folders = [RESULTS, RESULTS / "machines" / machine_kind(machine_info())]
     script = Path(sys.argv[0]).resolve()
     root = RESULTS.parent.parent
     command = " ".join(["python", str(script.relative_to(root) if root in script.parents else script),
                         *sys.argv[1:]])
     stamp = {"machine": machine_info(), "measured": time.strftime("%Y-%m-%d", time.gmtime()),
              "command": command}
-    atomic_write_text(path, json.dumps({**stamp, **payload}, indent=2))
-    return path
+    text = json.dumps({**stamp, **payload}, indent=2)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / f"{name}.json", text)
+    return folders[0] / f"{name}.json"
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

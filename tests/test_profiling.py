@@ -4,9 +4,11 @@ counts, the profile's split into categories, `symfast profile {sample,train,op}`
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -298,10 +300,41 @@ def test_targets_table_reads_each_figure_with_its_machine_date_and_command(tmp_p
         tables._row([{"variant": "cpu"}, {"variant": "cpu"}], variant="cpu")
 
 
+def test_targets_table_has_a_row_per_machine_kind(tmp_path):
+    """Results of two machine kinds (benchmarks/results/machines/<kind>/): a row for each, naming
+    its machine; a kind without the file gives no row; a file no kind has is an error."""
+    tables = _readme_tables()
+    for kind, core, ratio in (("zen3-avx2", "Zen 3", 1.05), ("zen4-avx512", "Zen 4", 1.2)):
+        folder = tmp_path / "machines" / kind
+        folder.mkdir(parents=True)
+        (folder / "op.json").write_text(json.dumps({
+            "machine": {"core": core, "isa": kind.split("-")[1], "threads": 2},
+            "measured": "2026-12-01", "summary": {"cpu_vs_compile": ratio}}))
+    (tmp_path / "machines" / "zen5-avx512").mkdir()
+    target = tables.Target(16, "op vs compile", "op", lambda d: d["summary"]["cpu_vs_compile"], 1.1)
+    text = tables.targets_table(tmp_path, (target,))
+    assert "| 16 | op vs compile | 1.05× | ≥ 1.10× | **no** | Zen 3 (avx2), 2 threads" in text
+    assert "| 16 | op vs compile | 1.20× | ≥ 1.10× | yes | Zen 4 (avx512), 2 threads" in text
+    assert text.count("\n| 16 |") == 2
+    with pytest.raises(FileNotFoundError, match="other.json"):
+        tables.targets_table(tmp_path, (dataclasses.replace(target, file="other"),))
+
+
+def test_machine_kind_names_core_and_isa():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from _common import machine_kind
+    assert machine_kind({"cpu": "AMD EPYC", "core": "Zen 4", "isa": "avx512"}) == "zen4-avx512"
+    assert machine_kind({"cpu": "Intel(R) Xeon(R) Gold", "core": "unknown", "isa": "avx2"}) == \
+        "intelrxeonrgold-avx2"
+
+
 def test_every_readme_target_reads_from_the_committed_results():
     tables = _readme_tables()
     text = tables.targets_table()
-    assert len(tables.TARGETS) >= 10 and text.count("\n| ") == len(tables.TARGETS)  # a row each
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(tables.TARGETS) >= 10 and len(rows) >= len(tables.TARGETS)
+    for t in tables.TARGETS:  # every target has a row on some machine kind
+        assert any(f"| {t.issue} | {t.label} |" in row for row in rows), t.label
 
 
 # ---- bad input ----------------------------------------------------------------------------------
