@@ -321,8 +321,13 @@ def test_targets_table_has_a_row_per_machine_kind(tmp_path):
 
 
 def test_machine_kind_names_core_and_isa():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    from _common import machine_kind
+    import importlib.util
+    # by path: experiments/ has a _common module too, and either may be imported already
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "_common.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    machine_kind = module.machine_kind
     assert machine_kind({"cpu": "AMD EPYC", "core": "Zen 4", "isa": "avx512"}) == "zen4-avx512"
     assert machine_kind({"cpu": "Intel(R) Xeon(R) Gold", "core": "unknown", "isa": "avx2"}) == \
         "intelrxeonrgold-avx2"
