@@ -33,14 +33,18 @@ needs_toolchain = pytest.mark.skipif(
     reason="needs a C++ compiler and nm")
 
 
+def _cpu_has(*names: str) -> bool:
+    """Whether /proc/cpuinfo lists every one of the CPU flags ``names``."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return all(name in flags for name in names)
+
+
 def _cpu_has_avx2_fma() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return " avx2" in flags and " fma" in flags
+    return _cpu_has("avx2", "fma")
 
 
 def _cpu_has_avx512() -> bool:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return all(f" {f}" in flags for f in ("avx512f", "avx512vl", "avx512dq"))
+    return _cpu_has("avx512f", "avx512vl", "avx512dq")
 
 
 def _clone_symbols(library: Path) -> list[str]:

@@ -241,16 +241,21 @@ def test_bench_all_writes_the_csv_and_plots(tmp_path, capsys):
 
 
 
-def _readme_tables():
+def _benchmarks_module(name: str, registered_as: str):
+    """benchmarks/<name>.py loaded by path (experiments/ has modules of the same names, and
+    either may be imported already), registered under ``registered_as``."""
     import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "readme_tables.py"
-    spec = importlib.util.spec_from_file_location("readme_tables", path)
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(registered_as, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its own module up there
+    sys.modules[spec.name] = module  # a dataclass looks its own module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _readme_tables():
+    return _benchmarks_module("readme_tables", "readme_tables")
 
 
 def test_readme_table_is_spliced_between_the_markers(tmp_path):
@@ -321,13 +326,7 @@ def test_targets_table_has_a_row_per_machine_kind(tmp_path):
 
 
 def test_machine_kind_names_core_and_isa():
-    import importlib.util
-    # by path: experiments/ has a _common module too, and either may be imported already
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "_common.py"
-    spec = importlib.util.spec_from_file_location("benchmarks_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    machine_kind = module.machine_kind
+    machine_kind = _benchmarks_module("_common", "benchmarks_common").machine_kind
     assert machine_kind({"cpu": "AMD EPYC", "core": "Zen 4", "isa": "avx512"}) == "zen4-avx512"
     assert machine_kind({"cpu": "Intel(R) Xeon(R) Gold", "core": "unknown", "isa": "avx2"}) == \
         "intelrxeonrgold-avx2"

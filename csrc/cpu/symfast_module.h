@@ -52,6 +52,22 @@ inline bool cpu_has_avx2_fma() {
 #endif
 }
 
+// Kernels with an AVX-512 variant (target("avx512f,...") functions) run it only where this says
+// so; SYMFAST_ISA=avx2 (SYMFAST_NO_AVX512) builds without them.
+inline bool cpu_has_avx512() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SYMFAST_BASELINE_ISA) && \
+    !defined(SYMFAST_NO_AVX512)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && cpu_has_avx2_fma();
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 // Parallel regions that notice a busy machine. On a machine where another process holds a core, a
 // team of as many threads as cores waits at every region's end for the thread that shares its core
 // (OpenMP spins there, so the waiting thread even keeps the other one off the CPU): orbit ran 3.5x
