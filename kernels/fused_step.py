@@ -20,7 +20,9 @@ import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
 _BLOCK = 1024
-_TWO_PI = 6.283185307179586
+# A global a kernel reads must be a tl.constexpr: a plain float runs under the interpreter but
+# fails to compile for a GPU (tests/triton_gpu_compile.py found it).
+_TWO_PI = tl.constexpr(6.283185307179586)
 
 
 def _float32_pair(k: float) -> tuple[float, float]:

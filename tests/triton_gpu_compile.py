@@ -1,0 +1,250 @@
+"""Compile every Triton kernel symfast launches for a CUDA GPU, on a machine without one.
+
+    python tests/triton_gpu_compile.py --arch 90 [--out results.json]
+
+Under TRITON_INTERPRET=1 (how the tests run Triton on the CPU) nothing is compiled: a kernel that
+the interpreter runs correctly can still fail to compile for a GPU (a type the code generator
+refuses, a constexpr misuse, shared memory over the limit). This script drives every op's Triton
+launchers through the public ops (forward and backward, fp32 / bf16 / fp64, odd shapes, every
+option that changes a kernel's specialisation) with CPU tensors standing in for CUDA ones, and
+turns each launch into an ahead-of-time compile for ``sm_<arch>``: Triton's own specialisation
+of the arguments (dtypes, integer values of 1, 16-byte alignment), then TTIR -> TTGIR -> LLVM IR
+-> PTX -> cubin with the ptxas that ships with Triton. No kernel runs, so the outputs hold
+garbage; only the compiles are checked. Each distinct compile is reported once, with its
+registers, shared memory and spill (local memory) bytes read from the cubin by cuobjdump.
+
+It must run in a process of its own: triton has to be imported without TRITON_INTERPRET so that
+@triton.jit makes real JIT functions (tests/test_triton_gpu_compile.py runs it that way).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("run without TRITON_INTERPRET=1: the kernels must be compiled, not interpreted")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+# Largest shared memory one block may use (bytes, opt-in dynamic), per compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+class _CompileOnlyDriver:
+    """What JITFunction.run asks of the active driver before it compiles: a device, a stream
+    and the target to compile for. Launching is never reached (run is called with warmup=True)."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _resources(cubin: bytes) -> dict[str, int]:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    found = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", text)
+    if found is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{text}")
+    return dict(zip(("registers", "shared", "local"), map(int, found.groups())))
+
+
+def _install(arch: int, records: list[dict], errors: list[dict]) -> None:
+    """Every launch of a JIT function compiles (once per specialisation) instead of running."""
+    driver.set_active(_CompileOnlyDriver(arch))
+    run = JITFunction.run
+    seen: set[int] = set()
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        try:
+            kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as exc:  # reported, and the op goes on with its next launch
+            errors.append({"kernel": self.fn.__name__, "error": f"{type(exc).__name__}: {exc}"})
+            return None
+        if id(kernel) not in seen:
+            seen.add(id(kernel))
+            records.append({"kernel": self.fn.__name__, "num_warps": kernel.metadata.num_warps,
+                            "triton_shared": kernel.metadata.shared,
+                            **_resources(kernel.asm["cubin"])})
+        return kernel
+
+    JITFunction.run = compile_only
+
+
+def _grad(outputs, inputs) -> None:
+    outputs = [o for o in (outputs if isinstance(outputs, (tuple, list)) else (outputs,))
+               if isinstance(o, torch.Tensor) and o.requires_grad]
+    torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs], allow_unused=True)
+
+
+def _cases():
+    """(name, thunk) for every op call: forward, and backward where the op has one."""
+    from symfast.ops import (StepCoefficients, attention_pool, classifier_select, fused_step,
+                             group_norm_silu, orbit, orbit_mean, tied_conv2d)
+    from symfast.groups import get
+    from symfast.philox import noise_key
+    from symfast.reference.tied_conv2d import kernel_orbits
+
+    t = dict(backend="triton")
+    dtypes = (torch.float32, torch.bfloat16, torch.float64)
+
+    def leaf(*shape, dtype):
+        return torch.randn(*shape).to(dtype).requires_grad_()
+
+    for dtype in dtypes:
+        for group, shape in (("d4", (2, 3, 9, 9)), ("c4", (2, 4, 16, 16)), ("flip_h", (3, 11))):
+            x = leaf(*shape, dtype=dtype)
+
+            def orbit_case(x=x, group=group):
+                _grad(orbit(x, group, **t), [x])
+
+            def orbit_mean_case(x=x, group=group, shape=shape):
+                y = torch.randn(len(get(group)) * shape[0], *shape[1:]).to(dtype).requires_grad_()
+                _grad(orbit_mean(y, group, **t), [y])
+            yield f"orbit {group} {tuple(shape)} {dtype}", orbit_case
+            yield f"orbit_mean {group} {tuple(shape)} {dtype}", orbit_mean_case
+
+        coefs = StepCoefficients(c_skip=0.9, c_out=-0.3, a=0.7, b=0.2, p=0.1, q=-0.05, c=0.4)
+        for group, shape in (("d4", (2, 3, 9, 9)), ("c2", (3, 2, 5, 7)), (None, (5, 3, 4))):
+            order = len(get(group)) if group else 1
+            x, y = torch.randn(shape).to(dtype), torch.randn(order * shape[0], *shape[1:]).to(dtype)
+            u, v = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+            key = noise_key(1234, shape[0])
+            modes = {"philox": dict(key=key), "tensor": dict(noise=torch.randn(shape).to(dtype)),
+                     "none": {}}
+            if group is not None:
+                modes["philox transformed"] = dict(key=key, noise_element=order - 1)
+            for mode, extra in modes.items():
+                c = coefs if mode != "none" else coefs._replace(c=0.0)
+
+                def step_case(x=x, y=y, u=u, v=v, c=c, group=group, extra=extra):
+                    fused_step(x, y, c, group, u=u, v=v, step=7, **extra, **t)
+                    fused_step(x, y, c, group, step=7, return_denoised=False, **extra, **t)
+                yield f"fused_step {group} {shape} {mode} {dtype}", step_case
+
+        for shape, groups in (((2, 6, 5, 7), 3), ((2, 4, 9), 2), ((1, 8, 3, 4, 5), 4)):
+            for has_w, has_b, with_shift in ((True, True, True), (False, False, False),
+                                             (True, False, False), (False, True, True)):
+                x = leaf(*shape, dtype=dtype)
+                w = leaf(shape[1], dtype=dtype) if has_w else None
+                b = leaf(shape[1], dtype=dtype) if has_b else None
+                s = leaf(shape[0], shape[1], dtype=dtype) if with_shift else None
+
+                def norm_case(x=x, w=w, b=b, s=s, groups=groups):
+                    _grad(group_norm_silu(x, groups, w, b, 1e-5, shift=s, **t),
+                          [a for a in (x, w, b, s) if a is not None])
+                yield f"group_norm_silu {shape} weight={has_w} bias={has_b} shift={with_shift} {dtype}", norm_case
+
+        for group, k, stride, padding, bias in (("d4", 3, 1, 1, True), ("d4", 3, 2, 0, False),
+                                                ("c4", 5, 1, 2, True), ("flip_h", 3, 1, 1, True)):
+            r = kernel_orbits(get(group), (k, k)).count
+            x, w = leaf(2, 3, 9, 10, dtype=dtype), leaf(5, 3, r, dtype=dtype)
+            b = leaf(5, dtype=dtype) if bias else None
+
+            def conv_case(x=x, w=w, b=b, k=k, group=group, stride=stride, padding=padding):
+                _grad(tied_conv2d(x, w, b, k, group, stride, padding, **t),
+                      [a for a in (x, w, b) if a is not None])
+            yield f"tied_conv2d {group} {k}x{k} stride={stride} bias={bias} {dtype}", conv_case
+
+        vocab, dim, dk = 13, 6, 5
+        tokens = torch.randint(0, vocab, (3, 7))
+        # (lengths, mask_padding, return_weights, which of embedding / keys / query need a
+        # gradient): each kernel flag (MASK, HAS_GW, NEED_E, NEED_K, NEED_Q) both ways
+        for lengths, mask, weights, needs in (
+                (torch.tensor([7, 3, 1]), True, True, (True, True, True)),
+                (torch.tensor([7, 3, 1]), False, False, (True, False, False)),
+                (None, True, False, (False, False, True)),
+                (None, False, True, (False, True, True))):
+            emb, keys, query = (leaf(*s, dtype=dtype).requires_grad_(need)
+                                for s, need in zip(((vocab, dim), (vocab, dk), (dk,)), needs))
+
+            def pool_case(lengths=lengths, mask=mask, weights=weights, tables=(emb, keys, query)):
+                _grad(attention_pool(tokens, lengths, *tables, mask, weights, **t),
+                      [a for a in tables if a.requires_grad])
+            yield (f"attention_pool lengths={lengths is not None} mask={mask} weights={weights} "
+                   f"needs={needs} {dtype}"), pool_case
+
+        h, gw, gb = leaf(5, 7, dtype=dtype), leaf(3, 7, dtype=dtype), leaf(3, dtype=dtype)
+        cw, cb = leaf(3, 4, 7, dtype=dtype), leaf(3, 4, dtype=dtype)
+
+        def select_case(args=(h, gw, gb, cw, cb)):
+            _grad(classifier_select(*args, 0.7, **t), list(args))
+        yield f"classifier_select {dtype}", select_case
+
+
+def check(arch: int) -> dict:
+    """Compile every launch for sm_<arch>: {"compiled": [...], "errors": [...], "cases": n}."""
+    records: list[dict] = []
+    errors: list[dict] = []
+    _install(arch, records, errors)
+    # The ops refuse backend="triton" for CPU tensors unless the interpreter is on; the kernels
+    # were imported (and jitted) above without it, so only the ops' check is told it is on.
+    from symfast import _backend
+    _backend.triton_interpret = lambda: True
+    cases = 0
+    for name, case in _cases():
+        cases += 1
+        try:
+            case()
+        except Exception as exc:
+            errors.append({"case": name, "error": f"{type(exc).__name__}: {exc}"})
+    limit = SHARED_LIMIT.get(arch)
+    for r in records:
+        r["over_shared_limit"] = limit is not None and r["triton_shared"] > limit
+    return {"arch": arch, "triton": triton.__version__, "cases": cases, "compiled": records,
+            "errors": errors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
+    parser.add_argument("--out", type=Path, help="write the report here (JSON)")
+    args = parser.parse_args(argv)
+    # Import every kernel module now, before anything could set TRITON_INTERPRET.
+    for op in ("attention_pool", "classifier_select", "fused_step", "group_average",
+               "group_norm_silu", "tied_conv2d"):
+        __import__(f"symfast.kernels.{op}")
+    report = check(args.arch)
+    text = json.dumps(report, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    by_kernel: dict[str, list[dict]] = {}
+    for r in report["compiled"]:
+        by_kernel.setdefault(r["kernel"], []).append(r)
+    print(f"sm_{args.arch}: {report['cases']} op calls, {len(report['compiled'])} compiles, "
+          f"{len(report['errors'])} errors (triton {report['triton']})")
+    for kernel, rs in sorted(by_kernel.items()):
+        print(f"  {kernel:28s} {len(rs):3d} variants  registers <= {max(r['registers'] for r in rs):3d}"
+              f"  shared <= {max(r['triton_shared'] for r in rs):6d} B"
+              f"  spill <= {max(r['local'] for r in rs):4d} B")
+    for e in report["errors"]:
+        print("  ERROR", e)
+    return 1 if report["errors"] or any(r["over_shared_limit"] for r in report["compiled"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
