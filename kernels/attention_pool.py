@@ -11,45 +11,90 @@ import triton
 import triton.language as tl
 
 _BLOCK_D = 128
+_BLOCK_L = 32
 
 
 @triton.jit
-def _sentence(tokens_ptr, lengths_ptr, b, L, MASK: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Positions of sentence b, which of them take part in the softmax, and their token ids."""
-    offs_l = tl.arange(0, BLOCK_L)
+def _chunk(tokens_ptr, b, L, n, l0, BLOCK_L: tl.constexpr):
+    """Positions l0 .. l0 + BLOCK_L of sentence b: offsets, which are in the sentence (< L),
+    which take part in the softmax (< n), and their token ids."""
+    offs_l = l0 + tl.arange(0, BLOCK_L)
+    valid = offs_l < n
+    return offs_l, offs_l < L, valid, tl.load(tokens_ptr + b * L + offs_l, mask=valid, other=0)
+
+
+@triton.jit
+def _length(lengths_ptr, b, L, MASK: tl.constexpr):
     if MASK:
         n = tl.load(lengths_ptr + b)
     else:
         n = L
-    valid = offs_l < n
-    return offs_l, valid, tl.load(tokens_ptr + b * L + offs_l, mask=valid, other=0)
+    return n
 
 
+@triton.jit
+def _weighted_rows(w_row_ptr, tokens_ptr, table_ptr, b, L, n, offs_c, COLS,
+                   BLOCK_L: tl.constexpr, ACC: tl.constexpr):
+    """Σ over the positions l < n of sentence b of w[l] · table[token l, offs_c] (w: the
+    sentence's row of per-position weights), in chunks of BLOCK_L positions."""
+    cmask = offs_c < COLS
+    acc = tl.zeros(offs_c.shape, dtype=ACC)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l, inside, valid, tok = _chunk(tokens_ptr, b, L, n, l0, BLOCK_L)
+        w = tl.load(w_row_ptr + offs_l, mask=valid, other=0.0)
+        rows = tl.load(table_ptr + tok[:, None] * COLS + offs_c[None, :],
+                       mask=valid[:, None] & cmask[None, :], other=0.0).to(ACC)
+        acc += tl.sum(w[:, None] * rows, axis=0)
+    return acc
+
+
+# A sentence is walked in chunks of at most _BLOCK_L positions (a loop, not one tile of
+# next_power_of_2(L)): with the whole sentence in one [BLOCK_L, BLOCK_D] tile, a 512-token
+# sentence took ptxas 80-120 s per dtype to compile for sm_90 (tests/triton_gpu_compile.py), a
+# stall at the first call of every power-of-two length. The passes over a sentence hand their
+# per-position values (scores, then weights; score gradients) on through the (B, L) output row,
+# written by some threads and read by others: a barrier separates the passes.
 @triton.jit
 def _forward_kernel(tokens_ptr, lengths_ptr, emb_ptr, keys_ptr, query_ptr, pooled_ptr, weights_ptr,
                     L, D, DK, MASK: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
                     BLOCK_DK: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    offs_l, valid, tok = _sentence(tokens_ptr, lengths_ptr, b, L, MASK, BLOCK_L)
-    scores = tl.zeros([BLOCK_L], dtype=ACC)
-    for k0 in range(0, DK, BLOCK_DK):
-        offs_k = k0 + tl.arange(0, BLOCK_DK)
-        kmask = offs_k < DK
-        q = tl.load(query_ptr + offs_k, mask=kmask, other=0.0).to(ACC)
-        kv = tl.load(keys_ptr + tok[:, None] * DK + offs_k[None, :],
-                     mask=valid[:, None] & kmask[None, :], other=0.0).to(ACC)
-        scores += tl.sum(kv * q[None, :], axis=1)
-    scores = tl.where(valid, scores, float("-inf"))
-    e = tl.where(valid, tl.exp(scores - tl.max(scores, axis=0)), 0.0)
-    a = e / tl.sum(e, axis=0)
-    tl.store(weights_ptr + b * L + offs_l, a, mask=offs_l < L)
+    n = _length(lengths_ptr, b, L, MASK)
+    row = weights_ptr + b * L
+    # scores, and their maximum over the positions that take part
+    top = tl.full([BLOCK_L], float("-inf"), ACC)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l, inside, valid, tok = _chunk(tokens_ptr, b, L, n, l0, BLOCK_L)
+        scores = tl.zeros([BLOCK_L], dtype=ACC)
+        for k0 in range(0, DK, BLOCK_DK):
+            offs_k = k0 + tl.arange(0, BLOCK_DK)
+            kmask = offs_k < DK
+            q = tl.load(query_ptr + offs_k, mask=kmask, other=0.0).to(ACC)
+            kv = tl.load(keys_ptr + tok[:, None] * DK + offs_k[None, :],
+                         mask=valid[:, None] & kmask[None, :], other=0.0).to(ACC)
+            scores += tl.sum(kv * q[None, :], axis=1)
+        scores = tl.where(valid, scores, float("-inf"))
+        top = tl.maximum(top, scores)
+        tl.store(row + offs_l, scores, mask=inside)
+    top_all = tl.max(top, axis=0)
+    tl.debug_barrier()
+    total = tl.zeros([BLOCK_L], dtype=ACC)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        scores = tl.load(row + offs_l, mask=offs_l < n, other=float("-inf"))
+        total += tl.where(offs_l < n, tl.exp(scores - top_all), 0.0)
+    total_all = tl.sum(total, axis=0)
+    tl.debug_barrier()
+    for l0 in range(0, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        scores = tl.load(row + offs_l, mask=offs_l < n, other=float("-inf"))
+        a = tl.where(offs_l < n, tl.exp(scores - top_all), 0.0) / total_all
+        tl.store(row + offs_l, a, mask=offs_l < L)
+    tl.debug_barrier()
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        dmask = offs_d < D
-        v = tl.load(emb_ptr + tok[:, None] * D + offs_d[None, :],
-                    mask=valid[:, None] & dmask[None, :], other=0.0).to(ACC)
-        out = tl.sum(a[:, None] * v, axis=0)
-        tl.store(pooled_ptr + b * D + offs_d, out.to(pooled_ptr.dtype.element_ty), mask=dmask)
+        out = _weighted_rows(row, tokens_ptr, emb_ptr, b, L, n, offs_d, D, BLOCK_L, ACC)
+        tl.store(pooled_ptr + b * D + offs_d, out.to(pooled_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 @triton.jit
@@ -59,28 +104,38 @@ def _score_grad_kernel(grad_pooled_ptr, grad_weights_ptr, tokens_ptr, lengths_pt
                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
                        ACC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    offs_l, valid, tok = _sentence(tokens_ptr, lengths_ptr, b, L, MASK, BLOCK_L)
-    a = tl.load(weights_ptr + b * L + offs_l, mask=valid, other=0.0)
-    da = tl.zeros([BLOCK_L], dtype=ACC)
-    if HAS_GW:
-        da += tl.load(grad_weights_ptr + b * L + offs_l, mask=valid, other=0.0).to(ACC)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        dmask = offs_d < D
-        g = tl.load(grad_pooled_ptr + b * D + offs_d, mask=dmask, other=0.0).to(ACC)
-        v = tl.load(emb_ptr + tok[:, None] * D + offs_d[None, :],
-                    mask=valid[:, None] & dmask[None, :], other=0.0).to(ACC)
-        da += tl.sum(v * g[None, :], axis=1)
-    ds = a * (da - tl.sum(a * da, axis=0))
-    tl.store(ds_ptr + b * L + offs_l, ds, mask=offs_l < L)
+    n = _length(lengths_ptr, b, L, MASK)
+    row = ds_ptr + b * L
+    # d weights (into the ds row), and their mean under the weights
+    mean = tl.zeros([BLOCK_L], dtype=ACC)
+    for l0 in range(0, L, BLOCK_L):
+        offs_l, inside, valid, tok = _chunk(tokens_ptr, b, L, n, l0, BLOCK_L)
+        a = tl.load(weights_ptr + b * L + offs_l, mask=valid, other=0.0)
+        da = tl.zeros([BLOCK_L], dtype=ACC)
+        if HAS_GW:
+            da += tl.load(grad_weights_ptr + b * L + offs_l, mask=valid, other=0.0).to(ACC)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            dmask = offs_d < D
+            g = tl.load(grad_pooled_ptr + b * D + offs_d, mask=dmask, other=0.0).to(ACC)
+            v = tl.load(emb_ptr + tok[:, None] * D + offs_d[None, :],
+                        mask=valid[:, None] & dmask[None, :], other=0.0).to(ACC)
+            da += tl.sum(v * g[None, :], axis=1)
+        mean += a * da
+        tl.store(row + offs_l, da, mask=inside)
+    mean_all = tl.sum(mean, axis=0)
+    tl.debug_barrier()
+    for l0 in range(0, L, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        a = tl.load(weights_ptr + b * L + offs_l, mask=offs_l < n, other=0.0)
+        da = tl.load(row + offs_l, mask=offs_l < L, other=0.0)
+        tl.store(row + offs_l, a * (da - mean_all), mask=offs_l < L)
     if NEED_Q:
+        tl.debug_barrier()
         for k0 in range(0, DK, BLOCK_DK):
             offs_k = k0 + tl.arange(0, BLOCK_DK)
-            kmask = offs_k < DK
-            kv = tl.load(keys_ptr + tok[:, None] * DK + offs_k[None, :],
-                         mask=valid[:, None] & kmask[None, :], other=0.0).to(ACC)
-            tl.store(query_partial_ptr + b * DK + offs_k, tl.sum(ds[:, None] * kv, axis=0),
-                     mask=kmask)
+            acc = _weighted_rows(row, tokens_ptr, keys_ptr, b, L, n, offs_k, DK, BLOCK_L, ACC)
+            tl.store(query_partial_ptr + b * DK + offs_k, acc, mask=offs_k < DK)
 
 
 @triton.jit
@@ -124,7 +179,8 @@ def _acc(dtype: torch.dtype):
 
 def _blocks(l: int, d: int, dk: int) -> tuple[int, int, int]:
     # at least 1: a block of 0 is a loop step of 0 (d = 0 or d_k = 0 are valid, empty inputs)
-    return (triton.next_power_of_2(max(l, 1)), min(_BLOCK_D, triton.next_power_of_2(max(d, 1))),
+    return (min(_BLOCK_L, triton.next_power_of_2(max(l, 1))),
+            min(_BLOCK_D, triton.next_power_of_2(max(d, 1))),
             min(_BLOCK_D, triton.next_power_of_2(max(dk, 1))))
 
 

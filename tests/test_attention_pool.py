@@ -6,11 +6,12 @@ from conftest import TOL, device_for, rel_err
 from symfast.ops.attention_pool import attention_pool
 from symfast.reference.attention_pool import attention_pool as reference
 
-# (B, L, V, d, d_k): odd sizes; the triton interpreter is slow, so its shapes stay small, and
-# one shape has d > 128 so the kernels' d-chunk loops run more than once.
+# (B, L, V, d, d_k): odd sizes; the triton interpreter is slow, so its shapes stay small, one
+# shape has d > 128 so the kernels' d-chunk loops run more than once, and one L = 150 so their
+# sentence-chunk loops (64 positions) do, the last chunk ragged.
 SHAPES = {"reference": [(5, 7, 11, 9, 3), (33, 21, 97, 37, 13)],
           "cpu": [(5, 7, 11, 9, 3), (33, 21, 97, 37, 13), (6, 9, 40, 130, 5)],
-          "triton": [(3, 5, 9, 7, 3), (2, 4, 6, 130, 5)]}
+          "triton": [(3, 5, 9, 7, 3), (2, 4, 6, 130, 5), (3, 150, 20, 9, 3)]}
 
 
 def _inputs(b, l, v, d, dk, dtype, device, seed=0, requires_grad=False):

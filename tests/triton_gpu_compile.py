@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -73,6 +74,11 @@ def _resources(cubin: bytes) -> dict[str, int]:
     return dict(zip(("registers", "shared", "local"), map(int, found.groups())))
 
 
+def _name(jit: JITFunction) -> str:
+    """module.kernel: two modules have a _forward_kernel."""
+    return f"{jit.fn.__module__.rsplit('.', 1)[-1]}.{jit.fn.__name__}"
+
+
 def _install(arch: int, records: list[dict], errors: list[dict]) -> None:
     """Every launch of a JIT function compiles (once per specialisation) instead of running."""
     driver.set_active(_CompileOnlyDriver(arch))
@@ -80,15 +86,19 @@ def _install(arch: int, records: list[dict], errors: list[dict]) -> None:
     seen: set[int] = set()
 
     def compile_only(self, *args, grid, warmup, **kwargs):
+        start = time.perf_counter()
         try:
             kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         except Exception as exc:  # reported, and the op goes on with its next launch
-            errors.append({"kernel": self.fn.__name__, "error": f"{type(exc).__name__}: {exc}"})
+            errors.append({"kernel": _name(self), "error": f"{type(exc).__name__}: {exc}"})
             return None
         if id(kernel) not in seen:
             seen.add(id(kernel))
-            records.append({"kernel": self.fn.__name__, "num_warps": kernel.metadata.num_warps,
+            records.append({"kernel": _name(self), "num_warps": kernel.metadata.num_warps,
                             "triton_shared": kernel.metadata.shared,
+                            "dtypes": sorted({str(a.dtype) for a in args if isinstance(a, torch.Tensor)}),
+                            "constexprs": {k: str(v) for k, v in kwargs.items()},
+                            "compile_s": round(time.perf_counter() - start, 3),
                             **_resources(kernel.asm["cubin"])})
         return kernel
 
@@ -195,6 +205,33 @@ def _cases():
             _grad(classifier_select(*args, 0.7, **t), list(args))
         yield f"classifier_select {dtype}", select_case
 
+    # Sizes people use, where the launchers pick their largest blocks (the shapes above are
+    # small): a block that fits the interpreter can spill or overflow a GPU's registers.
+    for dtype in dtypes:
+        def large_cases(dtype=dtype):
+            x = leaf(2, 3, 64, 64, dtype=dtype)
+            _grad(orbit(x, "d4", **t), [x])
+            y = leaf(16, 3, 64, 64, dtype=dtype)
+            _grad(orbit_mean(y, "d4", **t), [y])
+            fused_step(x.detach(), y.detach(), coefs, "d4", key=noise_key(0, 2), step=3, **t)
+            for shape in ((2, 64, 32, 32), (2, 512, 4, 4), (2, 8, 128, 128)):
+                x, w, b, s = (leaf(*shape, dtype=dtype), leaf(shape[1], dtype=dtype),
+                              leaf(shape[1], dtype=dtype), leaf(shape[0], shape[1], dtype=dtype))
+                _grad(group_norm_silu(x, 8, w, b, 1e-5, shift=s, **t), [x, w, b, s])
+            x, w, b = leaf(2, 64, 32, 32, dtype=dtype), leaf(64, 64, 3, dtype=dtype), leaf(64, dtype=dtype)
+            _grad(tied_conv2d(x, w, b, 3, "d4", 1, 1, **t), [x, w, b])
+            # a text classifier's sentences (up to 512 tokens) and 300-d embeddings
+            tokens = torch.randint(0, 1000, (4, 512))
+            tables = (leaf(1000, 300, dtype=dtype), leaf(1000, 64, dtype=dtype), leaf(64, dtype=dtype))
+            _grad(attention_pool(tokens, torch.tensor([512, 300, 7, 1]), *tables, True, True, **t),
+                  list(tables))
+            # CAB-CNN's head at the README's size, and one with 1000 classes
+            for k, c, f in ((16, 50, 512), (8, 1000, 256)):
+                args = (leaf(64, f, dtype=dtype), leaf(k, f, dtype=dtype), leaf(k, dtype=dtype),
+                        leaf(k, c, f, dtype=dtype), leaf(k, c, dtype=dtype))
+                _grad(classifier_select(*args, 1.0, **t), list(args))
+        yield f"large sizes {dtype}", large_cases
+
 
 def check(arch: int) -> dict:
     """Compile every launch for sm_<arch>: {"compiled": [...], "errors": [...], "cases": n}."""
@@ -238,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sm_{args.arch}: {report['cases']} op calls, {len(report['compiled'])} compiles, "
           f"{len(report['errors'])} errors (triton {report['triton']})")
     for kernel, rs in sorted(by_kernel.items()):
-        print(f"  {kernel:28s} {len(rs):3d} variants  registers <= {max(r['registers'] for r in rs):3d}"
+        print(f"  {kernel:44s} {len(rs):3d} variants  registers <= {max(r['registers'] for r in rs):3d}"
               f"  shared <= {max(r['triton_shared'] for r in rs):6d} B"
               f"  spill <= {max(r['local'] for r in rs):4d} B")
     for e in report["errors"]:
