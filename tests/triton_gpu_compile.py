@@ -11,7 +11,9 @@ turns each launch into an ahead-of-time compile for ``sm_<arch>``: Triton's own 
 of the arguments (dtypes, integer values of 1, 16-byte alignment), then TTIR -> TTGIR -> LLVM IR
 -> PTX -> cubin with the ptxas that ships with Triton. No kernel runs, so the outputs hold
 garbage; only the compiles are checked. Each distinct compile is reported once, with its
-registers, shared memory and spill (local memory) bytes read from the cubin by cuobjdump.
+registers, shared memory and spill (local memory) bytes read from the cubin by cuobjdump. Each
+op call runs twice, and the second call's host reads of tensor values (item, bool, int, ...:
+each a device sync on a GPU) made from symfast's code are reported too.
 
 It must run in a process of its own: triton has to be imported without TRITON_INTERPRET so that
 @triton.jit makes real JIT functions (tests/test_triton_gpu_compile.py runs it that way).
@@ -19,6 +21,7 @@ It must run in a process of its own: triton has to be imported without TRITON_IN
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -103,6 +107,35 @@ def _install(arch: int, records: list[dict], errors: list[dict]) -> None:
         return kernel
 
     JITFunction.run = compile_only
+
+
+# Tensor methods that read a value on the host: on a GPU each waits for the device (a sync).
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+
+
+@contextlib.contextmanager
+def _host_reads():
+    """Records "file:line method" for every host read made from symfast's code (symfast/,
+    kernels/) inside the block: what a call costs in device syncs once its one-time work is done."""
+    reads: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def spy(name):
+        def read(self, *args, **kwargs):
+            ours = [f for f in traceback.extract_stack()[:-1]
+                    if "/symfast/" in f.filename or "/kernels/" in f.filename]
+            if ours:
+                reads.append(f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {name}")
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, spy(name))
+    try:
+        yield reads
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
 
 
 def _grad(outputs, inputs) -> None:
@@ -242,18 +275,23 @@ def check(arch: int) -> dict:
     # were imported (and jitted) above without it, so only the ops' check is told it is on.
     from symfast import _backend
     _backend.triton_interpret = lambda: True
-    cases = 0
+    cases, host_reads = 0, []
     for name, case in _cases():
         cases += 1
         try:
-            case()
+            case()  # compiles; one-time work (table checks) happens here
+            with _host_reads() as reads:
+                case()
         except Exception as exc:
             errors.append({"case": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        if reads:
+            host_reads.append({"case": name, "reads": reads})
     limit = SHARED_LIMIT.get(arch)
     for r in records:
         r["over_shared_limit"] = limit is not None and r["triton_shared"] > limit
     return {"arch": arch, "triton": triton.__version__, "cases": cases, "compiled": records,
-            "errors": errors}
+            "errors": errors, "host_reads": host_reads}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kernel:44s} {len(rs):3d} variants  registers <= {max(r['registers'] for r in rs):3d}"
               f"  shared <= {max(r['triton_shared'] for r in rs):6d} B"
               f"  spill <= {max(r['local'] for r in rs):4d} B")
+    places: dict[str, list[int]] = {}
+    for r in report["host_reads"]:
+        for place in set(r["reads"]):
+            places.setdefault(place, []).append(r["reads"].count(place))
+    for place, counts in sorted(places.items()):
+        print(f"  host read {place}: in {len(counts)} of the op calls, at most {max(counts)} per call")
     for e in report["errors"]:
         print("  ERROR", e)
     return 1 if report["errors"] or any(r["over_shared_limit"] for r in report["compiled"]) else 0

@@ -61,10 +61,15 @@ def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embeddin
             torch._assert_async((lengths >= 1).all() & (lengths <= l).all(),
                                 f"lengths must lie in [1, L = {l}]")
     elif tokens.device.type != "meta":  # meta tensors hold no values (they run the reference)
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= v):
-            raise IndexError(f"tokens holds ids in [{int(tokens.min())}, {int(tokens.max())}], "
-                             f"outside the vocabulary [0, {v})")
-        if lengths is not None and b and (lengths.min() < 1 or lengths.max() > l):
+        # One host read for all the range checks (each read is a device sync on a GPU); the
+        # values for the message only when one fails.
+        bad_tokens = (tokens.min() < 0) | (tokens.max() >= v) if tokens.numel() else None
+        bad_lengths = ((lengths.min() < 1) | (lengths.max() > l)) if lengths is not None and b else None
+        flags = [f for f in (bad_tokens, bad_lengths) if f is not None]
+        if flags and bool(flags[0] | flags[-1]):
+            if bad_tokens is not None and bad_tokens:
+                raise IndexError(f"tokens holds ids in [{int(tokens.min())}, {int(tokens.max())}], "
+                                 f"outside the vocabulary [0, {v})")
             raise ValueError(f"lengths must lie in [1, L = {l}], got values in "
                              f"[{int(lengths.min())}, {int(lengths.max())}]")
     if lengths is None:
