@@ -238,6 +238,25 @@ def _cases():
             _grad(classifier_select(*args, 0.7, **t), list(args))
         yield f"classifier_select {dtype}", select_case
 
+    # Whole sampling loops with symfast's networks, frame averaging and Philox noise: a sampler
+    # step must not wait for the device either.
+    from symfast import Denoiser, sample
+    from symfast.nn import EquivariantUNet, UNet
+    loops = {
+        "heun, churn, FA": (Denoiser(UNet(1, 1, (8, 16), backend="triton"), "edm", group="d4", **t),
+                            "heun", dict(s_churn=1.0)),
+        "euler_ancestral, FA": (Denoiser(UNet(1, 1, (8, 16), backend="triton"), "edm", group="d4",
+                                         **t), "euler_ancestral", {}),
+        "ddim eta=1, WT, noise transformed": (
+            Denoiser(EquivariantUNet(1, 1, (8, 16), "d4", backend="triton"), "eps", group="d4", **t),
+            "ddim", dict(eta=1.0, transform_noise=3)),
+        "dpmpp_2m": (Denoiser(UNet(1, 1, (8, 16), backend="triton"), "edm", **t), "dpmpp_2m", {}),
+    }
+    for name, (denoiser, sampler, options) in loops.items():
+        def loop_case(denoiser=denoiser, sampler=sampler, options=options):
+            sample(denoiser, (2, 1, 8, 8), sampler, steps=3, seed=0, progress=False, **options)
+        yield f"sampler {name}", loop_case
+
     # Sizes people use, where the launchers pick their largest blocks (the shapes above are
     # small): a block that fits the interpreter can spill or overflow a GPU's registers.
     for dtype in dtypes:
