@@ -78,18 +78,20 @@ def _forward_kernel(tokens_ptr, lengths_ptr, emb_ptr, keys_ptr, query_ptr, poole
         tl.store(row + offs_l, scores, mask=inside)
     top_all = tl.max(top, axis=0)
     tl.debug_barrier()
+    # exp(score - max) in place of the scores, and their sum; then divided by the sum
     total = tl.zeros([BLOCK_L], dtype=ACC)
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         scores = tl.load(row + offs_l, mask=offs_l < n, other=float("-inf"))
-        total += tl.where(offs_l < n, tl.exp(scores - top_all), 0.0)
+        e = tl.where(offs_l < n, tl.exp(scores - top_all), 0.0)
+        total += e
+        tl.store(row + offs_l, e, mask=offs_l < L)
     total_all = tl.sum(total, axis=0)
     tl.debug_barrier()
     for l0 in range(0, L, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
-        scores = tl.load(row + offs_l, mask=offs_l < n, other=float("-inf"))
-        a = tl.where(offs_l < n, tl.exp(scores - top_all), 0.0) / total_all
-        tl.store(row + offs_l, a, mask=offs_l < L)
+        e = tl.load(row + offs_l, mask=offs_l < L, other=0.0)
+        tl.store(row + offs_l, e / total_all, mask=offs_l < L)
     tl.debug_barrier()
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)

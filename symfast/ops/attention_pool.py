@@ -64,9 +64,10 @@ def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embeddin
         # One host read for all the range checks (each read is a device sync on a GPU); the
         # values for the message only when one fails.
         bad_tokens = (tokens.min() < 0) | (tokens.max() >= v) if tokens.numel() else None
-        bad_lengths = ((lengths.min() < 1) | (lengths.max() > l)) if lengths is not None and b else None
+        bad_lengths = ((lengths.min() < 1) | (lengths.max() > l)
+                       if lengths is not None and b else None)
         flags = [f for f in (bad_tokens, bad_lengths) if f is not None]
-        if flags and bool(flags[0] | flags[-1]):
+        if flags and bool(torch.stack(flags).any()):
             if bad_tokens is not None and bad_tokens:
                 raise IndexError(f"tokens holds ids in [{int(tokens.min())}, {int(tokens.max())}], "
                                  f"outside the vocabulary [0, {v})")
