@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -319,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the report here (JSON)")
     args = parser.parse_args(argv)
     # Import every kernel module now, before anything could set TRITON_INTERPRET.
-    for op in ("attention_pool", "classifier_select", "fused_step", "group_average",
-               "group_norm_silu", "tied_conv2d"):
-        __import__(f"symfast.kernels.{op}")
+    import symfast.kernels
+    for module in pkgutil.iter_modules(symfast.kernels.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"symfast.kernels.{module.name}")
     report = check(args.arch)
     text = json.dumps(report, indent=1)
     if args.out:
