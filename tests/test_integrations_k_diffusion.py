@@ -227,6 +227,32 @@ def test_group_equals_the_eager_loop_over_the_group(name, kwargs):
     assert (plain - theirs).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("name, kwargs", CORE_CASES)
+def test_core_path_callback_reports_what_k_diffusion_reports(kd, name, kwargs):
+    """With group= the loop runs on symfast's core (fused steps); its callback must still get
+    k-diffusion's dict: x the state the step starts from (at σ̂), σ and σ̂ as tensors."""
+    model, sigmas = _Denoiser(), ours.get_sigmas_karras(5, 0.05, 5.0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4)) * sigmas[0]
+    logs = []
+    for module, extra in ((kd, {}), (ours, {"group": "trivial"})):
+        log = []
+        noise = ({"noise_sampler": ours.PhiloxGenerator([3, 4]).noise_sampler(x)}
+                 if name == "sample_euler_ancestral" else {})
+        getattr(module, name)(model, x, sigmas, disable=True, callback=log.append, **kwargs, **noise,
+                              **extra)
+        logs.append(log)
+    ref_log, log = logs
+    assert len(log) == len(ref_log) == len(sigmas) - 1
+    assert torch.equal(log[0]["x"], x)
+    for a, b in zip(ref_log, log):
+        assert a["i"] == b["i"]
+        for key in ("sigma", "sigma_hat"):
+            assert isinstance(b[key], torch.Tensor) and b[key].dim() == 0
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-6)
+        for key in ("x", "denoised"):
+            assert (b[key] - a[key]).abs().max().item() <= ATOL * float(a[key].abs().max()), key
+
+
 @pytest.mark.parametrize("name", ["sample_heun", "sample_dpmpp_2m"])
 def test_group_makes_ode_samplers_equivariant(name):
     model, sigmas = _Denoiser(), ours.get_sigmas_karras(5, 0.05, 5.0)
@@ -289,3 +315,11 @@ def test_group_and_seed_bad_inputs():
         ours.sample_heun(model, x, sigmas, disable=True, seed=[1, 2, 3], s_churn=1.0)
     with pytest.raises(ValueError, match="square|H == W"):
         ours.sample_dpmpp_2m(model, torch.randn(2, 3, 8, 6), sigmas, disable=True, group="d4")
+    for name in ("sample_euler", "sample_heun", "sample_euler_ancestral", "sample_dpmpp_2m"):
+        for bad in ([1.0, 0.0, 0.5], [0.0, 0.0]):  # the core divides by every σ but the last
+            with pytest.raises(ValueError, match="sigmas must be > 0 except the last"):
+                getattr(ours, name)(model, x, torch.tensor(bad), disable=True, group="d4")
+    with pytest.raises(ValueError, match="sigmas must be non-increasing"):
+        ours.sample_euler_ancestral(model, x, torch.tensor([1.0, 5.0, 0.0]), disable=True, seed=[1, 2])
+    rising = ours.sample_euler(model, x, torch.tensor([1.0, 5.0, 0.0]), disable=True, group="d4")
+    assert torch.isfinite(rising).all()  # an ODE sampler may go up the grid

@@ -260,6 +260,20 @@ def test_callback_and_compiled_step(eps_fa):
     assert rel_err(out[0], eager[0]) <= 1e-6 and rel_err(out[1], eager[1]) <= 1e-6
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "euler_ancestral", "euler_maruyama",
+                                     "heun", "dpmpp_2m"])
+def test_callback_gets_the_state_each_step_starts_from(eps_fa, sampler):
+    """k-diffusion's meaning of the callback's x: the state at σ_i the step starts from (the first
+    is the input itself), not the state the step returns."""
+    y, seen = _x(), []
+    out = denoise(eps_fa, y, 2.0, sampler=sampler, steps=6, callback=seen.append)
+    assert torch.equal(seen[0]["x"], y)
+    assert all(not torch.equal(a["x"], b["x"]) for a, b in zip(seen, seen[1:]))
+    assert not torch.equal(seen[-1]["x"], out)
+    assert [d["i"] for d in seen] == list(range(len(seen)))
+    assert seen[0]["sigma"] == 2.0 and seen[0]["denoised"].shape == y.shape
+
+
 # ---- bad input -------------------------------------------------------------------------------------
 
 def test_bad_inputs(eps_fa, edm_fa):

@@ -130,15 +130,32 @@ def _on_core(name: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, 
     over ``group``, Philox noise keyed by ``seed`` (default 0)."""
     from symfast.samplers import loops
     host = _host_sigmas(x, sigmas)
-    if name == "dpmpp_2m" and (host[:-1] <= 0).any():
+    # the core's steps divide by every σ but the last (k-diffusion's loops return NaN instead)
+    if (host[:-1] <= 0).any():
         raise ValueError(f"sigmas must be > 0 except the last, got {host.tolist()}")
+    if name == "euler_ancestral" and (host[1:] > host[:-1]).any():
+        raise ValueError(f"sigmas must be non-increasing for an ancestral sampler, got {host.tolist()}")
     group = get(group) if group is not None else None
     if group is not None:
         group.check_input(x)
     denoiser = _OrbitDenoiser(model, {} if extra_args is None else extra_args, group)
     noise = _sampler_noise(x, sigmas, seed, noise_sampler)
-    return loops.SAMPLERS[name](denoiser, x, host.double().numpy(), noise, callback=callback,
-                                progress=not disable, **options)
+    return loops.SAMPLERS[name](denoiser, x, host.double().numpy(), noise,
+                                callback=_tensor_sigmas(callback, sigmas), progress=not disable,
+                                **options)
+
+
+def _tensor_sigmas(callback: Callable | None, sigmas: torch.Tensor) -> Callable | None:
+    """The core reports σ and σ̂ as host floats; k-diffusion's callbacks get 0-dim tensors on
+    sigmas' device (``sigmas[i]``, as its loops pass them)."""
+    if callback is None:
+        return None
+
+    def report(d: dict) -> None:
+        sigma = sigmas[d["i"]]
+        sigma_hat = sigma if d["sigma_hat"] == d["sigma"] else sigmas.new_tensor(d["sigma_hat"])
+        callback({**d, "sigma": sigma, "sigma_hat": sigma_hat})
+    return report
 
 
 def _churn_tables(host: torch.Tensor, s_churn: float, s_tmin: float, s_tmax: float

@@ -47,7 +47,8 @@ def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampl
         seed: int (one stream per sample index) or one int per sample (noise independent of the
             batch); used by stochastic samplers. Default 0.
         generator: a torch.Generator instead of Philox (parity with diffusers).
-        callback: called after every step with k-diffusion's dict.
+        callback: called once per step with k-diffusion's dict {"x": the state the step starts
+            from, "i", "sigma", "sigma_hat" (σ after churn; host floats), "denoised": D(x, σ̂)}.
         progress: show a tqdm bar.
         transform_noise: apply group element k to every noise draw (equivariant sampling:
             sample(g_k·x_T, transform_noise=k) = g_k·sample(x_T)).

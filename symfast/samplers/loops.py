@@ -5,7 +5,9 @@ Every sampler takes ``(denoiser, x, sigmas, noise, callback, progress)``: x is t
 :class:`~symfast.samplers._noise.NoiseSource`. Each step's elementwise work (orbit average, x̂0,
 the update, the noise) is one fused op called through ``denoiser.step(x, σ, a, b, ...)``, which
 returns x_next = a·x + b·D(x, σ) + p·u + q·v + c·z. All coefficients are host floats.
-The callback gets k-diffusion's dict {"x", "i", "sigma", "sigma_hat", "denoised"}.
+The callback gets k-diffusion's dict {"x", "i", "sigma", "sigma_hat", "denoised"} once per step,
+with k-diffusion's meaning: x is the state the step starts from (at σ̂ = sigma_hat, after any
+churn) and denoised D(x, σ̂); not the state the step returns.
 """
 from __future__ import annotations
 
@@ -62,15 +64,16 @@ def _karras_loop(denoiser, x, sigmas, noise, callback, progress, s_churn, s_tmin
         dt = s_next - s_hat
         if not heun or s_next == 0.0:
             r = s_next / s_hat
-            x, den = denoiser.step(x, s_hat, r, 1 - r)
+            x_next, den = denoiser.step(x, s_hat, r, 1 - r)
         else:
             # stage 1: x2 = x + dt·(x − D)/σ̂
             x2, den = denoiser.step(x, s_hat, 1 + dt / s_hat, -dt / s_hat)
             # stage 2: x + dt/2·[(x − D)/σ̂ + (x2 − D2)/σ']
             h1, h2 = dt / (2 * s_hat), dt / (2 * s_next)
-            x, _ = denoiser.step(x2, s_next, h2, -h2, p=1 + h1, u=x, q=-h1, v=den,
-                                 return_denoised=False)
+            x_next, _ = denoiser.step(x2, s_next, h2, -h2, p=1 + h1, u=x, q=-h1, v=den,
+                                      return_denoised=False)
         _report(callback, x, i, s, s_hat, den)
+        x = x_next
     return x
 
 
@@ -79,8 +82,10 @@ def _ancestral_loop(denoiser, x, sigmas, noise, callback, progress, split, s_noi
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         down, up = split(s, s_next)
         r = down / s
-        x, den = denoiser.step(x, s, r, 1 - r, c=up * s_noise, noise=noise.kwargs(i + 1) if up else None)
+        x_next, den = denoiser.step(x, s, r, 1 - r, c=up * s_noise,
+                                    noise=noise.kwargs(i + 1) if up else None)
         _report(callback, x, i, s, s, den)
+        x = x_next
     return x
 
 
@@ -121,15 +126,16 @@ def sample_euler_maruyama(denoiser, x, sigmas, noise: NoiseSource, callback: Cal
     for i in trange(len(sigmas) - 1, disable=not progress):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         if s_next == 0.0:
-            x, den = denoiser.step(x, s, 0.0, 1.0)
+            x_next, den = denoiser.step(x, s, 0.0, 1.0)
         else:
             ac, ac_next = 1 / (1 + s * s), 1 / (1 + s_next * s_next)
             beta = 1 - ac / ac_next
             scale = math.sqrt(ac) / math.sqrt(ac_next)  # √ᾱ to go to VP, 1/√ᾱ' to come back
             a = scale * (1 + beta / 2 - beta / (1 - ac))
             b = scale * beta / (1 - ac)
-            x, den = denoiser.step(x, s, a, b, c=math.sqrt(beta / ac_next), noise=noise.kwargs(i + 1))
+            x_next, den = denoiser.step(x, s, a, b, c=math.sqrt(beta / ac_next), noise=noise.kwargs(i + 1))
         _report(callback, x, i, s, s, den)
+        x = x_next
     return x
 
 
@@ -161,8 +167,8 @@ def sample_dpmpp_2m(denoiser, x, sigmas, noise: NoiseSource, callback: Callback 
             else:
                 # p = −φ/(2r) rather than −φ·c_old: the same float as before the core was shared
                 x_new, den = denoiser.step(x, s, s_next / s, phi * c.c_new, p=-phi / (2 * c.r), u=old_den)
-        x, old_den = x_new, den
         _report(callback, x, i, s, s, den)
+        x, old_den = x_new, den
     return x
 
 
