@@ -228,6 +228,71 @@ def test_cpu_noise_only_bad_inputs():
         _noise_only(key, 1, -1, (2, 5), torch.float32)
 
 
+@pytest.mark.parametrize("group,shape", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("noise_mode", ["philox_transformed", "tensor"])
+def test_gradients_match_reference(backend, group, shape, dtype, noise_mode):
+    """The step is differentiable in x, y, u, v and a given noise tensor, through both outputs,
+    on every backend (the reference is plain autograd)."""
+    dev = device_for(backend)
+    x, y, u, v = _inputs(group, shape, dtype, dev, noncontiguous=True)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(dev, dtype)
+    key = noise_key(99, shape[0], dev)
+    g = get(group) if group else get("trivial")
+    element = len(g) - 1 if noise_mode == "philox_transformed" and group else None
+    given = noise if noise_mode == "tensor" else None
+    w_next, w_den = (torch.randn(shape, generator=torch.Generator().manual_seed(s)).to(dev, dtype)
+                     for s in (6, 7))
+    grads = []
+    for run in ("ours", "reference"):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, y, u, v, noise)]
+        lx, ly, lu, lv, ln = leaves
+        if run == "ours":
+            out = fused_step(lx, ly, COEFS, group, u=lu, v=lv, noise=ln if given is not None else None,
+                             key=key, step=3, noise_element=element, backend=backend)
+        else:
+            out = reference_step(lx, ly, g, COEFS, lu, lv, ln if given is not None else None, key,
+                                 3, element)
+        ((out[0] * w_next).sum() + (out[1] * w_den).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for name, mine, ref in zip(("x", "y", "u", "v", "noise"), *grads):
+        if name == "noise" and given is None:
+            assert mine is None and ref is None
+            continue
+        assert mine.dtype == ref.dtype and mine.shape == ref.shape, name
+        assert rel_err(mine.cpu(), ref.cpu()) <= TOL[dtype], name
+
+
+def test_gradient_of_y_alone_without_denoised():
+    x, y, _, _ = _inputs("d4", (2, 3, 6, 6), torch.float32, "cpu")
+    y.requires_grad_()
+    out, den = fused_step(x, y, COEFS._replace(c=0.0), "d4", return_denoised=False)
+    assert den is None
+    out.sum().backward()
+    ref_y = y.detach().clone().requires_grad_()
+    reference_step(x, ref_y, get("d4"), COEFS._replace(c=0.0))[0].sum().backward()
+    assert rel_err(y.grad, ref_y.grad) <= TOL[torch.float32]
+
+
+def test_gradients_compile_fullgraph():
+    x, y, u, _ = _inputs("d4", (2, 3, 8, 8), torch.float32, "cpu")
+    key = noise_key(3, 2)
+
+    def loss(x, y, u):
+        out, den = fused_step(x, y, COEFS, "d4", u=u, key=key, step=4, backend="cpu")
+        return (out * out).sum() + den.sum()
+
+    def grads(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, y, u)]
+        fn(*leaves).backward()
+        return [t.grad for t in leaves]
+
+    eager = grads(loss)
+    compiled = grads(torch.compile(loss, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        assert rel_err(b, a) <= 1e-6
+
+
 def test_compiles_fullgraph():
     x, y, u, _ = _inputs("d4", (2, 3, 8, 8), torch.float32, "cpu")
     key = noise_key(3, 2)
@@ -248,7 +313,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.symfast.fused_step,
                           (x.reshape(6, 24), y.reshape(2, 6, 24), inverse, u.reshape(6, 24), None,
                            None, key, table[1], 3, 1, list(COEFS), True, "cpu"),
-                          test_utils=("test_schema", "test_faketensor"))
+                          test_utils=("test_schema", "test_faketensor",
+                                      "test_autograd_registration"))
 
 
 def test_bad_inputs():

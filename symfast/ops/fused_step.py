@@ -41,9 +41,47 @@ def _fused_step_fake(x, y, inverse_table, u, v, noise, key, noise_table, rows_pe
     return torch.empty_like(x), (torch.empty_like(x) if write_denoised else x.new_empty((0,)))
 
 
-# no autograd: a sampler step is not differentiated
-_fused_step_op, _fused_step_call = _dispatch.kernel_op("symfast::fused_step", _fused_step_impl,
-                                                       _fused_step_fake)
+def _setup_context(ctx, inputs, output):
+    x, y, inverse_table, u, v, noise, key, noise_table, rows, step, coefs, write_denoised, _ = inputs
+    ctx.save_for_backward(inverse_table)
+    ctx.coefs = coefs
+    ctx.dtypes = (x.dtype, y.dtype, *(t.dtype if t is not None else None for t in (u, v, noise)))
+    ctx.set_materialize_grads(False)
+
+
+def _make_backward(_unused):
+    """The step is linear in x, y, u, v and a given noise tensor: its backward is a few scaled
+    copies and, for y, the transpose of the orbit average (each g_k⁻¹ is a permutation of the N
+    positions, so block k's gradient is ȳ's gradient scattered back through it, over |G|).
+    Plain torch ops, so one function serves eager calls and torch.compile."""
+    def backward(ctx, grad_next, grad_den):
+        (inverse_table,) = ctx.saved_tensors
+        c_skip, c_out, a, b, p, q, c = ctx.coefs
+        dx, dy, du, dv, dnoise = ctx.dtypes
+        like = grad_next if grad_next is not None else grad_den
+        if like is None or like.numel() == 0:
+            return (None,) * 13
+        acc = torch.float64 if dx == torch.float64 else torch.float32
+        g_next = grad_next.to(acc) if grad_next is not None else torch.zeros_like(like, dtype=acc)
+        g_den = b * g_next + (grad_den.to(acc) if grad_den is not None and grad_den.numel() else 0.0)
+        need = ctx.needs_input_grad
+        grad_x = (a * g_next + c_skip * g_den).to(dx) if need[0] else None
+        grad_y = None
+        if need[1]:
+            order = inverse_table.shape[0]
+            g_bar = (c_out / order) * g_den
+            index = inverse_table.long().unsqueeze(1).expand(order, *g_bar.shape)
+            grad_y = g_bar.new_empty(index.shape).scatter_(
+                2, index, g_bar.unsqueeze(0).expand(index.shape)).to(dy)
+        extra = [(w * g_next).to(dt) if need[i] else None
+                 for i, w, dt in ((3, p, du), (4, q, dv), (5, c, dnoise))]
+        return (grad_x, grad_y, None, *extra, None, None, None, None, None, None, None)
+    return backward
+
+
+_fused_step_op, _fused_step_call = _dispatch.kernel_op(
+    "symfast::fused_step", _fused_step_impl, _fused_step_fake, _setup_context, _make_backward,
+    None, None)
 
 
 def _identity_table(n: int, device: torch.device) -> torch.Tensor:
@@ -102,7 +140,8 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
         backend: "reference", "cpu", "triton", or None/"auto".
 
     Returns:
-        (x_next, denoised): (B, ...) each, x's dtype.
+        (x_next, denoised): (B, ...) each, x's dtype. Differentiable in x, y, u, v and a given
+        noise tensor (the step is linear in each), on every backend.
     """
     _checks.tensor("x", x)
     _checks.tensor("y", y)
