@@ -129,6 +129,26 @@ def test_equivariant_pipeline_matches_the_loop_pipeline(pipeline):
     assert a.std() > 0.01  # not a clamped-flat image that any two runs would agree on
 
 
+def test_save_pretrained_saves_the_plain_pipeline(tmp_path):
+    """diffusers cannot save an OrbitUNet: saving the wrapped pipeline writes the plain one (UNet
+    weights, the scheduler's own class), which loads and, wrapped again, gives the same images."""
+    unet = _unet()
+    pipe = ours.equivariant(diffusers.DDPMPipeline(unet=unet, scheduler=ours.DDPMScheduler(
+        clip_sample=False, num_train_timesteps=20)), "d4")
+    entries = (pipe.config.unet, pipe.config.scheduler)
+    pipe.save_pretrained(tmp_path)
+    assert (pipe.config.unet, pipe.config.scheduler) == entries  # the wrapped pipeline as it was
+    assert isinstance(pipe.unet, ours.OrbitUNet) and isinstance(pipe.scheduler, eq_module._OrbitStep)
+    loaded = diffusers.DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded.unet) is diffusers.UNet2DModel and type(loaded.scheduler) is ours.DDPMScheduler
+    for name, tensor in unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[name], tensor), name
+    again = ours.equivariant(loaded, "d4")
+    kwargs = {"batch_size": 2, "num_inference_steps": 3, "output_type": "pt"}
+    images = [p(generator=torch.Generator().manual_seed(0), **kwargs).images for p in (pipe, again)]
+    assert torch.equal(*map(torch.as_tensor, images))
+
+
 def test_orbit_unet_chunks_and_per_sample_arguments():
     unet, x = _unet(), _x(batch=3)
     t = torch.tensor([10, 500, 900])

@@ -198,6 +198,10 @@ def equivariant(pipe: Any, group: Group | str = "d4", *, chunks: int | None = No
     ``dtype``, ``device`` read through) and ``pipe.scheduler`` an :func:`orbit_scheduler` of it.
     With an ODE scheduler (DDIM η = 0, Euler, Heun, DPM-Solver++) the images are exactly
     equivariant: the pipeline on g·x_T gives g applied to its images on x_T.
+
+    ``pipe.save_pretrained`` saves the plain pipeline (the wrapped UNet's weights and the
+    scheduler's own class), which ``DiffusionPipeline.from_pretrained`` loads; frame averaging is
+    how the pipeline runs, not part of the model: call ``equivariant`` again after loading.
     """
     unet = getattr(pipe, "unet", None)
     if unet is None or not hasattr(pipe, "scheduler"):
@@ -208,4 +212,19 @@ def equivariant(pipe: Any, group: Group | str = "d4", *, chunks: int | None = No
     orbit_unet = OrbitUNet(unet, group, chunks)
     pipe.scheduler = orbit_scheduler(pipe.scheduler, group)
     pipe.unet = orbit_unet
+    pipe.save_pretrained = functools.partial(_save_plain, pipe, pipe.save_pretrained)
     return pipe
+
+
+def _save_plain(pipe: Any, save: Any, *args: Any, **kwargs: Any) -> Any:
+    """``save`` (the pipeline's own save_pretrained) with the plain UNet and scheduler in place:
+    diffusers cannot save an OrbitUNet (it logs a warning, writes no weights and records the
+    unet as (None, None)) and would record the private orbit scheduler class."""
+    unet, scheduler = pipe.unet, pipe.scheduler
+    base = type(scheduler).__bases__[1]  # _Orbit<Name>(_OrbitStep, base)
+    # assigning a component also rewrites its (library, class) entry in pipe.config
+    pipe.unet, pipe.scheduler = unet.unet, base.from_config(scheduler.config)
+    try:
+        return save(*args, **kwargs)
+    finally:
+        pipe.unet, pipe.scheduler = unet, scheduler
