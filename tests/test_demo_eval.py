@@ -117,6 +117,18 @@ def test_export_keeps_one_ema_copy_and_loads_to_the_same_denoiser(tiny_runs, tmp
         export(tiny_runs / "wt", tmp_path / "x", ema=2)
     with pytest.raises(CheckpointError, match="does not exist"):
         export(tmp_path / "nothing", tmp_path / "y")
+    # exporting again replaces an exported checkpoint, but nothing else is ever deleted
+    assert export(tiny_runs / "wt", out, ema=0) == out
+    assert load(out)[1].ema_halflife_images == load(tiny_runs / "wt")[1].ema_halflife_images[:1]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        export(tiny_runs / "wt", tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    for inside in (tiny_runs / "wt", tiny_runs / "wt" / "checkpoints", tiny_runs):
+        with pytest.raises(ValueError, match="must not be the checkpoint being exported"):
+            export(tiny_runs / "wt", inside)
+    assert (tiny_runs / "wt" / "checkpoints").is_dir() and (tiny_runs / "wt" / "config.json").exists()
     # an exported checkpoint starts a run (init_from), but cannot be resumed as one
     with pytest.raises(ValueError, match="exported checkpoint"):
         train(data="digits-d4", image_size=8, channels=(4, 8), batch_size=4, steps=1,

@@ -64,6 +64,10 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, ema: int = 0,
     training checkpoint's size). ``path``: a checkpoint or run folder, as for :func:`load`;
     ``command``: how the run was made, recorded in state.json for whoever loads it."""
     ckpt = checkpoint.resolve(path)
+    target = Path(out).resolve()
+    if target == ckpt.path.resolve() or ckpt.path.resolve().is_relative_to(target):
+        raise ValueError(f"out ({str(out)!r}) must not be the checkpoint being exported or a folder "
+                         f"holding it ({str(ckpt.path)!r})")
     cfg = TrainConfig.from_dict(ckpt.state["config"])
     if not isinstance(ema, int) or isinstance(ema, bool) or not 0 <= ema < len(cfg.ema_halflife_images):
         raise ValueError(f"ema must be an index into the run's {len(cfg.ema_halflife_images)} EMA "

@@ -76,9 +76,13 @@ def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor]
 
 def write_folder(final: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
     """Write a checkpoint folder ``final`` (tensors + state.json) atomically: built in a hidden
-    sibling folder, fsynced, renamed into place (replacing an older one of the same name)."""
+    sibling folder, fsynced, renamed into place (replacing an older checkpoint folder of the same
+    name; anything else already at ``final`` is refused, never deleted)."""
     from safetensors.torch import save as safetensors_bytes
 
+    if final.exists() and not (final.is_dir() and {p.name for p in final.iterdir()} <= {TENSORS, STATE}):
+        raise ValueError(f"{str(final)!r} exists and is not a checkpoint folder (tensors.safetensors "
+                         f"+ state.json only); refusing to replace it")
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
