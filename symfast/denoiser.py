@@ -62,6 +62,12 @@ class LossTerms(NamedTuple):
     sigma: torch.Tensor
 
 
+def _check_output(out: torch.Tensor, x_in: torch.Tensor) -> None:
+    if out.shape != x_in.shape:
+        raise ValueError(f"the model output has shape {tuple(out.shape)} but the sample it was "
+                         f"given has shape {tuple(x_in.shape)}")
+
+
 class Denoiser(nn.Module):
     """D(x, σ) -> x̂0 for a network trained with ``prediction`` on ``schedule``.
 
@@ -161,9 +167,7 @@ class Denoiser(nn.Module):
             tt = torch.full((part.shape[0],), t, dtype=torch.float32, device=x.device)
             outs.append(_main_tensor(self.model(part, tt)))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        if y.shape != x_in.shape:
-            raise ValueError(f"the model output has shape {tuple(y.shape)} but the sample it was "
-                             f"given has shape {tuple(x_in.shape)}")
+        _check_output(y, x_in)
         if buffer is not None:
             self._orbit_buffers.append(buffer)
         return y.to(x.dtype)
@@ -283,6 +287,7 @@ class Denoiser(nn.Module):
         x = x0 + sigma.reshape(view).to(x0.dtype) * noise
         x_in = x * c_in
         out = self.network(x_in, t).float()
+        _check_output(out, x_in)
         target = (x0.float() - c_skip * x.float()) / c_out
         dsm = (out - target).pow(2).flatten(1).mean(1)
         reg = None

@@ -91,6 +91,11 @@ def test_noisy_dataset_rejects_bad_input(kwargs, match):
     (dict(clean_fraction=0.01), "fewer than one batch"), (dict(mode="batch"), "mode"),
     (dict(denoise_sampler="rk4"), "denoise_sampler"), (dict(channels="16,x"), "channels|invalid"),
     (dict(fd_samples=1), "fd_samples"), (dict(fd_samples=-2), "fd_samples"),
+    (dict(merge_clean="yes"), "merge_clean must be true or false"),
+    (dict(steps=5), r"\['steps'\] cannot be given to SFBD"),
+    (dict(resume="none"), r"\['resume'\] cannot be given to SFBD"),
+    (dict(train={"init_from": "x"}), r"\['init_from'\] cannot be given to SFBD"),
+    (dict(bogus=1), r"unknown config field\(s\) \['bogus'\]; SFBD fields: .*'tau'.*training fields"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, changes, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -344,6 +344,71 @@ def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
     assert _nothing_written(out)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    ({"weight_decay": "0.1"}, "weight_decay must be a number, got '0.1'"),
+    ({"adam_betas": (0.9, "a")}, "adam_betas must be a list of 2 numbers"),
+    ({"compile": "false"}, "compile must be true or false, got 'false'"),
+    ({"progress": "no"}, "progress must be true or false"),
+    ({"resume": None}, "resume must be a string, got None"),
+    ({"data": 5}, "data must be a string, got 5"),
+    ({"grad_clip": "off"}, "grad_clip must be a number or None, got 'off'"),
+])
+def test_a_field_of_the_wrong_type_is_named(tmp_path, overrides, message):
+    out = tmp_path / "run"
+    with pytest.raises(TypeError, match=message):
+        train(**dict(TINY, steps=2, out=str(out), **overrides))
+    assert _nothing_written(out)
+
+
+def test_config_strings_as_a_config_file_writes_them(tmp_path):
+    # "none" disables what the command line's help says it disables; lists may be comma-separated
+    cfg = make_config(dict(TINY, grad_clip="none", ema_rampup="None", channels="8,16", steps=1))
+    assert cfg.grad_clip is None and cfg.ema_rampup is None and cfg.channels == (8, 16)
+    with pytest.raises(ValueError, match="channels must be a comma-separated list of ints, got '8,x'"):
+        make_config(dict(TINY, channels="8,x"))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"steps": 3,}')
+    with pytest.raises(ValueError, match="config file .*bad.json.* is not valid JSON"):
+        make_config(str(bad))
+
+
+def test_a_tensor_or_array_of_images_is_a_dataset(tmp_path):
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    images = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    finals = []
+    for name, data in (("wrapped", ImageTensorDataset(images)), ("tensor", images),
+                       ("array", images.numpy())):
+        torch.manual_seed(0)
+        train(**dict(TINY, image_size=8), network=Small(), dataset=data, steps=2,
+              out=str(tmp_path / name))
+        finals.append(final_tensors(tmp_path / name)[0])
+    for other in finals[1:]:
+        assert all(torch.equal(other[k], finals[0][k]) for k in finals[0])
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\).*unsqueeze\(1\)"):
+        train(**TINY, network=Small(), dataset=images[:, 0], steps=1, out=str(tmp_path / "3d"))
+    assert _nothing_written(tmp_path / "3d")
+
+
+def test_a_network_of_the_wrong_output_shape_is_named(tmp_path):
+    class Cropping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 3)  # no padding: 8x8 -> 6x6
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match=r"model output has shape \(8, 1, 6, 6\).*\(8, 1, 8, 8\)"):
+        train(**TINY, network=Cropping(), steps=1, out=str(tmp_path / "run"))
+
+
 def test_rotation_group_with_non_square_images_is_refused(tmp_path):
     data = ImageTensorDataset(torch.zeros(4, 1, 8, 12))
     with pytest.raises(ValueError, match="dataset images.*square"):

@@ -28,7 +28,8 @@ def build_dataset(cfg: TrainConfig):
                                           seed=_GMM_SEED)
         return mixture.dataset(cfg.dataset_size, seed=_GMM_SEED)
     if cfg.data == "custom":
-        raise ValueError("data='custom' needs the dataset passed to train(dataset=...)")
+        raise ValueError("data='custom' needs the dataset passed in: train(dataset=...) or "
+                         "symfast.train.sfbd.run(dataset=...)")
     return images.image_folder(cfg.data, cfg.image_size, cfg.data_channels or 3)
 
 

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,14 +97,17 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = (value,)
-            if isinstance(value, str):
-                value = tuple(float(v) if name in ("adam_betas", "ema_halflife_images") else int(v)
-                              for v in value.split(",") if v.strip())
+            if isinstance(value, str) and value.strip().lower() != "none":
+                kind = float if name in ("adam_betas", "ema_halflife_images") else int
+                try:
+                    value = tuple(kind(v) for v in value.split(",") if v.strip())
+                except ValueError:
+                    raise ValueError(f"{name} must be a comma-separated list of "
+                                     f"{'numbers' if kind is float else 'ints'}, got {value!r}") from None
             if isinstance(value, list):
                 value = tuple(value)
             setattr(self, name, value)
-        if self.group == "none":
-            self.group = None
+        none_to_none(self)
         if self.group is None and self.equivariance != "none":
             self.group = "d4"
         if self.model is None:
@@ -113,6 +118,8 @@ class TrainConfig:
     # ---- checks ----------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Raise ValueError/TypeError naming the first bad field; returns self."""
+        check_field_types(self)
+
         def positive_int(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if allow_zero else 1):
@@ -221,6 +228,65 @@ class TrainConfig:
                 if mine[name] != theirs[name]]
 
 
+def none_to_none(config: Any) -> None:
+    """The string "none" (any case, as the command line's help and config files write it) is
+    None for every field that may be None."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if (isinstance(value, str) and value.strip().lower() == "none"
+                and type(None) in typing.get_args(hints[f.name])):
+            setattr(config, f.name, None)
+
+
+def check_field_types(config: Any, skip: tuple[str, ...] = ()) -> None:
+    """TypeError naming the first field of the dataclass ``config`` whose value does not have
+    its annotated type (a number for a float, true/false for a bool, ...)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name not in skip and not _fits(value, hints[f.name]):
+            raise TypeError(f"{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+        return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+    names = {type(None): "None", bool: "true or false", int: "an int", float: "a number",
+             str: "a string"}
+    return names.get(hint, f"a {getattr(origin or hint, '__name__', hint)}")
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A config file's fields: JSON (``.json``) or TOML (``.toml``), flat or under [train]."""
     values = read_config_file(path)
@@ -233,13 +299,13 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
-        values = tomllib.loads(text)
-    elif path.suffix == ".json":
-        values = json.loads(text)
-    else:
+    if path.suffix not in (".toml", ".json"):
         raise ValueError(f"config file {str(path)!r}: expected a .json or .toml file")
+    import tomllib
+    try:
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"config file {str(path)!r} is not valid {path.suffix[1:].upper()}: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r} must hold a table of fields")
     return values

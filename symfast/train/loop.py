@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -206,9 +207,10 @@ def train(config: TrainConfig | dict | str | None = None, *, network: nn.Module 
             over it (``train(steps=100, out="runs/x")``).
         network: any nn.Module F(x, t) -> like x, instead of the config's model (the config's
             model is then "custom").
-        dataset: images (N, C, H, W) in [-1, 1] as a dataset (``len`` and ``[i]``, or
-            ``get_batch(indices)``), instead of the config's data (config data "custom"). A
-            dataset with ``loss_weights(indices, step)`` (a (B,) tensor) weights each image's loss.
+        dataset: images (N, C, H, W) in [-1, 1], instead of the config's data (config data
+            "custom"): a floating tensor or numpy array, or a dataset (``len`` and ``[i]``, or
+            ``get_batch(indices)``). A dataset with ``loss_weights(indices, step)`` (a (B,)
+            tensor) weights each image's loss.
         device: "cpu", "cuda", ... (default: cuda:LOCAL_RANK when CUDA is available).
 
     Returns a :class:`TrainResult`. Raises :class:`TrainingDiverged` when the loss stays
@@ -219,6 +221,7 @@ def train(config: TrainConfig | dict | str | None = None, *, network: nn.Module 
             raise TypeError(f"network must be a torch.nn.Module, got {type(network).__name__}")
         overrides["model"] = "custom"
     if dataset is not None:
+        dataset = _as_dataset(dataset)
         overrides["data"] = "custom"
     cfg = make_config(config, **overrides)
     world = setup(device)
@@ -226,6 +229,21 @@ def train(config: TrainConfig | dict | str | None = None, *, network: nn.Module 
         return _Run(cfg, world, network, dataset).run()
     finally:
         world.close()
+
+
+def _as_dataset(dataset: Any) -> Any:
+    """A tensor or array of images as an ImageTensorDataset (its ``shape`` is the whole stack's,
+    not one image's); any other dataset as it is."""
+    if isinstance(dataset, np.ndarray):
+        dataset = torch.from_numpy(dataset)
+    if not isinstance(dataset, torch.Tensor):
+        return dataset
+    if dataset.dim() != 4 or not dataset.is_floating_point():
+        raise ValueError(f"dataset as a tensor must be floating images (N, C, H, W), got "
+                         f"{dataset.dtype} of shape {tuple(dataset.shape)}"
+                         + (" (for one channel: dataset.unsqueeze(1))" if dataset.dim() == 3 else ""))
+    from symfast.data.images import ImageTensorDataset
+    return ImageTensorDataset(dataset, name="custom")
 
 
 @torch.no_grad()

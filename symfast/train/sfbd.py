@@ -33,7 +33,8 @@ from symfast._io import atomic_write_bytes, atomic_write_text
 from symfast.data.images import ImageTensorDataset
 from symfast.data.noisy import NoisyDataset, clean_split
 from symfast.train import checkpoint
-from symfast.train.config import MODEL_FIELDS, TrainConfig, config_values, read_config_file
+from symfast.train.config import (MODEL_FIELDS, TrainConfig, check_field_types, config_values,
+                                  read_config_file)
 from symfast.train.distributed import World, setup
 
 log = logging.getLogger("symfast.sfbd")
@@ -89,6 +90,7 @@ class SFBDConfig:
 
     def validate(self) -> "SFBDConfig":
         """Raise ValueError/TypeError naming the first bad field; returns self."""
+        check_field_types(self, skip=("train",))
         for name in ("rounds", "pretrain_steps", "steps_per_round", "denoise_steps", "denoise_batch",
                      "shard_size", "refresh_every"):
             value = getattr(self, name)
@@ -140,6 +142,10 @@ class SFBDConfig:
 
 
 _SFBD_FIELDS = tuple(f.name for f in dataclasses.fields(SFBDConfig) if f.name != "train")
+# Training fields SFBD sets for each stage itself: given by a user, they would be ignored.
+_PER_STAGE = {"steps": "steps (pretrain_steps, steps_per_round)",
+              "resume": "resume (a run resumes from its out folder)",
+              "init_from": "init_from (each round starts from the previous stage's weights)"}
 
 
 def make_sfbd_config(config: SFBDConfig | dict[str, Any] | str | os.PathLike | None = None,
@@ -150,7 +156,21 @@ def make_sfbd_config(config: SFBDConfig | dict[str, Any] | str | os.PathLike | N
     values = config_values(config, SFBDConfig, _read_file, overrides)
     train_values = values.pop("train", None) or {}
     train_values = dict(train_values.to_dict() if isinstance(train_values, TrainConfig) else train_values)
+    # per-stage fields at their defaults pass: a saved SFBD config (or an SFBDConfig) holds them
+    default = TrainConfig()
+    given = {k for k in _PER_STAGE
+             if values.get(k, getattr(default, k)) != getattr(default, k)
+             or train_values.get(k, getattr(default, k)) != getattr(default, k)}
     sfbd_values = {k: values.pop(k) for k in list(values) if k in _SFBD_FIELDS}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - train_fields)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; SFBD fields: {sorted(_SFBD_FIELDS)}; "
+                         f"training fields: {sorted(train_fields)}")
+    per_stage = sorted(given)
+    if per_stage:
+        raise ValueError(f"{per_stage} cannot be given to SFBD: it sets each stage's "
+                         + "; ".join(_PER_STAGE[k] for k in per_stage))
     train_values.update(values)  # whatever is left is a training field (checked by TrainConfig)
     train_values["progress"] = sfbd_values.get("progress", True)
     train_cfg = TrainConfig.from_dict(train_values).validate()
