@@ -201,6 +201,14 @@ def test_profile_train_tiny_run_splits_optimiser_and_data(tmp_path):
     ops = {r["op"] for r in report["ops"]}
     assert {"tied_conv2d", "tied_conv2d.backward"} <= ops  # WT training: tied convs both ways
     assert not (out / "run" / "checkpoints").exists()
+    # profiling again replaces the profile's own run, but never a folder it did not make
+    assert main(["profile", "train", "--steps", "1", "--channels", "8,8", "--batch-size", "4",
+                 "--out", str(out)]) == 0
+    mine = tmp_path / "mine"
+    (mine / "run").mkdir(parents=True)
+    (mine / "run" / "precious.ckpt").write_text("x")
+    assert main(["profile", "train", "--steps", "1", "--out", str(mine)]) == 2
+    assert (mine / "run" / "precious.ckpt").read_text() == "x"
 
 
 def test_profile_op_counts_exactly_the_profiled_calls(tmp_path):
@@ -349,6 +357,10 @@ def test_every_readme_target_reads_from_the_committed_results():
     (["profile", "op", "orbit", "--size", "huge"], "size='huge'"),
     (["profile", "op", "orbit", "--backend", "warp"], "backend='warp'"),
     (["profile", "train", "--steps", "0"], "steps"),
+    (["profile", "sample", "--sampler", "foo"], "sampler='foo'"),
+    (["profile", "sample", "--ema", "7"], "ema.7."),
+    (["profile", "sample", "--group", "d5"], "d5"),
+    (["profile", "sfbd", "--n", "1000"], "n=1000"),
     (["bench", "all", "--ops", "orbit,nope"], "ops="),
     (["bench", "all", "--dtypes", "fp8"], "dtypes="),
 ])
@@ -357,6 +369,16 @@ def test_bad_input_is_a_one_line_error_naming_the_argument(argv, names, tmp_path
     err = capsys.readouterr().err
     assert names in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_out_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for argv in (["bench", "all", "--quick", "--ops", "orbit"], ["profile", "op", "orbit"]):
+        for out in ("afile", "afile/sub"):
+            assert main([*argv, "--out", str(tmp_path / out)]) == 2
+            err = capsys.readouterr().err
+            assert "cannot be written" in err and "Traceback" not in err
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the error on a machine without CUDA")

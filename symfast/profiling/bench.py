@@ -116,8 +116,8 @@ def bench_all(out: str | os.PathLike | None = None, *, quick: bool = False,
         repeats = 3 if quick else 20
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    folder = Path(out) if out is not None else default_out()
-    folder.mkdir(parents=True, exist_ok=True)
+    from symfast.demo import _writable_folder
+    folder = _writable_folder(out if out is not None else default_out())
 
     limits = timing.measure_limits(dev, dtypes, quick=quick)
     machine = timing.machine_label(dev)

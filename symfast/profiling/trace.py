@@ -369,9 +369,13 @@ def profile_sample(out: str | os.PathLike, *, checkpoint: str | os.PathLike | No
     _check_positive("steps", steps)
     _check_positive("n", n)
     dev = check_device(device)
-    path = _checkpoint(checkpoint)  # before the folder is made: a bad argument leaves nothing
+    from symfast.samplers.loops import SAMPLERS
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} must be one of {', '.join(sorted(SAMPLERS))}")
+    # the checkpoint, ema and group are checked by loading, before the folder is made: a bad
+    # argument leaves nothing
+    denoiser, cfg = load(_checkpoint(checkpoint), ema=ema, device=dev, group=group)
     folder = _folder(out)
-    denoiser, cfg = load(path, ema=ema, device=dev, group=group)
     label(denoiser.model, "forward", "network")
     shape = (n,) + tuple(image_shape(cfg))
 
@@ -400,15 +404,18 @@ def profile_sfbd(out: str | os.PathLike, *, checkpoint: str | os.PathLike | None
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < 80:
         raise ValueError(f"tau must be a number in (0, 80), got {tau!r}")
     dev = check_device(device)
-    path = _checkpoint(checkpoint)
-    folder = _folder(out)
-    denoiser, cfg = load(path, device=dev)
-    label(denoiser.model, "forward", "network")
+    denoiser, cfg = load(_checkpoint(checkpoint), device=dev)
     c, h, _ = image_shape(cfg)
     if c != 1:
         raise ValueError(f"checkpoint={str(checkpoint)!r} makes {c}-channel images; profile sfbd "
                          f"denoises digits (1 channel)")
-    clean = digits(h, split="test").images[:n].to(dev)
+    clean = digits(h, split="test").images
+    if n > len(clean):
+        raise ValueError(f"n={n}: profile sfbd denoises digits' test split, which holds "
+                         f"{len(clean)} images")
+    clean = clean[:n].to(dev)
+    folder = _folder(out)
+    label(denoiser.model, "forward", "network")
     gen = torch.Generator().manual_seed(seed)
     y = clean + tau * torch.randn(clean.shape, generator=gen).to(dev)
 
@@ -420,6 +427,9 @@ def profile_sfbd(out: str | os.PathLike, *, checkpoint: str | os.PathLike | None
 
 TINY_TRAIN = dict(data="digits", image_size=8, channels=(8, 16), equivariance="wt",
                   batch_size=16, lr=1e-3, warmup_steps=0)
+
+
+_PROFILE_MARK = ".symfast-profile-run"
 
 
 def profile_train(out: str | os.PathLike, *, config: str | os.PathLike | dict | None = None,
@@ -443,9 +453,17 @@ def profile_train(out: str | os.PathLike, *, config: str | os.PathLike | dict | 
                                  "out": str(folder / "run"), "resume": "none",
                                  "checkpoint_every": 10**9, "log_every": 10**9,
                                  "sample_every": 0, "progress": False})
-    if (folder / "run").exists():
+    run_dir = folder / "run"
+    if run_dir.exists():
+        # a previous profile's run (resume="none" would refuse it), and nothing else
+        if not (run_dir / _PROFILE_MARK).exists():
+            raise ValueError(f"out={str(out)!r}: {str(run_dir)!r} exists and was not made by "
+                             f"'symfast profile train'; give another out folder")
         import shutil
-        shutil.rmtree(folder / "run")  # a previous profile's run: resume="none" refuses it
+        shutil.rmtree(run_dir)
+    run_dir.mkdir()
+    from symfast._io import atomic_write_text
+    atomic_write_text(run_dir / _PROFILE_MARK, "made by symfast profile train: replaced by the next\n")
     run = _Run(cfg, World(device=dev), None, None)
     label(run.net, "forward", "network")
     label(run, "_batch", "data")
