@@ -216,6 +216,14 @@ def test_wav_folder_errors(tmp_path):
     (tmp_path / "b" / "y.wav").write_bytes(b"RIFF not really")
     with pytest.raises(ValueError, match="not a PCM WAV"):
         read_wav(tmp_path / "b" / "y.wav")
+    # a bad argument leaves an existing file as it was (the write is atomic)
+    before = (tmp_path / "a" / "x.wav").read_bytes()
+    for bad in (-8000, "8000", 0):
+        with pytest.raises(ValueError, match="sample_rate must be a positive int"):
+            write_wav(tmp_path / "a" / "x.wav", torch.zeros(10), bad)
+    with pytest.raises(ValueError, match="waveform must be a"):
+        write_wav(tmp_path / "a" / "x.wav", torch.zeros(2, 10), 8000)
+    assert (tmp_path / "a" / "x.wav").read_bytes() == before
 
 
 # --- training ----------------------------------------------------------------------------------

@@ -5,12 +5,15 @@ the class names and the sample rate.
 """
 from __future__ import annotations
 
+import io
 import math
 import wave
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from symfast._io import atomic_write_bytes
 
 SYNTHETIC_CLASSES = ("tone", "chirp_up", "chirp_down", "am", "fm",
                      "white_noise", "pink_noise", "brown_noise")
@@ -138,15 +141,21 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
 
 
 def write_wav(path: str | Path, waveform: torch.Tensor, sample_rate: int) -> None:
-    """Write a mono waveform (T,) in [-1, 1] as 16-bit PCM (values outside are clipped)."""
-    if waveform.dim() != 1:
-        raise ValueError(f"waveform must be (T,), got shape {tuple(waveform.shape)}")
+    """Write a mono waveform (T,) in [-1, 1] as 16-bit PCM (values outside are clipped),
+    atomically (a failed write leaves an existing file as it was)."""
+    if not isinstance(waveform, torch.Tensor) or waveform.dim() != 1:
+        got = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__
+        raise ValueError(f"waveform must be a (T,) tensor, got {got}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
+        raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
     pcm = (waveform.detach().double().clamp(-1, 1) * 32767).round().to(torch.int16)
-    with wave.open(str(path), "wb") as f:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
         f.setframerate(sample_rate)
         f.writeframes(pcm.numpy().tobytes())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_wav_folder(root: str | Path, num_samples: int | None = None) -> AudioClips:
