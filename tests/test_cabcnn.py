@@ -98,6 +98,22 @@ def test_cabcnn_backends_agree_in_forward_and_backward():
         assert rel_err(g, p.grad) <= 1e-4  # through BN and convs: several reductions reordered
 
 
+def test_cabcnn_trains_under_bf16_autocast():
+    """Under autocast the backbone hands the head bf16 features while its parameters stay fp32
+    (the head refused the mix); it runs in the features' dtype, as nn.Linear does there."""
+    torch.manual_seed(0)
+    wave_batch = synthetic_audio(1, duration=0.25, seed=3).waveforms
+    model = CABCNN(8, n_mels=16, n_classifiers=3, channels=(4, 8)).eval()
+    full = model(wave_batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(wave_batch)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), full) <= 0.05  # bf16 features and products
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.head.parameters())
+
+
 # --- synthetic audio --------------------------------------------------------------------------
 
 def test_synthetic_audio_is_seeded_and_well_formed():

@@ -128,8 +128,12 @@ class ClassifierSelect(nn.Module):
         self.temperature, self.backend = temperature, backend
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return classifier_select(h, self.gate_weight, self.gate_bias, self.weight, self.bias,
-                                 temperature=self.temperature, backend=self.backend)
+        params = (self.gate_weight, self.gate_bias, self.weight, self.bias)
+        # under autocast the backbone hands over bf16/fp16 features while the parameters stay
+        # fp32: the head runs in the features' dtype, as autocast runs nn.Linear
+        if isinstance(h, torch.Tensor) and torch.is_autocast_enabled(h.device.type):
+            params = tuple(p.to(h.dtype) for p in params)
+        return classifier_select(h, *params, temperature=self.temperature, backend=self.backend)
 
     def gates(self, h: torch.Tensor) -> torch.Tensor:
         """The selection weights (B, K) the head puts on its classifiers."""
