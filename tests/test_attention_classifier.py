@@ -51,6 +51,11 @@ def test_load_text_csv(tmp_path):
         load_text_csv(path, text_column="sentence")
     with pytest.raises(ValueError, match="path"):
         load_text_csv(tmp_path / "missing.csv")
+    for bad in (0, -1, 2.5, True):  # 0 made every sentence one <unk>, -1 dropped last words
+        with pytest.raises(ValueError, match="max_length must be a positive int or None"):
+            load_text_csv(path, max_length=bad)
+    with pytest.raises(ValueError, match="min_count must be a non-negative int"):
+        load_text_csv(path, min_count=-1)
 
 
 def test_paper_initialisation_and_heads():

@@ -70,6 +70,11 @@ def load_text_csv(path: str | Path, text_column: str = "text", label_column: str
     """Read a CSV with a header holding ``text_column`` and ``label_column``. Words are split on
     whitespace; words seen fewer than ``min_count`` times map to <unk> (id 1), padding is id 0.
     Sentences longer than ``max_length`` are cut; labels are numbered in sorted order."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                   or max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
+        raise ValueError(f"min_count must be a non-negative int, got {min_count!r}")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path {str(path)!r} is not a file")
