@@ -93,6 +93,10 @@ def _features(images: torch.Tensor, features, name: str) -> np.ndarray:
                         f"got {features!r}")
     with torch.no_grad():
         f = features(images)
+    if not isinstance(f, torch.Tensor) or f.shape[:1] != images.shape[:1] or f.dim() != 2:
+        got = tuple(f.shape) if isinstance(f, torch.Tensor) else type(f).__name__
+        raise ValueError(f"features must map {name} ({images.shape[0]} images) to a tensor "
+                         f"({images.shape[0]}, D), got {got}")
     f = f.detach().double().cpu().numpy()
     if not np.isfinite(f).all():
         raise ValueError(f"{name} has non-finite values (or features)")
@@ -156,8 +160,9 @@ def sampler_equivariance(denoiser, group, sampler: str, x_T_or_shape: torch.Tens
 
     base = run(x_T, 0)
     norm = base.norm().clamp_min(torch.finfo(torch.float64).tiny)
-    return max(float((run(group.act(x_T, k), k) - group.act(base, k)).norm() / norm)
-               for k in range(1, len(group)))
+    # a one-element group has nothing to compare: exactly equivariant
+    return max((float((run(group.act(x_T, k), k) - group.act(base, k)).norm() / norm)
+                for k in range(1, len(group))), default=0.0)
 
 
 def posterior_mse(denoiser, mixture: GaussianMixture, sigmas: Sequence[float], n: int = 1024,

@@ -87,6 +87,8 @@ def test_sampler_equivariance_is_exact_for_wt_and_fa_and_not_for_a_plain_unet(sa
         assert sampler_equivariance(plain, group, sampler, (3, 1, 8, 8), steps=3) > 1e-3
     x_T = torch.randn(2, 1, 8, 8)
     assert sampler_equivariance(wt, group, sampler, x_T, steps=2) < 1e-5
+    # a one-element group: nothing to compare, exactly equivariant
+    assert sampler_equivariance(plain, "trivial", sampler, x_T, steps=2) == 0.0
 
 
 # ---- exported checkpoints -------------------------------------------------------------------

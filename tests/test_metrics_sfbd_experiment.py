@@ -35,6 +35,9 @@ def test_frechet_distance_rejects_bad_input(bad, match):
         frechet_distance(bad, torch.zeros(3, 4), "pixels")
     with pytest.raises(ValueError, match="features"):
         frechet_distance(torch.randn(3, 4), torch.randn(3, 5), "pixels")
+    for shape_of in (lambda x: x.flatten(), lambda x: x[:, None], lambda x: x[:2]):
+        with pytest.raises(ValueError, match=r"features must map samples \(3 images\) to a tensor"):
+            frechet_distance(torch.randn(3, 4), torch.randn(3, 4), shape_of)
 
 
 class _Exact(nn.Module):
