@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Sequence
+import operator
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -94,13 +95,24 @@ class Group:
     def __repr__(self) -> str:
         return f"Group({self.name!r}, order={len(self)}, event_ndim={self.event_ndim})"
 
+    def _index(self, k: Any, name: str = "k") -> int:
+        """k as an element index: an integer in [0, |G|) (a negative index would wrap silently)."""
+        try:
+            index = None if isinstance(k, bool) else operator.index(k)
+        except TypeError:
+            index = None
+        if index is None or not 0 <= index < len(self.elements):
+            raise ValueError(f"{name} must be an element index, an int in [0, {len(self.elements)}) "
+                             f"for group {self.name}, got {k!r}")
+        return index
+
     def inverse(self, k: int) -> int:
         """Index of g_k⁻¹."""
-        return self._inverse[k]
+        return self._inverse[self._index(k)]
 
     def compose(self, i: int, j: int) -> int:
         """Index of g_i ∘ g_j (apply g_j first)."""
-        return self._compose[i][j]
+        return self._compose[self._index(i, "i")][self._index(j, "j")]
 
     # ---- action ----------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor, name: str = "x") -> None:
@@ -120,7 +132,7 @@ class Group:
     def act(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """g_k x. x: (..., *event_shape)."""
         self.check_input(x)
-        return self.elements[k](x)
+        return self.elements[self._index(k)](x)
 
     # ---- gather tables ---------------------------------------------------------------------
     def _signed_tables(self, event_shape: Sequence[int]) -> torch.Tensor:
@@ -189,7 +201,7 @@ def d4() -> Group:
 
 def cyclic(n: int) -> Group:
     """Cyclic shifts of the last dim, whose size must be ``n``."""
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     return Group(f"cyclic({n})", [lambda x, s=s: torch.roll(x, s, dims=-1) for s in range(n)],
                  event_ndim=1, probe_shape=(n,), fixed_sizes=[n])

@@ -76,6 +76,17 @@ def test_bad_inputs_raise_clear_errors():
         groups.channel_perm([[0, 0, 1]])
     with pytest.raises(ValueError, match="positive int"):
         groups.cyclic(0)
+    with pytest.raises(ValueError, match="positive int, got True"):
+        groups.cyclic(True)
+    d4, x = groups.get("d4"), torch.randn(1, 3, 3)
+    for bad in (-1, 8, 1.0, True, "1"):  # -1 wrapped to element 7 silently; 8 was an IndexError
+        with pytest.raises(ValueError, match=r"k must be an element index, an int in \[0, 8\)"):
+            d4.act(x, bad)
+        with pytest.raises(ValueError, match="element index"):
+            d4.inverse(bad)
+    with pytest.raises(ValueError, match="j must be an element index"):
+        d4.compose(1, 9)
+    assert torch.equal(d4.act(x, torch.tensor(3)), d4.act(x, 3))  # integer scalars index too
 
 
 def test_groups_module_imports_nothing_of_symfast():
