@@ -42,7 +42,11 @@ class TopicDiagnostics:
             self.loss.append(loss)
 
     def stacked(self, name: str) -> torch.Tensor:
-        return torch.stack(getattr(self, name))
+        values = getattr(self, name)
+        if not values:
+            raise ValueError(f"no diagnostics recorded yet (pass diagnostics= to a training "
+                             f"function first): {name!r} is empty")
+        return torch.stack(values)
 
 
 def identity_residual(diagnostics: TopicDiagnostics, query_norm_sq: float, m: int,
@@ -55,6 +59,11 @@ def identity_residual(diagnostics: TopicDiagnostics, query_norm_sq: float, m: in
     rhs = 2 * (score - score[0]) + (2 / m) * (score.exp() - score[0].exp())
     residual = (lhs - rhs).abs() / rhs.abs()
     return torch.where(rhs.abs() >= min_rhs, residual, torch.full_like(residual, math.nan))
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _step_loss(model, data: TextDataset, index=None):
@@ -70,8 +79,8 @@ def train_full_batch_gd(model, data: TextDataset, steps: int, lr: float = 0.1,
                         record_every: int = 1) -> TopicDiagnostics | None:
     """Plain full-batch gradient descent on the mean cross-entropy, as in the paper. Records
     into ``diagnostics`` before the first step and every ``record_every`` steps after."""
-    if steps < 0 or record_every < 1:
-        raise ValueError(f"steps must be >= 0 and record_every >= 1, got {steps}, {record_every}")
+    _check_count("steps", steps, 0)
+    _check_count("record_every", record_every, 1)
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(steps + 1):
         loss, tokens, weights = _step_loss(model, data)
@@ -91,8 +100,8 @@ def train_minibatch_adam(model, data: TextDataset, epochs: int, batch_size: int 
                          diagnostics: TopicDiagnostics | None = None) -> list[float]:
     """Minibatch Adam over shuffled batches; returns the mean loss of each epoch and records
     into ``diagnostics`` after every epoch (on the last batch)."""
-    if epochs < 0 or batch_size < 1:
-        raise ValueError(f"epochs must be >= 0 and batch_size >= 1, got {epochs}, {batch_size}")
+    _check_count("epochs", epochs, 0)
+    _check_count("batch_size", batch_size, 1)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []

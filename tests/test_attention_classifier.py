@@ -155,3 +155,17 @@ def test_minibatch_adam_learns_the_topics(one_thread):
     assert accuracy(model, data) >= 0.95
     assert diagnostics.stacked("attention")[-1].mean() > 3 / 21
     assert not math.isnan(history[-1])
+
+
+def test_training_helpers_name_their_bad_arguments():
+    data = topic_dataset(8, 50, m=3)
+    model = AttentionClassifier(50, 8, 8, 2)
+    with pytest.raises(ValueError, match="no diagnostics recorded yet"):
+        identity_residual(TopicDiagnostics(data.topic_words), 1.0, 3)
+    for name, kwargs in (("steps", {"steps": 2.5}), ("steps", {"steps": -1}),
+                         ("record_every", {"steps": 2, "record_every": 0})):
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            train_full_batch_gd(model, data, **kwargs)
+    for name, kwargs in (("batch_size", {"epochs": 1, "batch_size": 1.5}), ("epochs", {"epochs": True})):
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            train_minibatch_adam(model, data, **kwargs)
