@@ -51,3 +51,17 @@ def profiled(op: str):
                 return fn(*args, **kwargs)
         return call
     return wrap
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, or ValueError naming it when it cannot run here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a device name (cpu or cuda)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: symfast runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch finds no CUDA device here "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+    return dev

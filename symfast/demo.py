@@ -70,16 +70,17 @@ def run(out: str | os.PathLike = "symfast-demo", checkpoint: str | os.PathLike |
                              f"int, got {value!r}")
     if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma < 80:
         raise ValueError(f"sigma must be a number in (0, 80), got {sigma!r}")
-    folder = _writable_folder(out)
     label = "symfast/assets/demo-d4-digits (shipped)" if checkpoint is None else str(checkpoint)
     checkpoint = DEMO_CHECKPOINT if checkpoint is None else checkpoint
     denoiser, cfg = load(checkpoint, device=device)
     group = denoiser.group
     if group is None:
-        raise ValueError(f"checkpoint {label!r} is of a model without a group "
-                         f"(equivariance {cfg.equivariance!r}): the demo shows equivariance, so it "
+        trained = f", group {cfg.group}" if cfg.group else ""
+        raise ValueError(f"checkpoint {label!r} samples without a group (equivariance "
+                         f"{cfg.equivariance!r}{trained}): the demo shows exact equivariance, so it "
                          f"needs one trained with equivariance 'wt' or 'fa'")
     shape = image_shape(cfg)
+    folder = _writable_folder(out)  # after the checks: a bad argument leaves nothing
 
     t0 = time.perf_counter()
     x = sample(denoiser, (n,) + shape, sampler="heun", steps=steps, seed=seed, progress=False,

@@ -76,6 +76,27 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
+def test_sample_and_denoise_check_their_arguments_before_any_work(wt_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file.txt").write_text("x")
+    (tmp_path / "folder").mkdir()
+    common = ["--checkpoint", str(wt_run), "--n", "2", "--steps", "2"]
+    for argv, message in [
+        (["sample", *common, "--out", "grid/"], "out='grid/' must be the path of a .png file"),
+        (["sample", *common, "--out", "folder"], "must be the path of a .png file"),
+        (["sample", *common, "--out", "x.jpg"], "out='x.jpg' must be the path of a .png file"),
+        (["sample", "--checkpoint", "a-file.txt", "--out", "x.png"], "is a file, not a checkpoint"),
+        (["sample", *common, "--device", "cuda" if not torch.cuda.is_available() else "tpu",
+          "--out", "x.png"], "device="),
+        (["denoise", "--checkpoint", str(wt_run), "--sigma", "0.5", "a-file.txt", "out.jpeg"],
+         "must be the path of a .png file"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file.txt", "folder"]
+
+
 def test_denoise_refuses_an_image_of_another_size(wt_run, tmp_path, capsys):
     save_image_grid(torch.zeros(1, 12, 12), tmp_path / "big.png", padding=0)
     assert main(["denoise", "--checkpoint", str(wt_run), "--sigma", "0.3", str(tmp_path / "big.png"),

@@ -205,8 +205,11 @@ def test_demo_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_runs)
     (tmp_path / "a-file").write_text("x")
     done = _demo_cli("--out", "a-file/sub", cwd=tmp_path)
     assert done.returncode == 2 and "out='a-file/sub' cannot be written" in done.stderr
-    for folder in ("d1", "d2"):  # created and probed, but nothing written into it
-        assert not (tmp_path / folder).exists() or not list((tmp_path / folder).iterdir())
+    done = _demo_cli("--device", "cuda" if not torch.cuda.is_available() else "tpu", "--out", "d4",
+                     cwd=tmp_path)
+    assert done.returncode == 2 and "device=" in done.stderr and "Traceback" not in done.stderr
+    for folder in ("d1", "d2", "d4"):  # the checks run before the folder is made
+        assert not (tmp_path / folder).exists()
     from symfast import demo
     with pytest.raises(ValueError, match="n must be"):
         demo.run(tmp_path / "d3", n=0)

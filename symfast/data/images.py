@@ -221,6 +221,14 @@ def image_folder(path: str | os.PathLike, size: int, channels: int = 3) -> Image
     return ImageTensorDataset(torch.stack(images), name=root.resolve().name or "images")
 
 
+def check_png_path(path: str | os.PathLike, name: str = "out") -> None:
+    """ValueError naming ``name`` unless ``path`` is a .png file path (not a folder): the grids
+    are PNGs, and a folder-like path would become a file of that name."""
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir() or Path(text).suffix.lower() != ".png":
+        raise ValueError(f"{name}={text!r} must be the path of a .png file")
+
+
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
                     padding: int = 1, scale: int = 1) -> None:
     """Write images (B, C, H, W) or one image (C, H, W), C in (1, 3), values in [-1, 1], as one PNG
@@ -232,6 +240,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     by this integer factor, each pixel a scale×scale block (for viewing small images).
     """
     from PIL import Image
+    check_png_path(path, "path")
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor (B, C, H, W), got {type(images).__name__}")
     if images.dim() == 3:

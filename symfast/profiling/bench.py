@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from symfast._backend import check_device
 from symfast._io import atomic_path, atomic_write_text
 from symfast.profiling import cases, timing
 
@@ -21,20 +22,6 @@ COLUMNS = ["op", "backend", "dtype", "size", "shape", "median_ms", "q10_ms", "q9
            "throughput_unit", "share_of_limit", "bound", "bytes", "flops", "floor_ms", "device",
            "machine", "error"]
 DTYPES = tuple(timing.DTYPES)
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device, or ValueError naming it when it cannot run here."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={device!r} is not a device name (cpu or cuda)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r}: symfast runs on cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but torch finds no CUDA device here "
-                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
-    return dev
 
 
 def available_backends(device: torch.device) -> list[str]:

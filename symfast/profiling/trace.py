@@ -361,7 +361,7 @@ def profile_sample(out: str | os.PathLike, *, checkpoint: str | os.PathLike | No
                    ema: int | None = 0, device: str = "cpu", seed: int = 0) -> Report:
     """Profile sampling ``n`` images from ``checkpoint`` (default: the demo's shipped model):
     one warm-up run, then one ``steps``-step run of ``sampler`` under the profiler."""
-    from symfast.profiling.bench import check_device
+    from symfast._backend import check_device
     from symfast.samplers import sample
     from symfast.train import load
     from symfast.train.api import image_shape
@@ -393,7 +393,7 @@ def profile_sfbd(out: str | os.PathLike, *, checkpoint: str | os.PathLike | None
     checkpoint's model (default: the demo's), EDM's Heun PF-ODE on the ``denoise_steps`` grid
     cut at tau; ``steps`` such batches under the profiler after one warm-up."""
     from symfast.data import digits
-    from symfast.profiling.bench import check_device
+    from symfast._backend import check_device
     from symfast.samplers import denoise
     from symfast.train import load
     from symfast.train.api import image_shape
@@ -438,7 +438,7 @@ def profile_train(out: str | os.PathLike, *, config: str | os.PathLike | dict | 
     warm-up ones. Without ``config`` the run starts from a tiny WT model on 8x8 digits
     (TINY_TRAIN), which ``overrides`` (TrainConfig fields) change. The run's own files (config,
     metrics) go to ``out``/run; no checkpoint is written."""
-    from symfast.profiling.bench import check_device
+    from symfast._backend import check_device
     from symfast.train import make_config
     from symfast.train.distributed import World
     from symfast.train.loop import _Run
@@ -480,7 +480,8 @@ def profile_op(out: str | os.PathLike, op: str, *, size: str = "small", dtype: s
     """Profile ``steps`` calls of one op (``symfast bench all``'s case at ``size``) on
     ``backend`` (default: the fastest here; "compile" for torch.compile of the reference)."""
     from symfast.profiling import cases
-    from symfast.profiling.bench import available_backends, check_device
+    from symfast._backend import check_device
+    from symfast.profiling.bench import available_backends
 
     cases.check_op(op)
     cases.check_size(size)

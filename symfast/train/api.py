@@ -31,6 +31,8 @@ def load(path: str | os.PathLike, *, ema: int | None = 0, network: nn.Module | N
     The Denoiser is set up as the run samples: frame-averaged for equivariance "fa", declared
     equivariant (one call, noise transformed with the state) for "wt", plain otherwise.
     """
+    from symfast._backend import check_device
+    device = check_device(device)
     ckpt = checkpoint.resolve(path)
     cfg = TrainConfig.from_dict(ckpt.state["config"])
     model = network
@@ -93,11 +95,12 @@ def sample_to_file(checkpoint_path: str | os.PathLike, out: str | os.PathLike, n
                    ema: int | None = 0, device: str = "cpu", progress: bool = True) -> torch.Tensor:
     """Sample ``n`` images from a checkpoint and write them as one PNG grid to ``out``.
     Returns the samples, (n, C, H, W) in [-1, 1]."""
-    from symfast.data.images import save_image_grid
+    from symfast.data.images import check_png_path, save_image_grid
     from symfast.samplers import sample
 
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
+    check_png_path(out)
     denoiser, cfg = load(checkpoint_path, ema=ema, device=device, group=group)
     x = sample(denoiser, (n,) + image_shape(cfg), sampler=sampler, steps=steps, seed=seed,
                progress=progress, device=device).clamp(-1, 1)
@@ -111,9 +114,10 @@ def denoise_file(checkpoint_path: str | os.PathLike, image: str | os.PathLike, o
     """Denoise the image in file ``image`` (noise level ``sigma``) with a checkpoint's model and
     write the result to ``out``. ``add_noise``: a seed; first add noise of std σ to the image
     (to try the model on a clean image). Returns the denoised image (C, H, W) in [-1, 1]."""
-    from symfast.data.images import read_image, save_image_grid
+    from symfast.data.images import check_png_path, read_image, save_image_grid
     from symfast.samplers import denoise
 
+    check_png_path(out)
     denoiser, cfg = load(checkpoint_path, ema=ema, device=device, group=group)
     channels, size, _ = image_shape(cfg)
     y = read_image(image, channels=channels)

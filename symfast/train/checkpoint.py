@@ -143,6 +143,9 @@ def load(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if path.is_file() and path.name in (STATE, TENSORS):
         path = path.parent
+    if path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a file, not a checkpoint folder (or "
+                              f"its {STATE} / {TENSORS}) or a run folder")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
