@@ -311,7 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     sample_parser.add_argument("--n", type=int, default=64)
     sample_parser.add_argument("--seed", type=int, default=0)
     sample_parser.add_argument("--out", required=True, help="the PNG grid to write")
-    denoise_parser = sub.add_parser("denoise", help="denoise an image with a checkpoint's model")
+    denoise_parser = sub.add_parser(
+        "denoise", help="denoise an image with a checkpoint's model (equivariant for wt/fa runs with "
+                        "a deterministic sampler: heun, euler, ddim, dpmpp_2m; a stochastic one draws "
+                        "noise that does not turn with the image)")
     _checkpoint_flags(denoise_parser)
     denoise_parser.add_argument("--sigma", type=float, required=True, help="the image's noise level")
     denoise_parser.add_argument("--add-noise", type=int, metavar="SEED",

@@ -336,6 +336,7 @@ def _nothing_written(path):
     ({"fa_train": True}, "fa_train=True needs equivariance='fa'"),
     ({"channels": (8, 0)}, "channels must be a non-empty list of positive ints"),
     ({"learning_rate": 1.0}, r"unknown config field\(s\) \['learning_rate'\]"),
+    ({"model": "diffusers-unet", "channels": (12, 24)}, r"channels=\[12, 24\] must each be divisible by 8"),
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
     out = tmp_path / "run"

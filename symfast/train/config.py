@@ -152,6 +152,12 @@ class TrainConfig:
             raise ValueError(f"image_size={self.image_size} cannot be pooled {len(self.channels) - 1} "
                              f"times by a UNet with channels={list(self.channels)}: it must be "
                              f"divisible by {multiple}")
+        if self.model == "diffusers-unet":
+            groups = min(8, *self.channels)  # build.py's norm_num_groups
+            if any(c % groups for c in self.channels):
+                raise ValueError(f"channels={list(self.channels)} must each be divisible by {groups} "
+                                 f"for model='diffusers-unet' (its GroupNorm layers have "
+                                 f"min(8, *channels) = {groups} groups)")
         if self.group is not None:
             from symfast.groups import get
             get(self.group)  # names the group in its error when unknown
