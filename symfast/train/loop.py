@@ -385,6 +385,8 @@ class _Run:
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         if "rng.torch_cpu" in t:
             torch.set_rng_state(t["rng.torch_cpu"])
+        # rank 0 carries the interval's sums on (the log adds every rank's)
+        self.resumed_sums = t.get("log.interval_sums") if self.world.is_main else None
         self.step = ckpt.step
         self.nimg = int(ckpt.state["nimg"])
         self.skipped = int(ckpt.state.get("nonfinite_skipped", 0))
@@ -421,8 +423,16 @@ class _Run:
         return tensors, state
 
     def _save_checkpoint(self) -> None:
+        # the log interval's sums so far (every rank's), so a resumed run's next metrics row
+        # covers the whole interval as the uninterrupted run's does
+        acc = getattr(self, "acc", None)
+        if acc is not None:
+            acc = acc.clone()
+            self.world.all_reduce_sum(acc)
         if self.world.is_main:
             tensors, state = self._checkpoint_payload()
+            if acc is not None:
+                tensors["log.interval_sums"] = acc.cpu()
             checkpoint.save(self.run_dir, self.step, tensors, state, keep=self.cfg.keep)
         self.world.barrier()
         self.last_checkpoint = checkpoint.path_for(self.run_dir, self.step)
@@ -498,6 +508,9 @@ class _Run:
                         disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
         # sums over a log interval: loss, count, reg, grad norm, then per bin (loss, count)
         self.acc = torch.zeros(4 + 2 * len(self.bin_names), dtype=torch.float64, device=world.device)
+        resumed = getattr(self, "resumed_sums", None)
+        if resumed is not None and resumed.shape == self.acc.shape:
+            self.acc.copy_(resumed)
         self.consecutive_bad, self.last_loss = 0, None
         self.tick, self.tick_nimg = time.perf_counter(), self.nimg
         self.busy_cores = BusyCores() if world.device.type == "cpu" and world.is_main else None
