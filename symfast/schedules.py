@@ -79,11 +79,15 @@ def sigmas_from_alphas_cumprod(ac: torch.Tensor) -> torch.Tensor:
 
 
 def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0,
-              integer: bool = True) -> np.ndarray:
+              integer: bool = True, diffusers_arange: bool = False) -> np.ndarray:
     """Descending inference timesteps, diffusers' ``set_timesteps``.
 
     ``integer=True`` is DDIM/DDPM (int64; linspace rounded); ``integer=False`` is the Euler family
-    (float32; linspace kept fractional).
+    (float32; linspace kept fractional). "trailing" gives exactly ``steps`` timesteps in
+    [0, n − 1]; diffusers' own ``np.arange(n, 0, −n/steps)`` yields one more, ending in −1, for
+    some step counts (61, 103, 121, ... of n = 1000: its float steps stop just above 0), which
+    sends the grid back up to σ_max; ``diffusers_arange=True`` keeps that, for the diffusers
+    drop-ins' exact parity.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -102,7 +106,9 @@ def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", st
         return out
     if spacing == "trailing":
         ratio = n / steps
-        out = np.round(np.arange(n, 0, -ratio)).astype(np.int64 if integer else np.float32)
+        grid = np.arange(n, 0, -ratio)
+        grid = grid if diffusers_arange else grid[:steps]
+        out = np.round(grid).astype(np.int64 if integer else np.float32)
         out -= 1
         return out
     raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")

@@ -80,6 +80,20 @@ def test_karras_and_ve_grids():
     np.testing.assert_allclose(v, [50, math.sqrt(0.5), 0.01, 0], rtol=1e-12)
 
 
+def test_trailing_spacing_gives_exactly_steps_descending_timesteps():
+    """diffusers' np.arange(n, 0, -n/steps) yields steps + 1 timesteps ending in -1 for some
+    step counts (61 of 1000 among them), which sent the σ grid back up to σ_max."""
+    sched = DDPMSchedule()
+    for steps in range(1, 1001):
+        t = sched.timesteps(steps, "trailing")
+        assert len(t) == steps and t.min() >= 0 and (np.diff(t) < 0).all(), steps
+    for sampler in ("ddim", "euler"):
+        grid = sched.sampling_sigmas(sampler, 61, "trailing", False)
+        assert len(grid) == 62 and (np.diff(grid) < 0).all() and grid[-1] == 0
+    # the diffusers drop-ins keep diffusers' own timesteps (tests/test_integrations_diffusers.py)
+    assert timesteps(1000, 61, "trailing", diffusers_arange=True)[-1] == -1
+
+
 def test_a_users_own_vp_schedule_is_asked_not_typed():
     # A VP schedule that is not a DDPMSchedule subclass: the Denoiser's c_in, the start scale and
     # v-prediction follow its methods, so it gives the same samples as the DDPMSchedule it copies.

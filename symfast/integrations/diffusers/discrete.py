@@ -125,7 +125,7 @@ class DDPMScheduler(_DiscreteScheduler):
             if num_inference_steps is None:
                 raise ValueError("pass num_inference_steps or timesteps")
             table = schedules.timesteps(cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing,
-                                        cfg.steps_offset, integer=True)
+                                        cfg.steps_offset, integer=True, diffusers_arange=True)
             self.custom_timesteps = False
             self.num_inference_steps = num_inference_steps
         self._set_integer_timesteps(table, device)
@@ -266,7 +266,7 @@ class DDIMScheduler(_DiscreteScheduler):
         """``num_inference_steps`` descending integer timesteps with the config's spacing."""
         cfg = self.config
         table = schedules.timesteps(cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing,
-                                    cfg.steps_offset, integer=True)
+                                    cfg.steps_offset, integer=True, diffusers_arange=True)
         self.num_inference_steps = num_inference_steps
         self._set_integer_timesteps(table, device)
 

@@ -65,7 +65,8 @@ class _SigmaScheduler(Scheduler):
             table = np.array(timesteps, dtype=np.float32)
         else:
             table = schedules.timesteps(num_train_timesteps or cfg.num_train_timesteps, num_inference_steps,
-                                        cfg.timestep_spacing, cfg.steps_offset, integer=False)
+                                        cfg.timestep_spacing, cfg.steps_offset, integer=False,
+                                        diffusers_arange=True)
         train_sigmas = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
         if cfg.get("interpolation_type", "linear") == "log_linear":
             grid = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]),
