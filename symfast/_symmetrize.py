@@ -1,6 +1,7 @@
 """Frame averaging: make any model equivariant, and measure how equivariant a function is."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -93,12 +94,16 @@ def symmetrize(model: nn.Module | Callable, group: Group | str, chunks: int | No
 @torch.no_grad()
 def equivariance_error(f: Callable[[torch.Tensor], Any], x: torch.Tensor, group: Group | str) -> float:
     """max_k ‖f(g_k x) − g_k f(x)‖ / ‖f(x)‖ over the group's elements (f's output must be acted
-    on by the same group, e.g. an image-to-image map)."""
+    on by the same group, e.g. an image-to-image map). NaN when any output is not finite: an
+    error that cannot be measured is not small."""
     group = get(group)
     fx = _main_tensor(f(x))
     norm = fx.float().norm()
     worst = 0.0
     for k in range(len(group)):
-        diff = _main_tensor(f(group.act(x, k))).float() - group.act(fx, k).float()
+        fgx = _main_tensor(f(group.act(x, k))).float()
+        if not (torch.isfinite(fgx).all() and torch.isfinite(fx).all()):
+            return math.nan
+        diff = fgx - group.act(fx, k).float()
         worst = max(worst, float(diff.norm() / norm.clamp_min(torch.finfo(torch.float32).tiny)))
     return worst

@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 from conftest import rel_err
@@ -56,6 +57,22 @@ def test_symmetrize_passes_gradients_and_unwraps_diffusers_style_outputs():
     xr = x.detach().requires_grad_()
     reference.orbit_mean(conv(reference.orbit(xr, g)), g).square().sum().backward()
     assert rel_err(x.grad, xr.grad) <= 1e-5
+
+
+def test_equivariance_error_of_a_non_finite_output_is_nan():
+    g, x = groups.get("d4"), torch.randn(2, 1, 6, 6)
+
+    def nan_when_turned(z):
+        return z if torch.equal(z, x) else z * float("nan")
+
+    def one_nan_pixel(z):
+        out = z.flip(-1).clone()
+        out[0, 0, 0, 0] = float("nan")
+        return out
+
+    for f in (lambda z: z * float("nan"), nan_when_turned, one_nan_pixel):
+        assert math.isnan(equivariance_error(f, x, g))  # max() with NaN kept 0.0 before
+    assert equivariance_error(lambda z: z.flip(-1), x, g) > 0.5
 
 
 def test_symmetrize_bad_inputs():
