@@ -111,7 +111,7 @@ class Denoiser(nn.Module):
         if frame_average is None:
             declared = getattr(model, "group", None)
             frame_average = self.group is not None and not (
-                isinstance(declared, Group) and declared.name == self.group.name)
+                isinstance(declared, Group) and declared.same_elements(self.group))
         if frame_average and self.group is None:
             raise ValueError("frame_average=True needs group=")
         self.frame_average = frame_average

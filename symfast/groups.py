@@ -95,6 +95,18 @@ class Group:
     def __repr__(self) -> str:
         return f"Group({self.name!r}, order={len(self)}, event_ndim={self.event_ndim})"
 
+    def same_elements(self, other: "Group") -> bool:
+        """Whether ``other`` acts by the same set of transformations (names alone do not say:
+        every channel_perm group on C channels is named "channel_perm(C)")."""
+        if other is self:
+            return True
+        if (not isinstance(other, Group) or len(other) != len(self)
+                or other.event_ndim != self.event_ndim or other.probe_shape != self.probe_shape):
+            return False
+        def rows(g: "Group") -> list[tuple[int, ...]]:
+            return sorted(map(tuple, g._signed_tables(g.probe_shape).tolist()))
+        return rows(self) == rows(other)
+
     def _index(self, k: Any, name: str = "k") -> int:
         """k as an element index: an integer in [0, |G|) (a negative index would wrap silently)."""
         try:

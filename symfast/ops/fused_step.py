@@ -185,7 +185,7 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
                                           and 0 <= noise_element < len(noise_group)):
         raise ValueError(f"noise_element must be an int in [0, {len(noise_group)}) for group "
                          f"{noise_group.name}, got {noise_element!r}")
-    if noise_group.name != group.name and order > 1:
+    if order > 1 and not noise_group.same_elements(group):
         raise ValueError(f"noise_group is for a network equivariant by construction; with "
                          f"group={group.name} (frame averaging) the noise is transformed by it")
     backend = _dispatch.resolve(backend, x, _OP)
