@@ -41,7 +41,7 @@ from symfast._io import atomic_path  # noqa: E402
 from symfast.data import NoisyDataset, digits  # noqa: E402
 from symfast.groups import get  # noqa: E402
 from symfast.nn import EquivariantUNet, UNet  # noqa: E402
-from symfast.samplers.api import sampling_sigmas  # noqa: E402
+from symfast.samplers.api import denoise_sigmas  # noqa: E402
 
 CHANNELS = (32, 64, 64)
 BATCH = 32
@@ -62,8 +62,7 @@ def denoisers(size: int) -> dict[str, Denoiser]:
 def edm_loop(denoiser: Denoiser, y: torch.Tensor, tau: float, steps: int) -> torch.Tensor:
     """EDM's edm_sampler (S_churn = 0) as SFBD's code calls it: the grid cut at τ with τ first,
     float64 state, the network called on float32 input."""
-    full = sampling_sigmas(denoiser, "heun", steps, karras=True)
-    t_steps = torch.as_tensor(np.concatenate([[tau], full[full < tau * (1 - 1e-9)]]), dtype=torch.float64)
+    t_steps = torch.as_tensor(denoise_sigmas(denoiser, tau, "heun", steps), dtype=torch.float64)
     x_next = y.to(torch.float64)
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_hat, t_hat = x_next, t_cur

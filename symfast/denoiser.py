@@ -63,6 +63,9 @@ class LossTerms(NamedTuple):
 
 
 def _check_output(out: torch.Tensor, x_in: torch.Tensor) -> None:
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+        raise TypeError(f"the model output must be a floating tensor, got {got}")
     if out.shape != x_in.shape:
         raise ValueError(f"the model output has shape {tuple(out.shape)} but the sample it was "
                          f"given has shape {tuple(x_in.shape)}")
@@ -100,6 +103,9 @@ class Denoiser(nn.Module):
             raise TypeError(f"schedule must be a symfast.schedules.Schedule, got {type(schedule).__name__}")
         if prediction == "v" and not schedule.variance_preserving:
             raise ValueError("prediction='v' is defined for variance-preserving (DDPMSchedule) schedules")
+        if not callable(model):
+            raise TypeError(f"model must be callable (an nn.Module or a function of (x, t)), got "
+                            f"{type(model).__name__}")
         if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
             raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
         self.model = model
@@ -115,6 +121,9 @@ class Denoiser(nn.Module):
         if frame_average and self.group is None:
             raise ValueError("frame_average=True needs group=")
         self.frame_average = frame_average
+        if sigma_data is not None and (isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float))
+                                       or not 0 < sigma_data < math.inf):
+            raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
         self.sigma_data = float(sigma_data if sigma_data is not None
                                 else getattr(schedule, "sigma_data", 0.5))
         self.chunks = chunks
@@ -286,8 +295,9 @@ class Denoiser(nn.Module):
         c_skip, c_out, c_in = self._scalings(sigma.float().reshape(view), torch.sqrt)
         x = x0 + sigma.reshape(view).to(x0.dtype) * noise
         x_in = x * c_in
-        out = self.network(x_in, t).float()
+        out = self.network(x_in, t)
         _check_output(out, x_in)
+        out = out.float()
         target = (x0.float() - c_skip * x.float()) / c_out
         dsm = (out - target).pow(2).flatten(1).mean(1)
         reg = None

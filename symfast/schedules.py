@@ -289,6 +289,16 @@ class EDMSchedule(Schedule):
     p_mean: float = -1.2
     p_std: float = 1.2
 
+    def __post_init__(self) -> None:
+        for name in ("sigma_min", "sigma_max", "sigma_data", "rho", "p_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min={self.sigma_min} must be below sigma_max={self.sigma_max}")
+        if isinstance(self.p_mean, bool) or not isinstance(self.p_mean, (int, float)) or not math.isfinite(self.p_mean):
+            raise ValueError(f"p_mean must be a finite number, got {self.p_mean!r}")
+
     def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """EDM's training σ ~ lognormal(P_mean, P_std), by the normal quantile of u."""
         log_sigma = self.p_mean + self.p_std * torch.special.ndtri(u.double().clamp(1e-12, 1 - 1e-12))

@@ -323,11 +323,61 @@ def test_bad_inputs(eps_fa, edm_fa):
         sample(eps_fa, _x(), sampler="plms", steps=2, progress=False)
     with pytest.raises(ValueError, match="prediction must be one of"):
         Denoiser(TinyNet(), "score")
+    with pytest.raises(TypeError, match="model must be callable"):
+        Denoiser("not a model", "eps")
+    for sigma_data in (0.0, -0.5, math.nan, math.inf):
+        with pytest.raises(ValueError, match="sigma_data must be a finite number > 0"):
+            Denoiser(TinyNet(), "edm", sigma_data=sigma_data)
+        with pytest.raises(ValueError, match="sigma_data must be a finite number > 0"):
+            EDMSchedule(sigma_data=sigma_data)
+    for dtype in (torch.int64, torch.bool, torch.complex64):
+        wrong = Denoiser(lambda x, t, dtype=dtype: x.to(dtype), "eps", DDPMSchedule())
+        with pytest.raises(TypeError, match="model output must be a floating tensor"):
+            sample(wrong, _x(), sampler="euler", steps=2, progress=False)
     with pytest.raises(ValueError, match="transform_noise"):
         sample(Denoiser(TinyNet(), "edm"), _x(), sampler="ddpm", steps=2, transform_noise=1,
                progress=False)
     with pytest.raises(TypeError, match="sigma must be a host float"):
         denoise(edm_fa, _x(), torch.tensor(0.5))
+    with pytest.raises(TypeError, match="sigma must be a host float"):
+        denoise(edm_fa, _x(), True)
+    assert torch.equal(denoise(edm_fa, _x(), np.float32(0.5), steps=3),
+                       denoise(edm_fa, _x(), float(np.float32(0.5)), steps=3))
+    for name, kwargs in [("eta", {"sampler": "ddim", "eta": 1.5}), ("eta", {"sampler": "ddim", "eta": math.nan}),
+                         ("eta", {"sampler": "euler_ancestral", "eta": -1.0}),
+                         ("s_churn", {"sampler": "heun", "s_churn": -1.0}),
+                         ("s_noise", {"sampler": "heun", "s_churn": 1.0, "s_noise": math.nan}),
+                         ("s_noise", {"sampler": "euler_ancestral", "s_noise": "1"}),
+                         ("s_tmax", {"sampler": "euler", "s_tmax": math.nan})]:
+        with pytest.raises(ValueError, match=f"{name} must be a"):
+            sample(eps_fa, _x(), steps=2, progress=False, **kwargs)
+    for bad, error, match in [(torch.zeros(()), ValueError, r"x_T must be \(B, ...\)"),
+                              (torch.zeros(4), ValueError, r"x_T must be \(B, ...\)"),
+                              (torch.full((2, 2, 8, 8), math.nan), ValueError, "x_T holds non-finite"),
+                              ((1.9, 2, 8, 8), TypeError, "x_T_or_shape must be"),
+                              (4, TypeError, "x_T_or_shape must be")]:
+        with pytest.raises(error, match=match):
+            sample(eps_fa, bad, sampler="euler", steps=2, progress=False)
+    for dtype in (torch.int32, "float64"):
+        with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+            sample(eps_fa, (2, 2, 8, 8), sampler="euler", steps=2, progress=False, dtype=dtype)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        sample(eps_fa, (2, 2, 8, 8), sampler="euler", steps=2, progress=False, generator=3)
+    with pytest.raises(ValueError, match="y holds non-finite"):
+        denoise(edm_fa, torch.full((2, 2, 8, 8), math.inf), 0.5)
+
+
+def test_denoise_is_continuous_in_sigma_near_a_grid_value(edm_fa):
+    """σ read back from float32 sits just above the grid value it came from: the grid value is
+    left out rather than kept as a step of ~1e-8 (DPM-Solver++(2M)'s extrapolation blew up)."""
+    from symfast.samplers.api import denoise_sigmas
+    grid = denoise_sigmas(edm_fa, 80.0, "dpmpp_2m", 10)  # 80 is the grid's first value
+    on = float(grid[3])
+    above = float(np.float32(on)) if float(np.float32(on)) > on else np.nextafter(on, np.inf)
+    assert len(denoise_sigmas(edm_fa, above, "dpmpp_2m", 10)) == len(denoise_sigmas(edm_fa, on, "dpmpp_2m", 10))
+    y = _x()
+    a, b = (denoise(edm_fa, y, s, sampler="dpmpp_2m", steps=10) for s in (on, above))
+    assert rel_err(b, a) <= 1e-4
 
 
 def test_one_step_on_a_ddpm_schedule_with_karras_sigmas():

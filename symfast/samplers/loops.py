@@ -12,6 +12,7 @@ churn) and denoised D(x, σ̂); not the state the step returns.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -51,9 +52,22 @@ def sample_euler(denoiser, x, sigmas: np.ndarray, noise: NoiseSource, callback: 
                         heun=False)
 
 
+def _check_option(name: str, value, high: float = math.inf, infinite: bool = False) -> None:
+    """A sampler option: a real number in [0, high] (finite unless ``infinite``), or a
+    ValueError naming it (a NaN would reach the samples, a string the arithmetic)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value)
+            or not 0 <= value <= high or (math.isinf(value) and not infinite)):
+        bound = "" if high == math.inf else f", at most {high:g}"
+        raise ValueError(f"{name} must be a {'' if infinite else 'finite '}number >= 0{bound}, "
+                         f"got {value!r}")
+
+
 def _karras_loop(denoiser, x, sigmas, noise, callback, progress, s_churn, s_tmin, s_tmax, s_noise, heun):
     """EDM's Algorithm 2: churn to σ̂, then an Euler step, and with ``heun`` the trapezoidal
     correction (Euler on the last step, to σ = 0)."""
+    for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_noise", s_noise)):
+        _check_option(name, value)
+    _check_option("s_tmax", s_tmax, infinite=True)
     n = len(sigmas) - 1
     for i in trange(n, disable=not progress):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
@@ -93,6 +107,8 @@ def _ancestral_loop(denoiser, x, sigmas, noise, callback, progress, split, s_noi
 def sample_euler_ancestral(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
                            progress: bool = True, eta: float = 1.0, s_noise: float = 1.0):
     """Euler ancestral: Euler to σ_down, then noise of std s_noise·σ_up."""
+    _check_option("eta", eta)
+    _check_option("s_noise", s_noise)
     return _ancestral_loop(denoiser, x, sigmas, noise, callback, progress,
                            lambda s, n: ancestral_split(s, n, eta), s_noise)
 
@@ -100,9 +116,10 @@ def sample_euler_ancestral(denoiser, x, sigmas, noise: NoiseSource, callback: Ca
 @torch.no_grad()
 def sample_ddim(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
                 progress: bool = True, eta: float = 0.0):
-    """DDIM (Song et al.) with η ≥ 0; η = 0 is deterministic (and equals Euler in σ form)."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    """DDIM (Song et al.) with 0 ≤ η ≤ 1; η = 0 is deterministic (and equals Euler in σ form),
+    η = 1 is DDPM's posterior step. Above 1 the noise would exceed the next level σ' (diffusers
+    returns NaN there)."""
+    _check_option("eta", eta, high=1.0)
     return _ancestral_loop(denoiser, x, sigmas, noise, callback, progress,
                            lambda s, n: ddim_split(s, n, eta))
 
