@@ -141,3 +141,27 @@ def test_compiled_attention_pool_still_refuses_out_of_range_ids():
         compiled(good + 7, lengths)
     with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, L = 5\]"):
         compiled(good, lengths + 1)
+
+
+@pytest.mark.parametrize("name", ["tied_conv2d", "attention_pool", "classifier_select",
+                                  "group_norm_silu"])
+def test_a_double_backward_through_a_kernel_is_an_error_naming_the_op(name):
+    """A constant incoming gradient (grad(f·v, x, create_graph=True), a gradient penalty) made
+    torch's once_differentiable return gradients silently cut from the op's other inputs; now
+    differentiating them again fails, naming the op."""
+    inputs, f = _calls(requires_grad=True)[name]
+    out = f("cpu", *inputs)
+    v = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * v).sum(), inputs, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"symfast::{name}'s backward is not differentiable"):
+        sum(g.square().sum() for g in grads).backward()
+    # first-order gradients are untouched, create_graph or not
+    plain = torch.autograd.grad((f("cpu", *inputs) * v).sum(), inputs)
+    for a, b in zip(grads, plain):
+        assert torch.equal(a.detach(), b)
+
+
+def test_fused_step_is_differentiable_twice():
+    x, y = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((2, 3, 4, 4), (16, 3, 4, 4)))
+    assert torch.autograd.gradgradcheck(lambda a, b: ops.fused_step(a, b, COEFS._replace(c=0.0), "d4",
+                                                                    backend="cpu")[0], (x, y))

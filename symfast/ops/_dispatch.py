@@ -156,6 +156,35 @@ def custom_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any]):
     return op
 
 
+def _once_differentiable(backward: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """torch's once_differentiable, but a double backward through it always fails, naming the
+    op. torch's marks the gradients as non-differentiable only when an incoming gradient requires
+    grad: with a constant one (grad(f(x)·v, x, create_graph=True)) the input gradient silently
+    lost its dependence on the weight, and a gradient penalty its weight term."""
+    from torch._C import _functions
+
+    message = (f"{name}'s backward is not differentiable (no double backward); use "
+               f"backend='reference' for higher-order gradients").encode()
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():  # create_graph=False: nothing will differentiate these
+            return outputs
+        outs = outputs if isinstance(outputs, tuple) else (outputs,)
+        fail = _functions.DelayedError(message, len(outs))
+
+        def tracked(t):
+            if t is None:
+                return t
+            t = t.detach()
+            t.requires_grad = True
+            return t
+        return fail(*[tracked(t) for t in outs])
+    return wrapper
+
+
 def kernel_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any],
               setup_context: Callable[..., None] | None = None,
               make_backward: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
@@ -193,8 +222,7 @@ def kernel_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any],
                 return eager_backward(ctx, *grads)
         return eager_backward(ctx, *grads)
 
-    chosen_backward = (backward if differentiable_backward
-                       else torch.autograd.function.once_differentiable(backward))
+    chosen_backward = backward if differentiable_backward else _once_differentiable(backward, name)
 
     class _Eager(torch.autograd.Function):
         @staticmethod

@@ -81,7 +81,7 @@ def _make_backward(_unused):
 
 _fused_step_op, _fused_step_call = _dispatch.kernel_op(
     "symfast::fused_step", _fused_step_impl, _fused_step_fake, _setup_context, _make_backward,
-    None, None)
+    None, None, differentiable_backward=True)
 
 
 def _identity_table(n: int, device: torch.device) -> torch.Tensor:
