@@ -321,3 +321,20 @@ def test_a_1x1_bottom_level_with_single_channel_groups_is_refused_clearly(cls):
     # 16 channels in 8 groups at the bottom: two values per group, a valid 1x1 bottom level
     wide = getattr(snn, cls)(1, 1, (16, 16, 16))
     assert wide(torch.randn(1, 1, 4, 4), torch.tensor(0.3)).isfinite().all()
+
+
+def test_pointwise_conv_gradients_are_float64_for_a_float64_layer():
+    """Every 1x1 conv of the UNets: its bias gradient was summed in fp32 whatever the dtype."""
+    from symfast.nn.unet import PointwiseConv2d
+    torch.manual_seed(0)
+    pointwise = PointwiseConv2d(3, 2).double()
+    conv = torch.nn.Conv2d(3, 2, 1).double()
+    conv.load_state_dict(pointwise.state_dict())
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    grad = torch.randn(4, 2, 16, 16, dtype=torch.float64) + 1e-3
+    pointwise(x).backward(grad)
+    conv(x).backward(grad)
+    for mine, ref in ((pointwise.bias.grad, conv.bias.grad), (pointwise.weight.grad, conv.weight.grad)):
+        assert (mine - ref).abs().max() <= 1e-12
+    small = PointwiseConv2d(3, 2).double()
+    assert torch.autograd.gradcheck(small, (torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True),))

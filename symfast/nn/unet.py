@@ -111,7 +111,9 @@ class _Pointwise(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             gw = torch.bmm(grad, x.to(grad.dtype).transpose(1, 2)).sum(0, dtype=weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum((0, 2), dtype=torch.float32).to(ctx.bias_dtype)
+            # summed in fp32 at least (bf16 grads), in fp64 for fp64
+            acc = torch.promote_types(grad.dtype, torch.float32)
+            gb = grad.sum((0, 2), dtype=acc).to(ctx.bias_dtype)
         return gx, gw, gb
 
 
