@@ -10,6 +10,7 @@ int32 per entry: ``src`` for ``+``, ``~src`` (= -src - 1) for ``-``. Tables are 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -20,16 +21,38 @@ import torch
 Action = Callable[[torch.Tensor], torch.Tensor]
 
 
+# Elements are partials of module-level functions, not lambdas, so groups (and the modules
+# that hold one) pickle: torch.save of a model, spawn-started workers.
+def _rotate(x: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+def _flip_dims(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return torch.flip(x, dims=dims)
+
+
+def _in_turn(x: torch.Tensor, first: Action, second: Action) -> torch.Tensor:
+    return second(first(x))
+
+
+def _roll(x: torch.Tensor, shift: int) -> torch.Tensor:
+    return torch.roll(x, shift, dims=-1)
+
+
+def _permute_channels(x: torch.Tensor, perm: list[int]) -> torch.Tensor:
+    return x[..., perm, :, :]
+
+
 def _rot(k: int) -> Action:
-    return lambda x: torch.rot90(x, k, dims=(-2, -1))
+    return functools.partial(_rotate, k=k)
 
 
 def _flip(*dims: int) -> Action:
-    return lambda x: torch.flip(x, dims=dims)
+    return functools.partial(_flip_dims, dims=dims)
 
 
 def _then(first: Action, second: Action) -> Action:
-    return lambda x: second(first(x))
+    return functools.partial(_in_turn, first=first, second=second)
 
 
 class Group:
@@ -215,7 +238,7 @@ def cyclic(n: int) -> Group:
     """Cyclic shifts of the last dim, whose size must be ``n``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    return Group(f"cyclic({n})", [lambda x, s=s: torch.roll(x, s, dims=-1) for s in range(n)],
+    return Group(f"cyclic({n})", [functools.partial(_roll, shift=s) for s in range(n)],
                  event_ndim=1, probe_shape=(n,), fixed_sizes=[n])
 
 
@@ -232,7 +255,7 @@ def channel_perm(perms: Sequence[Sequence[int]]) -> Group:
     identity = list(range(c))
     if identity in perms:
         perms.remove(identity)
-    elements = [_identity] + [lambda x, p=p: x[..., p, :, :] for p in perms]
+    elements = [_identity] + [functools.partial(_permute_channels, perm=p) for p in perms]
     return Group(f"channel_perm({c})", elements, event_ndim=3, probe_shape=(c, 1, 1),
                  fixed_sizes=[c, None, None])
 

@@ -123,3 +123,24 @@ def test_fixed_sizes_is_a_constructor_argument():
         groups.Group("bad", [lambda x: x], event_ndim=1, probe_shape=(2,), fixed_sizes=[0])
 
 
+
+
+def test_groups_and_the_modules_holding_them_pickle(tmp_path):
+    """Elements were lambdas: torch.save of an EquivariantUNet failed (and spawn-started workers)."""
+    import pickle
+
+    from symfast.nn import EquivariantUNet
+    x = torch.randn(2, 3, 4, 4)
+    for g in (groups.get(name) for name in ("d4", "c4", "flip_h", "flip_v", "c2", "trivial")):
+        back = pickle.loads(pickle.dumps(g))
+        assert len(back) == len(g) and all(torch.equal(back.act(x, k), g.act(x, k)) for k in range(len(g)))
+    for g in (groups.cyclic(4), groups.channel_perm([[1, 0, 2]])):
+        back = pickle.loads(pickle.dumps(g))
+        y = torch.randn(3, 4) if g.event_ndim == 1 else x
+        assert all(torch.equal(back.act(y, k), g.act(y, k)) for k in range(len(g)))
+    torch.manual_seed(0)
+    net = EquivariantUNet(1, 1, (4, 8), "d4").eval()
+    torch.save(net, tmp_path / "net.pt")
+    loaded = torch.load(tmp_path / "net.pt", weights_only=False)
+    z, t = torch.randn(2, 1, 8, 8), torch.zeros(2)
+    assert torch.equal(loaded(z, t), net(z, t))
