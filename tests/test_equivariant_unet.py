@@ -120,6 +120,14 @@ def test_tie_weights_reports_what_still_breaks_equivariance():
     assert "wide" in flip_report.tied and "pad" in dict(flip_report.problems)
     with pytest.raises(TypeError, match="module"):
         tie_weights(lambda x: x, "d4")
+    # a bare conv cannot be replaced in place (it was left as it was, reported exact)
+    with pytest.raises(TypeError, match="TiedConv2d.from_conv2d"):
+        tie_weights(nn.Conv2d(1, 1, 3, padding=1), "d4")
+    # padding="same" with an even kernel pads one side more: tying it changed the output size
+    same = nn.Sequential(nn.Conv2d(1, 2, 4, padding="same"), nn.Conv2d(2, 2, 3, padding="same"))
+    report = tie_weights(same, "d4")
+    assert report.tied == ["1"] and "padding='same' with an even kernel" in dict(report.problems)["0"]
+    assert same(torch.randn(1, 1, 8, 8)).shape == (1, 2, 8, 8)
 
 
 def test_equivariance_loss_vanishes_for_equivariant_models_only():

@@ -150,6 +150,9 @@ def _can_tie(conv: nn.Conv2d, group: Group) -> str | None:
         return f"dilation {tuple(conv.dilation)} is not supported by TiedConv2d"
     if conv.padding_mode != "zeros":
         return f"padding_mode={conv.padding_mode!r} is not supported by TiedConv2d"
+    if conv.padding == "same" and any(k % 2 == 0 for k in conv.kernel_size):
+        return (f"padding='same' with an even kernel {tuple(conv.kernel_size)} pads one side more "
+                f"than the other, which TiedConv2d's symmetric padding cannot reproduce")
     try:
         kernel_orbits(group, tuple(conv.kernel_size))
     except ValueError as exc:
@@ -169,6 +172,9 @@ def tie_weights(module: nn.Module, group: Group | str, backend: str | None = Non
     group = get(group)
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(module, nn.Conv2d):  # in place means inside a parent; a bare layer has none
+        raise TypeError("module is itself an nn.Conv2d, which cannot be replaced in place: use "
+                        "TiedConv2d.from_conv2d(module, group)")
     report = TieReport()
     axes = _mirrored_axes(group)
     for parent_name, parent in list(module.named_modules()):
