@@ -346,3 +346,17 @@ def test_pointwise_conv_gradients_are_float64_for_a_float64_layer():
         assert (mine - ref).abs().max() <= 1e-12
     small = PointwiseConv2d(3, 2).double()
     assert torch.autograd.gradcheck(small, (torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True),))
+
+
+def test_tied_conv_takes_the_dtype_autocast_hands_it():
+    """Under autocast an nn.Conv2d before it hands over bf16 while its parameters stay fp32 (a
+    TypeError before); it runs in the input's dtype, and the gradients reach its fp32 weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=2), TiedConv2d(4, 4, 3, "d4", padding=1))
+    x = torch.randn(2, 4, 8, 8)
+    full = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), full) <= 0.05
+    out.float().sum().backward()
+    assert model[1].weight.grad.dtype == torch.float32 and torch.isfinite(model[1].weight.grad).all()

@@ -56,7 +56,13 @@ class TiedConv2d(nn.Module):
         # the op would blame the weight's shape, which is fixed here: the input is what is wrong
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but this TiedConv2d takes {self.in_channels}")
-        return tied_conv2d(x, self.weight, self.bias, self.kernel_size, self.group, self.stride,
+        weight, bias = self.weight, self.bias
+        # under autocast the layer before may hand over bf16/fp16 while the parameters stay fp32:
+        # the convolution runs in the input's dtype (as the UNets' fused norm does)
+        if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)
+            bias = bias if bias is None else bias.to(x.dtype)
+        return tied_conv2d(x, weight, bias, self.kernel_size, self.group, self.stride,
                            self.padding, backend=self.backend)
 
     def expanded_weight(self) -> torch.Tensor:
