@@ -360,3 +360,16 @@ def test_tied_conv_takes_the_dtype_autocast_hands_it():
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), full) <= 0.05
     out.float().sum().backward()
     assert model[1].weight.grad.dtype == torch.float32 and torch.isfinite(model[1].weight.grad).all()
+
+
+@pytest.mark.parametrize("cls", [UNet, EquivariantUNet])
+@pytest.mark.parametrize("kwargs, name", [({"heads": 0}, "heads"), ({"heads": -1}, "heads"),
+                                          ({"heads": 2.0}, "heads"), ({"in_channels": 0}, "in_channels"),
+                                          ({"out_channels": 0}, "out_channels"),
+                                          ({"in_channels": -1}, "in_channels")])
+def test_bad_constructor_arguments_are_named(cls, kwargs, name):
+    args = dict(in_channels=1, out_channels=1, channels=(4, 8))
+    args.update(kwargs)
+    extra = {"group": "d4"} if cls is EquivariantUNet else {}
+    with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+        cls(**args, **extra)

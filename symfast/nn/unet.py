@@ -204,8 +204,12 @@ class UNet(nn.Module):
                  group: Group | str | None = None, backend: str | None = None):
         super().__init__()
         channels = tuple(channels)
-        if not channels or not all(isinstance(c, int) and c > 0 for c in channels):
+        if not channels or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0
+                                   for c in channels):
             raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         levels = len(channels)
         attention_levels = (levels - 1,) if attention_levels is None else tuple(attention_levels)
         if any(not 0 <= a < levels for a in attention_levels):
