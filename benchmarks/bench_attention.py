@@ -13,6 +13,7 @@ load on a shared machine hits them all alike.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import statistics
 import sys
@@ -97,6 +98,8 @@ def _classifier_select_rows() -> list[dict]:
 
 
 def main() -> None:
+    # no options; the parser gives --help (symfast bench passes it on) and refuses stray ones
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     rows, bandwidth = run_attention()
     by = {r["variant"]: r["ms"] for r in rows}
     summary = {"copy_bandwidth_GB/s": bandwidth / 1e9,

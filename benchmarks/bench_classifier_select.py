@@ -13,6 +13,7 @@ load on a shared machine hits them all alike.
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -79,6 +80,8 @@ def run(rounds: int = 5, repeats: int = 10) -> list[dict]:
 
 
 def main() -> None:
+    # no options; the parser gives --help (symfast bench passes it on) and refuses stray ones
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     rows = run()
     print(f"{NAME}: B={B}, F={F}, K={K}, C={C}, {torch.get_num_threads()} threads")
     print_table(rows, ["variant", "ms", "GFLOP/s", "share_of_gemm_floor", "speedup_vs_eager"])

@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             add(sub_parser)
     sub.add_parser("info", help="version, torch, and which backends are available (and why not)")
     bench_parser = sub.add_parser("bench", help="run a benchmark script (args are passed on)")
-    bench_parser.add_argument("name", choices=sorted(BENCHMARKS) + ["all"],
+    # nargs="?" and a check below: argparse would list the optional args as missing too
+    bench_parser.add_argument("name", nargs="?", choices=sorted(BENCHMARKS) + ["all"],
                               help="a benchmark script, or all (symfast bench all --help)")
     bench_parser.add_argument("args", nargs=argparse.REMAINDER)
     train_parser = sub.add_parser("train", help="train a diffusion model (torchrun -m symfast "
@@ -339,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.add_argument("--device", default="cpu")
     ns = parser.parse_args(argv)
+    if ns.command == "bench" and ns.name is None:
+        bench_parser.error(f"the following argument is required: name (one of "
+                           f"{', '.join(sorted(BENCHMARKS) + ['all'])})")
     if ns.command == "info":
         return info()
     if ns.command == "bench" and ns.name != "all":

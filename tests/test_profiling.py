@@ -413,3 +413,19 @@ def test_cuda_bench_and_profile_time_the_triton_kernels(tmp_path):
     ops = {r["op"]: r for r in report.ops}
     assert ops["orbit_mean"]["calls"] == 3
     assert sum(r["share"] for r in report.categories) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_every_benchmark_script_answers_help_without_running(capsys, monkeypatch):
+    """bench_attention and bench_classifier_select had no parser: --help started the benchmark
+    (and wrote into benchmarks/results/)."""
+    import sys
+
+    from symfast.cli import BENCHMARKS, bench
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # bench() sets them as a script run would
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in sorted(BENCHMARKS):
+        assert bench(name, ["--help"]) == 0, name
+        assert "usage:" in capsys.readouterr().out, name
+    with pytest.raises(SystemExit):
+        main(["bench"])
+    assert "required: name (one of attention" in capsys.readouterr().err
