@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -114,6 +114,15 @@ def timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", st
     raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
 
 
+def check_grid_options(spacing: Any, karras: Any) -> None:
+    """ValueError/TypeError naming a spacing that is not one of SPACINGS or a karras that is not
+    a bool (a typo'd spacing passed silently on continuous schedules, karras="no" meant True)."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if not isinstance(karras, bool):
+        raise TypeError(f"karras must be True or False, got {karras!r}")
+
+
 def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional timestep whose interpolated log σ is log ``sigma`` (diffusers' ``_sigma_to_t``)."""
     sigma = np.asarray(sigma)
@@ -185,7 +194,10 @@ class Schedule:
 
     def sampling_sigmas(self, sampler: str, steps: int, spacing: str = "leading",
                         karras: bool = False) -> np.ndarray:
-        """The host σ grid a ``sampler`` runs on (steps + 1 values, last 0)."""
+        """The host σ grid a ``sampler`` runs on (steps + 1 values, last 0). ``spacing`` places
+        a DDPM schedule's timesteps; a continuous schedule has none and takes only its default
+        (an EDM schedule's grid is its ρ grid whatever ``karras`` says)."""
+        check_grid_options(spacing, karras)
         return self.sigmas(steps, karras=karras)
 
     def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,6 +231,14 @@ class DDPMSchedule(Schedule):
     variance_preserving = True
 
     def __post_init__(self) -> None:
+        # a beta outside (0, 1) builds a σ table of NaN that fails far away, naming σ
+        if self.trained_betas is None:
+            for name in ("beta_start", "beta_end"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                    raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+        elif len(self.trained_betas) == 0 or not all(0 < float(b) <= 1 for b in self.trained_betas):
+            raise ValueError("trained_betas must be a non-empty sequence of numbers in (0, 1]")
         self.betas = betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
                            self.trained_betas, self.rescale_zero_terminal_snr)
         self.num_train_timesteps = int(self.betas.shape[0])
@@ -261,6 +281,7 @@ class DDPMSchedule(Schedule):
                         karras: bool = False) -> np.ndarray:
         """DDIM/DDPM without Karras σ run on the integer timesteps with ᾱ → 1 at the end, like
         diffusers' DDIMScheduler (set_alpha_to_one=True); the rest on :meth:`sigmas`."""
+        check_grid_options(spacing, karras)
         if sampler in ("ddim", "ddpm") and not karras:
             return np.concatenate([self.sigma_at(self.timesteps(steps, spacing)), [0.0]])
         return self.sigmas(steps, spacing=spacing, karras=karras)

@@ -323,6 +323,15 @@ def test_bad_inputs(eps_fa, edm_fa):
         sample(eps_fa, _x(), sampler="plms", steps=2, progress=False)
     with pytest.raises(ValueError, match="prediction must be one of"):
         Denoiser(TinyNet(), "score")
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        sample(edm_fa, _x(), sampler="euler", steps=2, spacing="trialing", progress=False)
+    with pytest.raises(TypeError, match="karras must be True or False"):
+        sample(eps_fa, _x(), sampler="euler", steps=2, karras="no", progress=False)
+    for kwargs in ({"beta_end": 1.5}, {"beta_start": -0.1}, {"trained_betas": []}):
+        with pytest.raises(ValueError, match="beta"):
+            DDPMSchedule(**kwargs)
+    with pytest.raises(ValueError, match="rho must be a finite number > 0"):
+        EDMSchedule(rho=0)
     with pytest.raises(TypeError, match="model must be callable"):
         Denoiser("not a model", "eps")
     for sigma_data in (0.0, -0.5, math.nan, math.inf):

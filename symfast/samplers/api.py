@@ -66,7 +66,10 @@ def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampl
            progress: bool = True, transform_noise: int | None = None, spacing: str = "leading",
            karras: bool = False, device: torch.device | str | None = None,
            dtype: torch.dtype = torch.float32, **sampler_options) -> torch.Tensor:
-    """Draw samples by integrating the reverse process from the schedule's largest σ to 0.
+    """Draw samples by integrating the reverse process from the σ grid's first value to 0: the
+    schedule's largest σ on EDM and VE schedules and with ``spacing="trailing"``; diffusers'
+    default "leading" spacing of a DDPM schedule starts lower (σ(t) at t = (steps−1)·⌊T/steps⌋:
+    0.01 for one step, 61 for ten, against σ_max = 157), as diffusers' schedulers do.
 
     Args:
         denoiser: a :class:`symfast.Denoiser`.
