@@ -65,3 +65,10 @@ def check_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device={device!r} but torch finds no CUDA device here "
                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
     return dev
+
+
+def autocast_on(t: object) -> bool:
+    """Whether ``t`` is a tensor on a device where torch.autocast is on now (is_autocast_enabled
+    raises for devices without autocast, such as meta)."""
+    return (isinstance(t, torch.Tensor) and torch.amp.is_autocast_available(t.device.type)
+            and torch.is_autocast_enabled(t.device.type))

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from symfast._backend import autocast_on
 from symfast.ops import _checks
 from symfast.ops.classifier_select import check_temperature, classifier_select
 
@@ -131,7 +132,7 @@ class ClassifierSelect(nn.Module):
         params = (self.gate_weight, self.gate_bias, self.weight, self.bias)
         # under autocast the backbone hands over bf16/fp16 features while the parameters stay
         # fp32: the head runs in the features' dtype, as autocast runs nn.Linear
-        if isinstance(h, torch.Tensor) and torch.is_autocast_enabled(h.device.type):
+        if autocast_on(h):
             params = tuple(p.to(h.dtype) for p in params)
         return classifier_select(h, *params, temperature=self.temperature, backend=self.backend)
 

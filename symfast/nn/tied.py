@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from symfast._backend import autocast_on
 from symfast.groups import Group, get
 from symfast.ops import _checks
 from symfast.ops.tied_conv2d import _pair, tied_conv2d
@@ -59,7 +60,7 @@ class TiedConv2d(nn.Module):
         weight, bias = self.weight, self.bias
         # under autocast the layer before may hand over bf16/fp16 while the parameters stay fp32:
         # the convolution runs in the input's dtype (as the UNets' fused norm does)
-        if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        if autocast_on(x):
             weight = weight.to(x.dtype)
             bias = bias if bias is None else bias.to(x.dtype)
         return tied_conv2d(x, weight, bias, self.kernel_size, self.group, self.stride,
