@@ -120,7 +120,8 @@ def frechet_distance(samples: torch.Tensor, reference: torch.Tensor,
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     middle = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
     trace_root = np.sqrt(np.clip(middle, 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
+    distance = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
+    return max(distance, 0.0)  # a squared distance: rounding took FD(x, x) to -3e-5
 
 
 def equivariant_fd(samples: torch.Tensor, reference: torch.Tensor, group,
@@ -173,7 +174,9 @@ def posterior_mse(denoiser, mixture: GaussianMixture, sigmas: Sequence[float], n
         raise TypeError(f"mixture must be a symfast.data.GaussianMixture, got {type(mixture).__name__}")
     x0 = mixture.sample(n, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    device = next(iter(denoiser.model.parameters())).device
+    # where the network lives; a plain function or a module without parameters runs anywhere
+    params = denoiser.model.parameters() if isinstance(denoiser.model, torch.nn.Module) else iter(())
+    device = next(iter(params), torch.empty(0)).device
     errors = []
     with torch.no_grad():
         for sigma in sigmas:

@@ -117,14 +117,34 @@ def randn4_counter(seed: torch.Tensor | int, c0: torch.Tensor, c1: torch.Tensor 
     return torch.stack(box_muller_pair(u[0], u[1]) + box_muller_pair(u[2], u[3]), dim=-1)
 
 
+def _seed_word(seed: int) -> int:
+    """A seed as the signed 64-bit word the key holds: any int in [−2^63, 2^64), where s and
+    s − 2^64 are the same 64 bits (so the same noise)."""
+    if not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [-2^63, 2^64), got {seed}")
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def seeded_generator(seed: int, name: str = "seed") -> torch.Generator:
+    """A CPU torch.Generator seeded with ``seed`` (an int in [−2^63, 2^64)), or a
+    ValueError/TypeError naming ``name`` (manual_seed's own errors name nothing)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"{name} must be an int, got {seed!r}")
+    if not -2**63 <= seed < 2**64:
+        raise ValueError(f"{name} must be an int in [-2^63, 2^64), got {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
 def noise_key(seed: int | list[int] | tuple[int, ...] | torch.Tensor, batch: int,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """(batch, 2) int64 [seed, stream] rows: one int seed -> streams 0..batch-1; one seed per
     sample -> stream 0 each (so a sample's noise is independent of the batch)."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"batch must be an int >= 0, got {batch!r}")
     if isinstance(seed, bool):
         raise TypeError(f"seed must be an int or a list of ints, got {seed!r}")
     if isinstance(seed, int):
-        seeds = torch.full((batch,), seed, dtype=torch.int64)
+        seeds = torch.full((batch,), _seed_word(seed), dtype=torch.int64)
         streams = torch.arange(batch, dtype=torch.int64)
     else:
         if isinstance(seed, torch.Tensor):
@@ -134,7 +154,7 @@ def noise_key(seed: int | list[int] | tuple[int, ...] | torch.Tensor, batch: int
             seeds = seed.detach().to("cpu", torch.int64)
         elif isinstance(seed, (list, tuple)) and all(isinstance(s, int) and not isinstance(s, bool)
                                                       for s in seed):
-            seeds = torch.tensor(list(seed), dtype=torch.int64)
+            seeds = torch.tensor([_seed_word(s) for s in seed], dtype=torch.int64)
         else:
             raise TypeError(f"seed must be an int, a list of ints or an int tensor, got {seed!r}")
         if seeds.shape[0] != batch:
@@ -149,7 +169,17 @@ def sample_noise(key: torch.Tensor, step: int, shape: tuple[int, ...],
     ``dtype`` (float32, or float64 for a float64 step), element index = flat index within the
     sample; element e is normal e % 4 of counter (e // 4, step, stream, 0)."""
     _check_dtype(dtype)
+    shape = tuple(shape)
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"shape must be a non-empty tuple of ints >= 0 (B, ...), got {shape!r}")
     b = shape[0]
+    if (not isinstance(key, torch.Tensor) or key.dtype != torch.int64
+            or tuple(key.shape) != (b, 2)):
+        got = f"{key.dtype} {tuple(key.shape)}" if isinstance(key, torch.Tensor) else type(key).__name__
+        raise ValueError(f"key must be an int64 tensor of shape ({b}, 2) (noise_key(seed, {b})), "
+                         f"got {got}")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32:
+        raise ValueError(f"step must be an int in [0, 2^32), got {step!r}")
     n = 1
     for s in shape[1:]:
         n *= s

@@ -56,6 +56,15 @@ def test_load_text_csv(tmp_path):
             load_text_csv(path, max_length=bad)
     with pytest.raises(ValueError, match="min_count must be a non-negative int"):
         load_text_csv(path, min_count=-1)
+    # a spreadsheet's "CSV UTF-8" starts with a byte-order mark; a short row names its file
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext,label\nhi there,a\n")
+    assert load_text_csv(tmp_path / "bom.csv").vocab == ["<pad>", "<unk>", "hi", "there"]
+    (tmp_path / "short.csv").write_text("text,label\nfine,a\nno label here\n")
+    with pytest.raises(ValueError, match="short.csv, data row 2: no 'label' value"):
+        load_text_csv(tmp_path / "short.csv")
+    (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin.csv is not UTF-8"):
+        load_text_csv(tmp_path / "latin.csv")
 
 
 def test_paper_initialisation_and_heads():

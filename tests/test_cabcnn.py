@@ -165,6 +165,9 @@ def test_synthetic_tone_and_chirp_spectra():
     (dict(n_per_class=0), "n_per_class"), (dict(classes=["tone", "whistle"]), "classes"),
     (dict(duration=0.001), "duration"), (dict(max_onset=1.0), "max_onset"),
     (dict(gain=(0.0, 1.0)), "gain"), (dict(sample_rate=100), "sample_rate"),
+    (dict(duration=math.nan), "duration"), (dict(duration="0.5"), "duration"),
+    (dict(snr_db=(math.nan, 10.0)), "snr_db"), (dict(snr_db=(-math.inf, -math.inf)), "snr_db"),
+    (dict(snr_db=(30.0, 10.0)), "snr_db"),
 ])
 def test_synthetic_audio_rejects_bad_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -240,6 +243,27 @@ def test_wav_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="waveform must be a"):
         write_wav(tmp_path / "a" / "x.wav", torch.zeros(2, 10), 8000)
     assert (tmp_path / "a" / "x.wav").read_bytes() == before
+    with pytest.raises(ValueError, match="waveform holds non-finite"):
+        write_wav(tmp_path / "a" / "x.wav", torch.tensor([0.0, math.nan]), 8000)
+    with pytest.raises(TypeError, match="waveform must be a real floating tensor"):
+        write_wav(tmp_path / "a" / "x.wav", torch.zeros(3, dtype=torch.complex64), 8000)
+    assert (tmp_path / "a" / "x.wav").read_bytes() == before
+    # a file cut off mid-sample names itself
+    (tmp_path / "cut.wav").write_bytes(before[:-1] if (len(before) - 44) % 2 == 0 else before)
+    with pytest.raises(ValueError, match="cut off mid-sample"):
+        read_wav(tmp_path / "cut.wav")
+
+
+def test_wav_read_then_write_changes_no_sample(tmp_path):
+    """write_wav scaled by 32767 and read_wav by 32768: every load/save cycle drifted."""
+    import numpy as np
+    samples = torch.tensor([32767, 20000, -20000, -32768, 1, -1, 0], dtype=torch.int16)
+    write_wav(tmp_path / "a.wav", samples.double() / 32768, 8000)
+    for _ in range(3):
+        x, rate = read_wav(tmp_path / "a.wav")
+        write_wav(tmp_path / "a.wav", x, rate)
+    raw = np.frombuffer((tmp_path / "a.wav").read_bytes()[-2 * len(samples):], dtype=np.int16)
+    assert raw.tolist() == samples.tolist()
 
 
 # --- training ----------------------------------------------------------------------------------

@@ -436,3 +436,39 @@ def test_files_written_atomically_get_the_usual_mode(tmp_path):
         assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(mask)
+
+
+def test_a_16_bit_grey_png_is_rescaled_not_clipped(tmp_path):
+    """Pillow's I;16 -> L conversion clips at 255: every pixel of a 16-bit grey PNG read white."""
+    values = np.array([[1000, 32768], [65535, 0]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    got = read_image(tmp_path / "deep.png", channels=1)[0]
+    want = torch.from_numpy(np.round(values / 65535 * 255)).float() / 127.5 - 1
+    assert torch.equal(got, want)
+
+
+def test_a_mixture_group_must_act_on_the_components_not_across_them():
+    with pytest.raises(ValueError, match="at least 2 dims for group d4"):
+        GaussianMixture(torch.zeros(2, 2), 0.5, "d4")  # d4 would turn the (K, D) matrix
+    with pytest.raises(ValueError, match="at least 2 dims for group flip_v"):
+        GaussianMixture(torch.zeros(1, 3), 0.5, "flip_v")
+    assert GaussianMixture(torch.zeros(2, 3, 3), 0.5, "d4").means.shape == (16, 3, 3)
+
+
+def test_noisy_dataset_is_a_sequence():
+    from symfast.data import NoisyDataset
+    clean = ImageTensorDataset(torch.zeros(3, 1, 2, 2))
+    noisy = NoisyDataset(clean, 0.5)
+    assert len(list(noisy)) == 3 and torch.equal(noisy[-1], noisy[2])
+    with pytest.raises(IndexError):
+        noisy[3]
+
+
+@pytest.mark.parametrize("seed", [1.5, None, 2**64, -2**63 - 1, True])
+def test_seeded_data_names_a_bad_seed(seed):
+    from symfast.data import clean_split, synthetic_audio, topic_dataset
+    for make in (lambda: gaussian_mixture("d4", seed=seed), lambda: clean_split(10, 0.5, seed=seed),
+                 lambda: topic_dataset(4, 20, m=2, seed=seed),
+                 lambda: synthetic_audio(1, 8000, 0.05, seed=seed)):
+        with pytest.raises((TypeError, ValueError), match="seed must be an int"):
+            make()

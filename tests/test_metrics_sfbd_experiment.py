@@ -60,6 +60,13 @@ def test_posterior_mse_is_zero_for_the_exact_denoiser_and_positive_otherwise():
     assert all(e > 1e-4 for e in errors)
     with pytest.raises(TypeError, match="mixture"):
         posterior_mse(_Exact(mixture), "gmm", (0.1,))
+    # a Denoiser of a plain function (documented) has no parameters to find a device by
+    plain = Denoiser(lambda x, t: torch.zeros_like(x), "edm")
+    assert all(e > 0 for e in posterior_mse(plain, mixture, (0.1,), n=16))
+    # a squared distance: rounding took FD(x, x) below 0
+    for seed in range(20):
+        x = torch.randn(64, 16, generator=torch.Generator().manual_seed(seed))
+        assert 0.0 <= frechet_distance(x, x, "pixels") <= 1e-9
 
 
 def test_sfbd_experiment_quick_mode_writes_its_table(tmp_path):

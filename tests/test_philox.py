@@ -82,3 +82,32 @@ def test_noise_key_bad_inputs():
         philox.noise_key(1.5, 3)
     with pytest.raises(TypeError, match="seed"):
         philox.noise_key(torch.ones(3), 3)
+
+
+def test_sample_noise_checks_its_key_step_and_shape():
+    """A key of another batch size gave other samples' noise (or another shape) silently, and a
+    step outside [0, 2^32) wrapped."""
+    from symfast.philox import noise_key, sample_noise
+    key = noise_key(11, 2)
+    for bad_key in (noise_key(11, 4), key.to(torch.int32), key[:, :1]):
+        with pytest.raises(ValueError, match=r"key must be an int64 tensor of shape \(2, 2\)"):
+            sample_noise(bad_key, 1, (2, 8))
+    for step in (2**32, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"step must be an int in \[0, 2\^32\)"):
+            sample_noise(key, step, (2, 8))
+    with pytest.raises(ValueError, match="shape must be"):
+        sample_noise(key, 1, (2, -1))
+
+
+def test_a_seed_is_any_64_bit_word():
+    """s and s - 2^64 are the same 64 bits: seeds up to 2^64 - 1 were refused with torch's
+    overflow errors while the negative seeds that share their bits passed."""
+    from symfast.philox import noise_key, sample_noise
+    assert torch.equal(noise_key(2**64 - 5, 2), noise_key(-5, 2))
+    assert torch.equal(sample_noise(noise_key([2**63], 1), 0, (1, 4)),
+                       sample_noise(noise_key([-2**63], 1), 0, (1, 4)))
+    for seed in (2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[-2\^63, 2\^64\)"):
+            noise_key(seed, 1)
+    with pytest.raises(ValueError, match="batch must be an int >= 0"):
+        noise_key(1, -1)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from symfast._io import atomic_write_bytes
+from symfast.philox import seeded_generator
 
 SYNTHETIC_CLASSES = ("tone", "chirp_up", "chirp_down", "am", "fm",
                      "white_noise", "pink_noise", "brown_noise")
@@ -87,6 +88,12 @@ def synthetic_audio(n_per_class: int = 50, sample_rate: int = 8000, duration: fl
         raise ValueError(f"n_per_class must be a positive int, got {n_per_class!r}")
     if not isinstance(sample_rate, int) or sample_rate < 1000:
         raise ValueError(f"sample_rate must be an int >= 1000 Hz, got {sample_rate!r}")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < math.inf:
+        raise ValueError(f"duration must be a finite number of seconds > 0, got {duration!r}")
+    if (not isinstance(snr_db, (tuple, list)) or len(snr_db) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in snr_db) or snr_db[0] > snr_db[1]):
+        raise ValueError(f"snr_db must be (lo, hi), two finite numbers with lo <= hi, got {snr_db!r}")
     length = int(round(duration * sample_rate))
     if not length >= 64:
         raise ValueError(f"duration={duration} s gives {length} samples at {sample_rate} Hz; need >= 64")
@@ -98,7 +105,7 @@ def synthetic_audio(n_per_class: int = 50, sample_rate: int = 8000, duration: fl
         raise ValueError(f"max_onset must be a fraction of the clip in [0, 1), got {max_onset}")
     if not (0 < gain[0] <= gain[1] <= 1):
         raise ValueError(f"gain must be (lo, hi) with 0 < lo <= hi <= 1, got {gain}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     t = torch.arange(length, dtype=torch.float64) / sample_rate
     n_classes = len(classes)
     waves = torch.empty(n_per_class * n_classes, length, dtype=torch.float64)
@@ -128,27 +135,35 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
             raw = f.readframes(f.getnframes())
     except (wave.Error, EOFError) as exc:
         raise ValueError(f"{path} is not a PCM WAV file wave can read: {exc}") from exc
+    if width not in (1, 2, 3, 4):
+        raise ValueError(f"{path}: unsupported sample width {width} bytes")
+    if len(raw) % (width * channels):
+        raise ValueError(f"{path} is cut off mid-sample ({len(raw)} bytes of {width}-byte samples "
+                         f"in {channels} channels)")
     data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
     if width == 3:  # 24-bit little-endian: widen to int32 by placing the bytes high
         b = data.reshape(-1, 3).to(torch.int32)
         samples = ((b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24)).double() / 2.0 ** 31
-    elif width in _PCM_DTYPES:
+    else:
         samples = data.view(_PCM_DTYPES[width]).double()
         samples = (samples - 128) / 128 if width == 1 else samples / 2.0 ** (8 * width - 1)
-    else:
-        raise ValueError(f"{path}: unsupported sample width {width} bytes")
     return samples.reshape(-1, channels).mean(1).float(), rate
 
 
 def write_wav(path: str | Path, waveform: torch.Tensor, sample_rate: int) -> None:
-    """Write a mono waveform (T,) in [-1, 1] as 16-bit PCM (values outside are clipped),
-    atomically (a failed write leaves an existing file as it was)."""
+    """Write a mono waveform (T,) in [-1, 1] as 16-bit PCM, atomically (a failed write leaves an
+    existing file as it was). Sample k is round(x·32768) clipped to [−32768, 32767], the scale
+    :func:`read_wav` divides by, so reading a file and writing it again changes no sample."""
     if not isinstance(waveform, torch.Tensor) or waveform.dim() != 1:
         got = tuple(waveform.shape) if isinstance(waveform, torch.Tensor) else type(waveform).__name__
         raise ValueError(f"waveform must be a (T,) tensor, got {got}")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
-        raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
-    pcm = (waveform.detach().double().clamp(-1, 1) * 32767).round().to(torch.int16)
+    if not waveform.is_floating_point():
+        raise TypeError(f"waveform must be a real floating tensor, got {waveform.dtype}")
+    if not bool(torch.isfinite(waveform).all()):
+        raise ValueError("waveform holds non-finite values")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or not 0 < sample_rate < 2**32:
+        raise ValueError(f"sample_rate must be a positive int below 2^32, got {sample_rate!r}")
+    pcm = (waveform.detach().double() * 32768).round().clamp(-32768, 32767).to(torch.int16)
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as f:
         f.setnchannels(1)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from symfast import groups as _groups
 from symfast._io import atomic_path
+from symfast.philox import seeded_generator
 
 IMAGE_SUFFIXES = (".png", ".jpeg", ".jpg", ".bmp", ".webp")
 _PIL_MODES = {1: "L", 3: "RGB"}
@@ -173,6 +174,12 @@ def _open_image(path: Path, channels: int):
     from PIL import Image
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I"):
+                # 16-bit grey ("I;16", or "I" holding 0..65535): Pillow's conversion to "L"
+                # clips at 255 (every pixel white); rescale to 8 bits first
+                import numpy as np
+                wide = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+                im = Image.fromarray(np.clip(np.round(wide), 0, 255).astype(np.uint8), "L")
             return im.convert(_PIL_MODES[channels])
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image file {str(path)!r} with Pillow: {exc}") from exc
@@ -310,7 +317,11 @@ class GaussianMixture:
             raise ValueError("means contain NaN or inf")
         if group is not None:
             group = _groups.get(group)
-            group.check_input(means, "means")
+            if means.dim() - 1 < group.event_ndim:  # it would act across the component axis K
+                raise ValueError(f"means must be (K, *shape) with shape having at least "
+                                 f"{group.event_ndim} dims for group {group.name}, got shape "
+                                 f"{tuple(means.shape)}")
+            group.check_input(means[0], "means[k]")
             means = torch.cat([group.act(means, k) for k in range(len(group))])
         self.means = means.contiguous()
         self.std = float(std)
@@ -325,7 +336,7 @@ class GaussianMixture:
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """n samples (n, *shape) float32: a uniform component, then mean + std·N(0, I)."""
         _check_int("n", n, 1)
-        gen = torch.Generator().manual_seed(seed)
+        gen = seeded_generator(seed)
         component = torch.randint(self.means.shape[0], (n,), generator=gen)
         noise = torch.randn((n, *self.shape), generator=gen, dtype=torch.float64)
         return (self.means[component] + self.std * noise).float()
@@ -407,5 +418,5 @@ def gaussian_mixture(group: _groups.Group | str | None = "d4", size: int = 8, ch
     _check_int("size", size, 2)
     _check_int("channels", channels, 1)
     _check_int("components", components, 1)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     return GaussianMixture(_blob_means(components, channels, size, gen), std, group=group)

@@ -7,10 +7,12 @@ every process, whichever subset or batch it is read in, without storing it.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
 from symfast.data.images import ImageTensorDataset
+from symfast.philox import seeded_generator
 
 # The Philox step at which the observation noise is drawn (a fixed counter: one draw per image).
 _NOISE_STEP = 0
@@ -83,7 +85,12 @@ class NoisyDataset(torch.utils.data.Dataset):
         return self.clean_batch(positions) + self.tau * self.noise(positions)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.get_batch(torch.tensor([int(i)]))[0]
+        # a sequence's index: negative from the end, IndexError past it (so iteration stops)
+        n = len(self)
+        index = operator.index(i)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} is out of range for {n} images")
+        return self.get_batch(torch.tensor([index % n]))[0]
 
     def __repr__(self) -> str:
         return f"NoisyDataset({self.dataset.name}, tau={self.tau:g}, n={len(self)}, seed={self.seed})"
@@ -98,5 +105,5 @@ def clean_split(n: int, clean_fraction: float, seed: int = 0) -> tuple[torch.Ten
             or not 0 < clean_fraction <= 1:
         raise ValueError(f"clean_fraction must be in (0, 1], got {clean_fraction!r}")
     n_clean = min(n, max(1, round(clean_fraction * n)))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(n, generator=seeded_generator(seed))
     return order[:n_clean].sort().values, order[n_clean:].sort().values

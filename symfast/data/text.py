@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from symfast.philox import seeded_generator
+
 PAD, UNK = "<pad>", "<unk>"
 
 
@@ -50,7 +52,7 @@ def topic_dataset(n_sentences: int = 5000, vocab_size: int = 5000, n_topics: int
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if vocab_size <= n_topic_words:
         raise ValueError(f"vocab_size must exceed the {n_topic_words} topic words, got {vocab_size}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_generator(seed)
     labels = torch.randint(0, n_topics, (n_sentences,), generator=gen)
     topic_word = labels * words_per_topic + torch.randint(0, words_per_topic, (n_sentences,),
                                                           generator=gen)
@@ -78,12 +80,22 @@ def load_text_csv(path: str | Path, text_column: str = "text", label_column: str
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path {str(path)!r} is not a file")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        for column in (text_column, label_column):
-            if reader.fieldnames is None or column not in reader.fieldnames:
-                raise ValueError(f"{path} has no column {column!r}; columns: {reader.fieldnames}")
-        rows = [(row[text_column], row[label_column]) for row in reader]
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would be read
+    # into the first column's name
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            for column in (text_column, label_column):
+                if reader.fieldnames is None or column not in reader.fieldnames:
+                    raise ValueError(f"{path} has no column {column!r}; columns: {reader.fieldnames}")
+            rows = [(row[text_column], row[label_column]) for row in reader]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
+    for row, (text, label) in enumerate(rows, start=1):
+        if text is None or label is None:
+            missing = text_column if text is None else label_column
+            raise ValueError(f"{path}, data row {row}: no {missing!r} value (fewer fields than the "
+                             f"header)")
     if not rows:
         raise ValueError(f"{path} holds no rows")
     sentences = [(text.lower() if lowercase else text).split() for text, _ in rows]
