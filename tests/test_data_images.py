@@ -472,3 +472,12 @@ def test_seeded_data_names_a_bad_seed(seed):
                  lambda: synthetic_audio(1, 8000, 0.05, seed=seed)):
         with pytest.raises((TypeError, ValueError), match="seed must be an int"):
             make()
+
+
+def test_mixture_sigma_as_a_tensor_is_checked_as_a_float_is():
+    mixture = gaussian_mixture("d4", size=4, seed=0)
+    x = torch.zeros(2, 1, 4, 4)
+    for bad in (torch.tensor(-0.1), torch.tensor(math.nan), torch.tensor([0.1, math.inf])):
+        with pytest.raises(ValueError, match="sigma must be non-negative and finite"):
+            mixture.score(x, bad)
+    assert torch.equal(mixture.score(x, torch.tensor(0.5)), mixture.score(x, 0.5))

@@ -354,7 +354,11 @@ class GaussianMixture:
             if sigma.dim() > 1 or (sigma.dim() == 1 and sigma.shape[0] != x.shape[0]):
                 raise ValueError(f"sigma must be a scalar or of shape ({x.shape[0]},), "
                                  f"got shape {tuple(sigma.shape)}")
-            return sigma.to(x.device, torch.float64).reshape(-1, 1).square()
+            sigma = sigma.to(x.device, torch.float64)
+            # as for a float: a negative σ was squared into a positive one, NaN came out as NaN
+            if not bool(((sigma >= 0) & (sigma < math.inf)).all()):
+                raise ValueError(f"sigma must be non-negative and finite, got {sigma.tolist()}")
+            return sigma.reshape(-1, 1).square()
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < math.inf:
             raise ValueError(f"sigma must be a non-negative finite float or a tensor, got {sigma!r}")
         return torch.full((1, 1), float(sigma) ** 2, dtype=torch.float64, device=x.device)
