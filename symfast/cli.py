@@ -141,6 +141,11 @@ def bench(name: str, args: list[str]) -> int:
         return 2
     sys.argv = [str(script), *args]
     sys.path.insert(0, str(script.parent))  # as `python benchmarks/<script>` would
+    # and as there, the scripts' `import _common` must find benchmarks/_common.py, not a module
+    # of that name imported before in this process (experiments/ has one too)
+    common = sys.modules.get("_common")
+    if common is not None and Path(getattr(common, "__file__", "") or "").parent != script.parent:
+        del sys.modules["_common"]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:

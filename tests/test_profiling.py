@@ -423,6 +423,11 @@ def test_every_benchmark_script_answers_help_without_running(capsys, monkeypatch
     from symfast.cli import BENCHMARKS, bench
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # bench() sets them as a script run would
     monkeypatch.setattr(sys, "path", list(sys.path))
+    # another module named _common, imported first (experiments/ has one: the full suite's
+    # experiment tests import it), must not shadow benchmarks/_common.py
+    stale = type(sys)("_common")
+    stale.__file__ = "/elsewhere/_common.py"
+    monkeypatch.setitem(sys.modules, "_common", stale)
     for name in sorted(BENCHMARKS):
         assert bench(name, ["--help"]) == 0, name
         assert "usage:" in capsys.readouterr().out, name
