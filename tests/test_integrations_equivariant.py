@@ -238,3 +238,6 @@ def test_philox_generator_bad_seeds():
         ours.PhiloxGenerator(["a"])
     with pytest.raises(ValueError, match="shape"):
         ours.PhiloxGenerator([1]).latents((0, 3))
+    for bad in ((1, 2.5), (), (2, -1)):  # int() truncated 2.5 to 2
+        with pytest.raises(ValueError, match="shape must be"):
+            ours.PhiloxGenerator([1]).randn(bad)

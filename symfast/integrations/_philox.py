@@ -13,6 +13,15 @@ from symfast.samplers._noise import philox_normal
 LATENT_STEP = 2**32 - 1
 
 
+def _check_shape(shape, minimum: int) -> tuple[int, ...]:
+    """(B, ...) as a tuple of ints >= ``minimum``, or a ValueError naming shape (int() truncated
+    a size of 2.5 to 2)."""
+    if isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 1 and all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= minimum for s in shape):
+        return tuple(shape)
+    raise ValueError(f"shape must be (B, ...), a tuple of ints >= {minimum}, got {shape!r}")
+
+
 class PhiloxGenerator:
     """Counter-based noise in place of a ``torch.Generator``.
 
@@ -58,7 +67,7 @@ class PhiloxGenerator:
     def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
               device: torch.device | str | None = None) -> torch.Tensor:
         """The next draw: unit normals of ``shape`` (B, ...)."""
-        shape = tuple(int(s) for s in shape)
+        shape = _check_shape(shape, 0)
         key = self.key(shape[0], self.device if device is None else device)
         return philox_normal(key, self.next_step(), shape, dtype)
 
@@ -66,9 +75,7 @@ class PhiloxGenerator:
                 device: torch.device | str | None = None) -> torch.Tensor:
         """Starting noise ε_T of ``shape``: the x_T symfast.sample draws for the same seed; does not
         advance the step counter."""
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 2 or min(shape) < 1:
-            raise ValueError(f"shape must be (B, ...) with positive sizes, got {shape}")
+        shape = _check_shape(shape, 1)
         key = self.key(shape[0], self.device if device is None else device)
         return philox_normal(key, LATENT_STEP, shape, dtype)
 
