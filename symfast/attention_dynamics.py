@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from symfast.data.images import _check_int
 from symfast.data.text import TextDataset
 
 
@@ -61,11 +62,6 @@ def identity_residual(diagnostics: TopicDiagnostics, query_norm_sq: float, m: in
     return torch.where(rhs.abs() >= min_rhs, residual, torch.full_like(residual, math.nan))
 
 
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _step_loss(model, data: TextDataset, index=None):
     tokens, lengths, labels = data.tokens, data.lengths, data.labels
     if index is not None:
@@ -79,8 +75,8 @@ def train_full_batch_gd(model, data: TextDataset, steps: int, lr: float = 0.1,
                         record_every: int = 1) -> TopicDiagnostics | None:
     """Plain full-batch gradient descent on the mean cross-entropy, as in the paper. Records
     into ``diagnostics`` before the first step and every ``record_every`` steps after."""
-    _check_count("steps", steps, 0)
-    _check_count("record_every", record_every, 1)
+    _check_int("steps", steps, 0)
+    _check_int("record_every", record_every, 1)
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(steps + 1):
         loss, tokens, weights = _step_loss(model, data)
@@ -100,8 +96,8 @@ def train_minibatch_adam(model, data: TextDataset, epochs: int, batch_size: int 
                          diagnostics: TopicDiagnostics | None = None) -> list[float]:
     """Minibatch Adam over shuffled batches; returns the mean loss of each epoch and records
     into ``diagnostics`` after every epoch (on the last batch)."""
-    _check_count("epochs", epochs, 0)
-    _check_count("batch_size", batch_size, 1)
+    _check_int("epochs", epochs, 0)
+    _check_int("batch_size", batch_size, 1)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []

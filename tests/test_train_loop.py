@@ -298,19 +298,22 @@ def test_precision_bf16_and_a_diffusers_model_and_an_image_folder(tmp_path):
     assert load(tmp_path / "folder")[1].data_channels == 3
 
 
+class _SmallConv(nn.Module):
+    """A one-layer custom network F(x, t) for train(network=...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) * torch.cos(t)[:, None, None, None]
+
+
 def test_compile_runs_the_network_under_torch_compile(tmp_path):
-    class Small(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-        def forward(self, x, t):
-            return self.conv(x) * torch.cos(t)[:, None, None, None]
-
     torch.manual_seed(0)
-    eager = train(**TINY, network=Small(), steps=3, out=str(tmp_path / "eager"))
+    eager = train(**TINY, network=_SmallConv(), steps=3, out=str(tmp_path / "eager"))
     torch.manual_seed(0)
-    compiled = train(**TINY, network=Small(), steps=3, compile=True, out=str(tmp_path / "compiled"))
+    compiled = train(**TINY, network=_SmallConv(), steps=3, compile=True, out=str(tmp_path / "compiled"))
     a, _ = final_tensors(tmp_path / "eager")
     b, _ = final_tensors(tmp_path / "compiled")
     for k in a:
@@ -380,26 +383,18 @@ def test_config_strings_as_a_config_file_writes_them(tmp_path):
 
 
 def test_a_tensor_or_array_of_images_is_a_dataset(tmp_path):
-    class Small(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 1, 3, padding=1)
-
-        def forward(self, x, t):
-            return self.conv(x)
-
     images = torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     finals = []
     for name, data in (("wrapped", ImageTensorDataset(images)), ("tensor", images),
                        ("array", images.numpy())):
         torch.manual_seed(0)
-        train(**dict(TINY, image_size=8), network=Small(), dataset=data, steps=2,
+        train(**dict(TINY, image_size=8), network=_SmallConv(), dataset=data, steps=2,
               out=str(tmp_path / name))
         finals.append(final_tensors(tmp_path / name)[0])
     for other in finals[1:]:
         assert all(torch.equal(other[k], finals[0][k]) for k in finals[0])
     with pytest.raises(ValueError, match=r"\(N, C, H, W\).*unsqueeze\(1\)"):
-        train(**TINY, network=Small(), dataset=images[:, 0], steps=1, out=str(tmp_path / "3d"))
+        train(**TINY, network=_SmallConv(), dataset=images[:, 0], steps=1, out=str(tmp_path / "3d"))
     assert _nothing_written(tmp_path / "3d")
 
 

@@ -208,8 +208,7 @@ class UNet(nn.Module):
                                    for c in channels):
             raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels}")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            _checks.positive_int(name, value)
         levels = len(channels)
         attention_levels = (levels - 1,) if attention_levels is None else tuple(attention_levels)
         if any(not 0 <= a < levels for a in attention_levels):
