@@ -198,6 +198,10 @@ def test_wav_folder_reads_pcm_widths_channels_and_pads(tmp_path):
     # 24-bit mono little-endian: 0x400000 = 0.5, 0xC00000 = -0.5, then 2 more frames
     _write_raw_wav(tmp_path / "cars" / "c.wav",
                    bytes([0, 0, 0x40, 0, 0, 0xC0, 0, 0, 0, 0, 0, 0x40, 0, 0, 0]), 1, 3, sr)
+    # hidden leftovers: a folder is not a class, an AppleDouble "._c.wav" is not a wav
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    write_wav(tmp_path / ".ipynb_checkpoints" / "x.wav", torch.zeros(3), sr)
+    (tmp_path / "cars" / "._c.wav").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     clips = load_wav_folder(tmp_path)
     assert clips.classes == ["birds", "cars"] and clips.sample_rate == sr
     assert clips.labels.tolist() == [0, 0, 1]

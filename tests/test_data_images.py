@@ -192,6 +192,31 @@ def test_image_folder_loads_sorted_cropped_converted(tmp_path):
     assert (grey.images[1] - luma).abs().max() <= QUANT
 
 
+def test_image_folder_leaves_hidden_files_and_folders_out(tmp_path):
+    # a notebook's checkpoint copy and a macOS AppleDouble file (not even an image) are not samples
+    Image.new("L", (4, 4), 255).save(tmp_path / "a.png")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    Image.new("L", (4, 4), 0).save(tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png")
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    ds = image_folder(tmp_path, size=4, channels=1)
+    assert ds.images.shape == (1, 1, 4, 4) and torch.all(ds.images == 1)
+
+
+def test_image_folder_turns_images_upright_by_exif_orientation(tmp_path):
+    # 6 wide x 2 high, left half black, right half white, tagged "rotate 90 CW to view"
+    # (orientation 6): viewers show a 2 wide x 6 high image, black on top
+    pixels = np.zeros((2, 6), dtype=np.uint8)
+    pixels[:, 3:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "photo.png", exif=exif)
+    with Image.open(tmp_path / "photo.png") as im:
+        assert im.getexif()[0x0112] == 6 and im.size == (6, 2)
+    # centre crop of the upright 2x6 image: rows 2..3, the top one black, the bottom one white
+    ds = image_folder(tmp_path, size=2, channels=1)
+    assert torch.equal(ds.images[0, 0], torch.tensor([[-1.0, -1.0], [1.0, 1.0]]))
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="path=.*missing.*does not exist"):
         image_folder(tmp_path / "missing", size=4)

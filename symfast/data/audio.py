@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from symfast._io import atomic_write_bytes
+from symfast.data._paths import is_hidden
 from symfast.philox import seeded_generator
 
 SYNTHETIC_CLASSES = ("tone", "chirp_up", "chirp_down", "am", "fm",
@@ -175,6 +176,7 @@ def write_wav(path: str | Path, waveform: torch.Tensor, sample_rate: int) -> Non
 
 def load_wav_folder(root: str | Path, num_samples: int | None = None) -> AudioClips:
     """Load ``root/<class>/*.wav`` (one sub-folder per class, sorted by name) as AudioClips.
+    Hidden folders and files (name starting with ".") are left out.
 
     Every file must have the same sample rate (no resampling is done). Clips are cut or
     zero-padded at the end to ``num_samples`` (default: the longest clip).
@@ -182,12 +184,12 @@ def load_wav_folder(root: str | Path, num_samples: int | None = None) -> AudioCl
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"root={str(root)!r} is not a directory")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden(p, root))
     if not class_dirs:
         raise ValueError(f"root={str(root)!r} has no class sub-folders")
     clips, labels, rate = [], [], None
     for label, folder in enumerate(class_dirs):
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".wav")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".wav" and not is_hidden(p, folder))
         if not files:
             raise ValueError(f"class folder {str(folder)!r} holds no .wav files")
         for path in files:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from symfast import groups as _groups
 from symfast._io import atomic_path
+from symfast.data._paths import is_hidden
 from symfast.philox import seeded_generator
 
 IMAGE_SUFFIXES = (".png", ".jpeg", ".jpg", ".bmp", ".webp")
@@ -170,10 +171,14 @@ def orbit_augmented(dataset: ImageTensorDataset, group: _groups.Group | str) -> 
 # ---- files ---------------------------------------------------------------------------------
 
 def _open_image(path: Path, channels: int):
-    """A PIL image of ``path`` converted to "L" (channels 1) or "RGB" (channels 3), fully loaded."""
-    from PIL import Image
+    """A PIL image of ``path``, upright by its EXIF orientation, converted to "L" (channels 1) or
+    "RGB" (channels 3), fully loaded."""
+    from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
+            # a camera's JPEG stores the sensor's pixels and says how to turn them in EXIF;
+            # viewers (and diffusers' load_image) show the turned image
+            im = ImageOps.exif_transpose(im)
             if im.mode.startswith("I"):
                 # 16-bit grey ("I;16", or "I" holding 0..65535): Pillow's conversion to "L"
                 # clips at 255 (every pixel white); rescale to 8 bits first
@@ -199,8 +204,9 @@ def _check_channels(channels) -> None:
 
 
 def image_folder(path: str | os.PathLike, size: int, channels: int = 3) -> ImageTensorDataset:
-    """Every PNG/JPEG/JPG/BMP/WEBP file below ``path`` (recursively, suffix case-insensitive),
-    sorted by relative path, converted to grey (channels 1) or RGB (channels 3), centre-cropped
+    """Every PNG/JPEG/JPG/BMP/WEBP file below ``path`` (recursively, suffix case-insensitive,
+    hidden files and folders, whose name starts with ".", left out), sorted by relative path,
+    turned upright by its EXIF orientation tag (as cameras and phones write them), converted to grey (channels 1) or RGB (channels 3), centre-cropped
     to a square, resized to size×size (bicubic) and mapped to [-1, 1] by x/127.5 − 1.
 
     Returns images (N, channels, size, size); the name is the folder's name.
@@ -212,7 +218,8 @@ def image_folder(path: str | os.PathLike, size: int, channels: int = 3) -> Image
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a directory"
         raise ValueError(f"path={str(root)!r} {what}; expected a folder of images")
-    files = sorted((p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+    files = sorted((p for p in root.rglob("*")
+                    if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, root)),
                    key=lambda p: p.relative_to(root).as_posix())
     if not files:
         raise ValueError(f"path={str(root)!r} holds no image files (suffixes {IMAGE_SUFFIXES})")
