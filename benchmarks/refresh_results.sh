@@ -26,7 +26,7 @@ run classifier_select python benchmarks/bench_classifier_select.py
 run attention python benchmarks/bench_attention.py
 run group_norm_silu python benchmarks/bench_group_norm_silu.py
 run tied_conv python benchmarks/bench_tied_conv.py
-run integrations python benchmarks/bench_integrations.py --quick
+run integrations python benchmarks/bench_integrations.py  # 5 repeats: 2 (--quick) swing ±6%
 run sfbd python benchmarks/bench_sfbd.py
 run train python benchmarks/bench_train.py
 run bench_all python -m symfast bench all --sizes readme --dtypes fp32 \
