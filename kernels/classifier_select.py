@@ -53,8 +53,9 @@ def _load_row(s_ptr, K, C, inv_t, ACC: tl.constexpr, BLOCK_KC: tl.constexpr, BLO
     row_off = tl.program_id(0).to(tl.int64) * (K + K * C)
     kk = tl.arange(0, BLOCK_KC)
     cc = tl.arange(0, BLOCK_C)
-    z = tl.load(s_ptr + row_off + kk, mask=kk < K, other=float("-inf")).to(ACC) * inv_t
-    e = tl.exp(z - tl.max(z, axis=0))
+    z = tl.load(s_ptr + row_off + kk, mask=kk < K, other=float("-inf")).to(ACC)
+    # the max before the scaling: z / T overflows for a small temperature (see the cpu kernel)
+    e = tl.exp((z - tl.max(z, axis=0)) * inv_t)
     g = e / tl.sum(e, axis=0)
     mask = (kk[:, None] < K) & (cc[None, :] < C)
     logits = tl.load(s_ptr + row_off + K + kk[:, None] * C + cc[None, :], mask=mask, other=0.0)

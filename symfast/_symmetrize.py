@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from symfast.groups import Group, get
+from symfast.ops import _checks
 from symfast.ops.group_average import orbit, orbit_mean
 
 
@@ -48,6 +49,7 @@ class Symmetrized(nn.Module):
         super().__init__()
         if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
             raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
+        _checks.backend_name(backend)
         self.model = model
         self.group = get(group)
         self.chunks = chunks

@@ -108,6 +108,7 @@ class Denoiser(nn.Module):
                             f"{type(model).__name__}")
         if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
             raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
+        _checks.backend_name(backend)
         self.model = model
         self.prediction = prediction
         self.schedule = schedule

@@ -36,6 +36,9 @@ def test_topic_dataset_is_the_papers_task():
         topic_dataset(vocab_size=8)
     with pytest.raises(ValueError, match="m"):
         topic_dataset(m=0)
+    for name, bad in (("vocab_size", 100.5), ("vocab_size", "100"), ("n_sentences", True)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+            topic_dataset(**{name: bad})
 
 
 def test_load_text_csv(tmp_path):
@@ -65,6 +68,58 @@ def test_load_text_csv(tmp_path):
     (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin.csv is not UTF-8"):
         load_text_csv(tmp_path / "latin.csv")
+
+
+def test_load_text_csv_reads_a_held_out_file_with_the_training_ids(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\nred apple,fruit\nblue car,vehicle\n"
+                                        "green pear,fruit\nred truck,vehicle\nblue sky,colour\n")
+    (tmp_path / "test.csv").write_text("text,label\ntruck car,vehicle\npear plum,fruit\n")
+    train = load_text_csv(tmp_path / "train.csv")
+    test = load_text_csv(tmp_path / "test.csv", vocab=train.vocab, label_names=train.label_names)
+    words = {w: i for i, w in enumerate(train.vocab)}
+    assert test.vocab == train.vocab and test.vocab_size == train.vocab_size
+    assert test.tokens.tolist() == [[words["truck"], words["car"]], [words["pear"], 1]]  # plum: <unk>
+    assert [train.label_names[i] for i in test.labels] == ["vehicle", "fruit"]
+    assert test.n_classes == 3  # the training set's classes, though the file has two
+    (tmp_path / "new.csv").write_text("text,label\nboat,ship\n")
+    with pytest.raises(ValueError, match="new.csv, data row 1: label 'ship' is not in label_names"):
+        load_text_csv(tmp_path / "new.csv", label_names=train.label_names)
+    for bad in (["apple"], ["<unk>", "<pad>", "x"], ["<pad>", "<unk>", "a", "a"], "abc"):
+        with pytest.raises(ValueError, match="vocab must be a list of distinct words"):
+            load_text_csv(tmp_path / "test.csv", vocab=bad)
+    with pytest.raises(ValueError, match="min_count=2 has no effect"):
+        load_text_csv(tmp_path / "test.csv", vocab=train.vocab, min_count=2)
+    with pytest.raises(ValueError, match="label_names"):
+        load_text_csv(tmp_path / "test.csv", label_names=[])
+
+
+def test_load_text_csv_literal_pad_and_unk_words_are_unknown_words(tmp_path):
+    # "<pad>" written in a text is a word: it must not become padding (id 0) inside the sentence,
+    # nor sit twice in the vocabulary
+    (tmp_path / "t.csv").write_text("text,label\nhello <pad> world <unk>,a\nhello,b\n")
+    for min_count in (1, 2):
+        data = load_text_csv(tmp_path / "t.csv", min_count=min_count)
+        assert data.vocab.count("<pad>") == 1 and data.vocab.count("<unk>") == 1
+        assert data.tokens[0, 1] == 1 and data.tokens[0, 3] == 1 and data.lengths[0] == 4
+        assert (data.tokens[0, :4] != 0).all()
+
+
+def test_tl_head_is_drawn_from_the_generator_and_the_generator_is_checked():
+    def build():
+        return AttentionClassifier(30, 6, 4, 3, head="tl", hidden=5,
+                                   generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    a = build()
+    torch.manual_seed(2)  # another global state: the model must not depend on it
+    b = build()
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    w = a.head[0].weight  # nn.Linear's own distribution: U(±1/sqrt(fan_in))
+    assert w.abs().max() <= 6 ** -0.5 and w.std() > 0.5 * 6 ** -0.5 / 3 ** 0.5
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        AttentionClassifier(30, 6, 4, 3, generator=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        AttentionClassifier(30, 6, 4, 3, backend="gpu")  # at construction, not the first forward
 
 
 def test_paper_initialisation_and_heads():

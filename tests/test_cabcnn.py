@@ -1,5 +1,6 @@
 import math
 import wave
+import warnings
 
 import pytest
 import torch
@@ -49,6 +50,22 @@ def test_mel_filterbank_triangles_peak_at_their_centres():
         mel_filterbank(n_freqs, n_mels, sr, f_max=5000.0)
 
 
+def test_mel_filterbank_warns_of_filters_that_catch_no_bin():
+    with pytest.warns(UserWarning, match="6 of the 128 mel filters are all zero"):
+        mel_filterbank(129, 128, 8000)
+    with pytest.warns(UserWarning, match="n_mels=128 is too many"):
+        LogMel(8000, n_fft=256, n_mels=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mel_filterbank(129, 32, 8000)
+
+
+@pytest.mark.parametrize("n_fft, hop, t", [(256, 128, 1000), (255, 128, 1024), (101, 50, 1000)])
+def test_logmel_empty_batch_has_the_frames_of_a_full_one(n_fft, hop, t):
+    frontend = LogMel(8000, n_fft=n_fft, hop_length=hop, n_mels=8)
+    assert frontend(torch.zeros(0, t)).shape == (0,) + frontend(torch.randn(2, t)).shape[1:]
+
+
 def test_logmel_finds_a_tone_and_ignores_gain():
     sr, n_mels = 8000, 32
     frontend = LogMel(sr, n_fft=256, hop_length=128, n_mels=n_mels)
@@ -77,6 +94,12 @@ def test_classifier_select_module_matches_reference_backend():
     assert rel_err(out, ref) <= TOL[torch.float32]
     gates = head.gates(h)
     assert gates.shape == (9, 3) and torch.allclose(gates.sum(1), torch.ones(9))
+    # features of the wrong width are named as h (the op would blame its gate_weight)
+    for call in (head, head.gates):
+        with pytest.raises(ValueError, match=r"h must be \(B, in_features=24\)"):
+            call(torch.randn(9, 23))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ClassifierSelect(24, 5, backend="gpu")
     logits = torch.einsum("bf,kcf->bkc", h, head.weight) + head.bias
     assert rel_err(out, torch.einsum("bk,bkc->bc", gates, logits)) <= TOL[torch.float32]
 
@@ -165,6 +188,10 @@ def test_synthetic_tone_and_chirp_spectra():
     (dict(n_per_class=0), "n_per_class"), (dict(classes=["tone", "whistle"]), "classes"),
     (dict(duration=0.001), "duration"), (dict(max_onset=1.0), "max_onset"),
     (dict(gain=(0.0, 1.0)), "gain"), (dict(sample_rate=100), "sample_rate"),
+    # below twice the highest frequency drawn (3 kHz) the classes alias: a chirp_up swept down
+    (dict(sample_rate=6000), "sample_rate must be an int > 6000"), (dict(sample_rate=True), "sample_rate"),
+    (dict(gain="ab"), "gain"), (dict(gain=(0.5,)), "gain"), (dict(gain=(0.5, math.nan)), "gain"),
+    (dict(max_onset="0.1"), "max_onset"),
     (dict(duration=math.nan), "duration"), (dict(duration="0.5"), "duration"),
     (dict(snr_db=(math.nan, 10.0)), "snr_db"), (dict(snr_db=(-math.inf, -math.inf)), "snr_db"),
     (dict(snr_db=(30.0, 10.0)), "snr_db"),

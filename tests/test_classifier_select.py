@@ -137,6 +137,28 @@ def test_gates_select_the_classifier():
     assert rel_err(out, mean) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_small_temperature_selects_the_argmax_not_nan(backend, dtype):
+    # scores / T overflows (3e-39 is just above the accepted minimum): the max must be taken
+    # before the scaling, on every backend alike; the gates tend to the argmax's one-hot
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(4)
+    args = [a.to(dev) for a in _inputs(6, 9, 4, 3, dtype=dtype, gen=gen)]
+    args = [a.requires_grad_() for a in args]
+    h, gate_weight, gate_bias, weight, bias = args
+    for temperature in (3e-39, 1e-30, 1e-6):
+        out = classifier_select(*args, temperature=temperature, backend=backend)
+        scores = (h.double() @ gate_weight.double().T + gate_bias.double())
+        pick = scores.argmax(1)
+        want = torch.einsum("bf,bcf->bc", h.double(), weight.double()[pick]) + bias.double()[pick]
+        assert torch.isfinite(out).all()
+        assert rel_err(out.double(), want) <= TOL[dtype]
+        grads = torch.autograd.grad(out.sum(), args)
+        assert all(torch.isfinite(g).all() for g in grads)
+        # one-hot gates: no gradient reaches the gate parameters
+        assert grads[1].abs().max() == 0 and grads[2].abs().max() == 0
+
+
 def test_compile_sees_through_the_op():
     args = _inputs(6, 10, 4, 3, requires_grad=True)
     fn = torch.compile(lambda *a: classifier_select(*a, backend="cpu"), fullgraph=True)

@@ -1193,7 +1193,7 @@ def attention_bad_cases(draw):
         exc, match = ValueError, "lengths must lie in"
     elif kind == "lengths_dtype":
         lengths = lengths.to(draw(st.sampled_from([torch.float32, torch.bool, torch.int16])))
-        exc, match = ValueError, "lengths must be an integer tensor"
+        exc, match = TypeError, "lengths must be an integer tensor"
     elif kind == "lengths_shape":
         lengths = draw(st.sampled_from([lengths[:-1], lengths[None],
                                         torch.ones(b + 1, dtype=torch.int64)]))

@@ -50,15 +50,17 @@ Dims check_inputs(const at::Tensor& h, const at::Tensor& gate_weight, const at::
   return {h.size(0), h.size(1), k, weight.size(1)};
 }
 
-// Numerically stable softmax of the K scaled gate scores into g.
+// Numerically stable softmax of the K scaled gate scores into g. The max is taken before the
+// scaling, exp((s - max s) / T): with a small temperature s / T itself overflows (inf - inf = NaN),
+// while (s - max s) / T is at most 0 and the gates tend to the argmax's one-hot.
 template <typename scalar_t>
 inline void gate_softmax(const scalar_t* __restrict s, int64_t k, scalar_t inv_t,
                          scalar_t* __restrict g) {
   scalar_t mx = -std::numeric_limits<scalar_t>::infinity();
-  for (int64_t j = 0; j < k; ++j) mx = std::max(mx, s[j] * inv_t);
+  for (int64_t j = 0; j < k; ++j) mx = std::max(mx, s[j]);
   scalar_t total = 0;
   for (int64_t j = 0; j < k; ++j) {
-    g[j] = std::exp(s[j] * inv_t - mx);
+    g[j] = std::exp((s[j] - mx) * inv_t);
     total += g[j];
   }
   const scalar_t inv_total = scalar_t(1) / total;

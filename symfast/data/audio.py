@@ -19,6 +19,7 @@ from symfast.philox import seeded_generator
 
 SYNTHETIC_CLASSES = ("tone", "chirp_up", "chirp_down", "am", "fm",
                      "white_noise", "pink_noise", "brown_noise")
+_MAX_HZ = 3000  # the highest frequency any class draws (a chirp's end); see _signal
 
 
 @dataclass
@@ -35,6 +36,13 @@ class AudioClips(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.waveforms[i], self.labels[i]
+
+
+def _finite_pair(value) -> bool:
+    """(lo, hi): two finite real numbers with lo <= hi."""
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in value) and value[0] <= value[1])
 
 
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -57,7 +65,7 @@ def _signal(name: str, gen: torch.Generator, n: int, t: torch.Tensor) -> torch.T
     if name == "tone":
         return torch.sin(2 * math.pi * _uniform(gen, n, 200, 2000) * t)
     if name in ("chirp_up", "chirp_down"):
-        lo, hi = _uniform(gen, n, 200, 800), _uniform(gen, n, 1500, 3000)
+        lo, hi = _uniform(gen, n, 200, 800), _uniform(gen, n, 1500, _MAX_HZ)
         f0, f1 = (lo, hi) if name == "chirp_up" else (hi, lo)
         # linear chirp: phase = 2π (f0 t + (f1 − f0) t² / (2 duration))
         return torch.sin(2 * math.pi * (f0 * t + (f1 - f0) * t ** 2 / (2 * duration)))
@@ -87,13 +95,12 @@ def synthetic_audio(n_per_class: int = 50, sample_rate: int = 8000, duration: fl
     """
     if isinstance(n_per_class, bool) or not isinstance(n_per_class, int) or n_per_class < 1:
         raise ValueError(f"n_per_class must be a positive int, got {n_per_class!r}")
-    if not isinstance(sample_rate, int) or sample_rate < 1000:
-        raise ValueError(f"sample_rate must be an int >= 1000 Hz, got {sample_rate!r}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 2 * _MAX_HZ:
+        raise ValueError(f"sample_rate must be an int > {2 * _MAX_HZ} Hz (the classes reach {_MAX_HZ} Hz; "
+                         f"at or below twice that they alias), got {sample_rate!r}")
     if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < math.inf:
         raise ValueError(f"duration must be a finite number of seconds > 0, got {duration!r}")
-    if (not isinstance(snr_db, (tuple, list)) or len(snr_db) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                       for v in snr_db) or snr_db[0] > snr_db[1]):
+    if not _finite_pair(snr_db):
         raise ValueError(f"snr_db must be (lo, hi), two finite numbers with lo <= hi, got {snr_db!r}")
     length = int(round(duration * sample_rate))
     if not length >= 64:
@@ -102,10 +109,10 @@ def synthetic_audio(n_per_class: int = 50, sample_rate: int = 8000, duration: fl
     unknown = [c for c in classes if c not in SYNTHETIC_CLASSES]
     if unknown or not classes or len(set(classes)) != len(classes):
         raise ValueError(f"classes must be distinct names from {SYNTHETIC_CLASSES}, got {classes}")
-    if not 0 <= max_onset < 1:
-        raise ValueError(f"max_onset must be a fraction of the clip in [0, 1), got {max_onset}")
-    if not (0 < gain[0] <= gain[1] <= 1):
-        raise ValueError(f"gain must be (lo, hi) with 0 < lo <= hi <= 1, got {gain}")
+    if isinstance(max_onset, bool) or not isinstance(max_onset, (int, float)) or not 0 <= max_onset < 1:
+        raise ValueError(f"max_onset must be a fraction of the clip in [0, 1), got {max_onset!r}")
+    if not (_finite_pair(gain) and 0 < gain[0] and gain[1] <= 1):
+        raise ValueError(f"gain must be (lo, hi) with 0 < lo <= hi <= 1, got {gain!r}")
     gen = seeded_generator(seed)
     t = torch.arange(length, dtype=torch.float64) / sample_rate
     n_classes = len(classes)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from symfast.ops import _checks
 from symfast.philox import seeded_generator
 
 PAD, UNK = "<pad>", "<unk>"
@@ -45,11 +46,10 @@ def topic_dataset(n_sentences: int = 5000, vocab_size: int = 5000, n_topics: int
     """Each sentence = one topic word of its class (label = the topic) + ``m`` random words drawn
     uniformly from the non-topic words, in random order. Topic c's words have ids
     c*words_per_topic ... (c+1)*words_per_topic - 1; every sentence has length m + 1."""
-    n_topic_words = n_topics * words_per_topic
-    for name, value in (("n_sentences", n_sentences), ("n_topics", n_topics),
+    for name, value in (("n_sentences", n_sentences), ("vocab_size", vocab_size), ("n_topics", n_topics),
                         ("words_per_topic", words_per_topic), ("m", m)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        _checks.positive_int(name, value)
+    n_topic_words = n_topics * words_per_topic
     if vocab_size <= n_topic_words:
         raise ValueError(f"vocab_size must exceed the {n_topic_words} topic words, got {vocab_size}")
     gen = seeded_generator(seed)
@@ -68,15 +68,34 @@ def topic_dataset(n_sentences: int = 5000, vocab_size: int = 5000, n_topics: int
 
 def load_text_csv(path: str | Path, text_column: str = "text", label_column: str = "label",
                   max_length: int | None = None, min_count: int = 1,
-                  lowercase: bool = True) -> TextDataset:
+                  lowercase: bool = True, vocab: list[str] | None = None,
+                  label_names: list[str] | None = None) -> TextDataset:
     """Read a CSV with a header holding ``text_column`` and ``label_column``. Words are split on
-    whitespace; words seen fewer than ``min_count`` times map to <unk> (id 1), padding is id 0.
-    Sentences longer than ``max_length`` are cut; labels are numbered in sorted order."""
+    whitespace; words seen fewer than ``min_count`` times map to <unk> (id 1), padding is id 0,
+    and the literal words "<pad>" and "<unk>" in the text are unknown words too.
+    Sentences longer than ``max_length`` are cut; labels are numbered in sorted order.
+
+    A held-out file must be read with its training set's ids: pass ``vocab=train.vocab`` (words
+    outside it map to <unk>; ``min_count`` then does not apply) and ``label_names=train.label_names``
+    (a label outside them is an error).
+    """
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                    or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 0:
         raise ValueError(f"min_count must be a non-negative int, got {min_count!r}")
+    if vocab is not None:
+        if (not isinstance(vocab, (list, tuple)) or len(vocab) < 2 or tuple(vocab[:2]) != (PAD, UNK)
+                or not all(isinstance(w, str) for w in vocab) or len(set(vocab)) != len(vocab)):
+            raise ValueError(f"vocab must be a list of distinct words starting with {PAD!r}, {UNK!r} "
+                             f"(a TextDataset's .vocab)")
+        if min_count != 1:
+            raise ValueError(f"min_count={min_count} has no effect with a given vocab; leave it at 1")
+    if label_names is not None and (
+            not isinstance(label_names, (list, tuple)) or not label_names
+            or not all(isinstance(n, str) for n in label_names) or len(set(label_names)) != len(label_names)):
+        raise ValueError("label_names must be a non-empty list of distinct label strings "
+                         "(a TextDataset's .label_names)")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path {str(path)!r} is not a file")
@@ -99,11 +118,20 @@ def load_text_csv(path: str | Path, text_column: str = "text", label_column: str
     if not rows:
         raise ValueError(f"{path} holds no rows")
     sentences = [(text.lower() if lowercase else text).split() for text, _ in rows]
-    counts = Counter(word for words in sentences for word in words)
-    vocab = [PAD, UNK] + sorted(w for w, c in counts.items() if c >= min_count)
+    if vocab is None:
+        counts = Counter(word for words in sentences for word in words if word not in (PAD, UNK))
+        vocab = [PAD, UNK] + sorted(w for w, c in counts.items() if c >= min_count)
+    vocab = list(vocab)
     index = {w: i for i, w in enumerate(vocab)}
-    label_names = sorted({label for _, label in rows})
+    index[PAD] = 1  # a literal "<pad>" in the text is a word, not the end of the sentence
+    if label_names is None:
+        label_names = sorted({label for _, label in rows})
+    label_names = list(label_names)
     label_index = {name: i for i, name in enumerate(label_names)}
+    for row, (_, label) in enumerate(rows, start=1):
+        if label not in label_index:
+            raise ValueError(f"{path}, data row {row}: label {label!r} is not in label_names "
+                             f"{label_names}")
     ids = [[index.get(w, 1) for w in words][:max_length] or [1] for words in sentences]
     length = max(len(s) for s in ids)
     tokens = torch.zeros((len(ids), length), dtype=torch.int64)

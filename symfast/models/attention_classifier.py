@@ -1,6 +1,8 @@
 """The attention text classifier of Lu, Mao, Nayak (ICLR 2021), on symfast's attention_pool."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -15,7 +17,8 @@ class AttentionClassifier(nn.Module):
     words, s_w = qᵀκ_w; the sentence vector v̄ = Σ_j softmax_j(s) v_{w_j} goes to a head:
     "fc" a fixed random linear map with unit diagonal, "tc" the same map trainable, "tl" two
     layers with ``hidden`` units. The paper's initialisation: keys 0, embeddings N(0, 1e-6²),
-    query N(0, 0.3²) (trained only with ``train_query``).
+    query N(0, 0.3²) (trained only with ``train_query``); every parameter is drawn from
+    ``generator`` when one is given.
 
     forward(tokens (B, L), lengths (B,) or None) -> logits (B, n_classes).
     """
@@ -32,6 +35,9 @@ class AttentionClassifier(nn.Module):
         # at construction: an int here would fail only later, inside torch or attention_pool
         _checks.flag("train_query", train_query)
         _checks.flag("mask_padding", mask_padding)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        _checks.backend_name(backend)
         self.head_kind, self.mask_padding, self.backend = head, mask_padding, backend
         self.embedding = nn.Parameter(torch.randn(vocab_size, d, generator=generator) * 1e-6)
         self.keys = nn.Parameter(torch.zeros(vocab_size, d_k))
@@ -39,6 +45,13 @@ class AttentionClassifier(nn.Module):
                                   requires_grad=train_query)
         if head == "tl":
             self.head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+            if generator is not None:
+                # nn.Linear draws from the global RNG: the same U(±1/sqrt(fan_in)) from generator
+                with torch.no_grad():
+                    for layer in (self.head[0], self.head[2]):
+                        bound = 1 / math.sqrt(layer.in_features)
+                        layer.weight.uniform_(-bound, bound, generator=generator)
+                        layer.bias.uniform_(-bound, bound, generator=generator)
         else:
             weight = torch.randn(n_classes, d, generator=generator) / d ** 0.5
             diagonal = torch.arange(min(n_classes, d))

@@ -5,6 +5,7 @@ plus :class:`BaselineCNN`, the same network with one wider (two-layer) head for 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from torch import nn
 from symfast._backend import autocast_on
 from symfast.ops import _checks
 from symfast.ops.classifier_select import check_temperature, classifier_select
+from symfast.reference.classifier_select import gate_softmax
 
 
 def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
@@ -40,7 +42,15 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0
     lo, centre, hi = points[:-2], points[1:-1], points[2:]
     rising = (freqs[:, None] - lo) / (centre - lo)
     falling = (hi - freqs[:, None]) / (hi - centre)
-    return torch.clamp(torch.minimum(rising, falling), min=0.0).float()
+    filters = torch.clamp(torch.minimum(rising, falling), min=0.0).float()
+    empty = int((filters.amax(0) == 0).sum())
+    if empty:
+        # a filter narrower than the bin spacing catches no bin: its band is the log floor in
+        # every clip (torchaudio warns the same way)
+        warnings.warn(f"{empty} of the {n_mels} mel filters are all zero: n_mels={n_mels} is too many "
+                      f"for a spectrum of n_freqs={n_freqs} bins (raise n_fft or lower n_mels)",
+                      UserWarning, stacklevel=2)
+    return filters
 
 
 def _positive_ints(**values) -> None:
@@ -70,8 +80,9 @@ class LogMel(nn.Module):
             raise ValueError(f"waveform has {waveform.shape[1]} samples; need > n_fft/2 = {self.n_fft // 2}")
         if waveform.shape[0] == 0:
             # torch.stft refuses an empty batch; the empty spectrogram's shape follows from T
-            # (center=True: 1 + T // hop frames), and it stays in the graph for backward
-            frames = 1 + waveform.shape[1] // self.hop_length
+            # (center=True pads n_fft // 2 on each side), and it stays in the graph for backward
+            padded = waveform.shape[1] + 2 * (self.n_fft // 2)
+            frames = 1 + (padded - self.n_fft) // self.hop_length
             return waveform[:, None, None, :1].expand(0, 1, self.filterbank.shape[1], frames)
         # bf16/fp16 in fp32: torch.stft has no FFT for them, and a fixed front end has no
         # reason to round its intermediates; the spectrogram is returned in the waveform's dtype
@@ -108,6 +119,13 @@ class ConvBackbone(nn.Module):
         return self.layers(x).mean(dim=(2, 3))
 
 
+def _check_features(h, gate_weight: torch.Tensor) -> None:
+    """``h`` is (B, in_features): named here, where the op would blame its gate_weight."""
+    _checks.floating("h", h)
+    if h.dim() != 2 or h.shape[1] != gate_weight.shape[1]:
+        raise ValueError(f"h must be (B, in_features={gate_weight.shape[1]}), got shape {tuple(h.shape)}")
+
+
 class ClassifierSelect(nn.Module):
     """K linear classifiers on features (B, F) and a softmax gate choosing among them:
     (B, F) -> logits (B, C). Parameters: gate_weight (K, F), gate_bias (K,), weight (K, C, F),
@@ -118,6 +136,7 @@ class ClassifierSelect(nn.Module):
         super().__init__()
         _positive_ints(in_features=in_features, n_classes=n_classes, n_classifiers=n_classifiers)
         check_temperature(temperature)  # at construction rather than at the first forward
+        _checks.backend_name(backend)
         bound = 1 / math.sqrt(in_features)
 
         def param(*shape):
@@ -129,6 +148,7 @@ class ClassifierSelect(nn.Module):
         self.temperature, self.backend = temperature, backend
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        _check_features(h, self.gate_weight)
         params = (self.gate_weight, self.gate_bias, self.weight, self.bias)
         # under autocast the backbone hands over bf16/fp16 features while the parameters stay
         # fp32: the head runs in the features' dtype, as autocast runs nn.Linear
@@ -138,7 +158,8 @@ class ClassifierSelect(nn.Module):
 
     def gates(self, h: torch.Tensor) -> torch.Tensor:
         """The selection weights (B, K) the head puts on its classifiers."""
-        return torch.softmax((h @ self.gate_weight.T + self.gate_bias) / self.temperature, dim=-1)
+        _check_features(h, self.gate_weight)
+        return gate_softmax(h @ self.gate_weight.T + self.gate_bias, self.temperature)
 
 
 class _AudioCNN(nn.Module):

@@ -40,6 +40,7 @@ class TiedConv2d(nn.Module):
                         else (self.kernel_size[0] // 2, self.kernel_size[1] // 2))
         self.group = get(group)
         self.orbits = kernel_orbits(self.group, self.kernel_size)
+        _checks.backend_name(backend)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, self.orbits.count))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None

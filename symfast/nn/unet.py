@@ -209,6 +209,7 @@ class UNet(nn.Module):
             raise ValueError(f"channels must be a non-empty sequence of positive ints, got {channels}")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("heads", heads)):
             _checks.positive_int(name, value)
+        _checks.backend_name(backend)
         levels = len(channels)
         attention_levels = (levels - 1,) if attention_levels is None else tuple(attention_levels)
         if any(not 0 <= a < levels for a in attention_levels):

@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from symfast._backend import BACKENDS
+
 
 def tensor(name: str, t, *, optional: bool = False) -> None:
     if t is None and optional:
@@ -75,3 +77,12 @@ def flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def backend_name(backend) -> None:
+    """A backend name (or None / "auto"); whether it can run is decided per call. Modules check
+    it at construction, so a typo fails there and not at the first forward."""
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    if backend is not None and backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, None or 'auto'; got {backend!r}")

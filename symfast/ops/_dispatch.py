@@ -23,8 +23,8 @@ from typing import Any, Callable
 import torch
 
 from symfast import _backend
+from symfast.ops import _checks
 
-BACKENDS = _backend.BACKENDS
 _ERRORS = {"ValueError": ValueError, "RuntimeError": RuntimeError}
 _DECIDED: dict[tuple[str, str, str], tuple[str, str, str]] = {}
 
@@ -84,10 +84,7 @@ def _decide_uncached(op: str, backend: str, device: str) -> tuple[str, str, str]
 def resolve(backend: str | None, tensor: torch.Tensor, op: str) -> str:
     """Validate ``backend`` and turn None/"auto" into the fastest backend for ``tensor``'s device;
     for "cpu" the extension of ``op`` is loaded here (or the call refused with why)."""
-    if backend is not None and not isinstance(backend, str):
-        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
-    if backend is not None and backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, None or 'auto'; got {backend!r}")
+    _checks.backend_name(backend)
     resolved, error, message = _decide(op, backend or "auto", str(tensor.device))
     if error:
         raise _ERRORS[error](message)

@@ -48,9 +48,12 @@ def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embeddin
         _checks.like(name, t, "embedding", embedding, dtype=False)
     if lengths is not None:
         _checks.tensor("lengths", lengths, optional=True)
-        if lengths.dtype not in (torch.int64, torch.int32) or lengths.shape != (b,):
-            raise ValueError(f"lengths must be an integer tensor of shape ({b},), got "
-                             f"{lengths.dtype} of shape {tuple(lengths.shape)}")
+        if lengths.dtype not in (torch.int64, torch.int32):  # a type mistake, as for tokens
+            raise TypeError(f"lengths must be an integer tensor (int64 or int32) of shape ({b},), "
+                            f"got {lengths.dtype}")
+        if lengths.shape != (b,):
+            raise ValueError(f"lengths must be an integer tensor of shape ({b},), got shape "
+                             f"{tuple(lengths.shape)}")
         _checks.like("lengths", lengths, "tokens", tokens, dtype=False)
     if torch.compiler.is_compiling():
         # reading the values on the host would break the graph: the same refusal as assertions

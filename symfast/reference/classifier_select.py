@@ -8,6 +8,13 @@ from __future__ import annotations
 import torch
 
 
+def gate_softmax(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(scores / temperature) over the last dim, shifted by the max before the scaling:
+    scores / temperature overflows for a small temperature (inf − inf = NaN), (s − max s) / T
+    does not, and the gates tend to the argmax's one-hot."""
+    return torch.softmax((scores - scores.amax(-1, keepdim=True).detach()) / temperature, dim=-1)
+
+
 def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
                       weight: torch.Tensor, bias: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
@@ -21,6 +28,6 @@ def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: tor
     compute = torch.promote_types(dtype, torch.float32)
     h, gate_weight, gate_bias, weight, bias = (
         t.to(compute) for t in (h, gate_weight, gate_bias, weight, bias))
-    gates = torch.softmax((h @ gate_weight.T + gate_bias) / temperature, dim=-1)  # (B, K)
+    gates = gate_softmax(h @ gate_weight.T + gate_bias, temperature)  # (B, K)
     logits = torch.einsum("bf,kcf->bkc", h, weight) + bias  # (B, K, C)
     return torch.einsum("bk,bkc->bc", gates, logits).to(dtype)
