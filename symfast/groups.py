@@ -10,11 +10,12 @@ int32 per entry: ``src`` for ``+``, ``~src`` (= -src - 1) for ``-``. Tables are 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -185,15 +186,49 @@ class Group:
         key = (tuple(int(s) for s in event_shape), torch.device(device))
         hit = self._table_cache.get(key)
         if hit is None:
-            if math.prod(key[0]) >= 2**31 - 1:
-                raise ValueError(f"event shape {key[0]} is too large for int32 gather tables")
-            signed = self._signed_tables(key[0])
-            encoded = torch.where(signed > 0, signed - 1, signed)  # -(src+1) == ~src
-            encoded = encoded.to(torch.int32)
-            inverse = encoded[[self.inverse(k) for k in range(len(self))]]
-            hit = (encoded.contiguous().to(key[1]), inverse.contiguous().to(key[1]))
-            self._table_cache[key] = hit
-        return hit
+            with real_tensors():
+                hit = self._table_cache[key] = self._build_tables(key)
+        return for_dispatch_mode(hit)
+
+    def _build_tables(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        if math.prod(key[0]) >= 2**31 - 1:
+            raise ValueError(f"event shape {key[0]} is too large for int32 gather tables")
+        signed = self._signed_tables(key[0])
+        encoded = torch.where(signed > 0, signed - 1, signed)  # -(src+1) == ~src
+        encoded = encoded.to(torch.int32)
+        inverse = encoded[[self.inverse(k) for k in range(len(self))]]
+        return encoded.contiguous().to(key[1]), inverse.contiguous().to(key[1])
+
+
+def under_dispatch_mode() -> bool:
+    """Whether a TorchDispatchMode runs (FakeTensorMode: torch.export, shape inference)."""
+    # torch.export runs is_compiling() True with a FakeTensorMode on: only dynamo itself is excluded
+    return not torch.compiler.is_dynamo_compiling() and torch._C._len_torch_dispatch_stack() > 0
+
+
+@contextlib.contextmanager
+def real_tensors() -> Iterator[None]:
+    """Host-side tables (gather indices) are built as real tensors even under a dispatch mode:
+    they are cached for every later call, and a fake one kept would break each real call after."""
+    if not under_dispatch_mode():
+        yield
+        return
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        yield
+
+
+def for_dispatch_mode(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Cached real tables as the running FakeTensorMode takes them: as they are where it accepts
+    real constants (torch.export lifts them into the program), else as fakes of them."""
+    if not under_dispatch_mode():
+        return tensors
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    for mode in reversed(_get_current_dispatch_mode_stack()):
+        if isinstance(mode, FakeTensorMode) and not mode.allow_non_fake_inputs:
+            return tuple(mode.from_tensor(t) for t in tensors)
+    return tensors
 
 
 # ---- constructors --------------------------------------------------------------------------
@@ -288,7 +323,9 @@ def product(a: Group, b: Group) -> Group:
 _NAMED = {"trivial": trivial, "flip_h": flip_h, "flip_v": flip_v, "c2": c2, "c4": c4, "d4": d4,
           "sign": sign_flip}
 _ALIASES = {"sign_flip": "sign"}  # the function's name, for the group's
-_NAMED_CACHE: dict[str, Group] = {}
+# Built at import (5 ms for all): a first get() inside a torch.compile'd function would have
+# dynamo trace the construction, whose tables are data-dependent (and fail under fullgraph=True).
+_NAMED_CACHE: dict[str, Group] = {name: make() for name, make in _NAMED.items()}
 
 
 def get(name: str | Group) -> Group:

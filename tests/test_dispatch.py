@@ -155,6 +155,14 @@ def test_a_double_backward_through_a_kernel_is_an_error_naming_the_op(name):
     grads = torch.autograd.grad((out * v).sum(), inputs, create_graph=True)
     with pytest.raises(RuntimeError, match=f"symfast::{name}'s backward is not differentiable"):
         sum(g.square().sum() for g in grads).backward()
+    # with respect to the op's inputs too (a gradient penalty's weight term): None, 0 or "not
+    # used in the graph" before, whatever allow_unused / materialize_grads said
+    for kwargs in ({}, {"allow_unused": True}, {"allow_unused": True, "materialize_grads": True}):
+        with pytest.raises(RuntimeError, match=f"symfast::{name}'s backward is not differentiable"):
+            torch.autograd.grad(sum(g.square().sum() for g in grads), inputs[-1], **kwargs)
+    with pytest.raises(RuntimeError, match=f"symfast::{name}'s backward is not differentiable"):
+        torch.autograd.gradgradcheck(lambda *a: f("cpu", *a), [t.detach().double().requires_grad_()
+                                                               for t in inputs])
     # first-order gradients are untouched, create_graph or not
     plain = torch.autograd.grad((f("cpu", *inputs) * v).sum(), inputs)
     for a, b in zip(grads, plain):
@@ -165,3 +173,119 @@ def test_fused_step_is_differentiable_twice():
     x, y = (torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((2, 3, 4, 4), (16, 3, 4, 4)))
     assert torch.autograd.gradgradcheck(lambda a, b: ops.fused_step(a, b, COEFS._replace(c=0.0), "d4",
                                                                     backend="cpu")[0], (x, y))
+
+
+# ---- torch.func, forward AD, FakeTensorMode and torch.export: the custom op, never a silent
+# ---- wrong answer (the eager fast path hands them the raw kernel)
+
+def _with_fused_step(calls):
+    gen = torch.Generator().manual_seed(3)
+    y, noise = torch.randn(16, 3, 4, 4, generator=gen), torch.randn(2, 3, 4, 4, generator=gen)
+    x = calls["orbit"][0][0].detach().clone().requires_grad_(calls["orbit"][0][0].requires_grad)
+    calls["fused_step"] = ((x,), lambda b, a: ops.fused_step(a, y, COEFS, "d4", noise=noise, backend=b)[0])
+    return calls
+
+
+@pytest.mark.parametrize("name", sorted(_calls()))
+def test_forward_mode_ad_is_refused_naming_the_op(name):
+    """No op has a jvp rule: torch ran them under jvp/jacfwd/forward_ad with a zero tangent."""
+    import torch.autograd.forward_ad as fwad
+    inputs, f = _with_fused_step(_calls())[name]
+    tangents = tuple(torch.randn_like(t) for t in inputs)
+    with pytest.raises(NotImplementedError, match=f"symfast::{name} has no forward-mode derivative"):
+        torch.func.jvp(lambda *a: f("cpu", *a), inputs, tangents)
+    with pytest.raises(NotImplementedError, match=f"symfast::{name} has no forward-mode derivative"):
+        torch.func.jacfwd(lambda a: f("cpu", a, *inputs[1:]).sum())(inputs[0])
+    with fwad.dual_level(), pytest.raises(NotImplementedError, match=f"symfast::{name}"):
+        f("cpu", fwad.make_dual(inputs[0], tangents[0]), *inputs[1:])
+    # the reference is plain torch: forward mode works there
+    _, tangent = torch.func.jvp(lambda *a: f("reference", *a), inputs, tangents)
+    assert tangent.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(_calls()))
+def test_torch_func_grad_and_vmap_match_the_reference(name):
+    inputs, f = _with_fused_step(_calls())[name]
+    out = f("reference", *inputs)
+    v = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    argnums = tuple(range(len(inputs)))
+
+    def loss(backend):
+        return lambda *a: (f(backend, *a) * v).sum()
+    got = torch.func.grad(loss("cpu"), argnums=argnums)(*inputs)
+    want = torch.func.grad(loss("reference"), argnums=argnums)(*inputs)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-5
+    # vmap over a new leading dim of the first input (the ensemble recipe): torch loops the op
+    # over the batch, and the gradients reach the stacked input
+    stacked = torch.stack([inputs[0].detach() * s for s in (1.0, -0.5, 2.0)]).requires_grad_()
+    batched = torch.vmap(lambda a: f("cpu", a, *[t.detach() for t in inputs[1:]]))(stacked)
+    loop = torch.stack([f("reference", a, *[t.detach() for t in inputs[1:]]) for a in stacked])
+    assert rel_err(batched, loop) <= 1e-5
+    (g_batched,) = torch.autograd.grad(batched.square().sum(), stacked)
+    plain = stacked.detach().requires_grad_()
+    ref = torch.stack([f("reference", a, *[t.detach() for t in inputs[1:]]) for a in plain])
+    (g_loop,) = torch.autograd.grad(ref.square().sum(), plain)
+    assert rel_err(g_batched, g_loop) <= 1e-5
+    # per-sample gradients (vmap of grad) have no rule on either side: refused, naming the op
+    with pytest.raises(NotImplementedError, match=f"symfast::{name} under torch.func.vmap together with grad"):
+        torch.vmap(torch.func.grad(lambda a: f("cpu", a, *[t.detach() for t in inputs[1:]]).sum()))(stacked)
+
+
+@pytest.mark.parametrize("name", sorted(_calls()))
+def test_fake_tensor_mode_gives_the_shapes_and_leaves_no_fake_behind(name):
+    """Under FakeTensorMode the op runs its fake rule (the raw kernel has none), whether or not
+    its tables were built before; tables built under the mode are real, so eager calls after it
+    still run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from symfast import groups
+    fresh = groups._NAMED_CACHE.pop("d4")  # a new d4 with no tables yet, for this test only
+    try:
+        groups._NAMED_CACHE["d4"] = groups.d4()
+        for _ in range(2):  # no tables yet, then tables built (under the mode) the first time
+            inputs, f = _calls()[name]
+            # attention_pool's tokens and fused_step's tensors are constants of f: real ones,
+            # as torch.export hands them over; the other ops get only fakes, as FakeTensorMode wants
+            constants = name in ("attention_pool", "fused_step")
+            with FakeTensorMode(allow_non_fake_inputs=constants) as mode:
+                fake = f("cpu", *[mode.from_tensor(t) for t in inputs])
+            assert fake.shape == f("reference", *inputs).shape
+            assert rel_err(f("cpu", *inputs), f("reference", *inputs)) <= 1e-5
+    finally:
+        groups._NAMED_CACHE["d4"] = fresh
+
+
+def test_export_of_a_model_with_symfast_ops_runs_and_leaves_eager_calls_working():
+    from symfast import groups
+    from symfast.nn import TiedConv2d
+
+    class FrameAveraged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.group = groups.d4()  # no tables yet: built while export traces
+            self.conv = TiedConv2d(3, 3, 3, self.group)
+
+        def forward(self, x):
+            return ops.orbit_mean(self.conv(ops.orbit(x, self.group)), self.group)
+
+    model = FrameAveraged()
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    program = torch.export.export(model, (x,))
+    want = ops.orbit_mean(model.conv(ops.orbit(x, model.group, backend="reference")), model.group,
+                          backend="reference")
+    assert rel_err(program.module()(x), want) <= 1e-5
+    assert rel_err(model(x), want) <= 1e-5  # the eager call after the export
+
+
+def test_compile_fullgraph_names_a_group_in_a_fresh_process():
+    """The first use of a named group inside a compiled function: dynamo traced the group's
+    construction (data-dependent tables) and failed under fullgraph=True."""
+    import subprocess
+    import sys
+    code = ("import torch\nfrom symfast import ops\n"
+            "f = torch.compile(lambda a: ops.orbit_mean(ops.orbit(a, 'd4') * 2, 'c4'), fullgraph=True)\n"
+            "x = torch.randn(2, 3, 4, 4)\n"
+            "print(float((f(x) - ops.orbit_mean(ops.orbit(x, 'd4') * 2, 'c4', backend='reference')).abs().max()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) <= 1e-5

@@ -21,6 +21,7 @@ import inspect
 from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from symfast import _backend
 from symfast.ops import _checks
@@ -153,15 +154,76 @@ def custom_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any]):
     return op
 
 
+def _through_custom_op() -> bool:
+    """Whether a call must go through the torch.library custom op rather than the eager fast
+    path: torch.compile tracing, a TorchDispatchMode (FakeTensorMode, so torch.export and shape
+    inference; FlopCounterMode), a torch.func transform (grad, vmap, jvp) or forward-mode AD.
+    Those see the op and its registered fake, autograd and vmap rules, or refuse it naming it;
+    the fast path would hand them the raw kernel (no fake rule) or an autograd.Function with no
+    forward derivative, whose tangents came out zero. Three C-level flag reads per call."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or _forward_ad._current_level >= 0)
+
+
+def _functorch_grad(name: str) -> bool:
+    """Whether a torch.func grad transform (grad, vjp, jacrev) runs: the op then goes through its
+    eager autograd.Function, since torch's custom-op autograd has no setup_context, which
+    functorch requires. Under vmap alone the custom op runs (torch loops over the batch); vmap
+    together with grad (per-sample gradients) has neither rule, and is refused naming the op."""
+    if torch.compiler.is_dynamo_compiling():
+        return False
+    keys = {i.key() for i in torch._C._functorch.get_interpreter_stack() or ()}
+    kinds = torch._C._functorch.TransformType
+    if kinds.Grad in keys and kinds.Vmap in keys:
+        raise NotImplementedError(
+            f"{name} under torch.func.vmap together with grad (e.g. per-sample gradients) is not "
+            f"supported; use backend='reference', or loop over the samples")
+    return kinds.Grad in keys
+
+
+def _refuse_forward_ad(name: str, inputs: tuple) -> None:
+    """The ops have no forward-mode derivative (no jvp rule), and torch would run them under
+    torch.func.jvp / jacfwd / hessian or torch.autograd.forward_ad with a zero tangent, silently:
+    refuse instead, naming the op."""
+    if torch.compiler.is_dynamo_compiling():
+        return
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    jvp = any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack)
+    dual = _forward_ad._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in inputs)
+    if jvp or dual:
+        raise NotImplementedError(
+            f"{name} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
+            f"torch.autograd.forward_ad); use backend='reference' for those, or reverse mode "
+            f"(torch.func.grad, jacrev, vjp)")
+
+
+class _NotTwice(torch.autograd.Function):
+    """Identity on the gradients an op's backward computed, whose own backward fails naming the
+    op. Its inputs also take the op's inputs that require grad, so differentiating a gradient
+    with respect to any of them (autograd.grad(gx, w), gradgradcheck) reaches the error."""
+
+    @staticmethod
+    def forward(message, count, *tensors):
+        return tuple(t.detach() if t is not None else None for t in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # new style: functorch's grad calls it
+        ctx.message = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
 def _once_differentiable(backward: Callable[..., Any], name: str) -> Callable[..., Any]:
     """torch's once_differentiable, but a double backward through it always fails, naming the
-    op. torch's marks the gradients as non-differentiable only when an incoming gradient requires
-    grad: with a constant one (grad(f(x)·v, x, create_graph=True)) the input gradient silently
-    lost its dependence on the weight, and a gradient penalty its weight term."""
-    from torch._C import _functions
-
+    op. torch's re-roots the gradients at fresh leaves, and only when an incoming gradient
+    requires grad: a gradient penalty's second derivative with respect to the op's inputs came
+    back None (allow_unused), 0 (materialize_grads) or "not used in the graph", not the error."""
     message = (f"{name}'s backward is not differentiable (no double backward); use "
-               f"backend='reference' for higher-order gradients").encode()
+               f"backend='reference' for higher-order gradients")
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
@@ -170,15 +232,11 @@ def _once_differentiable(backward: Callable[..., Any], name: str) -> Callable[..
         if not torch.is_grad_enabled():  # create_graph=False: nothing will differentiate these
             return outputs
         outs = outputs if isinstance(outputs, tuple) else (outputs,)
-        fail = _functions.DelayedError(message, len(outs))
-
-        def tracked(t):
-            if t is None:
-                return t
-            t = t.detach()
-            t.requires_grad = True
-            return t
-        return fail(*[tracked(t) for t in outs])
+        links = [t for t in (*ctx.graph_inputs, *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not links:
+            return outputs
+        guarded = _NotTwice.apply(message, len(outs), *outs, *links)
+        return guarded if isinstance(outputs, tuple) else guarded[0]
     return wrapper
 
 
@@ -206,7 +264,10 @@ def kernel_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any],
     custom = custom_op(name, impl, fake)
     if make_backward is None:
         def call_plain(*inputs):
-            return custom(*inputs) if torch.compiler.is_compiling() else impl(*inputs)
+            if _through_custom_op():
+                _refuse_forward_ad(name, inputs)
+                return custom(*inputs)
+            return impl(*inputs)
         return custom, call_plain
 
     custom.register_autograd(make_backward(backward_op), setup_context=setup_context)
@@ -222,18 +283,25 @@ def kernel_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any],
     chosen_backward = backward if differentiable_backward else _once_differentiable(backward, name)
 
     class _Eager(torch.autograd.Function):
+        # new style (forward without ctx, setup_context apart): torch.func.grad takes no other
         @staticmethod
-        def forward(ctx, *inputs):
-            output = impl(*inputs)
+        def forward(*inputs):
+            return impl(*inputs)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
             setup_context(ctx, inputs, output)
-            return output
+            # the inputs a double backward must reach (see _once_differentiable)
+            ctx.graph_inputs = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
 
         backward = staticmethod(chosen_backward)
 
     def call(*inputs):
-        if torch.compiler.is_compiling():
-            return custom(*inputs)
-        if not torch.is_grad_enabled() or not any(
+        if _through_custom_op():
+            _refuse_forward_ad(name, inputs)
+            if not _functorch_grad(name):
+                return custom(*inputs)
+        elif not torch.is_grad_enabled() or not any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
             return impl(*inputs)
         return _Eager.apply(*inputs)

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from symfast import _backend
+from symfast.groups import under_dispatch_mode
 from symfast.ops import _checks, _dispatch
 from symfast.reference import attention_pool as reference
 
@@ -63,7 +64,8 @@ def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embeddin
         if lengths is not None:
             torch._assert_async((lengths >= 1).all() & (lengths <= l).all(),
                                 f"lengths must lie in [1, L = {l}]")
-    elif tokens.device.type != "meta":  # meta tensors hold no values (they run the reference)
+    elif tokens.device.type != "meta" and not under_dispatch_mode():
+        # meta tensors hold no values (they run the reference), nor do FakeTensorMode's
         # One host read for all the range checks (each read is a device sync on a GPU); the
         # values for the message only when one fails.
         bad_tokens = (tokens.min() < 0) | (tokens.max() >= v) if tokens.numel() else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from symfast import _backend
-from symfast.groups import Group, get
+from symfast.groups import Group, for_dispatch_mode, get, real_tensors
 from symfast.ops import _checks, _dispatch
 from symfast.reference import tied_conv2d as reference
 from symfast.reference.tied_conv2d import KernelOrbits, kernel_orbits, output_size
@@ -50,8 +50,9 @@ def _tables(orbits: KernelOrbits, device: torch.device) -> tuple[torch.Tensor, t
     key = (orbits, device)
     tables = _TABLES.get(key)
     if tables is None:
-        tables = _TABLES[key] = (orbits.positions.to(device), orbits.offsets.to(device))
-    return tables
+        with real_tensors():
+            tables = _TABLES[key] = (orbits.positions.to(device), orbits.offsets.to(device))
+    return for_dispatch_mode(tables)
 
 
 def _cpu_args(kernel_size, stride, padding) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from symfast.groups import Group, get
+from symfast.groups import Group, get, real_tensors
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: cached per group
@@ -47,8 +47,13 @@ def kernel_orbits(group: Group | str, kernel_size: tuple[int, int]) -> KernelOrb
     group = get(group)
     kh, kw = kernel_size
     cached = _ORBIT_CACHE.setdefault(group, {})
-    if (kh, kw) in cached:
-        return cached[(kh, kw)]
+    if (kh, kw) not in cached:
+        with real_tensors():  # host tables, cached: never fakes (see symfast.groups.real_tensors)
+            cached[(kh, kw)] = _kernel_orbits(group, kh, kw)
+    return cached[(kh, kw)]
+
+
+def _kernel_orbits(group: Group, kh: int, kw: int) -> KernelOrbits:
     if group.event_ndim > 2 or any(s is not None for s in group.fixed_sizes):
         raise ValueError(f"group {group.name} does not act on a kernel's spatial grid; tied "
                          f"convolutions take flips and rotations (flip_h, flip_v, c2, c4, d4)")
@@ -82,9 +87,7 @@ def kernel_orbits(group: Group | str, kernel_size: tuple[int, int]) -> KernelOrb
     order = torch.argsort(index, stable=True)
     counts = torch.bincount(index, minlength=len(roots))
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    result = KernelOrbits((kh, kw), index, order.to(torch.int32), offsets.to(torch.int32))
-    cached[(kh, kw)] = result
-    return result
+    return KernelOrbits((kh, kw), index, order.to(torch.int32), offsets.to(torch.int32))
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
