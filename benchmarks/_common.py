@@ -30,16 +30,20 @@ def machine_kind(info: dict) -> str:
 
 
 def write_results(name: str, payload: dict, parts: set[str] | None = None,
-                  all_parts: set[str] | None = None) -> Path:
+                  all_parts: set[str] | None = None, subset: str | None = None) -> Path:
     """benchmarks/results/<name>.json: the payload, the machine it was measured on, the date and
     the command (the README's tables name all three beside each figure); the same file also goes
     to benchmarks/results/machines/<kind>/<name>.json, the latest run on each machine kind, from
     which the README's targets table shows every kind measured (issue 16: targets hold on each).
     A run of some of a script's parts (``parts`` short of ``all_parts``: its --only) goes to
     <name>.only-<parts>.json beside the first (git ignores those): the committed files hold one
-    whole run, and a partial one written over them lost the other parts' results."""
+    whole run, and a partial one written over them lost the other parts' results. ``subset``
+    names a run that measured fewer rows some other way (a --quick that drops shapes): it goes to
+    <name>.only-<subset>.json the same way (the README's tables read rows it does not have)."""
     if parts is not None and all_parts is not None and not all_parts <= parts:
-        name = f"{name}.only-{'-'.join(sorted(parts))}"
+        subset = '-'.join(sorted(parts))
+    if subset is not None:
+        name = f"{name}.only-{subset}"
         folders = [RESULTS]
     else:
         folders = [RESULTS, RESULTS / "machines" / machine_kind(machine_info())]

@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({torch.get_num_threads()} threads)")
     print_table(rows, ["op", "group", "shape", "variant", "ms", "GB/s", "share_of_copy_bw",
                        "speedup_vs_eager", "speedup_vs_compile"])
-    path = write_results("group_average", {"copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows})
+    # --quick measures fewer shapes: not over the whole committed run
+    path = write_results("group_average", {"copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows},
+                         subset="quick" if args.quick else None)
     print(f"wrote {path}")
     return 0
 

@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({torch.get_num_threads()} threads)")
     print_table(rows, ["shape", "mode", "variant", "ms", "GB/s", "share_of_copy_bw",
                        "speedup_vs_eager", "speedup_vs_compile", "floor_ms"])
-    path = write_results("group_norm_silu", {"copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows})
+    # --quick measures fewer shapes: not over the whole committed run
+    path = write_results("group_norm_silu", {"copy_bandwidth_GBps": bandwidth / 1e9, "rows": rows},
+                         subset="quick" if args.quick else None)
     print(f"wrote {path}")
     return 0
 

@@ -340,6 +340,23 @@ def test_machine_kind_names_core_and_isa():
         "intelrxeonrgold-avx2"
 
 
+def test_a_partial_bench_run_leaves_the_committed_whole_run_alone(tmp_path, monkeypatch):
+    # bench_group_average --quick measures one shape of the four: written over the committed run,
+    # the README's tables lost the rows they read
+    common = _benchmarks_module("_common", "benchmarks_common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    kind = common.machine_kind(common.machine_info())
+    whole = common.write_results("op", {"rows": [1, 2, 3]})
+    assert whole == tmp_path / "op.json" and (tmp_path / "machines" / kind / "op.json").exists()
+    for path in (common.write_results("op", {"rows": [1]}, subset="quick"),
+                 common.write_results("op", {"rows": [2]}, parts={"a"}, all_parts={"a", "b"})):
+        assert path.parent == tmp_path and path.name.startswith("op.only-")
+    for path in (tmp_path / "op.json", tmp_path / "machines" / kind / "op.json"):
+        assert json.loads(path.read_text())["rows"] == [1, 2, 3]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["op.json", "op.only-a.json",
+                                                               "op.only-quick.json"]
+
+
 def test_every_readme_target_reads_from_the_committed_results():
     tables = _readme_tables()
     text = tables.targets_table()
