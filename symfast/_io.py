@@ -7,6 +7,7 @@ rename itself survives a crash.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +35,22 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# atomic_path's temporaries: ".<name>.<mkstemp's 8 characters>.tmp" (and torch's own ".tmp" on
+# top when it writes a trace to that name)
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.tmp)?$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries of :func:`atomic_path` that a killed writer left in ``folder`` (not
+    below it); returns them. Only a job that owns the folder calls this, before it writes."""
+    removed = []
+    for entry in Path(folder).iterdir():
+        if entry.is_file() and _TEMPORARY.match(entry.name):
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 @contextmanager

@@ -25,6 +25,15 @@ BENCHMARKS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options: argparse took `sfbd --steps 5` as --steps-per-round and
+    `sample --step 2` as --steps, silently. Subparsers are made of the parent's class."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def info() -> int:
     import torch
 
@@ -55,7 +64,7 @@ def info() -> int:
 
 
 def _bench_all_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="symfast bench all",
+    parser = _Parser(prog="symfast bench all",
                                      description="every op x backend x dtype x size, with the "
                                                  "share of the machine's limit measured in the run")
     parser.add_argument("--quick", action="store_true", help="the small size only, 3 repeats "
@@ -89,7 +98,7 @@ def _bench_all(args: list[str]) -> int:
 def _add_profile_flags(parser: argparse.ArgumentParser) -> None:
     """`symfast profile <job>`: each job's flags, as the job itself takes them."""
     jobs = parser.add_subparsers(dest="job", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--out", default="symfast-profile", help="folder for trace.json, "
                         "table.csv, profile.json, breakdown.png")
     common.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -290,7 +299,7 @@ def _checkpoint_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("symfast").setLevel(logging.INFO)
-    parser = argparse.ArgumentParser(prog="symfast", description="symfast command line")
+    parser = _Parser(prog="symfast", description="symfast command line")
     sub = parser.add_subparsers(dest="command", required=True)
     # The flags of train, sfbd and profile come from config dataclasses that import torch: they
     # are built only for the command being run, so `symfast --help` (and a typo) answer at once.
@@ -357,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError) as exc:  # bad input: the message names the argument
         print(f"symfast {ns.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from symfast.train.loop import TrainingDiverged
+        if not isinstance(exc, TrainingDiverged):
+            raise
+        print(f"symfast {ns.command}: {exc}", file=sys.stderr)  # names the last good checkpoint
+        return 1
 
 
 def _run_job(ns: argparse.Namespace) -> int:

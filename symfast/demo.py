@@ -29,7 +29,8 @@ ROTATION = 1  # the group element the denoising figure shows: a quarter turn in 
 
 def _writable_folder(out: str | os.PathLike) -> Path:
     """``out`` created if needed and probed for writing: ValueError naming it otherwise (before
-    any work is done, so nothing is half-written)."""
+    any work is done, so nothing is half-written). Temporaries an earlier, killed run left there
+    are removed."""
     folder = Path(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -37,6 +38,8 @@ def _writable_folder(out: str | os.PathLike) -> Path:
             pass
     except OSError as exc:
         raise ValueError(f"out={str(out)!r} cannot be written: {exc.strerror or exc}") from None
+    from symfast._io import remove_stale_temporaries
+    remove_stale_temporaries(folder)  # a run killed while writing its files left them
     return folder
 
 

@@ -243,7 +243,18 @@ class DDPMSchedule(Schedule):
                            self.trained_betas, self.rescale_zero_terminal_snr)
         self.num_train_timesteps = int(self.betas.shape[0])
         self.alphas_cumprod = alphas_cumprod(self.betas)
-        self.sigma_table = sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
+        ac = self.alphas_cumprod
+        if self.rescale_zero_terminal_snr:
+            # ᾱ_T = 0 by construction, σ_T = ∞: no sampler starts there. diffusers' Euler
+            # schedulers set ᾱ_T = 2^-24 (σ_T ≈ 4096); the same here, for every sampler
+            ac = ac.clone()
+            ac[-1] = 2.0 ** -24
+        self.sigma_table = sigmas_from_alphas_cumprod(ac).numpy()
+        if not np.isfinite(self.sigma_table).all():
+            first = int(np.argmin(np.isfinite(self.sigma_table)))
+            source = "trained_betas" if self.trained_betas is not None else "beta_start and beta_end"
+            raise ValueError(f"{source} make ᾱ underflow to 0 from t={first} (σ infinite there); "
+                             f"use smaller betas or fewer num_train_timesteps")
         self.log_sigmas = np.log(self.sigma_table)
         self.sigma_min = float(self.sigma_table[0])
         self.sigma_max = float(self.sigma_table[-1])

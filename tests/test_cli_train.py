@@ -76,6 +76,44 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path, 
     assert not any(tmp_path.iterdir())
 
 
+def test_train_and_sfbd_name_an_out_that_is_a_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile.txt").write_text("mine")
+    for argv in (["train", *FLAGS, "--steps", "1", "--out", "afile.txt"],
+                 ["train", *FLAGS, "--steps", "1", "--out", "afile.txt/run"],
+                 ["sfbd", "--out", "afile.txt"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "out='afile.txt" in err and "is a file" in err and "Traceback" not in err, err
+    assert (tmp_path / "afile.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv", [["sfbd", "--steps", "5"], ["sample", "--checkpoint", "x", "--out", "g.png",
+                                                             "--step", "2"]])
+def test_an_abbreviated_option_is_not_taken_for_another(argv, capsys):
+    # argparse took sfbd's --steps as --steps-per-round and sample's --step as --steps, silently
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--equivariance", "none", "--reg-weight", "5"], "reg_weight=5.0 needs equivariance='reg'"),
+    (["--dataset-size", "10"], "dataset_size=10 is the number of images drawn from data='gmm-d4'"),
+])
+def test_an_option_the_run_would_not_read_is_refused(flags, message, capsys, tmp_path):
+    assert main(["train", *FLAGS, "--steps", "1", "--out", str(tmp_path / "r"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_a_diverged_run_ends_with_its_message_not_a_traceback(tmp_path, capsys):
+    code = main(["train", *FLAGS, "--steps", "6", "--lr", "1e9", "--grad-clip", "none",
+                 "--max-nonfinite", "2", "--checkpoint-every", "1", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "symfast train:" in err and "last good checkpoint" in err, err
+
+
 def test_sample_and_denoise_check_their_arguments_before_any_work(wt_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a-file.txt").write_text("x")

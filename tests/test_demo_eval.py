@@ -140,6 +140,28 @@ def test_export_keeps_one_ema_copy_and_loads_to_the_same_denoiser(tiny_runs, tmp
           equivariance="wt", group="d4", progress=False, out=str(tmp_path / "r"), init_from=str(out))
 
 
+def test_export_never_writes_over_a_training_checkpoint_and_resume_names_the_ema_count(tiny_runs, tmp_path):
+    import shutil
+    run = tmp_path / "wt"
+    shutil.copytree(tiny_runs / "wt", run)
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    older = run / "checkpoints" / "step-000000001"
+    shutil.copytree(newest, older)  # another training checkpoint of the run
+    before = {p.name: p.read_bytes() for p in older.iterdir()}
+    with pytest.raises(ValueError, match="holds a training checkpoint; refusing to replace it"):
+        export(newest, older)
+    assert {p.name: p.read_bytes() for p in older.iterdir()} == before
+    # an empty checkpoint slot: resume='auto' would take the export for the newest checkpoint
+    with pytest.raises(ValueError, match="is a checkpoint slot of a run"):
+        export(newest, run / "checkpoints" / "step-000000009")
+    assert not (run / "checkpoints" / "step-000000009").exists()
+    # one EMA copy per half-life: resuming two copies as one named the field, not a state_dict dump
+    with pytest.raises(ValueError, match=r"ema_halflife_images: 1 EMA copies \(50.0,\) vs 2"):
+        train(data="digits-d4", image_size=8, channels=(4, 8), batch_size=4, steps=4,
+              checkpoint_every=3, progress=False, equivariance="wt", group="d4", out=str(run),
+              ema_halflife_images=(50.0,))
+
+
 def test_export_cli_then_demo_on_the_exported_checkpoint(tiny_runs, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "symfast", "export", str(tiny_runs / "wt"),

@@ -584,3 +584,27 @@ def test_step_never_reads_a_device_tensor(name):
     sched.timesteps.add_(0)
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
         sched.step(torch.zeros_like(x), sched.timesteps[0], x, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler"])
+@pytest.mark.parametrize("replace", ["slice", "fresh", "in_place"])
+def test_a_replaced_timesteps_table_is_the_one_step_reads(name, replace):
+    """img2img code starts mid-schedule with ``scheduler.timesteps = scheduler.timesteps[k:]``: the
+    host copy of the table was not refreshed, and each step ran from the timestep 4 places earlier
+    (a final sample of 31.4 against diffusers' 3.29), silently."""
+    finals = []
+    for module in (diffusers, ours):
+        s = getattr(module, name)(clip_sample=False)
+        s.set_timesteps(10)
+        if replace == "slice":
+            s.timesteps = s.timesteps[4:]
+        elif replace == "fresh":
+            s.timesteps = torch.tensor([900, 500, 100])
+        else:
+            s.timesteps[1:-1] -= 50  # [900, 750, 650, ..., 50, 0]: written into the same table
+        x = torch.ones(1, 1, 2, 2)
+        g = torch.Generator().manual_seed(0)
+        for t in s.timesteps:
+            x = s.step(0.1 * x, t, x, generator=g).prev_sample
+        finals.append(x)
+    assert _max_diff(finals[1], finals[0]) <= ATOL * max(1.0, float(finals[0].abs().max()))

@@ -18,7 +18,7 @@ from symfast import _backend
 from symfast.cli import main
 from symfast.ops import orbit
 from symfast.profiling import costs, timing
-from symfast.profiling.bench import COLUMNS, bench_all
+from symfast.profiling.bench import COLUMNS, available_backends, bench_all
 from symfast.profiling.trace import CATEGORIES, split_events
 
 FILES = ("trace.json", "table.csv", "profile.json", "breakdown.png")
@@ -414,6 +414,41 @@ def test_unknown_job_is_refused_by_the_parser(capsys):
 def test_bench_all_refuses_a_backend_that_cannot_run_here(tmp_path):
     with pytest.raises(ValueError, match="backends=.*triton"):
         bench_all(tmp_path, backends=["triton"], device="cpu", progress=False)
+    if "triton" not in available_backends(torch.device("cpu")):
+        # all four named: triton was dropped without a word
+        with pytest.raises(ValueError, match=r"\['triton'\] cannot run on cpu here"):
+            bench_all(tmp_path, backends=["reference", "compile", "cpu", "triton"], device="cpu",
+                      progress=False)
+
+
+def test_timing_names_its_bad_arguments_before_any_work():
+    calls = []
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' but torch finds no CUDA device"):
+            timing.measure(lambda: calls.append(1), device="cuda")
+        assert not calls  # the warm-up calls ran first
+    for nbytes in (0, 2, 6, 4.0):  # 2 bytes made no float32 element, and a bandwidth of it
+        with pytest.raises(ValueError, match="nbytes must be a positive multiple of 4"):
+            timing.copy_bandwidth(nbytes)
+    for dtypes in ("fp32", ("int8",)):  # a string was read letter by letter
+        with pytest.raises(ValueError, match="dtypes must be a list of names"):
+            timing.measure_limits(dtypes=dtypes)
+
+
+def test_a_killed_writer_s_temporaries_are_removed_by_the_next_run(tmp_path):
+    from symfast._io import atomic_write_text
+    from symfast.demo import _writable_folder
+    (tmp_path / ".trace.json.ylrkiwuq.tmp").write_text("")
+    (tmp_path / ".trace.json.ylrkiwuq.tmp.tmp").write_text("partial")
+    (tmp_path / ".mine.tmp").write_text("a user's own hidden file")
+    atomic_write_text(tmp_path / "kept.txt", "x")
+    _writable_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.tmp", "kept.txt"]
+
+
+def test_profile_train_with_a_bad_argument_leaves_no_folder(tmp_path, capsys):
+    assert main(["profile", "train", "--lr", "-1", "--out", str(tmp_path / "p")]) == 2
+    assert "lr" in capsys.readouterr().err and not (tmp_path / "p").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

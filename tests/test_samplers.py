@@ -405,3 +405,47 @@ def test_one_step_on_a_ddpm_schedule_with_karras_sigmas():
     assert sample(d, (2, 1, 8, 8), sampler="heun", steps=1, karras=True, progress=False).isfinite().all()
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         karras_sigmas(2, 0.5, 0.5)  # more than one step needs a range
+
+
+# ---- found by a user tryout -----------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_zero_terminal_snr_samples_from_the_last_timestep(sampler, spacing):
+    """ᾱ_T = 0 made σ_T infinite: every sampler refused the grid (trailing and linspace reach
+    t = T - 1), the standard zero-SNR recipe (v prediction, trailing) could not sample at all.
+    ᾱ_T = 2^-24 as in diffusers' Euler schedulers."""
+    schedule = DDPMSchedule(rescale_zero_terminal_snr=True)
+    assert schedule.sigma_max == pytest.approx(math.sqrt(2.0 ** 24 - 1))
+    denoiser = Denoiser(lambda x, t: 0.1 * torch.tanh(x), "v", schedule)
+    for karras in (False, True):
+        out = sample(denoiser, (2, 1, 4, 4), sampler=sampler, steps=4, spacing=spacing,
+                     karras=karras, seed=0)
+        assert torch.isfinite(out).all()
+
+
+def test_betas_whose_alpha_product_underflows_are_named():
+    with pytest.raises(ValueError, match="beta_start and beta_end make ᾱ underflow to 0 from t="):
+        DDPMSchedule(beta_start=0.5, beta_end=0.9)
+
+
+def test_callback_is_checked_before_any_network_call():
+    calls = []
+    denoiser = Denoiser(lambda x, t: calls.append(1) or x, "edm")
+    for run in (lambda: sample(denoiser, (1, 1, 4, 4), sampler="heun", steps=2, callback=3),
+                lambda: denoise(denoiser, torch.zeros(1, 1, 4, 4), 1.0, steps=2, callback="no")):
+        with pytest.raises(TypeError, match="callback must be callable"):
+            run()
+    assert not calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_draws_the_x_T_philox_latents_gives(dtype):
+    """PhiloxGenerator.latents is documented as symfast.sample's x_T for the same seeds: sample
+    drew float32 reference normals (2.4e-7 away, and float32 for a float64 run)."""
+    from symfast.integrations import PhiloxGenerator
+    denoiser = Denoiser(lambda x, t: torch.tanh(x), "edm")
+    seeds = [1, 2, 3]
+    from_shape = sample(denoiser, (3, 1, 8, 8), sampler="heun", steps=2, seed=seeds, dtype=dtype)
+    latents = PhiloxGenerator(seeds).latents((3, 1, 8, 8), dtype=dtype)
+    assert torch.equal(sample(denoiser, latents, sampler="heun", steps=2, seed=seeds), from_shape)

@@ -22,6 +22,8 @@ from symfast.train.distributed import World
 
 TINY = dict(data="gmm-d4", image_size=8, channels=(8, 16), heads=2, batch_size=8, progress=False,
             warmup_steps=2, dataset_size=64)
+# for a dataset passed in, or a folder (dataset_size is gmm-d4's)
+OWN_DATA = {k: v for k, v in TINY.items() if k not in ("data", "dataset_size")}
 
 VARIANTS = [  # (equivariance, prediction, extra)
     ("none", "edm", {}),
@@ -293,7 +295,7 @@ def test_precision_bf16_and_a_diffusers_model_and_an_image_folder(tmp_path):
     folder = tmp_path / "images"
     for i in range(3):
         save_image_grid(torch.rand(3, 12, 10) * 2 - 1, folder / f"{i}.png", padding=0)
-    r = train(**dict(TINY, data=str(folder), data_channels=3), steps=2, out=str(tmp_path / "folder"))
+    r = train(**dict(OWN_DATA, data=str(folder), data_channels=3), steps=2, out=str(tmp_path / "folder"))
     assert math.isfinite(r.last_loss)
     assert load(tmp_path / "folder")[1].data_channels == 3
 
@@ -388,13 +390,13 @@ def test_a_tensor_or_array_of_images_is_a_dataset(tmp_path):
     for name, data in (("wrapped", ImageTensorDataset(images)), ("tensor", images),
                        ("array", images.numpy())):
         torch.manual_seed(0)
-        train(**dict(TINY, image_size=8), network=_SmallConv(), dataset=data, steps=2,
+        train(**dict(OWN_DATA, image_size=8), network=_SmallConv(), dataset=data, steps=2,
               out=str(tmp_path / name))
         finals.append(final_tensors(tmp_path / name)[0])
     for other in finals[1:]:
         assert all(torch.equal(other[k], finals[0][k]) for k in finals[0])
     with pytest.raises(ValueError, match=r"\(N, C, H, W\).*unsqueeze\(1\)"):
-        train(**TINY, network=_SmallConv(), dataset=images[:, 0], steps=1, out=str(tmp_path / "3d"))
+        train(**OWN_DATA, network=_SmallConv(), dataset=images[:, 0], steps=1, out=str(tmp_path / "3d"))
     assert _nothing_written(tmp_path / "3d")
 
 
@@ -414,10 +416,10 @@ def test_a_network_of_the_wrong_output_shape_is_named(tmp_path):
 def test_rotation_group_with_non_square_images_is_refused(tmp_path):
     data = ImageTensorDataset(torch.zeros(4, 1, 8, 12))
     with pytest.raises(ValueError, match="dataset images.*square"):
-        train(**dict(TINY, image_size=8), dataset=data, equivariance="augment", steps=1,
+        train(**dict(OWN_DATA, image_size=8), dataset=data, equivariance="augment", steps=1,
               out=str(tmp_path / "run"))
     with pytest.raises(ValueError, match="dataset's images are 8x12"):
-        train(**dict(TINY, image_size=8), dataset=data, steps=1, out=str(tmp_path / "run"))
+        train(**dict(OWN_DATA, image_size=8), dataset=data, steps=1, out=str(tmp_path / "run"))
     assert _nothing_written(tmp_path / "run")
 
 

@@ -7,10 +7,7 @@ from typing import Callable
 import torch
 
 from symfast.philox import noise_key
-from symfast.samplers._noise import philox_normal
-
-# the Philox step symfast.sample draws its starting noise ε_T at (sampler steps use 1, 2, ...)
-LATENT_STEP = 2**32 - 1
+from symfast.samplers._noise import LATENT_STEP, philox_normal
 
 
 def _check_shape(shape, minimum: int) -> tuple[int, ...]:

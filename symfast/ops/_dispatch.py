@@ -291,8 +291,10 @@ def kernel_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any],
         @staticmethod
         def setup_context(ctx, inputs, output):
             setup_context(ctx, inputs, output)
-            # the inputs a double backward must reach (see _once_differentiable)
-            ctx.graph_inputs = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
+            if not differentiable_backward:
+                # the inputs a double backward must reach (see _once_differentiable); these ops
+                # save their large inputs anyway, the rest are parameters or small
+                ctx.graph_inputs = tuple(t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)
 
         backward = staticmethod(chosen_backward)
 

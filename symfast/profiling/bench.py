@@ -84,18 +84,23 @@ def bench_all(out: str | os.PathLike | None = None, *, quick: bool = False,
               sizes: Sequence[str] | None = None, repeats: int | None = None,
               progress: bool = True) -> dict:
     """Time every op x backend x dtype x size and write ``out``/bench.csv, limits.json and
-    ``out``/plots/<op>.png. ``quick``: the small size only, 3 repeats (under a minute on 2 cores).
+    ``out``/plots/<op>.png. ``quick``: the small size only, 3 repeats (under a minute on 2 cores),
+    unless ``sizes`` / ``repeats`` are given. A backend named in ``backends`` that cannot run here
+    is an error; by default those that can run are timed.
 
     Returns {"csv": path, "rows": rows, "limits": MachineLimits, "plots": [paths]}.
     """
     dev = check_device(device)
     ops = _check_choice("ops", ops, cases.OPS)
     dtypes = _check_choice("dtypes", dtypes, DTYPES)
-    sizes = _check_choice("sizes", sizes, ("small",) if quick else cases.SIZES)
+    # sizes given win over quick's small size, as repeats given win over its 3 repeats
+    sizes = _check_choice("sizes", sizes, cases.SIZES) if sizes is not None else (
+        ["small"] if quick else list(cases.SIZES))
     here = available_backends(dev)
+    requested = backends is not None  # by default, every backend that runs here
     backends = _check_choice("backends", backends, cases.BACKENDS)
     missing = [b for b in backends if b not in here]
-    if missing and backends != list(cases.BACKENDS):
+    if missing and requested:
         raise ValueError(f"backends={backends!r}: {missing} cannot run on {dev.type} here "
                          f"(available: {', '.join(here)})")
     backends = [b for b in backends if b in here]

@@ -17,6 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from symfast._backend import check_device
+
 Clock = Callable[[], float]
 
 
@@ -78,7 +80,7 @@ def measure(fn: Callable[[], object], repeats: int = 20, warmup: int = 3,
     host clock in seconds (default time.perf_counter; tests pass a fake one).
     """
     _check_counts(repeats, warmup)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = check_device(device) if device is not None else torch.device("cpu")  # before fn runs
     for _ in range(warmup):
         fn()
     if device.type == "cuda" and clock is None:
@@ -143,6 +145,8 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 15,
     measured now, so a kernel's share of it is a ratio from the same run. The default 256 MB is
     well above the L3 cache, so this is memory's bandwidth, not the cache's. ``best``: from the
     fastest repeat instead of the median (see :func:`measure_limits`)."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 4 or nbytes % 4:
+        raise ValueError(f"nbytes must be a positive multiple of 4 (float32 elements), got {nbytes!r}")
     device = torch.device(device or "cpu")
     src = torch.randn(nbytes // 4, device=device)
     dst = torch.empty_like(src)
@@ -206,6 +210,8 @@ def measure_limits(device: torch.device | str | None = None, dtypes: Sequence[st
     A limit is what the machine can do, so each is taken from the fastest repeat: other load on
     a shared machine only slows repeats down, and a median-based roof measured in a busy moment
     put kernels timed in a quiet one above 100% of it (seen here: tied_conv2d at 138%)."""
+    if isinstance(dtypes, str) or not all(isinstance(d, str) and d in LIMIT_DTYPES for d in dtypes):
+        raise ValueError(f"dtypes must be a list of names from {sorted(LIMIT_DTYPES)}, got {dtypes!r}")
     device = torch.device(device or "cpu")
     big = device.type == "cuda"
     nbytes = (1024 if big else (64 if quick else 256)) * 2**20

@@ -445,14 +445,14 @@ def profile_train(out: str | os.PathLike, *, config: str | os.PathLike | dict | 
 
     _check_positive("steps", steps)
     dev = check_device(device)
-    folder = _folder(out)
     base = dict(TINY_TRAIN) if config is None else {}
     warmup = 2
     # one more step than the loop will run: the last one would log and checkpoint
     cfg = make_config(config, **{**base, **overrides, "steps": warmup + steps + 1,
-                                 "out": str(folder / "run"), "resume": "none",
+                                 "out": str(Path(out) / "run"), "resume": "none",
                                  "checkpoint_every": 10**9, "log_every": 10**9,
                                  "sample_every": 0, "progress": False})
+    folder = _folder(out)  # after the config's checks: a bad argument leaves nothing
     run_dir = folder / "run"
     if run_dir.exists():
         # a previous profile's run (resume="none" would refuse it), and nothing else

@@ -10,6 +10,11 @@ from symfast.ops.fused_step import StepCoefficients, fused_step
 from symfast.philox import noise_key
 
 
+# the Philox step symfast.sample draws its starting noise ε_T at (sampler steps use 1, 2, ...);
+# PhiloxGenerator.latents is the same draw
+LATENT_STEP = 2**32 - 1
+
+
 def philox_normal(key: torch.Tensor, step: int, shape: tuple[int, ...],
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Philox unit normals keyed by ``key`` (B, 2) [seed, stream] and ``step``: (B, ...) on the

@@ -10,7 +10,7 @@ import torch
 
 from symfast.denoiser import Denoiser
 from symfast.philox import noise_key
-from symfast.samplers._noise import NoiseSource
+from symfast.samplers._noise import LATENT_STEP, NoiseSource, philox_normal
 from symfast.samplers.loops import SAMPLERS, Callback
 
 
@@ -60,6 +60,12 @@ def _check_generator(generator) -> None:
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
 
+def _check_callback(callback) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (called with k-diffusion's per-step dict) or "
+                        f"None, got {type(callback).__name__}")
+
+
 def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampler: str = "dpmpp_2m",
            steps: int = 50, seed: int | list[int] | torch.Tensor | None = None,
            generator: torch.Generator | None = None, callback: Callback = None,
@@ -94,6 +100,7 @@ def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampl
     """
     _check_denoiser(denoiser)
     _check_sampler(sampler)
+    _check_callback(callback)
     denoiser.schedule.check_steps(steps)
     sigmas = sampling_sigmas(denoiser, sampler, steps, spacing, karras)
     _check_generator(generator)
@@ -117,8 +124,7 @@ def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampl
             eps = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
         else:
             key = noise_key(0 if seed is None else seed, shape[0], device)
-            from symfast.philox import sample_noise
-            eps = sample_noise(key, 2**32 - 1, shape).to(dtype)
+            eps = philox_normal(key, LATENT_STEP, shape, dtype)
     sigma0 = float(sigmas[0])
     x = eps * denoiser.schedule.start_scale(sigma0)
     noise = NoiseSource(x, seed=seed, generator=generator, group=denoiser.group,
@@ -144,6 +150,7 @@ def denoise(denoiser: Denoiser, y: torch.Tensor, sigma: float, sampler: str = "h
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
     _check_start("y", y)
     _check_generator(generator)
+    _check_callback(callback)
     if isinstance(sigma, (torch.Tensor, bool)) or not isinstance(sigma, numbers.Real):
         raise TypeError(f"sigma must be a host float, got {type(sigma).__name__}")
     sigma = float(sigma)

@@ -1,6 +1,7 @@
 """Using what a run trained: load a checkpoint as a ready Denoiser, sample a grid, denoise images."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -70,6 +71,17 @@ def export(path: str | os.PathLike, out: str | os.PathLike, *, ema: int = 0,
     if target == ckpt.path.resolve() or ckpt.path.resolve().is_relative_to(target):
         raise ValueError(f"out ({str(out)!r}) must not be the checkpoint being exported or a folder "
                          f"holding it ({str(ckpt.path)!r})")
+    if target.exists() and (target / checkpoint.STATE).is_file():
+        try:
+            exported = "exported_from" in json.loads((target / checkpoint.STATE).read_text())
+        except (OSError, ValueError):
+            exported = False
+        if not exported:
+            raise ValueError(f"out ({str(out)!r}) holds a training checkpoint; refusing to replace it "
+                             f"(only an earlier export is replaced)")
+    if target.parent.name == "checkpoints" and checkpoint.is_checkpoint_name(target.name):
+        raise ValueError(f"out ({str(out)!r}) is a checkpoint slot of a run, where resume='auto' "
+                         f"would take the export for the newest training checkpoint")
     cfg = TrainConfig.from_dict(ckpt.state["config"])
     if not isinstance(ema, int) or isinstance(ema, bool) or not 0 <= ema < len(cfg.ema_halflife_images):
         raise ValueError(f"ema must be an index into the run's {len(cfg.ema_halflife_images)} EMA "

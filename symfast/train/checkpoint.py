@@ -113,13 +113,18 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """Whether ``name`` is the folder name of a run's checkpoint (step-NNNNNNNNN)."""
+    return bool(_NAME.match(name))
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Checkpoint folders of a run, oldest first (by step); hidden temporary folders are not
     listed."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = sorted(p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+    found = sorted(p for p in root.iterdir() if p.is_dir() and is_checkpoint_name(p.name))
     return found
 
 

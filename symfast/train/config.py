@@ -201,6 +201,18 @@ class TrainConfig:
         if self.init_from is not None and not isinstance(self.init_from, str):
             raise TypeError(f"init_from must be a checkpoint path (str) or None, got "
                             f"{type(self.init_from).__name__}")
+        # options that only one setting reads: a value away from the default elsewhere was
+        # silently a different run from the one asked for (as fa_train is refused above)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.reg_weight != defaults["reg_weight"] and self.equivariance != "reg":
+            raise ValueError(f"reg_weight={self.reg_weight!r} needs equivariance='reg' (the "
+                             f"regulariser's weight), got equivariance={self.equivariance!r}")
+        # (a dataset passed in, data="custom", is how SFBD's stages run: they keep the gmm-d4
+        # run's own value)
+        if self.dataset_size != defaults["dataset_size"] and self.data not in ("gmm-d4", "custom"):
+            raise ValueError(f"dataset_size={self.dataset_size!r} is the number of images drawn from "
+                             f"data='gmm-d4'; data={self.data!r} has its own size")
+        check_out_folder(self.out)
         if self.resume not in ("auto", "none") and not Path(self.resume).exists():
             raise ValueError(f"resume={self.resume!r}: no such checkpoint (give 'auto', 'none' or "
                              f"the path of a checkpoint or run folder)")
@@ -232,6 +244,17 @@ class TrainConfig:
         mine, theirs = self.to_dict(), other.to_dict()
         return [f"{name}: {mine[name]!r} vs {theirs[name]!r}" for name in MODEL_FIELDS
                 if mine[name] != theirs[name]]
+
+
+def check_out_folder(out: str) -> None:
+    """ValueError unless ``out`` is a folder or can become one (a file there would fail the
+    first mkdir with a bare FileExistsError)."""
+    path = Path(out)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ValueError(f"out={out!r}: {str(part)!r} is a file; out must be a folder for the run")
+            return
 
 
 def none_to_none(config: Any) -> None:

@@ -332,6 +332,11 @@ class _Run:
                              f"init_from instead")
         saved = TrainConfig.from_dict(found.state["config"])
         wrong = cfg.mismatches(saved)
+        if len(cfg.ema_halflife_images) != len(saved.ema_halflife_images):
+            # each half-life is one EMA copy of the network: their number is the checkpoint's
+            wrong.append(f"ema_halflife_images: {len(cfg.ema_halflife_images)} EMA copies "
+                         f"{cfg.ema_halflife_images!r} vs {len(saved.ema_halflife_images)} "
+                         f"{saved.ema_halflife_images!r}")
         if wrong:
             raise ValueError(f"checkpoint {choice['path']} was trained with another config; "
                              f"mismatching fields (this run vs checkpoint): {'; '.join(wrong)}")

@@ -33,8 +33,8 @@ from symfast._io import atomic_write_bytes, atomic_write_text
 from symfast.data.images import ImageTensorDataset
 from symfast.data.noisy import NoisyDataset, clean_split
 from symfast.train import checkpoint
-from symfast.train.config import (MODEL_FIELDS, TrainConfig, check_field_types, config_values,
-                                  read_config_file)
+from symfast.train.config import (MODEL_FIELDS, TrainConfig, check_field_types, check_out_folder,
+                                  config_values, read_config_file)
 from symfast.train.distributed import World, setup
 
 log = logging.getLogger("symfast.sfbd")
@@ -91,6 +91,7 @@ class SFBDConfig:
     def validate(self) -> "SFBDConfig":
         """Raise ValueError/TypeError naming the first bad field; returns self."""
         check_field_types(self, skip=("train",))
+        check_out_folder(self.out)
         for name in ("rounds", "pretrain_steps", "steps_per_round", "denoise_steps", "denoise_batch",
                      "shard_size", "refresh_every"):
             value = getattr(self, name)

@@ -220,12 +220,22 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         taken before the move so that nothing is read back from the device; reset the step index and
         the coefficient cache."""
         timesteps = timesteps.to(dtype=dtype) if dtype is not None else timesteps
-        self._host_timesteps = timesteps.tolist()
+        host = timesteps.tolist()
         self.timesteps = timesteps = timesteps.to(device)
-        self._timesteps_version = timesteps._version
+        self._host_copy = (timesteps, timesteps._version, host)
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._cache: dict[Any, Any] = {}
+
+    def _host_table(self) -> list:
+        """``self.timesteps`` as a host list, copied when the schedule installs it (no device read);
+        read again when the user replaced the table (``scheduler.timesteps = timesteps[4:]``, as
+        img2img code does) or wrote into it: a stale copy stepped from the old timesteps."""
+        table, version, host = self._host_copy
+        if self.timesteps is not table or table._version != version:
+            host = self.timesteps.tolist()
+            self._host_copy = (self.timesteps, self.timesteps._version, host)
+        return host
 
     def _host_value(self, timestep: Any) -> float | int:
         """The value of ``timestep`` without reading the device when it is an element of
@@ -240,12 +250,13 @@ class Scheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
         table = getattr(self, "timesteps", None)
         if (isinstance(table, torch.Tensor) and table.ndim == 1 and timestep.device == table.device
-                and timestep.dtype == table.dtype and table._version == self._timesteps_version
+                and timestep.dtype == table.dtype
                 and timestep.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()):
+            host = self._host_table()
             offset = timestep.storage_offset() - table.storage_offset()
             stride = table.stride(0)
-            if stride > 0 and offset % stride == 0 and 0 <= offset // stride < len(self._host_timesteps):
-                return self._host_timesteps[offset // stride]
+            if stride > 0 and offset % stride == 0 and 0 <= offset // stride < len(host):
+                return host[offset // stride]
         return timestep.reshape(()).item()
 
     @property
@@ -263,7 +274,7 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         """Position of ``timestep`` in the schedule; the second one if it occurs twice (diffusers' rule,
         so img2img that starts mid-schedule does not skip a σ)."""
         value = self._host_value(timestep) if schedule_timesteps is None else float(timestep)
-        table = self._host_timesteps if schedule_timesteps is None else [float(t) for t in schedule_timesteps]
+        table = self._host_table() if schedule_timesteps is None else [float(t) for t in schedule_timesteps]
         hits = [i for i, t in enumerate(table) if t == value]
         if not hits:
             return self._timestep_not_in_schedule(value)
@@ -280,9 +291,9 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         schedule, later calls advance a counter and ignore the timestep they are given."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        if self._step_index >= len(self._host_timesteps):
+        if self._step_index >= len(self._host_table()):
             raise ValueError(f"step called {self._step_index + 1} times but the schedule has only "
-                             f"{len(self._host_timesteps)} steps; call set_timesteps again")
+                             f"{len(self._host_table())} steps; call set_timesteps again")
         return self._step_index
 
     def _timestep_indices(self, timesteps: torch.Tensor) -> list[int]:

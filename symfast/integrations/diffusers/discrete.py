@@ -135,20 +135,22 @@ class DDPMScheduler(_DiscreteScheduler):
         before set_timesteps."""
         if not (self.custom_timesteps or self.num_inference_steps):
             return t - 1
-        if t not in self._host_timesteps:
-            raise ValueError(f"timestep {t} is not in this schedule's timesteps {self._host_timesteps}")
-        i = self._host_timesteps.index(t)
-        return int(self._host_timesteps[i + 1]) if i + 1 < len(self._host_timesteps) else -1
+        table = self._host_table()
+        if t not in table:
+            raise ValueError(f"timestep {t} is not in this schedule's timesteps {table}")
+        i = table.index(t)
+        return int(table[i + 1]) if i + 1 < len(table) else -1
 
     def previous_timestep(self, timestep: int | torch.Tensor) -> int | torch.Tensor:
         """The timestep after ``timestep``: a tensor once a schedule is set (diffusers' types), else t - 1."""
         if not (self.custom_timesteps or self.num_inference_steps):
             return timestep - 1
         t = self._integer_timestep(timestep)
-        i = self._host_timesteps.index(t) if t in self._host_timesteps else None
-        if i is None:
-            raise ValueError(f"timestep {t} is not in this schedule's timesteps {self._host_timesteps}")
-        return torch.tensor(-1) if i == len(self._host_timesteps) - 1 else self.timesteps[i + 1]
+        table = self._host_table()
+        if t not in table:
+            raise ValueError(f"timestep {t} is not in this schedule's timesteps {table}")
+        i = table.index(t)
+        return torch.tensor(-1) if i == len(table) - 1 else self.timesteps[i + 1]
 
     def _get_variance(self, t: int, predicted_variance: torch.Tensor | None = None,
                       variance_type: str | None = None) -> torch.Tensor:

@@ -188,7 +188,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         return np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64) - 1
 
     def _timestep_not_in_schedule(self, value: float) -> int:
-        return len(self._host_timesteps) - 1  # diffusers' choice: the last step
+        return len(self._host_table()) - 1  # diffusers' choice: the last step
 
     def _sigma_to_alpha_sigma_t(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _alpha_sigma(sigma)
@@ -317,7 +317,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         check_same_shape(model_output, sample, 2 if self.config.variance_type in _LEARNED else 1)
         i = self._counter_index(timestep)
         cfg = self.config
-        n = len(self._host_timesteps)
+        n = len(self._host_table())
         lower_order_final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
                                             or cfg.final_sigmas_type == "zero")
         lower_order_second = i == n - 2 and cfg.lower_order_final and n < 15

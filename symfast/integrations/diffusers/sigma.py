@@ -200,7 +200,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         """√ᾱ ε - √(1-ᾱ) x0 with ᾱ taken, as diffusers' Euler does, at each timestep's position in the
         inference schedule (not at the timestep itself)."""
         _reject_index(timesteps)
-        indices = [self.index_for_timestep(t, self._host_timesteps) for t in timesteps.reshape(-1).tolist()]
+        indices = [self.index_for_timestep(t, self._host_table()) for t in timesteps.reshape(-1).tolist()]
         sqrt_alpha_prod, sqrt_one_minus_alpha_prod = self._sqrt_alpha_sigma(sample, indices)
         return sqrt_alpha_prod * noise - sqrt_one_minus_alpha_prod * sample
 
