@@ -47,8 +47,7 @@ class Symmetrized(nn.Module):
     def __init__(self, model: nn.Module | Callable, group: Group | str, chunks: int | None = None,
                  backend: str | None = None):
         super().__init__()
-        if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
-            raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
+        _checks.positive_int_or_none("chunks", chunks)
         _checks.backend_name(backend)
         self.model = model
         self.group = get(group)
@@ -64,7 +63,7 @@ class Symmetrized(nn.Module):
         args = tuple(_repeat_arg(a, batch, order) for a in args)
         kwargs = {k: _repeat_arg(v, batch, order) for k, v in kwargs.items()}
         chunks = self.chunks or _default_chunks(batch, order, x.device)
-        if chunks == 1:
+        if chunks == 1 or xs.shape[0] == 0:  # an empty orbit is one (empty) call
             ys = _main_tensor(self.model(xs, *args, **kwargs))
         else:
             size = -(-xs.shape[0] // chunks)

@@ -106,8 +106,7 @@ class Denoiser(nn.Module):
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module or a function of (x, t)), got "
                             f"{type(model).__name__}")
-        if chunks is not None and (not isinstance(chunks, int) or chunks < 1):
-            raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
+        _checks.positive_int_or_none("chunks", chunks)
         _checks.backend_name(backend)
         self.model = model
         self.prediction = prediction

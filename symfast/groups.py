@@ -111,6 +111,11 @@ class Group:
             if key not in index:
                 raise ValueError(f"group {self.name!r} is not closed: g{i}∘g{j} is not an element")
             self._compose[i][j] = index[key]
+        missing = [i for i in range(n) if 0 not in self._compose[i]]
+        if missing:
+            raise ValueError(f"group {self.name!r}: element {missing[0]} has no inverse among the "
+                             f"elements (no g with g{missing[0]}∘g the identity); a group's elements "
+                             f"must be invertible")
         self._inverse = [self._compose[i].index(0) for i in range(n)]
 
     def __len__(self) -> int:
@@ -177,7 +182,21 @@ class Group:
         for s in event_shape:
             n *= int(s)
         base = torch.arange(1, n + 1, dtype=torch.int64).reshape(tuple(event_shape))
-        return torch.stack([g(base).reshape(-1) for g in self.elements])
+        images = [g(base) for g in self.elements]
+        for k, image in enumerate(images):
+            self.check_image(k, base, image)
+        return torch.stack([image.reshape(-1) for image in images])
+
+    def check_image(self, k: int, x: torch.Tensor, image: torch.Tensor) -> None:
+        """ValueError unless g_k x (``image``) has x's shape: a gather table keeps the shape, and
+        a transposed event squeezed back into it gave scrambled values."""
+        if image.shape != x.shape:
+            shape = tuple(x.shape[x.dim() - self.event_ndim:])
+            got = tuple(image.shape[image.dim() - self.event_ndim:]) if image.dim() >= self.event_ndim \
+                else tuple(image.shape)
+            hint = "" if self.square else " (a rotation or transpose needs square=True, so inputs must have H == W)"
+            raise ValueError(f"group {self.name!r}: element {k} maps an event of shape {shape} to "
+                             f"{got}; elements must keep the shape{hint}")
 
     def tables(self, event_shape: Sequence[int], device: torch.device | str = "cpu"
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +320,8 @@ def sign_flip() -> Group:
 
 
 def product(a: Group, b: Group) -> Group:
-    """Direct product: elements g_a ∘ g_b; the two actions must commute (closure is checked)."""
+    """Direct product: elements g_a ∘ g_b; the two actions must commute (checked on the probe:
+    c4 and flip_h do not, and their "product" would be D4 under another name)."""
     ndim = max(a.event_ndim, b.event_ndim)
 
     def padded(g: Group) -> list[int]:
@@ -311,6 +331,13 @@ def product(a: Group, b: Group) -> Group:
     if a.square or b.square:
         probe[-1] = probe[-2] = max(probe[-1], probe[-2])
     elements = [_then(gb, ga) for ga in a.elements for gb in b.elements]
+    base = torch.arange(math.prod(probe), dtype=torch.int64).reshape(probe)
+    for i, ga in enumerate(a.elements):
+        for j, gb in enumerate(b.elements):
+            if not torch.equal(ga(gb(base)), gb(ga(base))):
+                raise ValueError(f"product({a.name}, {b.name}): element {i} of {a.name} and element "
+                                 f"{j} of {b.name} do not commute; a direct product needs actions "
+                                 f"that commute")
     fixed = [None] * ndim
     for g in (a, b):
         for i, need in enumerate(g.fixed_sizes):

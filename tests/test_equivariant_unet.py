@@ -113,6 +113,13 @@ def test_tie_weights_reports_what_still_breaks_equivariance():
     assert "asymmetric padding" in reasons["pad"]
     assert "groups=2" in reasons["grouped"] and isinstance(model.grouped, nn.Conv2d)
     assert "square kernel" in reasons["wide"]
+    # a TiedConv2d is equivariant or refused: padding that rotations swap is not a layer option
+    with pytest.raises(ValueError, match=r"padding \(1, 2\) differs between H and W"):
+        TiedConv2d(1, 1, 3, "d4", padding=(1, 2))
+    square = nn.Sequential(nn.Conv2d(1, 1, 3, padding=(1, 2)))
+    assert "differs between H and W" in dict(tie_weights(square, "d4").problems)["0"]
+    assert isinstance(square[0], nn.Conv2d)  # left untied
+    assert tie_weights(nn.Sequential(nn.Conv2d(1, 1, 3, padding=(1, 2))), "flip_h").tied == ["0"]
     assert "positional" in reasons["pos_embedding"]
     assert "head" not in reasons and not report.exact
     # flip_h can tie the (3, 5) kernel; the padding (1, 0, 1, 0) is asymmetric in W too
@@ -128,6 +135,11 @@ def test_tie_weights_reports_what_still_breaks_equivariance():
     report = tie_weights(same, "d4")
     assert report.tied == ["1"] and "padding='same' with an even kernel" in dict(report.problems)["0"]
     assert same(torch.randn(1, 1, 8, 8)).shape == (1, 2, 8, 8)
+
+
+def test_equivariance_loss_of_an_empty_batch_is_an_error_not_nan():
+    with pytest.raises(ValueError, match="x_t must hold at least one sample"):
+        equivariance_loss(UNet(3, 3, **SMALL), torch.zeros(0, 3, 16, 16), torch.ones(0), "d4")
 
 
 def test_equivariance_loss_vanishes_for_equivariant_models_only():

@@ -144,3 +144,30 @@ def test_groups_and_the_modules_holding_them_pickle(tmp_path):
     loaded = torch.load(tmp_path / "net.pt", weights_only=False)
     z, t = torch.randn(2, 1, 8, 8), torch.zeros(2)
     assert torch.equal(loaded(z, t), net(z, t))
+
+
+# ---- found by a user tryout -----------------------------------------------------------------
+
+def test_an_element_that_changes_the_shape_is_refused_not_squeezed_back():
+    """A transpose on a (2, 3) event: its (3, 2) image was gathered into the (2, 3) table, so
+    orbit and symmetrize returned scrambled values (symmetrize of the identity was not x)."""
+    from symfast import ops, symmetrize
+    transpose = Group("transpose", [lambda x: x, lambda x: x.transpose(-1, -2)], event_ndim=2,
+                      probe_shape=(3, 3))
+    x = torch.arange(6.0).reshape(1, 1, 2, 3)
+    for run in (lambda: ops.orbit(x, transpose, backend="cpu"),
+                lambda: ops.orbit(x, transpose, backend="reference"),
+                lambda: symmetrize(lambda z: z, transpose)(x)):
+        with pytest.raises(ValueError, match=r"element 1 maps an event of shape \(2, 3\) to \(3, 2\)"):
+            run()
+    square = torch.arange(9.0).reshape(1, 1, 3, 3)  # where it keeps the shape it is a group
+    assert torch.equal(symmetrize(lambda z: z, transpose)(square), square)
+
+
+def test_a_non_invertible_element_and_non_commuting_factors_are_named():
+    with pytest.raises(ValueError, match="group 'collapse': element 1 has no inverse"):
+        Group("collapse", [lambda x: x, lambda x: x[..., [0, 0, 2]]], event_ndim=1, probe_shape=(3,))
+    # c4 and flip_h do not commute: their "product" was accepted (it closes, as D4)
+    with pytest.raises(ValueError, match=r"product\(c4, flip_h\): .* do not commute"):
+        groups.product(groups.c4(), groups.flip_h())
+    assert len(groups.product(groups.flip_h(), groups.flip_v())) == 4

@@ -82,3 +82,10 @@ def test_symmetrize_bad_inputs():
         symmetrize(lambda z: "nope", "d4")(torch.randn(1, 1, 4, 4))
     with pytest.raises(ValueError, match="returned batch 1 for an orbit batch of 8"):
         symmetrize(lambda z: z[:1], "d4", chunks=1)(torch.randn(1, 1, 4, 4))
+
+
+def test_empty_batch_in_chunks_and_chunks_must_be_an_int():
+    model = symmetrize(lambda z: 2 * z, "d4", chunks=3)
+    assert model(torch.zeros(0, 2, 8, 8)).shape == (0, 2, 8, 8)  # range() with a step of 0 before
+    with pytest.raises(ValueError, match="chunks must be a positive int"):
+        symmetrize(lambda z: z, "d4", chunks=True)

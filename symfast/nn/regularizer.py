@@ -47,6 +47,8 @@ def equivariance_loss(model: Callable[..., torch.Tensor], x_t: torch.Tensor,
         raise TypeError(f"x_t must be a floating-point tensor with a batch dim, got "
                         f"{getattr(x_t, 'dtype', type(x_t).__name__)}")
     group.check_input(x_t, "x_t")
+    if x_t.shape[0] == 0:  # the mean over no samples is NaN, which would poison a training loss
+        raise ValueError(f"x_t must hold at least one sample, got shape {tuple(x_t.shape)}")
     index = torch.randint(len(group), (x_t.shape[0],), generator=generator)
     pulled_back = equivariance_target(target or model, x_t, sigma, group, index)
     out = model(x_t, sigma)

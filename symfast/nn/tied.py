@@ -40,6 +40,11 @@ class TiedConv2d(nn.Module):
                         else (self.kernel_size[0] // 2, self.kernel_size[1] // 2))
         self.group = get(group)
         self.orbits = kernel_orbits(self.group, self.kernel_size)
+        if self.group.square and self.padding[0] != self.padding[1]:
+            # the output would be (H + 2ph) x (W + 2pw): a rotation of it is not the output of
+            # the rotated input, so the layer could not commute with the group
+            raise ValueError(f"padding {self.padding} differs between H and W, which group "
+                             f"{self.group.name}'s rotations swap; give equal padding")
         _checks.backend_name(backend)
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, self.orbits.count))
@@ -128,16 +133,13 @@ def _mirrored_axes(group: Group) -> set[str]:
     return axes
 
 
-def _conv_problems(layer: nn.Module, group: Group) -> list[str]:
+def _conv_problems(layer: nn.Module) -> list[str]:
     problems = []
     stride = tuple(layer.stride)
     if stride != (1, 1):
         problems.append(f"stride {stride}: exact only for input sizes N with (N + 2·padding − kernel) "
                         f"divisible by the stride (a stride-2 conv on an even size samples the "
                         f"mirrored grid at the other parity)")
-    padding = layer.padding
-    if group.square and not isinstance(padding, str) and padding[0] != padding[1]:
-        problems.append(f"padding {tuple(padding)} differs between H and W, which rotations swap")
     return problems
 
 
@@ -165,6 +167,8 @@ def _can_tie(conv: nn.Conv2d, group: Group) -> str | None:
         kernel_orbits(group, tuple(conv.kernel_size))
     except ValueError as exc:
         return str(exc)
+    if group.square and not isinstance(conv.padding, str) and conv.padding[0] != conv.padding[1]:
+        return f"padding {tuple(conv.padding)} differs between H and W, which rotations swap"
     return None
 
 
@@ -195,9 +199,9 @@ def tie_weights(module: nn.Module, group: Group | str, backend: str | None = Non
                     continue
                 setattr(parent, child_name, TiedConv2d.from_conv2d(child, group, backend=backend))
                 report.tied.append(name)
-                report.problems.extend((name, p) for p in _conv_problems(child, group))
+                report.problems.extend((name, p) for p in _conv_problems(child))
             elif isinstance(child, TiedConv2d):
-                report.problems.extend((name, p) for p in _conv_problems(child, group))
+                report.problems.extend((name, p) for p in _conv_problems(child))
             elif isinstance(child, nn.ConvTranspose2d):
                 report.problems.append((name, "transposed convolution is not tied"))
             elif isinstance(child, _PADS):

@@ -66,6 +66,12 @@ def positive_int(name: str, value) -> int:
     return value
 
 
+def positive_int_or_none(name: str, value) -> int | None:
+    if value is not None:
+        positive_int(name, value)
+    return value
+
+
 def real(name: str, value) -> float:
     """A real host number (not a bool) as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -14,6 +14,8 @@ def orbit(x: torch.Tensor, group: Group, out: torch.Tensor | None = None) -> tor
         raise ValueError(f"x has shape {tuple(x.shape)}: needs a batch dim before the "
                          f"{group.event_ndim} dims group {group.name} acts on")
     blocks = [group.elements[k](x) for k in range(len(group))]
+    for k, block in enumerate(blocks):
+        group.check_image(k, x, block)
     return torch.cat(blocks, dim=0) if out is None else torch.cat(blocks, dim=0, out=out)
 
 

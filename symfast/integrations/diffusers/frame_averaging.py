@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from symfast._symmetrize import _default_chunks
+from symfast.ops import _checks
 from symfast.groups import Group, get
 from symfast.integrations._philox import PhiloxGenerator, repeat_for_orbit
 from symfast.integrations.diffusers._base import randn
@@ -72,8 +73,7 @@ class OrbitUNet(_Delegating):
 
     def __init__(self, unet: nn.Module, group: Group | str = "d4", chunks: int | None = None):
         super().__init__(unet, group)
-        if chunks is not None and (not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1):
-            raise ValueError(f"chunks must be a positive int or None, got {chunks!r}")
+        _checks.positive_int_or_none("chunks", chunks)
         self.chunks = chunks
 
     def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
