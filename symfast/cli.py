@@ -27,11 +27,17 @@ BENCHMARKS = {
 
 class _Parser(argparse.ArgumentParser):
     """No abbreviated options: argparse took `sfbd --steps 5` as --steps-per-round and
-    `sample --step 2` as --steps, silently. Subparsers are made of the parent's class."""
+    `sample --step 2` as --steps, silently; errors in one line. Subparsers are made of the
+    parent's class."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        # one line, as the commands' own argument errors: argparse printed the whole usage first
+        # (32 lines for sfbd) above the line that says what was wrong
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def info() -> int:

@@ -132,7 +132,11 @@ def seeded_generator(seed: int, name: str = "seed") -> torch.Generator:
         raise TypeError(f"{name} must be an int, got {seed!r}")
     if not -2**63 <= seed < 2**64:
         raise ValueError(f"{name} must be an int in [-2^63, 2^64), got {seed}")
-    return torch.Generator().manual_seed(seed)
+    # torch's CPU generator (MT19937) keeps the seed's low 32 bits only: 0 and 2^32 drew the same
+    # numbers. The high word is mixed into them (a seed below 2^32 is used as it is)
+    word = seed % 2**64
+    low, high = word & 0xFFFFFFFF, word >> 32
+    return torch.Generator().manual_seed((low + high * 0x9E3779B1) % 2**32)
 
 
 def noise_key(seed: int | list[int] | tuple[int, ...] | torch.Tensor, batch: int,

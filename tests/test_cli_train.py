@@ -94,7 +94,9 @@ def test_an_abbreviated_option_is_not_taken_for_another(argv, capsys):
     # argparse took sfbd's --steps as --steps-per-round and sample's --step as --steps, silently
     with pytest.raises(SystemExit) as exit_:
         main(argv)
-    assert exit_.value.code == 2 and "unrecognized arguments" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "unrecognized arguments" in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, not the usage first
 
 
 @pytest.mark.parametrize("flags,message", [

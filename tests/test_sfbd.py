@@ -88,6 +88,7 @@ def test_noisy_dataset_rejects_bad_input(kwargs, match):
 @pytest.mark.parametrize("changes, match", [
     (dict(tau=-1.0), "tau"), (dict(tau=100.0), "sigma_max"), (dict(clean_fraction=0.0), "clean_fraction"),
     (dict(clean_fraction=1.5), "clean_fraction"), (dict(rounds=0), "rounds"),
+    (dict(clean_fraction=1.0), r"clean_fraction must be in \(0, 1\)"),  # no noisy image left
     (dict(clean_fraction=0.01), "fewer than one batch"), (dict(mode="batch"), "mode"),
     (dict(denoise_sampler="rk4"), "denoise_sampler"), (dict(channels="16,x"), "channels|invalid"),
     (dict(fd_samples=1), "fd_samples"), (dict(fd_samples=-2), "fd_samples"),
@@ -225,6 +226,16 @@ def test_another_experiment_in_the_same_folder_is_refused(tmp_path, finished):
     shutil.copytree(source, out)
     with pytest.raises(ValueError, match="tau: 0.3 vs 0.5"):
         run(dict(TINY, out=str(out), tau=0.3), device="cpu")
+    # training settings that change the result too: a rerun with them fine-tuned the next stage
+    # with the new ones and rewrote sfbd.json to claim them for the stages before
+    record = (out / "sfbd.json").read_text()
+    for change, name in ((dict(weight_decay=0.5), "train.weight_decay"), (dict(p_mean=1.0), "train.p_mean"),
+                         (dict(lr_schedule="cosine"), "train.lr_schedule"),
+                         (dict(ema_halflife_images=(100.0,)), "train.ema_halflife_images"),
+                         (dict(precision="bf16"), "train.precision")):
+        with pytest.raises(ValueError, match=f"mismatching fields .*{name}"):
+            run(dict(TINY, out=str(out), rounds=3, **change), device="cpu")
+    assert (out / "sfbd.json").read_text() == record
     # more rounds is the same experiment, continued
     result = run(dict(TINY, out=str(out), rounds=3), device="cpu")
     assert result.summaries[-1]["stage"] == "round 3"

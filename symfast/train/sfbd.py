@@ -32,6 +32,7 @@ import torch
 from symfast._io import atomic_write_bytes, atomic_write_text
 from symfast.data.images import ImageTensorDataset
 from symfast.data.noisy import NoisyDataset, clean_split
+from symfast.philox import seeded_generator
 from symfast.train import checkpoint
 from symfast.train.config import (MODEL_FIELDS, TrainConfig, check_field_types, check_out_folder,
                                   config_values, read_config_file)
@@ -44,7 +45,12 @@ MODES = ("rounds", "online")
 _EXPERIMENT_FIELDS = ("tau", "clean_fraction", "data_seed", "pretrain_steps", "steps_per_round",
                       "denoise_steps", "denoise_sampler", "merge_clean", "mode", "refresh_every",
                       "refresh_fraction", "ramp_steps", "shard_size", "denoise_batch")
-_TRAIN_EXPERIMENT_FIELDS = MODEL_FIELDS + ("data", "dataset_size", "seed", "batch_size", "lr")
+# every training setting that changes the result (a rerun that changed one fine-tuned the next
+# stage with it, and sfbd.json then claimed it for the stages before)
+_TRAIN_EXPERIMENT_FIELDS = MODEL_FIELDS + (
+    "data", "dataset_size", "seed", "batch_size", "lr", "reg_weight", "p_mean", "p_std",
+    "weight_decay", "adam_betas", "warmup_steps", "lr_schedule", "grad_clip", "ema_halflife_images",
+    "ema_rampup", "precision")
 
 
 @dataclass
@@ -114,10 +120,12 @@ class SFBDConfig:
         if self.tau > sigma_max:
             raise ValueError(f"tau={self.tau} is above the schedule's largest noise level "
                              f"sigma_max={sigma_max:g}")
-        for name in ("clean_fraction", "refresh_fraction"):
+        # every image clean would leave SFBD no noisy one to denoise (the run failed at its start)
+        for name, whole in (("clean_fraction", False), ("refresh_fraction", True)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not (0 < value <= 1 if whole else 0 < value < 1)):
+                raise ValueError(f"{name} must be in (0, 1{']' if whole else ')'}, got {value!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         from symfast.samplers.loops import SAMPLERS
@@ -489,7 +497,8 @@ class _SFBD:
             self._print(done)
             return folder
         n_chunks = math.ceil(1 / cfg.refresh_fraction)
-        order = torch.randperm(len(self.noisy), generator=torch.Generator().manual_seed(cfg.data_seed + 1))
+        order = torch.randperm(len(self.noisy),
+                               generator=seeded_generator(cfg.data_seed + 1, "data_seed"))
         chunks = [order[c::n_chunks].sort().values for c in range(n_chunks)]
         newest = checkpoint.latest(folder) if self.world.is_main else None
         found = self.world.broadcast(newest.step if newest is not None else 0)
