@@ -73,7 +73,8 @@ def tied_cases(draw, backend: str):
     kh = draw(st.sampled_from([1, 2, 3, 5]))
     kw = kh if square else draw(st.sampled_from([1, 2, 3]))
     stride = draw(st.sampled_from([1, 1, 2, (1, 2)]))
-    padding = draw(st.sampled_from([None, 0, 1, (0, 2)]))
+    # padding that rotations swap is refused by the layer (tests/test_equivariant_unet.py)
+    padding = draw(st.sampled_from([None, 0, 1] + ([] if square else [(0, 2)])))
     pad = (kh // 2, kw // 2) if padding is None else (padding, padding) if isinstance(padding, int) \
         else padding
     small = backend == "triton"
