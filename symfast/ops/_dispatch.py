@@ -166,37 +166,30 @@ def _through_custom_op() -> bool:
             or _forward_ad._current_level >= 0)
 
 
-def _functorch_grad(name: str) -> bool:
-    """Whether a torch.func grad transform (grad, vjp, jacrev) runs: the op then goes through its
-    eager autograd.Function, since torch's custom-op autograd has no setup_context, which
-    functorch requires. Under vmap alone the custom op runs (torch loops over the batch); vmap
-    together with grad (per-sample gradients) has neither rule, and is refused naming the op."""
+def _transform_route(name: str, inputs: tuple) -> bool:
+    """Under a torch.func transform or forward-mode AD: refuse what no op has a rule for, and say
+    whether the op must run its eager autograd.Function (a torch.func grad transform: grad, vjp,
+    jacrev; torch's custom-op autograd has no setup_context, which functorch requires) rather
+    than the custom op (vmap alone: torch loops over the batch).
+    Refused, naming the op: forward mode (torch.func.jvp / jacfwd / hessian, forward_ad), which
+    torch would run with a zero tangent, silently; vmap together with grad (per-sample
+    gradients), which has neither rule."""
     if torch.compiler.is_dynamo_compiling():
         return False
     keys = {i.key() for i in torch._C._functorch.get_interpreter_stack() or ()}
     kinds = torch._C._functorch.TransformType
+    dual = _forward_ad._current_level >= 0 and any(
+        isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in inputs)
+    if kinds.Jvp in keys or dual:
+        raise NotImplementedError(
+            f"{name} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
+            f"torch.autograd.forward_ad); use backend='reference' for those, or reverse mode "
+            f"(torch.func.grad, jacrev, vjp)")
     if kinds.Grad in keys and kinds.Vmap in keys:
         raise NotImplementedError(
             f"{name} under torch.func.vmap together with grad (e.g. per-sample gradients) is not "
             f"supported; use backend='reference', or loop over the samples")
     return kinds.Grad in keys
-
-
-def _refuse_forward_ad(name: str, inputs: tuple) -> None:
-    """The ops have no forward-mode derivative (no jvp rule), and torch would run them under
-    torch.func.jvp / jacfwd / hessian or torch.autograd.forward_ad with a zero tangent, silently:
-    refuse instead, naming the op."""
-    if torch.compiler.is_dynamo_compiling():
-        return
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    jvp = any(i.key() == torch._C._functorch.TransformType.Jvp for i in stack)
-    dual = _forward_ad._current_level >= 0 and any(
-        isinstance(t, torch.Tensor) and _forward_ad.unpack_dual(t).tangent is not None for t in inputs)
-    if jvp or dual:
-        raise NotImplementedError(
-            f"{name} has no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
-            f"torch.autograd.forward_ad); use backend='reference' for those, or reverse mode "
-            f"(torch.func.grad, jacrev, vjp)")
 
 
 class _NotTwice(torch.autograd.Function):
@@ -265,7 +258,7 @@ def kernel_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any],
     if make_backward is None:
         def call_plain(*inputs):
             if _through_custom_op():
-                _refuse_forward_ad(name, inputs)
+                _transform_route(name, inputs)  # no autograd here: the custom op either way
                 return custom(*inputs)
             return impl(*inputs)
         return custom, call_plain
@@ -300,8 +293,7 @@ def kernel_op(name: str, impl: Callable[..., Any], fake: Callable[..., Any],
 
     def call(*inputs):
         if _through_custom_op():
-            _refuse_forward_ad(name, inputs)
-            if not _functorch_grad(name):
+            if not _transform_route(name, inputs):
                 return custom(*inputs)
         elif not torch.is_grad_enabled() or not any(
                 isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
