@@ -359,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--sigma", type=float, default=0.5, help="noise level to denoise")
     demo_parser.add_argument("--seed", type=int, default=0)
     demo_parser.add_argument("--device", default="cpu")
-    ns = parser.parse_args(argv)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:  # answered by the command's parser, whose --help lists what it takes
+        sub.choices[ns.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if ns.command == "bench" and ns.name is None:
         bench_parser.error(f"the following argument is required: name (one of "
                            f"{', '.join(sorted(BENCHMARKS) + ['all'])})")

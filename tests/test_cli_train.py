@@ -97,6 +97,8 @@ def test_an_abbreviated_option_is_not_taken_for_another(argv, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "unrecognized arguments" in err
     assert len(err.strip().splitlines()) == 1, err  # one line, not the usage first
+    # pointed at the command's own flags (symfast --help lists only the commands)
+    assert f"see symfast {argv[0]} --help" in err, err
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -320,6 +320,27 @@ def test_read_image_errors(tmp_path):
         read_image(tmp_path / "junk.png", channels=4)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P"])
+def test_read_image_refuses_to_drop_colour(tmp_path, mode):
+    # a colour picture read as one channel would come back grey with no word; a grey picture
+    # stored as RGB (every pixel r == g == b) loses nothing and is read
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    colour = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    Image.fromarray(colour, "RGB").convert(mode).save(tmp_path / "colour.png")
+    with pytest.raises(ValueError, match="colour.png.*colour"):
+        read_image(tmp_path / "colour.png", channels=1)
+    assert read_image(tmp_path / "colour.png", channels=3).shape == (3, 6, 5)
+    if mode == "P":  # a palette of greys (converting RGB to "P" would dither in colours)
+        grey_file = Image.fromarray(colour[..., 0], "P")
+        grey_file.putpalette([v for level in range(256) for v in (level,) * 3])
+    else:
+        grey_file = Image.fromarray(np.repeat(colour[..., :1], 3, axis=2), "RGB").convert(mode)
+    grey_file.save(tmp_path / "grey.png")
+    back = read_image(tmp_path / "grey.png", channels=1)
+    assert torch.equal(back[0], torch.from_numpy(colour[..., 0]).float() / 127.5 - 1)
+
+
 # ---- Gaussian mixture ----------------------------------------------------------------------
 
 def _log_density(gmm: GaussianMixture, x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -170,9 +170,24 @@ def orbit_augmented(dataset: ImageTensorDataset, group: _groups.Group | str) -> 
 
 # ---- files ---------------------------------------------------------------------------------
 
-def _open_image(path: Path, channels: int):
+class _ColourImage(ValueError):
+    pass
+
+
+def _has_colour(im) -> bool:
+    """Whether a PIL image has pixels whose red, green and blue differ (an "RGB" file of a grey
+    picture has none)."""
+    if im.mode in ("1", "L", "LA", "I", "F") or im.mode.startswith("I;"):
+        return False
+    import numpy as np
+    rgb = np.asarray(im.convert("RGB"))
+    return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
+
+
+def _open_image(path: Path, channels: int, refuse_colour: bool = False):
     """A PIL image of ``path``, upright by its EXIF orientation, converted to "L" (channels 1) or
-    "RGB" (channels 3), fully loaded."""
+    "RGB" (channels 3), fully loaded. ``refuse_colour``: a ValueError instead of converting an
+    image whose colour channels differ to grey (the colour would be lost)."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
@@ -185,7 +200,13 @@ def _open_image(path: Path, channels: int):
                 import numpy as np
                 wide = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
                 im = Image.fromarray(np.clip(np.round(wide), 0, 255).astype(np.uint8), "L")
+            if refuse_colour and channels == 1 and _has_colour(im):
+                raise _ColourImage(f"image file {str(path)!r} is in colour (mode {im.mode}) and "
+                                   f"would lose its colour as a 1-channel image; convert it to "
+                                   f"grey first if that is what you want")
             return im.convert(_PIL_MODES[channels])
+    except _ColourImage:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image file {str(path)!r} with Pillow: {exc}") from exc
 
@@ -288,12 +309,15 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
 
 def read_image(path: str | os.PathLike, channels: int = 1) -> torch.Tensor:
     """One image file -> (channels, H, W) float32 in [-1, 1] (x/127.5 − 1), no resizing: the
-    inverse of :func:`save_image_grid` for one image written with padding=0."""
+    inverse of :func:`save_image_grid` for one image written with padding=0. A grey file read
+    with ``channels=3`` repeats its grey; a colour file read with ``channels=1`` is refused
+    (ValueError) unless its red, green and blue are equal everywhere, since its colour would be
+    lost."""
     _check_channels(channels)
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"path={str(path)!r} is not an existing file")
-    return _pil_to_tensor(_open_image(path, channels))
+    return _pil_to_tensor(_open_image(path, channels, refuse_colour=True))
 
 
 # ---- Gaussian mixture with an exact posterior mean -----------------------------------------
