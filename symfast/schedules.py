@@ -256,6 +256,8 @@ class DDPMSchedule(Schedule):
             raise ValueError(f"{source} make ᾱ underflow to 0 from t={first} (σ infinite there); "
                              f"use smaller betas or fewer num_train_timesteps")
         self.log_sigmas = np.log(self.sigma_table)
+        # a dict, not a search of the table: model_time runs inside compiled steps
+        self._table_time = {float(s): float(t) for t, s in enumerate(self.sigma_table)}
         self.sigma_min = float(self.sigma_table[0])
         self.sigma_max = float(self.sigma_table[-1])
 
@@ -301,6 +303,13 @@ class DDPMSchedule(Schedule):
         return self.sigma_table[t].astype(np.float64)
 
     def model_time(self, sigma: float) -> float:
+        """The timestep of a σ in the table (as training draws it and diffusers' DDPM/DDIM/Euler
+        call the network), else the log-σ interpolation. With rescale_zero_terminal_snr the table
+        is not monotone at its end (σ_T = 4096 < σ_{T-1}) and the interpolation gave σ_T the
+        time 995.3, not T-1 = 999."""
+        t = self._table_time.get(float(sigma))
+        if t is not None:
+            return t
         return float(sigma_to_t(np.float64(sigma), self.log_sigmas))
 
     def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

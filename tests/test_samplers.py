@@ -424,6 +424,24 @@ def test_zero_terminal_snr_samples_from_the_last_timestep(sampler, spacing):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("rescale", [True, False])
+def test_the_network_sees_the_same_timestep_at_a_table_sigma_in_training_and_sampling(rescale):
+    """With zero terminal SNR the σ table ends 15406, 4096 (not monotone): the log-σ
+    interpolation gave σ_T the time 995.3 at sampling and in a loss at a given σ, while training
+    drew t = 999 for it and diffusers calls the network with 999."""
+    schedule = DDPMSchedule(rescale_zero_terminal_snr=rescale)
+    seen = []
+    denoiser = Denoiser(lambda x, t: seen.append(t.tolist()) or torch.zeros_like(x), "v", schedule)
+    sigma, t = schedule.training_levels(torch.tensor([0.9999, 0.5, 0.0], dtype=torch.float64))
+    assert t.tolist() == [999.0, 500.0, 0.0]
+    denoiser.loss(torch.zeros(3, 1, 4, 4), sigma)
+    assert seen[-1] == t.tolist()
+    sample(denoiser, (1, 1, 4, 4), sampler="euler", steps=10, spacing="trailing", progress=False)
+    assert seen[-10] == [999.0]  # the first step, at σ_T
+    assert [schedule.model_time(float(schedule.sigma_table[k])) for k in (996, 997, 998, 999)] \
+        == [996.0, 997.0, 998.0, 999.0]
+
+
 def test_betas_whose_alpha_product_underflows_are_named():
     with pytest.raises(ValueError, match="beta_start and beta_end make ᾱ underflow to 0 from t="):
         DDPMSchedule(beta_start=0.5, beta_end=0.9)
