@@ -86,7 +86,9 @@ def _forward_kernel(x_ptr, shift_ptr, weight_ptr, bias_ptr, z_ptr, mean_ptr, rst
             dev += d
             dev2 += d * d
     dev_sum = tl.sum(tl.sum(dev, axis=1), axis=0)
-    var = tl.maximum((tl.sum(tl.sum(dev2, axis=1), axis=0) - dev_sum * dev_sum / count) / count, 0.0)
+    raw_var = (tl.sum(tl.sum(dev2, axis=1), axis=0) - dev_sum * dev_sum / count) / count
+    # a comparison keeps a NaN variance (a -inf in the group): maximum(NaN, 0) is 0 on GPUs
+    var = tl.where(raw_var < 0.0, 0.0, raw_var)
     rstd = 1.0 / tl.sqrt(var + eps)
     for c_off in range(0, cg, CB):
         ch = c_off + tl.arange(0, CB)

@@ -270,6 +270,8 @@ class Denoiser(nn.Module):
         if x0.shape[0] == 0:
             raise ValueError("x0 must hold at least one sample (a mean over none is NaN)")
         batch, device = x0.shape[0], x0.device
+        # the loss in float32, or float64 for a float64 model (it was float32 for every dtype)
+        acc = torch.promote_types(x0.dtype, torch.float32)
         if sigma is None:
             if t is not None:
                 raise ValueError("t is the conditioning at given noise levels: pass sigma= with it")
@@ -277,7 +279,7 @@ class Denoiser(nn.Module):
                            device=generator.device if generator is not None else "cpu")
             sigma, t = self.schedule.training_levels(u.to(device))
         else:
-            sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1)
+            sigma = torch.as_tensor(sigma, device=device).to(acc).reshape(-1)
             sigma = sigma.expand(batch) if sigma.numel() == 1 else sigma
             if sigma.shape != (batch,):
                 raise ValueError(f"sigma must be a scalar or ({batch},), got {tuple(sigma.shape)}")
@@ -292,13 +294,15 @@ class Denoiser(nn.Module):
         elif noise.shape != x0.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but x0 has {tuple(x0.shape)}")
         view = (batch,) + (1,) * (x0.dim() - 1)
-        c_skip, c_out, c_in = self._scalings(sigma.float().reshape(view), torch.sqrt)
+        c_skip, c_out, c_in = self._scalings(sigma.to(acc).reshape(view), torch.sqrt)
         x = x0 + sigma.reshape(view).to(x0.dtype) * noise
-        x_in = x * c_in
+        # the network's input in x0's dtype: a float32 c_in promoted a bf16/fp16 model's input
+        # to float32, which its weights then refused
+        x_in = x * c_in.to(x.dtype)
         out = self.network(x_in, t)
         _check_output(out, x_in)
-        out = out.float()
-        target = (x0.float() - c_skip * x.float()) / c_out
+        out = out.to(acc)
+        target = (x0.to(acc) - c_skip * x.to(acc)) / c_out
         dsm = (out - target).pow(2).flatten(1).mean(1)
         reg = None
         if reg_weight:
@@ -309,7 +313,7 @@ class Denoiser(nn.Module):
                                              device=generator.device if generator is not None else "cpu")
             pulled = equivariance_target(reg_target if reg_target is not None else self.model,
                                          x_in, t, self.group, reg_elements.cpu())
-            reg = (out - pulled.float()).pow(2).flatten(1).mean(1)
+            reg = (out - pulled.to(acc)).pow(2).flatten(1).mean(1)
         total = dsm if reg is None else dsm + reg_weight * reg
         if reduction == "mean":
             return total.mean()

@@ -189,4 +189,4 @@ def sample_noise(key: torch.Tensor, step: int, shape: tuple[int, ...],
         n *= s
     counter = torch.arange((n + 3) // 4, dtype=torch.int64, device=key.device).unsqueeze(0)
     z = randn4_counter(key[:, :1], counter, step, key[:, 1:2], dtype)  # (B, counters, 4)
-    return z.reshape(b, -1)[:, :n].reshape((b,) + tuple(shape[1:]))
+    return z.reshape(b, counter.shape[1] * 4)[:, :n].reshape((b,) + tuple(shape[1:]))  # b may be 0

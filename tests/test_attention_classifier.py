@@ -41,6 +41,17 @@ def test_topic_dataset_is_the_papers_task():
             topic_dataset(**{name: bad})
 
 
+def test_text_datasets_are_map_style_datasets():
+    # TopicDataset had __len__ but no __getitem__: DataLoader(topic_dataset()) failed
+    data = topic_dataset(n_sentences=10, vocab_size=30, m=3, seed=1)
+    tokens, lengths, labels = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
+    assert torch.equal(tokens, data.tokens[:4]) and torch.equal(lengths, data.lengths[:4])
+    assert torch.equal(labels, data.labels[:4])
+    assert torch.equal(data[-1][0], data.tokens[9])
+    with pytest.raises(IndexError):
+        data[10]
+
+
 def test_load_text_csv(tmp_path):
     path = tmp_path / "reviews.csv"
     path.write_text('text,label\nGood film good cast,pos\nbad film,neg\nGood ending,pos\n')

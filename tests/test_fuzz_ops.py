@@ -1389,17 +1389,21 @@ def test_orbit_zero_size_event_dims(backend, group, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)  # fixed: an empty state returns empty results
-@pytest.mark.parametrize("group, shape", [("d4", (2, 0, 3, 3)), ("flip_h", (3, 0, 5))])
+@pytest.mark.parametrize("group, shape", [("d4", (2, 0, 3, 3)), ("flip_h", (3, 0, 5)),
+                                          ("d4", (0, 2, 3, 3))])
 def test_fused_step_zero_size_sample_dims(backend, group, shape):
     dev = _device(backend)
     order = len(groups.get(group))
-    x = torch.zeros(shape, device=dev)
-    y = torch.zeros((order * shape[0],) + shape[1:], device=dev)
+    x = torch.zeros(shape, device=dev, requires_grad=True)
+    y = torch.zeros((order * shape[0],) + shape[1:], device=dev, requires_grad=True)
     key = torch.zeros(shape[0], 2, dtype=torch.int64, device=dev)
     for coefs, kwargs in ((StepCoefficients(1.0, 0.5, 0.5, 0.5), {}),
                           (StepCoefficients(c=1.0), dict(key=key, noise_element=1))):
         out, den = fused_step(x, y, coefs, group, backend=backend, **kwargs)
         assert out.shape == x.shape and den.shape == x.shape
+        # empty results stay in autograd, as torch's own ops' do (backward() failed on them)
+        (out.sum() + den.sum()).backward()
+        assert x.grad.shape == x.shape and y.grad.shape == y.shape
 
 
 # fixed: a float64 step draws float64 normals, Box-Muller in float64 from the same Philox words

@@ -217,6 +217,18 @@ def test_nan_stays_in_its_group(backend):
     assert nan[1, 4:6].all() and nan.sum() == 2 * 16  # the group of channels 4, 5 of sample 1
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf")])
+def test_an_infinite_input_makes_its_group_nan_as_torch_does(backend, value):
+    # the variance of a group holding -inf is NaN; max(0, NaN) made it 0, and the group came
+    # out +-inf instead of NaN (F.group_norm and the reference give NaN)
+    device = device_for(backend)
+    x, _, weight, bias = _inputs((2, 8, 4, 4), torch.float32, device, seed=10)
+    x[0, 2, 1, 1] = value
+    z = group_norm_silu(x, 4, weight, bias, backend=backend)
+    want = F.silu(F.group_norm(x.cpu(), 4, weight.cpu(), bias.cpu()))
+    assert torch.equal(z.isnan().cpu(), want.isnan()) and want[0, 2:4].isnan().all()
+
+
 def test_extreme_pre_activations_are_finite_and_accurate(backend):
     """silu saturates: a = -200 gives z ~ 0 (no overflow in e^-a), a = +200 gives z = a."""
     device = device_for(backend)

@@ -75,6 +75,27 @@ def test_equivariance_error_of_a_non_finite_output_is_nan():
     assert equivariance_error(lambda z: z.flip(-1), x, g) > 0.5
 
 
+def test_equivariance_error_is_measured_in_float64():
+    # the outputs were rounded to float32 before subtracting (a float64 map broken by 1e-12
+    # measured 0) and the float32 squared norm of outputs near 1e19 overflowed (measured 0)
+    g = groups.get("c4")
+    x = torch.randn(4, 2, 16, 16, dtype=torch.float64)
+
+    def exact(f):
+        fx = f(x)
+        return max(float((f(g.act(x, k)) - g.act(fx, k)).norm() / fx.norm()) for k in range(len(g)))
+
+    for eps in (1e-9, 1e-12, 1e-14):
+        f = lambda z, eps=eps: z + eps * z.flip(-1)  # noqa: E731
+        assert equivariance_error(f, x, g) == pytest.approx(exact(f), rel=1e-6)
+    xf = x.float()
+    for scale in (1.0, 1e20):
+        assert equivariance_error(lambda z: scale * z.flip(-1), xf, g) == pytest.approx(
+            equivariance_error(lambda z: z.flip(-1), xf, g), rel=1e-5)
+    with pytest.raises(ValueError, match=r"f\(x\) has shape \(2, 1\)"):  # not x, which is fine
+        equivariance_error(lambda z: z.mean((-1, -2)), torch.randn(2, 1, 6, 6), "d4")
+
+
 def test_symmetrize_bad_inputs():
     with pytest.raises(ValueError, match="chunks must be a positive int"):
         symmetrize(torch.nn.Identity(), "d4", chunks=0)

@@ -439,3 +439,16 @@ def test_a_checkpoint_of_another_config_is_refused_naming_the_fields(tmp_path):
     with pytest.raises(ValueError, match="group: 'd4' vs None"):
         train(**dict(TINY, equivariance="fa"), steps=4, out=str(other), resume=str(tmp_path))
     assert _nothing_written(other)
+
+
+def test_loss_bins_hold_equal_shares_of_the_training_draws():
+    # the bins were (lo, hi]: on a DDPM schedule t = 200 fell in the first bin (0.201 / 0.199)
+    from symfast.denoiser import DDPMSchedule, EDMSchedule
+    from symfast.train.loop import sigma_bin_index, sigma_bins
+    ddpm = DDPMSchedule()
+    sigma = torch.from_numpy(ddpm.sigma_table).float()  # every timestep once: uniform draws
+    assert torch.bincount(sigma_bin_index(sigma, sigma_bins(ddpm))).tolist() == [200] * 5
+    edm = EDMSchedule()
+    u = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000
+    counts = torch.bincount(sigma_bin_index(edm.training_levels(u)[0], sigma_bins(edm)))
+    assert (counts - 20000).abs().max() <= 1

@@ -41,6 +41,30 @@ def test_edm_loss_is_the_weighted_denoising_error():
     assert float(mean) == pytest.approx(float(terms.total.mean()), rel=1e-6)
 
 
+def test_loss_runs_in_the_models_dtype():
+    """A bf16/fp16 model with data of its dtype was refused (a float32 c_in promoted its input);
+    a float64 model's loss was computed in float32."""
+    torch.manual_seed(0)
+    x0, eps = _batch()
+    sigma = torch.tensor([0.01, 0.3, 1.0, 5.0, 60.0], dtype=torch.float64)
+    net = UNet(1, 1, **SMALL).double()
+    d = Denoiser(net, "edm", EDMSchedule(sigma_data=0.5))
+    x0, eps = x0.double(), eps.double()
+    loss = d.loss(x0, sigma, eps)
+    assert loss.dtype == torch.float64
+    s = sigma.reshape(-1, 1, 1, 1)  # EDM's loss, written out in float64
+    c_skip, c_out, c_in = 0.25 / (s * s + 0.25), s * 0.5 / (s * s + 0.25).sqrt(), 1 / (s * s + 0.25).sqrt()
+    x = x0 + s * eps
+    want = (net(c_in * x, sigma.log() / 4) - (x0 - c_skip * x) / c_out).pow(2).mean()
+    assert float(loss) == pytest.approx(float(want), rel=1e-12)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = Denoiser(UNet(1, 1, **SMALL).to(dtype), "edm")
+        loss = low.loss(x0.to(dtype), sigma, eps.to(dtype))
+        loss.backward()
+        assert loss.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(p.grad.dtype == dtype for p in low.parameters())
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_ddpm_losses_regress_the_usual_targets(prediction):
     """On a DDPM schedule the network sees x_t = √ᾱ x0 + √(1−ᾱ) ε and the timestep t, and

@@ -302,7 +302,10 @@ SYMFAST_INLINE void forward_tile(const scalar_t* __restrict x, const TileParams<
     dev += sums[0];
     dev2 += sums[1];
   }
-  const double var = std::max(0.0, (dev2 - dev * dev / count) / count);
+  // Clamped at 0 by a comparison, not std::max(0.0, .), which turned a NaN variance (a -inf
+  // in the group) into 0 and the group's outputs into +-inf instead of NaN.
+  const double raw_var = (dev2 - dev * dev / count) / count;
+  const double var = raw_var < 0.0 ? 0.0 : raw_var;
   const acc_t rstd = static_cast<acc_t>(1.0 / std::sqrt(var + args.eps));
   for (int64_t j = 0; j < cg; ++j) {
     const int64_t c = c0 + j;

@@ -31,6 +31,11 @@ class TextDataset:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens (L,), length (), label ()) of sentence ``i``: a map-style torch Dataset, as the
+        image and audio sets are (DataLoader batches them to (B, L), (B,), (B,))."""
+        return self.tokens[i], self.lengths[i], self.labels[i]
+
 
 @dataclass
 class TopicDataset(TextDataset):

@@ -189,9 +189,9 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, coefs: StepCoefficients | tuple
         raise ValueError(f"noise_group is for a network equivariant by construction; with "
                          f"group={group.name} (frame averaging) the noise is transformed by it")
     backend = _dispatch.resolve(backend, x, _OP)
-    if x.numel() == 0:  # nothing to compute (and no rows for the kernels to split)
-        return torch.empty_like(x), (torch.empty_like(x) if return_denoised else None)
-    if backend == "reference":
+    if backend == "reference" or x.numel() == 0:
+        # an empty x leaves the kernels no rows to split; the reference's torch ops keep the
+        # empty outputs in autograd (empty_like cut them off: backward() failed)
         x_next, den = reference.fused_step(x, y, group, coefs, u, v, noise, key, step, noise_element,
                                            noise_group)
         return x_next, (den if return_denoised else None)

@@ -47,6 +47,17 @@ _MASK64 = (1 << 64) - 1
 _LANE_SIGMA, _LANE_AUGMENT, _LANE_REG = 0, 1, 2
 # The loss is logged per σ-bin; bins hold equal shares of the training σ distribution.
 _BIN_QUANTILES = (0.2, 0.4, 0.6, 0.8)
+
+
+def sigma_bins(schedule) -> torch.Tensor:
+    """The four σ edges of metrics.csv's five loss bins, each of training probability 1/5."""
+    return schedule.training_levels(torch.tensor(_BIN_QUANTILES, dtype=torch.float64))[0]
+
+
+def sigma_bin_index(sigma: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """The bin [lo, hi) of each σ: an edge is σ(t = 200, 400, ...) on a DDPM schedule, and
+    (lo, hi] put t = 200 in the first bin (201 timesteps of 1000 there, 199 in the last)."""
+    return torch.bucketize(sigma.detach().to(edges.dtype), edges, right=True)
 # Fields that may differ between a run and the checkpoint it resumes without a warning.
 _FREE_ON_RESUME = ("steps", "out", "resume", "progress", "checkpoint_every", "keep", "sample_every",
                    "sample_n", "sample_steps", "log_every")
@@ -304,7 +315,7 @@ class _Run:
         self.sampler = sampling_denoiser(cfg, self.ema.models[0])
         self.group = get(cfg.group) if cfg.group is not None else None
         self.schedule = self.denoiser.schedule
-        edges = self.schedule.training_levels(torch.tensor(_BIN_QUANTILES, dtype=torch.float64))[0]
+        edges = sigma_bins(self.schedule)
         self.bin_edges = edges.to(world.device)
         names = [0.0] + edges.tolist() + [math.inf]
         self.bin_names = [f"loss_sigma_{lo:.3g}-{hi:.3g}" for lo, hi in zip(names[:-1], names[1:])]
@@ -584,7 +595,7 @@ class _Run:
         if terms.reg is not None:
             acc[2] += terms.reg.detach().double().sum()
         acc[3] += grad_norm.detach().double()
-        which = torch.bucketize(terms.sigma.detach().to(self.bin_edges.dtype), self.bin_edges)
+        which = sigma_bin_index(terms.sigma, self.bin_edges)
         nbins = len(self.bin_names)
         acc[4:4 + nbins] += torch.zeros(nbins, dtype=torch.float64, device=dsm.device).index_add_(0, which, dsm)
         acc[4 + nbins:] += torch.bincount(which, minlength=nbins).double()
