@@ -136,14 +136,36 @@ def equivariant_fd(samples: torch.Tensor, reference: torch.Tensor, group,
     return {"fd": fds, "spread": max(fds) - min(fds)}
 
 
+def _same_elements_in(measured, own, x: torch.Tensor) -> list[int | None]:
+    """Per element of ``measured``: the index in ``own`` of the element that acts the same on
+    tensors shaped like ``x`` (None where none does). Both act on an image of distinct values
+    shaped like one sample of x, so two elements match only if they move every entry alike."""
+    probe = torch.arange(1, x[:1].numel() + 1, dtype=torch.float64).reshape(x[:1].shape)
+    own_images = [own.act(probe, j) for j in range(len(own))]
+
+    def index_in_own(k: int) -> int | None:
+        image = measured.act(probe, k)
+        return next((j for j, own_image in enumerate(own_images) if torch.equal(own_image, image)), None)
+    return [index_in_own(k) for k in range(len(measured))]
+
+
+def _draws_noise(run_with_generator: Callable[[torch.Generator], object], device: torch.device) -> bool:
+    """Whether a sampler run draws noise: it is given a generator, and drawing advances its state
+    (exact, unlike comparing two seeds' samples, which nondeterministic kernels can tell apart)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    before = generator.get_state()
+    run_with_generator(generator)
+    return not torch.equal(generator.get_state(), before)
+
+
 def sampler_equivariance(denoiser, group, sampler: str, x_T_or_shape: torch.Tensor | Sequence[int],
                          steps: int = 18, seed: int = 0, **sample_options) -> float:
     """max over g of ‖S(g x_T) − g S(x_T)‖ / ‖S(x_T)‖ for the sampler S = symfast.sample(denoiser,
     ·, sampler, steps, seed) from the unit starting noise ``x_T`` (or noise of that shape drawn
-    from ``seed``). A stochastic sampler's noise is transformed with the state
-    (``transform_noise=k``) when the denoiser has a group; with a deterministic sampler (the
-    default) no noise is drawn, so any denoiser can be measured. 0 (up to rounding) means the
-    sampler is exactly equivariant."""
+    from ``seed``). A stochastic sampler's noise is transformed with the state (``transform_noise``
+    = g's index in the denoiser's group, which ``group`` may be a subgroup of) when the denoiser has
+    a group; with a deterministic sampler (the default) no noise is drawn, so any denoiser can be
+    measured over any group. 0 (up to rounding) means the sampler is exactly equivariant."""
     from symfast.samplers import sample
 
     group = get_group(group)
@@ -153,30 +175,48 @@ def sampler_equivariance(denoiser, group, sampler: str, x_T_or_shape: torch.Tens
         x_T = torch.randn(tuple(x_T_or_shape), generator=torch.Generator().manual_seed(seed))
     group.check_input(x_T, "x_T")
 
-    has_group = getattr(denoiser, "group", None) is not None
+    own = getattr(denoiser, "group", None)
+    # transform_noise indexes the denoiser's group, not the measured one: c2's rotation by 180° is
+    # d4's element 2, flip_h's flip d4's element 4
+    in_own = _same_elements_in(group, own, x_T) if own is not None else [None] * len(group)
 
-    def run(x, k):
-        return sample(denoiser, x, sampler=sampler, steps=steps, seed=seed, progress=False,
-                      transform_noise=k if has_group else None, **sample_options).double()
+    def run(x, transform, generator=None):
+        return sample(denoiser, x, sampler=sampler, steps=steps, seed=seed if generator is None else None,
+                      generator=generator, progress=False, transform_noise=transform,
+                      **sample_options).double()
 
-    base = run(x_T, 0)
+    missing = [k for k, j in enumerate(in_own) if j is None]
+    # a deterministic sampler draws no noise, so elements outside the denoiser's group are measured
+    # too; a stochastic one cannot move its noise by them
+    if own is not None and missing and _draws_noise(lambda g: run(x_T, None, generator=g), x_T.device):
+        raise ValueError(f"group {group.name}'s element {missing[0]} is not an element of the denoiser's "
+                         f"group {own.name}, so the {sampler!r} sampler's noise cannot be transformed "
+                         f"with the state: measure a stochastic sampler over a subgroup of "
+                         f"{own.name}, or use a deterministic sampler")
+
+    base = run(x_T, in_own[0])  # the identity, drawn as the transformed runs draw
     norm = base.norm().clamp_min(torch.finfo(torch.float64).tiny)
     # a one-element group has nothing to compare: exactly equivariant
-    return max((float((run(group.act(x_T, k), k) - group.act(base, k)).norm() / norm)
+    return max((float((run(group.act(x_T, k), in_own[k]) - group.act(base, k)).norm() / norm)
                 for k in range(1, len(group))), default=0.0)
 
 
 def posterior_mse(denoiser, mixture: GaussianMixture, sigmas: Sequence[float], n: int = 1024,
                   seed: int = 0) -> list[float]:
     """Per σ: the mean squared error of ``denoiser(x + σε, σ)`` against the exact posterior mean
-    E[x | x + σε] of the mixture, over ``n`` fresh samples x (seeded)."""
+    E[x | x + σε] of the mixture, over ``n`` fresh samples x (seeded). ``denoiser``: a
+    :class:`symfast.Denoiser` or any callable (y, σ) -> x̂0."""
     if not isinstance(mixture, GaussianMixture):
         raise TypeError(f"mixture must be a symfast.data.GaussianMixture, got {type(mixture).__name__}")
     x0 = mixture.sample(n, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    # where the network lives; a plain function or a module without parameters runs anywhere
-    params = denoiser.model.parameters() if isinstance(denoiser.model, torch.nn.Module) else iter(())
-    device = next(iter(params), torch.empty(0)).device
+    # where the network lives: a ``device`` the callable declares, else its parameters' (a
+    # Denoiser's model, or the denoiser itself as a module); a plain function or a module without
+    # parameters runs where the samples are
+    network = getattr(denoiser, "model", denoiser)
+    params = network.parameters() if isinstance(network, torch.nn.Module) else iter(())
+    device = getattr(denoiser, "device", None)
+    device = torch.device(device) if device is not None else next(iter(params), x0).device
     errors = []
     with torch.no_grad():
         for sigma in sigmas:

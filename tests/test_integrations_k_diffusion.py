@@ -149,6 +149,73 @@ def test_brownian_style_noise_sampler_is_called_like_k_diffusion(kd):
     assert rel_err(out, ref) <= TOL
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_euler_ancestral_draws_like_k_diffusion_on_a_repeated_sigma(kd, eta):
+    """A repeated σ makes σ_up = 0 on one step (and η = 0 on all): k-diffusion still draws there,
+    so skipping that draw handed every later step another step's noise (eager: off by 0.8)."""
+    sigmas = torch.tensor([5.0, 5.0, 1.0, 0.3, 0.0])
+    model = _Denoiser()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    outs = []
+    for module in (kd, ours):
+        torch.manual_seed(0)
+        outs.append(module.sample_euler_ancestral(model, x, sigmas, disable=True, eta=eta))
+        outs.append(torch.randn(3))  # the global RNG is left where k-diffusion leaves it
+    assert rel_err(outs[2], outs[0]) <= TOL and torch.equal(outs[3], outs[1])
+    # a stateful noise_sampler is called on the same steps, on the eager and on the core path
+    calls = {}
+    for key, module, extra in (("kd", kd, {}), ("eager", ours, {}), ("core", ours, {"group": "trivial"})):
+        gen, calls[key] = torch.Generator().manual_seed(3), []
+
+        def noise_sampler(sigma, sigma_next, calls=calls[key], gen=gen):
+            calls.append((float(sigma), float(sigma_next)))
+            return torch.randn(x.shape, generator=gen)
+        module.sample_euler_ancestral(model, x, sigmas, disable=True, eta=eta, noise_sampler=noise_sampler,
+                                      **extra)
+    assert calls["eager"] == calls["core"] == calls["kd"] == [(5.0, 5.0), (5.0, 1.0), (1.0, float(sigmas[3]))]
+
+
+@pytest.mark.parametrize("sigmas", [[5.0, 5.0, 1.0, 0.0], [1.0, 5.0, 0.5, 0.0]])
+@pytest.mark.parametrize("extra", [{}, {"group": "d4"}])
+def test_dpmpp_2m_refuses_sigmas_not_strictly_decreasing(sigmas, extra):
+    """A repeated σ is a step of h = 0 that the next step's 1/(2r) divides by: NaN on the eager
+    path (as k-diffusion), a bare ZeroDivisionError on the core's."""
+    model, x = _Denoiser(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="sigmas must be strictly decreasing"):
+        ours.sample_dpmpp_2m(model, x, torch.tensor(sigmas), disable=True, **extra)
+
+
+def test_core_dpmpp_2m_refuses_a_repeated_sigma_and_runs_a_rise():
+    """symfast.sample's own grids reach the core directly: a repeated σ is refused there too, while
+    a rise (a zero-terminal-SNR table's end, σ_T = 4096 < σ_{T-1}, starts a trailing grid of 500
+    steps) runs as it ran before, finite."""
+    import numpy as np
+    from symfast import Denoiser, sample
+    from symfast.samplers import loops
+    from symfast.samplers._noise import NoiseSource
+    from symfast.schedules import DDPMSchedule
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="sigmas must not repeat a value.*5.0 twice"):
+        loops.sample_dpmpp_2m(ours._OrbitDenoiser(_Denoiser(), {}, None), x, np.array([5.0, 5.0, 1.0, 0.0]),
+                              NoiseSource(x), progress=False)
+    zero_snr = Denoiser(lambda x, t: torch.zeros_like(x), "eps",
+                        schedule=DDPMSchedule(rescale_zero_terminal_snr=True))
+    assert torch.isfinite(sample(zero_snr, (1, 1, 4, 4), "dpmpp_2m", steps=500, spacing="trailing",
+                                 progress=False)).all()
+
+
+@pytest.mark.parametrize("extra", [{}, {"group": "trivial"}, {"seed": 0}])
+def test_default_disable_lets_tqdm_decide(capsys, extra):
+    """k-diffusion's disable=None leaves the bar to tqdm: none when stderr is not a terminal (as
+    under capsys); the core path showed one whenever disable was not True."""
+    sigmas = ours.get_sigmas_karras(3, 0.1, 1.0)
+    x = torch.randn(1, 3, 4, 4)
+    ours.sample_euler(lambda x, s: x * 0.5, x, sigmas, **extra)
+    assert capsys.readouterr().err == ""
+    ours.sample_euler(lambda x, s: x * 0.5, x, sigmas, disable=False, **extra)
+    assert "3/3" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("n, sigma_min, sigma_max, rho", [(10, 0.002, 80.0, 7.0), (1, 0.5, 3.0, 7.0),
                                                           (33, 0.0292, 14.61, 5.0)])
 def test_get_sigmas_karras_matches_k_diffusion(kd, n, sigma_min, sigma_max, rho):

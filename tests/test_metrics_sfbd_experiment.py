@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from symfast.data import gaussian_mixture
-from symfast.metrics import frechet_distance, posterior_mse
+from symfast.metrics import frechet_distance, posterior_mse, sampler_equivariance
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,6 +67,45 @@ def test_posterior_mse_is_zero_for_the_exact_denoiser_and_positive_otherwise():
     for seed in range(20):
         x = torch.randn(64, 16, generator=torch.Generator().manual_seed(seed))
         assert 0.0 <= frechet_distance(x, x, "pixels") <= 1e-9
+
+
+def test_posterior_mse_takes_a_plain_callable():
+    """The docstring allows any callable; it has no ``model`` to find a device by."""
+    mixture = gaussian_mixture("d4", size=4, channels=1, seed=0)
+    assert posterior_mse(lambda y, sigma: mixture.posterior_mean(y, sigma), mixture, (0.5,), n=8) == [0.0]
+
+
+class _Conv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("measured", ["flip_h", "c2", "c4", "d4"])
+def test_stochastic_sampler_equivariance_over_a_subgroup_of_the_denoisers_group(measured):
+    """transform_noise indexes the denoiser's group: flip_h's flip is d4's element 4, not 1 (the
+    measure reported 1.3 for an exactly equivariant sampler)."""
+    from symfast import Denoiser
+    torch.manual_seed(0)
+    denoiser = Denoiser(_Conv(), "edm", group="d4")
+    with torch.no_grad():
+        assert sampler_equivariance(denoiser, measured, "euler_ancestral", (2, 1, 6, 6), steps=3) < 1e-5
+
+
+def test_stochastic_sampler_equivariance_over_a_group_the_denoiser_lacks_is_refused():
+    from symfast import Denoiser
+    torch.manual_seed(0)
+    denoiser = Denoiser(_Conv(), "edm", group="c4")
+    with torch.no_grad(), pytest.raises(ValueError, match="element 4 is not an element of the denoiser's group c4"):
+        sampler_equivariance(denoiser, "d4", "euler_ancestral", (2, 1, 6, 6), steps=3)
+    # a deterministic sampler draws no noise, so it is measured over any group (a c4-averaged 3×3
+    # conv is also d4-symmetric)
+    with torch.no_grad():
+        assert sampler_equivariance(denoiser, "d4", "heun", (2, 1, 6, 6), steps=3) < 1e-5
+        assert sampler_equivariance(denoiser, "d4", "euler_ancestral", (2, 1, 6, 6), steps=3, eta=0.0) < 1e-5
 
 
 def test_sfbd_experiment_quick_mode_writes_its_table(tmp_path):

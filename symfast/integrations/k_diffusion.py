@@ -19,9 +19,10 @@ k-diffusion's arithmetic; both take churn γ, the ancestral split and the DPM-So
 ``symfast.samplers._core``.
 
 One deliberate difference: k-diffusion's Euler/Heun draw ``randn_like(x)`` on every step even when
-``s_churn == 0`` makes that noise unused, and Euler ancestral draws noise when ``eta == 0``; these
-draw only when the noise can change the result, so outputs match but the global RNG state afterwards
-may differ in those cases.
+``s_churn == 0`` makes that noise unused; these draw only when ``s_churn > 0``, so outputs match but
+the global RNG state afterwards may differ. Euler ancestral draws exactly where k-diffusion does, on
+every step to σ' > 0, also where σ_up = 0 (a repeated σ, or ``eta == 0``), so every later draw, and a
+stateful ``noise_sampler``'s calls, stay in step with k-diffusion's.
 """
 from __future__ import annotations
 
@@ -71,6 +72,17 @@ def _host_sigmas(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return host
 
 
+def _check_descending(host: torch.Tensor, sampler: str, strictly: bool) -> None:
+    """ValueError naming ``sigmas`` unless each σ is below the one before (``strictly``) or not
+    above it. DPM-Solver++(2M) needs strictly: a repeated σ is a step of h = 0, which a
+    neighbouring step's ratio r = h_prev / h or weight 1 / (2r) divides by (k-diffusion returns
+    NaN, the core's division raised); a rise gives k-diffusion's extrapolation a negative r."""
+    rises = host[1:] >= host[:-1] if strictly else host[1:] > host[:-1]
+    if rises.any():
+        order = "strictly decreasing" if strictly else "non-increasing"
+        raise ValueError(f"sigmas must be {order} for {sampler}, got {host.tolist()}")
+
+
 def _denoise(model: Callable, x: torch.Tensor, sigma: float, s_in: torch.Tensor, extra_args: dict,
              ) -> torch.Tensor:
     denoised = model(x, sigma * s_in, **extra_args)
@@ -113,6 +125,12 @@ def _sampler_noise(x: torch.Tensor, sigmas: torch.Tensor, seed: Any, noise_sampl
         def kwargs(self, i: int) -> dict[str, Any]:
             return {"noise": self.draw(i)}
 
+        def unused(self, i: int) -> None:
+            # k-diffusion calls the sampler on every step to σ' > 0, even where σ_up = 0: a
+            # stateful sampler skipped here would hand every later step another step's noise
+            if sigmas[i] > 0:
+                self.draw(i)
+
         def draw(self, i: int) -> torch.Tensor:
             return noise_sampler(sigmas[i - 1], sigmas[i])
 
@@ -133,15 +151,16 @@ def _on_core(name: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, 
     # the core's steps divide by every σ but the last (k-diffusion's loops return NaN instead)
     if (host[:-1] <= 0).any():
         raise ValueError(f"sigmas must be > 0 except the last, got {host.tolist()}")
-    if name == "euler_ancestral" and (host[1:] > host[:-1]).any():
-        raise ValueError(f"sigmas must be non-increasing for an ancestral sampler, got {host.tolist()}")
+    if name in ("euler_ancestral", "dpmpp_2m"):
+        _check_descending(host, name, strictly=name == "dpmpp_2m")
     group = get(group) if group is not None else None
     if group is not None:
         group.check_input(x)
     denoiser = _OrbitDenoiser(model, {} if extra_args is None else extra_args, group)
     noise = _sampler_noise(x, sigmas, seed, noise_sampler)
     return loops.SAMPLERS[name](denoiser, x, host.double().numpy(), noise,
-                                callback=_tensor_sigmas(callback, sigmas), progress=not disable,
+                                callback=_tensor_sigmas(callback, sigmas),
+                                progress=None if disable is None else not disable,
                                 **options)
 
 
@@ -257,7 +276,7 @@ def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas: torch.Tenso
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         d = (x - denoised) / sigma[i]
         x = x + d * dt[i]
-        if sigma[i + 1] > 0 and sigma_up[i] > 0:
+        if sigma[i + 1] > 0:  # also where σ_up = 0, as k-diffusion: later draws stay in step
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up[i]
     return x
 
@@ -267,14 +286,16 @@ def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extr
                     callback: Callable | None = None, disable: bool | None = None, *,
                     group: Group | str | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022) in t = −log σ: a second-order multistep in the data
-    prediction, first order on the first step and on the step to σ = 0. ``group``: run on symfast's
-    sampler core (module docstring)."""
+    prediction, first order on the first step and on the step to σ = 0. sigmas: strictly decreasing
+    (a repeated σ gives k-diffusion NaN). ``group``: run on symfast's sampler core (module
+    docstring)."""
     if group is not None:
         return _on_core("dpmpp_2m", model, x, sigmas, extra_args, callback, disable, group, None)
     extra_args = {} if extra_args is None else extra_args
     host = _host_sigmas(x, sigmas)
     if (host[:-1] <= 0).any():
         raise ValueError(f"sigmas must be > 0 except the last, got {host.tolist()}")
+    _check_descending(host, "dpmpp_2m", strictly=True)
     sigma = host.tolist()
     n = len(sigma) - 1
     t = [-torch.log(s) for s in host]

@@ -60,6 +60,11 @@ class NoiseSource:
             return {"key": self.key, "step": i, "noise_element": self.transform}
         return {"noise": self.draw(i)}
 
+    def unused(self, i: int) -> None:
+        """Step i draws no noise (its scale is 0). Philox noise is keyed by the step, and the
+        generator's draws follow symfast's own samplers, so nothing is drawn; a source that must
+        keep in step with another library's draws overrides this."""
+
     def draw(self, i: int) -> torch.Tensor:
         """The noise tensor of step i, (B, ...) in the state's dtype."""
         if self.key is not None:

@@ -2,7 +2,8 @@
 
 Every sampler takes ``(denoiser, x, sigmas, noise, callback, progress)``: x is the state at
 σ = sigmas[0] in σ form (x = x0 + σ ε), sigmas a descending host array ending in 0, noise a
-:class:`~symfast.samplers._noise.NoiseSource`. Each step's elementwise work (orbit average, x̂0,
+:class:`~symfast.samplers._noise.NoiseSource`, progress whether to show a tqdm bar (None: tqdm
+decides). Each step's elementwise work (orbit average, x̂0,
 the update, the noise) is one fused op called through ``denoiser.step(x, σ, a, b, ...)``, which
 returns x_next = a·x + b·D(x, σ) + p·u + q·v + c·z. All coefficients are host floats.
 The callback gets k-diffusion's dict {"x", "i", "sigma", "sigma_hat", "denoised"} once per step,
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -28,6 +29,12 @@ Callback = Callable[[dict], None] | None
 def _report(callback: Callback, x, i, sigma, sigma_hat, denoised) -> None:
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+
+def _steps(sigmas, progress: bool | None) -> Iterable[int]:
+    """The step indices of a σ grid, under a tqdm bar if ``progress`` (None: tqdm's own choice, a
+    bar only when stderr is a terminal, as k-diffusion's default ``disable=None``)."""
+    return trange(len(sigmas) - 1, disable=None if progress is None else not progress)
 
 
 def ddim_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
@@ -69,7 +76,7 @@ def _karras_loop(denoiser, x, sigmas, noise, callback, progress, s_churn, s_tmin
         _check_option(name, value)
     _check_option("s_tmax", s_tmax, infinite=True)
     n = len(sigmas) - 1
-    for i in trange(n, disable=not progress):
+    for i in _steps(sigmas, progress):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         gamma = churn_gamma(s, n, s_churn, s_tmin, s_tmax)
         s_hat, churn_std = churn_levels(s, gamma)
@@ -92,10 +99,12 @@ def _karras_loop(denoiser, x, sigmas, noise, callback, progress, s_churn, s_tmin
 
 
 def _ancestral_loop(denoiser, x, sigmas, noise, callback, progress, split, s_noise=1.0):
-    for i in trange(len(sigmas) - 1, disable=not progress):
+    for i in _steps(sigmas, progress):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         down, up = split(s, s_next)
         r = down / s
+        if not up:
+            noise.unused(i + 1)
         x_next, den = denoiser.step(x, s, r, 1 - r, c=up * s_noise,
                                     noise=noise.kwargs(i + 1) if up else None)
         _report(callback, x, i, s, s, den)
@@ -140,7 +149,7 @@ def sample_euler_maruyama(denoiser, x, sigmas, noise: NoiseSource, callback: Cal
     −(x_vp − √ᾱ x̂0)/(1 − ᾱ): x_vp' = x_vp + ½β x_vp + β·score + √β z, mapped back to σ form. The
     last step (σ' = 0) returns x̂0.
     """
-    for i in trange(len(sigmas) - 1, disable=not progress):
+    for i in _steps(sigmas, progress):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         if s_next == 0.0:
             x_next, den = denoiser.step(x, s, 0.0, 1.0)
@@ -168,9 +177,17 @@ def sample_heun(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = No
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser, x, sigmas, noise: NoiseSource, callback: Callback = None,
                     progress: bool = True):
-    """DPM-Solver++(2M) (Lu et al. 2022), k-diffusion's sample_dpmpp_2m."""
+    """DPM-Solver++(2M) (Lu et al. 2022), k-diffusion's sample_dpmpp_2m. sigmas: no value
+    repeated."""
+    # a repeated σ is a step of h = 0, which a neighbouring step's r = h_prev / h or 1 / (2r)
+    # divides by; a rise runs (a zero-terminal-SNR table ends σ_{T-1} > σ_T, and a trailing grid
+    # of many steps starts σ_T, σ_{T-1}), as in diffusers
+    repeated = [float(s) for s, s_next in zip(sigmas[:-1], sigmas[1:]) if s == s_next]
+    if repeated:
+        raise ValueError(f"sigmas must not repeat a value for dpmpp_2m (a step of length 0), got "
+                         f"{repeated[0]} twice in {[float(s) for s in sigmas]}")
     old_den = None
-    for i in trange(len(sigmas) - 1, disable=not progress):
+    for i in _steps(sigmas, progress):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
         if s_next == 0.0:
             x_new, den = denoiser.step(x, s, 0.0, 1.0)
