@@ -493,6 +493,35 @@ def test_a_16_bit_grey_png_is_rescaled_not_clipped(tmp_path):
     assert torch.equal(got, want)
 
 
+def test_files_whose_pixels_cannot_be_kept_are_refused_by_name(tmp_path):
+    """A float TIFF of [0, 1] and a 32-bit TIFF of 0..255 read near black (Pillow clips them to
+    "L"); a stroke drawn on transparent pixels vanished with the alpha (for one image and in a
+    training folder)."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (4, 4)).astype(np.uint8)
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "float.tiff")
+    Image.fromarray(grey.astype(np.int32)).save(tmp_path / "wide.tiff")
+    stroke = np.zeros((4, 4, 2), dtype=np.uint8)
+    stroke[1, :, 1] = 255  # a black stroke; the rest black and transparent
+    Image.fromarray(stroke, "LA").save(tmp_path / "stroke.png")
+    palette = Image.fromarray(grey, "L").convert("P")
+    palette.save(tmp_path / "palette.png", transparency=int(np.asarray(palette)[0, 0]))
+    for name, match in (("float.tiff", "floating-point"), ("wide.tiff", "32-bit integer"),
+                        ("stroke.png", "transparent"), ("palette.png", "transparent")):
+        with pytest.raises(ValueError, match=f"{name}.*{match}"):
+            read_image(tmp_path / name)
+        if not name.endswith(".png"):
+            continue  # image_folder reads PNG, JPEG, BMP and WebP files
+        folder = tmp_path / name.replace(".", "-")
+        folder.mkdir()
+        (folder / name).write_bytes((tmp_path / name).read_bytes())
+        with pytest.raises(ValueError, match=f"{name}.*{match}"):
+            image_folder(folder, size=4)
+    opaque = np.concatenate([grey[..., None], np.full((4, 4, 1), 255, np.uint8)], axis=2)
+    Image.fromarray(opaque, "LA").save(tmp_path / "opaque.png")  # alpha present, all opaque
+    assert torch.equal(read_image(tmp_path / "opaque.png")[0], torch.from_numpy(grey).float() / 127.5 - 1)
+
+
 def test_a_mixture_group_must_act_on_the_components_not_across_them():
     with pytest.raises(ValueError, match="at least 2 dims for group d4"):
         GaussianMixture(torch.zeros(2, 2), 0.5, "d4")  # d4 would turn the (K, D) matrix

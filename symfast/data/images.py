@@ -170,8 +170,9 @@ def orbit_augmented(dataset: ImageTensorDataset, group: _groups.Group | str) -> 
 
 # ---- files ---------------------------------------------------------------------------------
 
-class _ColourImage(ValueError):
-    pass
+class _Refused(ValueError):
+    """A file Pillow reads whose pixels cannot be turned into the asked image without losing or
+    inventing something (its message says what; not wrapped as a read error)."""
 
 
 def _has_colour(im) -> bool:
@@ -184,28 +185,48 @@ def _has_colour(im) -> bool:
     return bool((rgb[..., 0] != rgb[..., 1]).any() or (rgb[..., 1] != rgb[..., 2]).any())
 
 
+def _has_transparent_pixels(im) -> bool:
+    if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in im.info:
+        return False
+    import numpy as np
+    return bool((np.asarray(im.convert("RGBA"))[..., 3] < 255).any())
+
+
 def _open_image(path: Path, channels: int, refuse_colour: bool = False):
     """A PIL image of ``path``, upright by its EXIF orientation, converted to "L" (channels 1) or
     "RGB" (channels 3), fully loaded. ``refuse_colour``: a ValueError instead of converting an
-    image whose colour channels differ to grey (the colour would be lost)."""
+    image whose colour channels differ to grey (the colour would be lost). Refused always:
+    transparent pixels (dropping alpha shows what lies under them: a stroke drawn on a
+    transparent background vanished), floating-point files and 32-bit integer files other than
+    PNG's 16-bit grey (no defined value range: Pillow's conversion clipped them near black)."""
     from PIL import Image, ImageOps
     try:
         with Image.open(path) as im:
+            file_format = im.format
             # a camera's JPEG stores the sensor's pixels and says how to turn them in EXIF;
             # viewers (and diffusers' load_image) show the turned image
             im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I"):
+            sixteen_bit = im.mode.startswith("I;16") or (im.mode == "I" and file_format == "PNG")
+            if im.mode in ("F", "I") and not sixteen_bit:
+                kind = "floating-point" if im.mode == "F" else "32-bit integer"
+                raise _Refused(f"image file {str(path)!r} holds {kind} pixels (mode {im.mode}), "
+                               f"whose value range is not defined; save it as an 8- or 16-bit "
+                               f"image")
+            if _has_transparent_pixels(im):
+                raise _Refused(f"image file {str(path)!r} has transparent pixels, which an image "
+                               f"without alpha cannot keep; flatten it onto a background first")
+            if sixteen_bit:
                 # 16-bit grey ("I;16", or "I" holding 0..65535): Pillow's conversion to "L"
                 # clips at 255 (every pixel white); rescale to 8 bits first
                 import numpy as np
                 wide = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
                 im = Image.fromarray(np.clip(np.round(wide), 0, 255).astype(np.uint8), "L")
             if refuse_colour and channels == 1 and _has_colour(im):
-                raise _ColourImage(f"image file {str(path)!r} is in colour (mode {im.mode}) and "
-                                   f"would lose its colour as a 1-channel image; convert it to "
-                                   f"grey first if that is what you want")
+                raise _Refused(f"image file {str(path)!r} is in colour (mode {im.mode}) and "
+                               f"would lose its colour as a 1-channel image; convert it to "
+                               f"grey first if that is what you want")
             return im.convert(_PIL_MODES[channels])
-    except _ColourImage:
+    except _Refused:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image file {str(path)!r} with Pillow: {exc}") from exc
