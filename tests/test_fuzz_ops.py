@@ -938,7 +938,18 @@ def test_fuzz_group_norm_silu(backend):
 # documented) before any kernel runs, on every backend; never a crash, never a silent success
 # ---------------------------------------------------------------------------------------------
 
-NOT_REAL = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool, torch.complex64)
+NOT_REAL = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool, torch.complex64,
+            torch.float8_e4m3fn, torch.float8_e5m2)  # float8: storage only (kernels raised NotImplementedError)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_inputs_are_refused_by_name(dtype):
+    # float8 is floating point to torch, and the kernels raised a bare NotImplementedError
+    x = torch.ones(8, 2, 4, 4, dtype=dtype)
+    for call, arg in ((lambda: orbit(x, "d4"), "x"), (lambda: orbit_mean(x, "d4"), "y"),
+                      (lambda: group_norm_silu(x, 1), "x")):
+        with pytest.raises(TypeError, match=f"{arg} must be a real floating-point tensor"):
+            call()
 
 
 def _expect(call: Callable, exc, match: str) -> None:

@@ -22,12 +22,18 @@ def tensor(name: str, t, *, optional: bool = False) -> None:
         raise TypeError(f"{name} must be a torch.Tensor{alternative}, got {type(t).__name__}")
 
 
+_COMPUTE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def floating(name: str, t, *, optional: bool = False) -> None:
     """A tensor of real floating point: the kernels take nothing else, and for the reference an
-    int or bool input has no meaning here (bool + bool is OR) and complex would be cast to real."""
+    int or bool input has no meaning here (bool + bool is OR) and complex would be cast to real.
+    The float8 types are storage formats that torch itself computes little with (the kernels
+    raised NotImplementedError for them)."""
     tensor(name, t, optional=optional)
-    if t is not None and not t.is_floating_point():
-        raise TypeError(f"{name} must be a real floating-point tensor, got {t.dtype}")
+    if t is not None and t.dtype not in _COMPUTE_DTYPES:
+        raise TypeError(f"{name} must be a real floating-point tensor (float32, float64, float16 "
+                        f"or bfloat16), got {t.dtype}")
 
 
 def integer_tensor(name: str, t, what: str) -> None:
