@@ -159,7 +159,7 @@ def tied_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     Returns (B, O, Ho, Wo), equal to F.conv2d(x, expand_weight(θ), bias, stride, padding) up to
     rounding: the inputs of one orbit are summed before θ multiplies them, so a sum that passes
     the dtype's largest value (x near 3e38 in float32) is inf where F.conv2d's products are not,
-    and an infinite θ times a zero padding sum gives ±inf rather than F.conv2d's NaN.
+    and an infinite θ gives ±inf where F.conv2d's 0·inf (a padded zero) gives NaN.
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for x's device.
     """
     kernel_size = _pair(kernel_size, "kernel_size", 1)
