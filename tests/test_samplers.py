@@ -389,6 +389,41 @@ def test_denoise_is_continuous_in_sigma_near_a_grid_value(edm_fa):
     assert rel_err(b, a) <= 1e-4
 
 
+def _reference_denoise_grid(sigma: float, steps: int = 40, sigma_min: float = 0.002,
+                            sigma_max: float = 80.0, rho: float = 7.0) -> np.ndarray:
+    """SFBD's reference grid (watml/SFBD denoise.py): EDM's ``steps``-point ρ grid in float64
+    and 0, cut at the last point >= σ, that point replaced by σ."""
+    i = np.arange(steps, dtype=np.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    t = np.append((hi + i / (steps - 1) * (lo - hi)) ** rho, 0.0)
+    t = t[np.nonzero(t >= sigma)[0].max():].copy()
+    t[0] = sigma
+    return t
+
+
+def test_denoise_grid_is_the_reference_grid_except_for_a_multistep_sampler(edm_fa):
+    """Heun and Euler run on the reference's grid point for point, a first step however short
+    included (σ = 0.5 lies 6% above the grid point 0.47); only DPM-Solver++(2M) leaves a point
+    within half a log-step of σ out (the test above)."""
+    from symfast.samplers.api import denoise_sigmas
+    full = _reference_denoise_grid(80.0)
+    on_grid = [float(full[k]) for k in (5, 17, 30)]
+    just_above = [float(np.nextafter(v, np.inf)) for v in on_grid]
+    for sigma in [0.5, 0.05, 0.1, 0.2, 1.0, 2.0] + on_grid + just_above:
+        for sampler in ("heun", "euler"):
+            np.testing.assert_allclose(denoise_sigmas(edm_fa, sigma, sampler, 40),
+                                       _reference_denoise_grid(sigma), rtol=1e-12, atol=0,
+                                       err_msg=f"{sampler} at sigma={sigma}")
+    assert len(denoise_sigmas(edm_fa, 0.5, "dpmpp_2m", 40)) == len(_reference_denoise_grid(0.5)) - 1
+    # σ read back from float32 sits ~3e-8 above the grid value it came from: Heun's extra step
+    # that short changes nothing (it was DPM-Solver++(2M)'s extrapolation that blew up)
+    y, on = _x(), on_grid[1]
+    above = on * (1 + 3e-8)
+    assert len(denoise_sigmas(edm_fa, above, "heun", 40)) == len(denoise_sigmas(edm_fa, on, "heun", 40)) + 1
+    a, b = (denoise(edm_fa, y, s, sampler="heun", steps=40) for s in (on, above))
+    assert rel_err(b, a) <= 1e-5
+
+
 def test_one_step_on_a_ddpm_schedule_with_karras_sigmas():
     """steps=1 with Karras σ on a DDPM schedule: the grid is [σ(t), 0] as diffusers' Euler gives
     (it used to fail with 'need 0 < sigma_min < sigma_max'), and sample/denoise run."""

@@ -86,7 +86,9 @@ def test_noisy_dataset_rejects_bad_input(kwargs, match):
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(tau=-1.0), "tau"), (dict(tau=100.0), "sigma_max"), (dict(clean_fraction=0.0), "clean_fraction"),
+    (dict(tau=-1.0), "tau"), (dict(tau=100.0), "sigma_max"),
+    (dict(tau=0.001), r"tau=0.001 is outside the schedule's noise levels \[sigma_min=0.002"),
+    (dict(clean_fraction=0.0), "clean_fraction"),
     (dict(clean_fraction=1.5), "clean_fraction"), (dict(rounds=0), "rounds"),
     (dict(clean_fraction=1.0), r"clean_fraction must be in \(0, 1\)"),  # no noisy image left
     (dict(clean_fraction=0.01), "fewer than one batch"), (dict(mode="batch"), "mode"),
@@ -161,7 +163,7 @@ def test_rounds_write_every_stage_and_the_backward_step_is_the_pf_ode(finished):
     _, noisy_idx = clean_split(160, TINY["clean_fraction"], 0)
     y = NoisyDataset(data, cfg.tau, 0, noisy_idx).get_batch(torch.arange(16, 32))
     denoiser, _ = load(out / "pretrain")
-    expected = denoise(denoiser, y, cfg.tau, steps=cfg.denoise_steps)
+    expected = denoise(denoiser, y, cfg.tau, steps=cfg.denoise_steps)  # the mixture: not clipped
     assert torch.equal(shards(out / "round-1" / "denoised")["shard-00001.safetensors"]["x"], expected)
     # the denoised images are closer to the clean ones than the noisy ones are
     clean = data.images[noisy_idx]
@@ -303,6 +305,148 @@ def test_two_processes_denoise_the_same_set_bit_for_bit_and_train_the_same_model
         va = torch.cat([ta[k].flatten() for k in keys])
         vb = torch.cat([tb[k].flatten() for k in keys])
         assert rel_err(vb, va) < 1e-4, prefix
+
+
+# ---- the backward step's noise and range, the stages' EMA and summaries ---------------------
+
+class _ZeroNet(torch.nn.Module):
+    """F = 0: the EDM denoiser is c_skip(σ)·x, so a sampler's output is a known multiple of y
+    plus whatever noise it injects."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+def _zero_denoiser():
+    from symfast import Denoiser
+    from symfast.schedules import EDMSchedule
+    return Denoiser(_ZeroNet(), prediction="edm", schedule=EDMSchedule())
+
+
+def _denoise_zero(tmp_path, name, noisy, *, batch=4, sampler="euler_ancestral", **seed):
+    """denoise_into_shards with the zero network into one shard of 8: the images, as stored."""
+    from symfast.train.distributed import World
+    from symfast.train.sfbd import denoise_into_shards
+    denoise_into_shards(_zero_denoiser(), noisy, torch.arange(len(noisy)), tmp_path / name,
+                        World(), steps=6, sampler=sampler, batch=batch, shard_size=8, **seed)
+    return read_shard(shard_path(tmp_path / name, 0))["x"]
+
+
+def test_a_stochastic_backward_sampler_gives_each_image_its_own_noise(tmp_path):
+    from symfast import denoise
+    from symfast.data import ImageTensorDataset
+    noisy = NoisyDataset(ImageTensorDataset(torch.zeros(8, 1, 4, 4)), 0.5, seed=0)
+    x = _denoise_zero(tmp_path, "a", noisy)
+    # the output is α·y + the injected noise (linear in y: the network is zero)
+    kw = dict(sampler="euler_ancestral", steps=6, seed=123)
+    alpha = float((denoise(_zero_denoiser(), torch.ones(1, 1, 4, 4), 0.5, **kw)
+                   - denoise(_zero_denoiser(), torch.zeros(1, 1, 4, 4), 0.5, **kw)).mean())
+    noise = x - alpha * noisy.get_batch(torch.arange(8))
+    assert float(noise.std()) > 1e-3  # (α·y is exact to ~1e-7)
+    # image j and j + batch sat in the same slot of two batches: they shared their noise
+    for j in range(4):
+        assert not torch.allclose(noise[j], noise[j + 4], rtol=0, atol=1e-5), j
+    # the noise belongs to (seed, image): the same in another batching, another with another seed
+    assert torch.equal(_denoise_zero(tmp_path, "b", noisy, batch=8), x)
+    assert torch.equal(_denoise_zero(tmp_path, "c", noisy, seed=0), x)
+    assert not torch.allclose(_denoise_zero(tmp_path, "d", noisy, seed=1), x, rtol=0, atol=1e-5)
+
+
+def test_every_round_and_refresh_draws_other_sampler_noise_for_each_image(tmp_path, monkeypatch):
+    """The per-image seeds a run passes to denoise: all different over images, rounds and
+    online refreshes, and the same when a run denoises again (a resumed run draws the same)."""
+    import symfast.samplers
+    from symfast.data import ImageTensorDataset
+    calls = []
+
+    def record(denoiser, y, sigma, *, seed=None, **kwargs):
+        calls.append(seed)
+        return y
+
+    monkeypatch.setattr(symfast.samplers, "denoise", record)
+    small = dict(TINY, channels=(8, 16), pretrain_steps=1, steps_per_round=1,
+                 denoise_sampler="euler_ancestral")
+    dataset = ImageTensorDataset(digits(8).images[:160])
+
+    def drawn(out: Path, **changes) -> list[int]:
+        calls.clear()
+        run(dict(small, out=str(out), **changes), dataset=dataset, device="cpu")
+        assert calls and all(isinstance(c, list) for c in calls), calls[:1]
+        return [s for c in calls for s in c]
+
+    rounds = drawn(tmp_path / "rounds")
+    assert len(rounds) == 2 * 144 and len(set(rounds)) == len(rounds)
+    for k in (1, 2):  # both rounds' backward steps done again
+        (tmp_path / "rounds" / f"round-{k}" / "summary.json").unlink()
+        shutil.rmtree(tmp_path / "rounds" / f"round-{k}" / "denoised")
+    assert drawn(tmp_path / "rounds") == rounds
+    # online, 2 segments of 1 step: every image denoised, then half of them again
+    shutil.copytree(tmp_path / "rounds" / "pretrain", tmp_path / "online" / "pretrain")
+    online = drawn(tmp_path / "online", **dict(ONLINE, rounds=1, steps_per_round=2, refresh_every=1))
+    assert len(online) == 144 + 72 and len(set(online)) == len(online)
+    assert not set(online) & set(rounds)
+
+
+def test_denoised_images_are_clipped_to_the_data_range(tmp_path):
+    from symfast.data import ImageTensorDataset
+    noisy = NoisyDataset(ImageTensorDataset(torch.ones(8, 1, 4, 4)), 1.0, seed=0)
+    from symfast import denoise
+    raw = denoise(_zero_denoiser(), noisy.get_batch(torch.arange(8)), 1.0, sampler="heun", steps=6)
+    assert raw.max() > 1  # the check below sees images that left the range
+    assert torch.equal(_denoise_zero(tmp_path, "x", noisy, sampler="heun", clip=(-1.0, 1.0)),
+                       raw.clamp(-1, 1))
+    assert torch.equal(_denoise_zero(tmp_path, "y", noisy, sampler="heun"), raw)
+    # images are in [-1, 1]; the mixture is unbounded (17% of its values outside) and a dataset
+    # passed in has no known range
+    from symfast.train import make_config
+    from symfast.train.build import pixel_range
+    ranges = {data: pixel_range(make_config(dict(data=data))) for data in ("digits", "gmm-d4", "custom")}
+    assert ranges == {"digits": (-1.0, 1.0), "gmm-d4": None, "custom": None}
+
+
+def test_a_rounds_ema_ends_near_its_trained_weights(finished):
+    """The round's EMA half-life is capped at a tenth of the images it trains on: the EMA that
+    denoises and starts the next round has left the previous weights (at TINY's 50-image
+    half-life over 48 images it kept half of them)."""
+    out, result = finished
+    start = checkpoint.latest(out / "pretrain").tensors
+    tensors, state = final_tensors(out / "round-1")
+    names = [k[len("model."):] for k in tensors
+             if k.startswith("model.") and tensors[k].is_floating_point()]
+    begin = torch.cat([start["ema.0." + k].flatten() for k in names])
+    raw = torch.cat([tensors["model." + k].flatten() for k in names]) - begin
+    ema = torch.cat([tensors["ema.0." + k].flatten() for k in names]) - begin
+    assert float(ema @ raw / (raw @ raw)) > 0.8
+    cap = TINY["steps_per_round"] * TINY["batch_size"] / 10
+    assert state["config"]["ema_halflife_images"] == [cap]
+    assert result.summaries[1]["ema_halflife_images"] == [cap]
+    # a pure function of the config: each half-life capped, the paper's long stages unchanged
+    cfg = make_sfbd_config(dict(TINY, batch_size=64, ema_halflife_images=(500000.0, 100.0)))
+    from symfast.train.sfbd import stage_ema_halflife_images
+    assert stage_ema_halflife_images(cfg, 1000) == (6400.0, 100.0)
+    assert stage_ema_halflife_images(cfg, 100000) == (500000.0, 100.0)
+
+
+def test_a_stage_summary_written_by_a_resumed_run_is_the_uninterrupted_ones(tmp_path, finished):
+    """Killed after round 2 trained but before its summary.json: the rerun trains nothing and
+    denoises only a missing shard; its summary has the same loss, and a rate over that shard."""
+    source, result = finished
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    (out / "round-2" / "summary.json").unlink()
+    shard_path(out / "round-2" / "denoised", 3).unlink()
+    again = run(dict(TINY, out=str(out)), device="cpu").summaries[2]
+    before = result.summaries[2]
+    for key in ("stage", "loss", "denoised_mse", "ema_halflife_images"):
+        assert again[key] == before[key], key
+    assert isinstance(before["loss"], float)
+    assert again["denoised_per_second"] * again["backward_seconds"] == pytest.approx(TINY["shard_size"])
+    (out / "round-2" / "summary.json").unlink()
+    assert run(dict(TINY, out=str(out)), device="cpu").summaries[2]["denoised_per_second"] is None
 
 
 # ---- online mode ---------------------------------------------------------------------------

@@ -31,15 +31,22 @@ def sampling_sigmas(denoiser: Denoiser, sampler: str, steps: int, spacing: str =
     return denoiser.schedule.sampling_sigmas(sampler, steps, spacing, karras)
 
 
+# samplers whose step extrapolates from the previous one (a tiny step before it blows up)
+_MULTISTEP = ("dpmpp_2m",)
+
+
 def denoise_sigmas(denoiser: Denoiser, sigma: float, sampler: str = "heun", steps: int = 40,
                    karras: bool = True) -> np.ndarray:
-    """:func:`denoise`'s host σ grid: σ, then the values of the ``steps``-step grid below it.
-    A grid value closer to σ than half the grid's next step (in log σ) is left out: σ read back
-    from float32 sits ~3e-8 above the grid value it came from, and a step that short threw
-    DPM-Solver++(2M)'s extrapolation (weights ~1e7) off by 0.3."""
+    """:func:`denoise`'s host σ grid: σ, then the values of the ``steps``-step grid below it
+    (the EDM grid cut at σ with its first point replaced by σ, as SFBD's reference code does).
+    For a multistep sampler (dpmpp_2m) a grid value closer to σ than half the grid's next step
+    (in log σ) is left out: σ read back from float32 sits ~3e-8 above the grid value it came
+    from, and a step that short threw DPM-Solver++(2M)'s extrapolation (weights ~1e7) off by
+    0.3. One-step samplers take a short first step as it is."""
     full = sampling_sigmas(denoiser, sampler, steps, karras=karras)
     below = full[full < sigma]
-    if len(below) >= 2 and below[1] > 0 and math.log(sigma / below[0]) < 0.5 * math.log(below[0] / below[1]):
+    if (sampler in _MULTISTEP and len(below) >= 2 and below[1] > 0
+            and math.log(sigma / below[0]) < 0.5 * math.log(below[0] / below[1])):
         below = below[1:]
     return np.concatenate([[sigma], below])
 

@@ -33,6 +33,12 @@ def build_dataset(cfg: TrainConfig):
     return images.image_folder(cfg.data, cfg.image_size, cfg.data_channels or 3)
 
 
+def pixel_range(cfg: TrainConfig) -> tuple[float, float] | None:
+    """The value range of the images ``build_dataset`` makes: [-1, 1] for digits and image
+    folders; None for the Gaussian mixture (unbounded) and a dataset passed in (unknown)."""
+    return None if cfg.data in ("gmm-d4", "custom") else (-1.0, 1.0)
+
+
 def dataset_shape(dataset: Any) -> tuple[int, ...]:
     """(C, H, W) of one training image."""
     shape = getattr(dataset, "shape", None)

@@ -3,20 +3,24 @@ y = x + τ ε and a few clean ones, as one resumable command that scales out wit
 
     pretrain      the training loop on the clean subset                       OUT/pretrain/
     round k       backward: every noisy y denoised by the reverse PF-ODE from σ = τ with the
-                  current EMA model, each rank its own shards             OUT/round-k/denoised/
+                  current EMA model, clipped to [-1, 1], each rank its own shards
+                                                                          OUT/round-k/denoised/
                   forward: fine-tune from the previous weights on the denoised set (∪ clean),
-                  EMA restarted without ramp-up (EDM's --transfer)         OUT/round-k/
+                  EMA restarted without ramp-up (EDM's --transfer), its half-life at most a
+                  tenth of the stage's images (stage_ema_halflife_images)  OUT/round-k/
     online mode   one run on clean ∪ denoised; every ``refresh_every`` steps a fraction of the
                   denoised set is denoised again by the latest EMA, the denoised images' loss
                   weight ramped from 0 to 1 over ``ramp_steps``          OUT/online/
 
-Everything is deterministic (the observation noise is fixed per image, the ODE has no noise, the
-loop's randomness is counter-based), so a killed run started again with the same ``out`` redoes
-nothing that finished: a round with its summary.json is skipped, a shard that verifies is kept
-(a missing or damaged one is denoised again), and training resumes from its checkpoint.
+Everything is deterministic (the observation noise is fixed per image, the ODE has no noise, a
+stochastic backward sampler's noise is seeded per (train seed, stage, image), the loop's
+randomness is counter-based), so a killed run started again with the same ``out`` redoes nothing
+that finished: a round with its summary.json is skipped, a shard that verifies is kept (a missing
+or damaged one is denoised again), and training resumes from its checkpoint.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
@@ -37,6 +41,7 @@ from symfast.train import checkpoint
 from symfast.train.config import (MODEL_FIELDS, TrainConfig, check_field_types, check_out_folder,
                                   config_values, read_config_file)
 from symfast.train.distributed import World, setup
+from symfast.train.loop import mix
 
 log = logging.getLogger("symfast.sfbd")
 
@@ -64,9 +69,14 @@ class SFBDConfig:
     rounds, pretrain_steps, steps_per_round: the schedule of training (online mode trains
         ``rounds · steps_per_round`` steps after pretraining).
     denoise_steps, denoise_sampler: the backward step's grid (the ``denoise_steps``-step ρ = 7
-        EDM grid truncated to start at τ) and sampler ("heun", S_churn = 0: the PF-ODE).
+        EDM grid truncated to start at τ) and sampler ("heun", S_churn = 0: the PF-ODE; a
+        stochastic one draws each image's noise from (train.seed, the stage, its index)).
+    Each fine-tuning stage (a round; the online run) restarts the EMA without ramp-up, with
+    every ``train.ema_halflife_images`` capped at a tenth of the images the stage trains on
+    (:func:`stage_ema_halflife_images`, recorded in the stage's config and summary).
     denoise_batch, shard_size: images per network batch and per shard file.
-    merge_clean: train each round on the denoised set ∪ the clean set.
+    merge_clean: train each round on the denoised set ∪ the clean set (default: the denoised
+        set only). The reference code's fine-tuning reads the one image folder it is given.
     mode: "rounds" or "online"; online: ``refresh_every``, ``refresh_fraction``, ``ramp_steps``.
     fd_samples: after each stage, the Fréchet distance of this many samples of the stage's EMA
         model (Heun, 18 steps, seeded by ``data_seed``) to the whole clean dataset goes into its
@@ -116,10 +126,12 @@ class SFBDConfig:
                 or not math.isfinite(self.tau) or self.tau <= 0:
             raise ValueError(f"tau must be a positive number, got {self.tau!r}")
         schedule = self.train.schedule()
-        sigma_max = float(getattr(schedule, "sigma_max"))
-        if self.tau > sigma_max:
-            raise ValueError(f"tau={self.tau} is above the schedule's largest noise level "
-                             f"sigma_max={sigma_max:g}")
+        # the backward step starts at σ = τ: outside the schedule's range it failed only after
+        # pretraining, naming sigma
+        sigma_min, sigma_max = float(schedule.sigma_min), float(schedule.sigma_max)
+        if not sigma_min <= self.tau <= sigma_max:
+            raise ValueError(f"tau={self.tau} is outside the schedule's noise levels "
+                             f"[sigma_min={sigma_min:g}, sigma_max={sigma_max:g}]")
         # every image clean would leave SFBD no noisy one to denoise (the run failed at its start)
         for name, whole in (("clean_fraction", False), ("refresh_fraction", True)):
             value = getattr(self, name)
@@ -259,12 +271,18 @@ def shard_spans(positions: torch.Tensor, shard_size: int) -> list[torch.Tensor]:
 
 def denoise_into_shards(denoiser, noisy: NoisyDataset, positions: torch.Tensor, folder: Path,
                         world: World, *, steps: int, sampler: str, batch: int, shard_size: int,
-                        progress: bool = False, desc: str = "denoise") -> torch.Tensor:
+                        seed: int = 0, clip: tuple[float, float] | None = None,
+                        progress: bool = False, desc: str = "denoise") -> tuple[torch.Tensor, int]:
     """Denoise the noisy images at ``positions`` (from σ = τ down to 0) into shard files in
     ``folder``: shard j holds positions[j·shard_size : (j+1)·shard_size], rank r writes the
     shards j ≡ r (mod ranks), each in batches of ``batch`` (so the numbers do not depend on the
-    number of ranks). Shards already there and valid are kept. Returns the denoised images for
-    ``positions`` in order, on every rank."""
+    number of ranks). Shards already there and valid are kept. A stochastic sampler's noise for
+    an image is seeded by mix(``seed``, the image's index in the dataset): its own, whatever the
+    batch, rank or resume. ``clip``: the data's value range (lo, hi), which the denoised images
+    are clipped to (the reference stores 8-bit PNGs; the float values are kept, not quantised).
+
+    Returns the denoised images for ``positions`` in order and the number of images this call
+    denoised (all ranks together; the kept shards' images not counted), on every rank."""
     from tqdm.auto import tqdm
 
     from symfast.samplers import denoise
@@ -290,12 +308,17 @@ def denoise_into_shards(denoiser, noisy: NoisyDataset, positions: torch.Tensor, 
         for start in range(0, len(spans[j]), batch):
             where = spans[j][start:start + batch]
             y = noisy.get_batch(where).to(device)
+            seeds = [mix(seed, index) for index in noisy.indices[where].tolist()]
             with torch.no_grad():
-                parts.append(denoise(denoiser, y, noisy.tau, sampler=sampler, steps=steps).float().cpu())
+                x = denoise(denoiser, y, noisy.tau, sampler=sampler, steps=steps, seed=seeds)
+            x = x.float()
+            parts.append((x.clamp_(*clip) if clip is not None else x).cpu())
             bar.update(len(where))
         atomic_write_bytes(shard_path(folder, j),
                            safetensors_save({"index": spans[j].clone(), "x": torch.cat(parts)}))
     bar.close()
+    denoised_here = world.all_reduce_sum(
+        torch.tensor([sum(len(spans[j]) for j in todo)], device=world.device))
     world.barrier()
     out = []
     for j in range(n_shards):
@@ -304,7 +327,7 @@ def denoise_into_shards(denoiser, noisy: NoisyDataset, positions: torch.Tensor, 
             raise RuntimeError(f"shard {shard_path(folder, j)} is missing or damaged after the "
                                f"denoising step (was the folder changed while the run was going?)")
         out.append(shard["x"])
-    return torch.cat(out)
+    return torch.cat(out), int(denoised_here)
 
 
 class _WeightedUnion:
@@ -337,7 +360,7 @@ class _SFBD:
 
     def __init__(self, cfg: SFBDConfig, world: World, dataset: ImageTensorDataset | None,
                  evaluate: Evaluate | None):
-        from symfast.train.build import build_dataset, check_dataset
+        from symfast.train.build import build_dataset, check_dataset, pixel_range
         self.cfg, self.world, self.evaluate = cfg, world, evaluate
         base = cfg.train
         data = dataset if dataset is not None else build_dataset(base)
@@ -354,6 +377,7 @@ class _SFBD:
         self.clean = data.images[clean_idx]
         self.reference = data.images  # the clean distribution the Fréchet distance measures against
         self.noisy = NoisyDataset(data, cfg.tau, cfg.data_seed, noisy_idx)
+        self.clip = pixel_range(base)
         self.positions = torch.arange(len(self.noisy), dtype=torch.int64)
         self.out = Path(cfg.out)
         self.summaries: list[dict[str, Any]] = []
@@ -388,10 +412,12 @@ class _SFBD:
         return train(values, dataset=dataset, device=self.world.device)
 
     def _summary(self, name: str, folder: Path, **values: Any) -> dict[str, Any]:
-        """The stage's summary (rank 0 evaluates and writes it; every rank returns it)."""
+        """The stage's summary (rank 0 evaluates and writes it; every rank returns it). Its
+        ``loss`` is the last one the stage's metrics.csv logged: a run resumed after its training
+        had finished trains nothing, and its summary must still be the uninterrupted run's."""
         summary: dict[str, Any] | None = None
         if self.world.is_main:
-            summary = {"stage": name, **values}
+            summary = {"stage": name, "loss": _last_logged_loss(folder), **values}
             if self.evaluate is not None or self.cfg.fd_samples:
                 from symfast.train.api import load
                 denoiser, _ = load(folder, device=self.world.device)
@@ -440,10 +466,8 @@ class _SFBD:
         done = self._finished(pretrain)
         if done is None:
             start = time.perf_counter()
-            result = self._train(ImageTensorDataset(self.clean, "clean"), pretrain,
-                                 self.cfg.pretrain_steps)
-            done = self._summary("pretrain", pretrain, loss=result.last_loss,
-                                 train_seconds=time.perf_counter() - start,
+            self._train(ImageTensorDataset(self.clean, "clean"), pretrain, self.cfg.pretrain_steps)
+            done = self._summary("pretrain", pretrain, train_seconds=time.perf_counter() - start,
                                  images=len(self.clean))
         self.summaries.append(done)
         self._print(done)
@@ -465,21 +489,24 @@ class _SFBD:
         done = self._finished(folder)
         if done is None:
             start = time.perf_counter()
-            denoised = denoise_into_shards(
+            denoised, count = denoise_into_shards(
                 self._denoiser(previous), self.noisy, self.positions, folder / "denoised",
                 self.world, steps=cfg.denoise_steps, sampler=cfg.denoise_sampler,
-                batch=cfg.denoise_batch, shard_size=cfg.shard_size, progress=cfg.progress,
+                batch=cfg.denoise_batch, shard_size=cfg.shard_size,
+                seed=mix(cfg.train.seed, _ROUND_NOISE, k), clip=self.clip, progress=cfg.progress,
                 desc=f"round {k} denoise")
             backward_seconds = time.perf_counter() - start
             data = torch.cat([denoised, self.clean]) if cfg.merge_clean else denoised
+            halflife = stage_ema_halflife_images(cfg, cfg.steps_per_round)
             start = time.perf_counter()
-            result = self._train(ImageTensorDataset(data, f"round-{k}"), folder, cfg.steps_per_round,
-                                 init_from=str(previous), ema_rampup=None,
-                                 seed=_stage_seed(cfg.train.seed, k))
-            done = self._summary(f"round {k}", folder, loss=result.last_loss,
-                                 backward_seconds=backward_seconds,
+            self._train(ImageTensorDataset(data, f"round-{k}"), folder, cfg.steps_per_round,
+                        init_from=str(previous), ema_rampup=None, ema_halflife_images=halflife,
+                        seed=_stage_seed(cfg.train.seed, k))
+            # the shards kept from a killed run were not denoised in this time
+            rate = count / backward_seconds if count else None
+            done = self._summary(f"round {k}", folder, backward_seconds=backward_seconds,
                                  forward_seconds=time.perf_counter() - start,
-                                 denoised_per_second=len(self.noisy) / backward_seconds,
+                                 denoised_per_second=rate, ema_halflife_images=list(halflife),
                                  denoised_mse=self._denoised_error(denoised, self.positions))
         self.summaries.append(done)
         self._print(done)
@@ -503,12 +530,10 @@ class _SFBD:
         newest = checkpoint.latest(folder) if self.world.is_main else None
         found = self.world.broadcast(newest.step if newest is not None else 0)
         segment = min(found, total) // cfg.refresh_every
-        denoised = denoise_into_shards(
-            self._denoiser(pretrain), self.noisy, self.positions, folder / "refresh-0000", self.world,
-            steps=cfg.denoise_steps, sampler=cfg.denoise_sampler, batch=cfg.denoise_batch,
-            shard_size=cfg.shard_size, progress=cfg.progress, desc="initial denoise")
+        initial = folder / "refresh-0000"
+        denoised = self._refresh(self._denoiser(pretrain), self.positions, initial, 0)
+        halflife = stage_ema_halflife_images(cfg, total)
         start, backward_seconds = time.perf_counter(), 0.0
-        result = None
         for j in range(0, math.ceil(total / cfg.refresh_every)):
             if j >= 1:
                 chunk = chunks[(j - 1) % n_chunks]
@@ -524,11 +549,11 @@ class _SFBD:
             if j < segment:
                 continue
             union = _WeightedUnion(self.clean, denoised, cfg.ramp_steps)
-            result = self._train(union, folder, min(total, (j + 1) * cfg.refresh_every),
-                                 init_from=str(pretrain), ema_rampup=None,
-                                 seed=_stage_seed(cfg.train.seed, 1))
-        done = self._summary("online", folder, loss=None if result is None else result.last_loss,
-                             seconds=time.perf_counter() - start, backward_seconds=backward_seconds,
+            self._train(union, folder, min(total, (j + 1) * cfg.refresh_every),
+                        init_from=str(pretrain), ema_rampup=None, ema_halflife_images=halflife,
+                        seed=_stage_seed(cfg.train.seed, 1))
+        done = self._summary("online", folder, seconds=time.perf_counter() - start,
+                             backward_seconds=backward_seconds, ema_halflife_images=list(halflife),
                              denoised_mse=self._denoised_error(denoised, self.positions))
         self.summaries.append(done)
         self._print(done)
@@ -540,6 +565,7 @@ class _SFBD:
                    for j, span in enumerate(shard_spans(positions, self.cfg.shard_size)))
 
     def _refresh(self, denoiser, chunk: torch.Tensor, folder: Path, j: int) -> torch.Tensor:
+        """Online refresh ``j`` (0: the initial denoising of every noisy image)."""
         if denoiser is None and self._needs(folder, chunk):
             raise RuntimeError(f"{folder} is incomplete but training has already gone past it: "
                                f"the output folder was changed outside this run")
@@ -547,9 +573,36 @@ class _SFBD:
         return denoise_into_shards(denoiser, self.noisy, chunk, folder, self.world,
                                    steps=cfg.denoise_steps, sampler=cfg.denoise_sampler,
                                    batch=cfg.denoise_batch, shard_size=cfg.shard_size,
-                                   progress=cfg.progress, desc=f"refresh {j}")
+                                   seed=mix(cfg.train.seed, _REFRESH_NOISE, j), clip=self.clip,
+                                   progress=cfg.progress,
+                                   desc="initial denoise" if j == 0 else f"refresh {j}")[0]
+
+
+# Tags that keep the backward step's sampler noise apart from every other stream of the run.
+_ROUND_NOISE, _REFRESH_NOISE = 0x5FBD0001, 0x5FBD0002
 
 
 def _stage_seed(seed: int, stage: int) -> int:
-    from symfast.train.loop import mix
     return mix(seed, stage)
+
+
+def stage_ema_halflife_images(cfg: SFBDConfig, steps: int) -> tuple[float, ...]:
+    """The EMA half-lives (images) of an SFBD fine-tuning stage of ``steps`` steps: the
+    training config's, each capped at a tenth of the images the stage trains on. The stage's
+    EMA restarts from the previous weights without ramp-up; at EDM's 500k-image default a
+    1000-step round of 64 images left 92% of the EMA on those weights, and the EMA is what
+    denoises, is evaluated and starts the next stage. Capped, the starting weights keep at
+    most 0.5^10 ≈ 0.1% at the stage's end; stages of ≥ 10 half-lives (the paper's) are
+    unchanged."""
+    cap = steps * cfg.train.batch_size / 10
+    return tuple(min(float(h), cap) for h in cfg.train.ema_halflife_images)
+
+
+def _last_logged_loss(folder: Path) -> float | None:
+    """The loss of the last row of ``folder``/metrics.csv that has one (None: none has)."""
+    path = folder / "metrics.csv"
+    if not path.exists():
+        return None
+    rows = csv.DictReader(path.read_text().splitlines())
+    losses = [row["loss"] for row in rows if row.get("loss")]
+    return float(losses[-1]) if losses else None
