@@ -14,6 +14,9 @@ from symfast.train import checkpoint
 # A tiny run: a few ms per step, checkpoints of about a megabyte.
 TINY = ["--data", "gmm-d4", "--image-size", "8", "--channels", "16,32", "--batch-size", "8",
         "--log-every", "1", "--no-progress", "--warmup-steps", "3", "--lr", "1e-3"]
+# A tinier one on the 8x8 digits, for the commands' own tests.
+DIGITS = ["--data", "digits", "--image-size", "8", "--channels", "8,16", "--heads", "2",
+          "--batch-size", "8", "--no-progress"]
 
 
 def child_env(threads: int = 1) -> dict[str, str]:
@@ -39,10 +42,41 @@ def symfast_command(*args: str, nproc: int = 1) -> list[str]:
 
 def run_train(out: Path, steps: int, *extra: str, nproc: int = 1, check: bool = True,
               timeout: float = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_command(out, steps, *extra, nproc=nproc), env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_command(train_command(out, steps, *extra, nproc=nproc), check, timeout)
+
+
+def run_command(command: list[str], check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``command`` (one of the commands above) to its end, its output captured."""
+    proc = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"{command[1:4]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# Runs `symfast ARGS` and SIGKILLs it (itself, a real kill) inside the atomic write of the first
+# file whose path holds MARKER, after creating the temporary that atomic_path would leave there.
+_KILL_IN_WRITE = """
+import os, signal, sys
+import symfast._io, symfast.data.images
+real = symfast._io.atomic_path
+marker = sys.argv[1]
+def killed_inside(path):
+    if marker in str(path):
+        (path.parent / ("." + path.name + ".abcd1234.tmp")).write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path)
+symfast.data.images.atomic_path = killed_inside
+from symfast.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def sigkill_inside_write(marker: str, *args: str) -> subprocess.CompletedProcess:
+    """`symfast ARGS`, killed with SIGKILL inside its write of the first image file whose path
+    holds ``marker`` (a sample grid: symfast.data.images writes them)."""
+    proc = subprocess.run([sys.executable, "-c", _KILL_IN_WRITE, marker, *args], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, f"expected a SIGKILL, got {proc.returncode}:\n{proc.stderr}"
     return proc
 
 

@@ -7,14 +7,12 @@ import json
 import pytest
 import torch
 
+from _train_util import DIGITS as FLAGS
 from conftest import rel_err
 from symfast.cli import main
 from symfast.data.images import digits, read_image, save_image_grid
 from symfast.groups import get
-from symfast.train import denoise_file
-
-FLAGS = ["--data", "digits", "--image-size", "8", "--channels", "8,16", "--heads", "2",
-         "--batch-size", "8", "--no-progress"]
+from symfast.train import denoise_file, make_config
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +35,39 @@ def test_config_file_with_flags_laid_over_it(tmp_path, capsys):
     assert saved["channels"] == [8, 16] and saved["ema_halflife_images"] == [100.0, 400.0]
     assert saved["batch_size"] == 4
     assert (out / "metrics.csv").is_file() and (out / "checkpoints" / "step-000000002").is_dir()
+
+
+@pytest.mark.parametrize("name,text", [
+    ("above.toml", 'out = "runs/mine"\nbatch_size = 4\nstepz = 3\n\n[train]\nsteps = 2\n'),
+    ("beside.json", json.dumps({"train": {"steps": 2}, "batch_size": 4, "stepz": 3, "out": "x"})),
+])
+def test_a_key_outside_the_train_table_is_refused_naming_it(tmp_path, capsys, monkeypatch, name, text):
+    # in TOML a key above [train] is top-level: it was dropped, silently, with every other one
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_text(text)
+    assert main(["train", "--config", name, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "['batch_size', 'out', 'stepz']" in err and "[train]" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_config_file_with_train_and_sfbd_tables_trains_on_its_train_table(tmp_path):
+    # the file symfast sfbd reads ([sfbd] beside [train]) stays one symfast train reads
+    config = tmp_path / "both.toml"
+    config.write_text('[sfbd]\ntau = 0.25\nrounds = 3\n[train]\nbatch_size = 16\nlr = 1e-3\n')
+    cfg = make_config(config)
+    assert (cfg.batch_size, cfg.lr) == (16, 1e-3)
+
+
+def test_resuming_with_fewer_steps_than_trained_says_so_and_keeps_the_config(tmp_path, caplog):
+    out = tmp_path / "run"
+    assert main(["train", *FLAGS, "--steps", "3", "--out", str(out)]) == 0
+    before = (out / "config.json").read_text()
+    with caplog.at_level("WARNING", logger="symfast.train"):
+        assert main(["train", *FLAGS, "--steps", "2", "--out", str(out)]) == 0
+    assert "already at step 3, past steps=2: nothing trained" in caplog.text
+    assert (out / "config.json").read_text() == before
+    assert json.loads(before)["steps"] == 3
 
 
 def test_sample_writes_a_grid(wt_run, tmp_path):

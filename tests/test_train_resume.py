@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
-from _train_util import (assert_bitwise_equal, child_env, final_tensors, metrics_rows, run_train,
+from _train_util import (DIGITS, assert_bitwise_equal, child_env, final_tensors, metrics_rows,
+                         run_command, run_train, sigkill_inside_write, symfast_command,
                          train_command)
-from symfast.train import checkpoint
+from symfast.train import checkpoint, load, train
 
 STEPS = 40
 FLAGS = ("--checkpoint-every", "3", "--keep", "2")
@@ -101,9 +102,9 @@ def test_sigkilled_run_resumes_bitwise_equal(tmp_path, nproc):
     assert names == {"step-000000039", "step-000000040"}, names
 
 
-def _write(run_dir, step, value=1.0):
+def _write(run_dir, step, value=1.0, keep=None):
     tensors = {"model.w": torch.full((4, 4), value), "ema.0.w": torch.zeros(4)}
-    return checkpoint.save(run_dir, step, tensors, {"nimg": step}, keep=None)
+    return checkpoint.save(run_dir, step, tensors, {"nimg": step, "config": {}}, keep=keep)
 
 
 def test_torn_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, caplog):
@@ -144,7 +145,7 @@ def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
 
 def test_keep_prunes_oldest_and_leftovers_are_cleaned(tmp_path):
     for step in range(1, 6):
-        checkpoint.save(tmp_path, step, {"model.w": torch.ones(2)}, {"nimg": step}, keep=2)
+        _write(tmp_path, step, keep=2)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-000000004",
                                                                       "step-000000005"]
     root = tmp_path / "checkpoints"
@@ -152,3 +153,131 @@ def test_keep_prunes_oldest_and_leftovers_are_cleaned(tmp_path):
     (root / ".trash-step-000000003-cafef00d").mkdir()
     assert len(checkpoint.clean_leftovers(tmp_path)) == 2
     assert {p.name for p in root.iterdir()} == {"step-000000004", "step-000000005"}
+
+
+def test_keep_never_prunes_the_checkpoint_just_written(tmp_path):
+    # a later step's checkpoint (of an abandoned run) is not the writer's to prune, nor a
+    # reason to prune the one it has just written
+    _write(tmp_path, 6)
+    for step in (2, 3, 4):
+        _write(tmp_path, step, keep=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
+        "step-000000003", "step-000000004", "step-000000006"]
+
+
+def _train_digits(out, steps, *extra):
+    return run_command(symfast_command("train", *DIGITS, "--steps", str(steps), "--out", str(out),
+                                       *extra))
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """Branching from step 2 of a 6-step run in the same folder: the old steps 4 and 6 (and
+    their grids) move into one abandoned-after-step folder, named in the log, and the new run's
+    checkpoints are its newest, for resume='auto', load() and a prune alike."""
+    out = tmp_path / "run"
+    grids = ("--sample-every", "2", "--sample-n", "1", "--sample-steps", "1")
+    _train_digits(out, 6, "--checkpoint-every", "2", "--keep", "3", *grids)
+    old_four = (out / "checkpoints" / "step-000000004" / "tensors.safetensors").read_bytes()
+    branch = _train_digits(out, 4, "--checkpoint-every", "1", "--keep", "3", "--lr", "2e-3", *grids,
+                           "--resume", str(out / "checkpoints" / "step-000000002"))
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == [
+        "step-000000002", "step-000000003", "step-000000004"]
+    (aside,) = out.glob("abandoned-after-step-000000002-*")
+    assert str(aside) in branch.stderr and "step-000000006" in branch.stderr
+    assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-000000004",
+                                                                          "step-000000006"]
+    assert (aside / "checkpoints" / "step-000000004" / "tensors.safetensors").read_bytes() == old_four
+    assert sorted(p.name for p in (aside / "samples").iterdir()) == ["step-000000004.png",
+                                                                      "step-000000006.png"]
+    assert [r["step"] for r in metrics_rows(aside)][-1] == "6"
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000002.png",
+                                                                    "step-000000004.png"]
+    newest = checkpoint.latest(out)
+    assert newest.step == 4 and newest.state["config"]["lr"] == 2e-3
+    assert load(out)[1].lr == 2e-3
+    _train_digits(out, 5, "--checkpoint-every", "1", "--keep", "1", "--lr", "2e-3")
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-000000005"]
+    assert checkpoint.latest(out).state["config"]["lr"] == 2e-3
+
+
+def test_a_grid_lost_to_a_sigkill_is_written_on_resume(tmp_path):
+    """SIGKILL inside the write of step 4's sample grid: no checkpoint of step 4 exists yet (the
+    grid comes first), so the resumed run redoes step 4, writes the grid the run left alone
+    writes, and removes the killed write's temporary."""
+    args = [*DIGITS, "--steps", "4", "--checkpoint-every", "2", "--sample-every", "2",
+            "--sample-n", "2", "--sample-steps", "2"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_command(symfast_command("train", *args, "--out", str(whole)))
+    sigkill_inside_write("step-000000004", "train", *args, "--out", str(broken))
+    assert [p.name for p in checkpoint.list_checkpoints(broken)] == ["step-000000002"]
+    assert ".step-000000004.png.abcd1234.tmp" in {p.name for p in (broken / "samples").iterdir()}
+    run_command(symfast_command("train", *args, "--out", str(broken)))
+    names = sorted(p.name for p in (broken / "samples").iterdir())
+    assert names == ["step-000000002.png", "step-000000004.png"], names
+    for name in names:
+        assert (broken / "samples" / name).read_bytes() == (whole / "samples" / name).read_bytes()
+
+
+@pytest.mark.parametrize("edit", ["no sha256", "no tensors", "no config", "tensors a list",
+                                  "bytes a string"])
+def test_a_state_json_lacking_a_field_is_skipped_like_a_torn_one(tmp_path, caplog, edit):
+    import json
+    good = _write(tmp_path, 1)
+    bad = _write(tmp_path, 2)
+    state = json.loads((bad / "state.json").read_text())
+    if edit == "no sha256":
+        del state["tensors"]["sha256"]
+    elif edit == "no tensors":
+        del state["tensors"]
+    elif edit == "no config":
+        del state["config"]
+    elif edit == "tensors a list":
+        state["tensors"] = []
+    else:
+        state["tensors"]["bytes"] = "many"
+    (bad / "state.json").write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="symfast.train"):
+        assert checkpoint.latest(tmp_path).path == good
+    assert str(bad) in caplog.text
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete symfast checkpoint"):
+        checkpoint.load(bad)
+
+
+TINY_DIGITS = dict(data="digits", image_size=8, channels=(8, 16), heads=2, batch_size=8,
+                   progress=False)
+
+
+def _rewrite_tensor(path, name, change):
+    """Change one tensor of a checkpoint and refresh its hash, as a checkpoint of another
+    model would look."""
+    import hashlib
+    import json
+    from safetensors.torch import load as safetensors_load, save as safetensors_save
+    tensors = safetensors_load((path / "tensors.safetensors").read_bytes())
+    tensors[name] = change(tensors[name])
+    blob = safetensors_save(tensors)
+    (path / "tensors.safetensors").write_bytes(blob)
+    state = json.loads((path / "state.json").read_text())
+    state["tensors"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    (path / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("prefix", ["model.", "ema.0.", "optim."])
+def test_resuming_a_checkpoint_of_another_shape_names_it(tmp_path, prefix):
+    out = tmp_path / "run"
+    train(**TINY_DIGITS, steps=2, out=str(out))
+    path = checkpoint.latest(out).path
+    name = next(k for k, v in checkpoint.load(path).tensors.items() if k.startswith(prefix) and v.dim() > 1)
+    _rewrite_tensor(path, name, lambda v: v.reshape(-1))
+    with pytest.raises(ValueError, match=f"checkpoint {path} does not fit the model"):
+        train(**TINY_DIGITS, steps=3, out=str(out))
+
+
+def test_changing_steps_under_a_cosine_schedule_is_warned(tmp_path, caplog):
+    train(**TINY_DIGITS, steps=2, lr_schedule="cosine", out=str(tmp_path / "cos"))
+    train(**TINY_DIGITS, steps=2, out=str(tmp_path / "const"))
+    with caplog.at_level("WARNING", logger="symfast.train"):
+        train(**TINY_DIGITS, steps=3, out=str(tmp_path / "const"))
+        assert "lr_schedule" not in caplog.text
+        train(**TINY_DIGITS, steps=3, lr_schedule="cosine", out=str(tmp_path / "cos"))
+    assert "steps=3 (it was trained with steps=2) under lr_schedule='cosine'" in caplog.text

@@ -43,14 +43,10 @@ def load(path: str | os.PathLike, *, ema: int | None = 0, network: nn.Module | N
                              f"nn.Module of the same architecture)")
         model = build_model(cfg, image_shape(cfg)[0])
     prefix = "model." if ema is None else f"ema.{ema}."
-    weights = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
-    if not weights:
+    if not any(k.startswith(prefix) for k in ckpt.tensors):
         raise ValueError(f"checkpoint {ckpt.path} has no weights under {prefix!r} (it holds "
                          f"{len(cfg.ema_halflife_images)} EMA copies)")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise ValueError(f"checkpoint {ckpt.path} does not fit the model: {exc}") from None
+    checkpoint.load_weights(model, ckpt, prefix)
     model.to(device).eval().requires_grad_(False)
     denoiser = sampling_denoiser(cfg, model)
     if group is not None:

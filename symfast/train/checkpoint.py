@@ -8,9 +8,11 @@ A checkpoint is a folder ``checkpoints/step-<step:09d>/`` holding
 
 It is written into a hidden temporary folder, every file fsynced, then renamed into place (one
 atomic rename) and the parent fsynced. Old checkpoints are renamed away before they are deleted,
-so an interrupted prune leaves nothing that looks like a checkpoint. Loading verifies the size,
-the hash and the tensor names before anything is used; :func:`latest` skips (with a warning
-naming it) any checkpoint that does not verify.
+so an interrupted prune leaves nothing that looks like a checkpoint; a prune only ever removes
+checkpoints older than the one just written. Loading verifies state.json's fields, the size, the
+hash and the tensor names before anything is used; :func:`latest` skips (with a warning naming
+it) any checkpoint that does not verify. A run that branches from an older checkpoint moves the
+later ones aside (:func:`set_aside`), so none of them is ever taken for its newest.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +68,13 @@ def path_for(run_dir: str | os.PathLike, step: int) -> Path:
 
 def save(run_dir: str | os.PathLike, step: int, tensors: dict[str, torch.Tensor],
          state: dict[str, Any], keep: int | None = None) -> Path:
-    """Write checkpoint ``step`` atomically under ``run_dir/checkpoints`` and keep the newest
-    ``keep`` (all if None). Returns its folder."""
+    """Write checkpoint ``step`` atomically under ``run_dir/checkpoints`` and keep it and the
+    newest ``keep - 1`` older ones (all if None); checkpoints of later steps are not this
+    writer's to prune. Returns its folder."""
     final = write_folder(path_for(run_dir, step), tensors, dict(state, step=int(step)))
     if keep is not None:
-        for old in list_checkpoints(run_dir)[:-keep]:
+        older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]
+        for old in older[:max(len(older) - (keep - 1), 0)]:
             _remove(old)
     return final
 
@@ -118,6 +123,11 @@ def is_checkpoint_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
+def step_of(path: Path) -> int:
+    """The step of a checkpoint folder, from its name."""
+    return int(_NAME.match(path.name).group(1))
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Checkpoint folders of a run, oldest first (by step); hidden temporary folders are not
     listed."""
@@ -140,6 +150,62 @@ def clean_leftovers(run_dir: str | os.PathLike) -> list[Path]:
     return leftovers
 
 
+def later_than(run_dir: str | os.PathLike, step: int) -> list[Path]:
+    """The checkpoint folders of a run after step ``step``, oldest first."""
+    return [p for p in list_checkpoints(run_dir) if step_of(p) > step]
+
+
+def branch_folder(run_dir: str | os.PathLike, step: int) -> Path:
+    """A new folder name, ``run_dir/abandoned-after-step-<step>-<UTC time>``, for what a run
+    that branches from step ``step`` sets aside."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder = Path(run_dir) / f"abandoned-after-step-{step:09d}-{stamp}"
+    while folder.exists():  # another branch within the same second
+        folder = folder.with_name(f"{folder.name}-{uuid.uuid4().hex[:4]}")
+    return folder
+
+
+def set_aside(run_dir: str | os.PathLike, step: int, folder: Path) -> list[Path]:
+    """Move the checkpoints of steps after ``step`` out of ``run_dir/checkpoints`` into
+    ``folder/checkpoints``, one atomic rename each: a run that continues from ``step`` must never
+    take them for its newest, nor prune its own checkpoints for them, and they are the user's to
+    keep or delete. Returns their new paths."""
+    target = folder / "checkpoints"
+    target.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for path in later_than(run_dir, step):
+        os.replace(path, target / path.name)
+        moved.append(target / path.name)
+    fsync_dir(target)
+    fsync_dir(checkpoint_dir(run_dir))
+    return moved
+
+
+def _check_state(path: Path, state: Any) -> None:
+    """CheckpointError unless ``state`` (a parsed state.json) has the fields loading reads, of
+    the right types: valid JSON edited or written by something else must be refused as a torn
+    file is, not crash its reader with a KeyError."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a symfast checkpoint "
+                              f"(format {state.get('format') if isinstance(state, dict) else None!r}, "
+                              f"expected {FORMAT!r})")
+    meta = state.get("tensors")
+    wanted = {"step": (state, int), "config": (state, dict), "tensors": (state, dict),
+              "tensors.file": (meta, str), "tensors.bytes": (meta, int),
+              "tensors.sha256": (meta, str), "tensors.names": (meta, list)}
+    for name, (table, kind) in wanted.items():
+        if not isinstance(table, dict):
+            continue  # its table's own entry names it
+        value = table.get(name.rsplit(".", 1)[-1])
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"checkpoint {str(path)!r}: {STATE} has "
+                                  f"{'no ' + name if value is None else f'{name}={value!r}'} "
+                                  f"(expected {kind.__name__}); not a complete symfast checkpoint")
+    if not all(isinstance(n, str) for n in meta["names"]):
+        raise CheckpointError(f"checkpoint {str(path)!r}: {STATE}'s tensors.names must be a list "
+                              f"of strings")
+
+
 def load(path: str | os.PathLike) -> Checkpoint:
     """Load and verify one checkpoint folder (or its state.json / tensors file). Raises
     CheckpointError naming the path and what is wrong."""
@@ -160,10 +226,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
                               f"or a torn one") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: {STATE} is corrupt ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {str(path)!r} is not a symfast checkpoint "
-                              f"(format {state.get('format') if isinstance(state, dict) else None!r}, "
-                              f"expected {FORMAT!r})")
+    _check_state(path, state)
     meta = state["tensors"]
     try:
         blob = (path / meta["file"]).read_bytes()
@@ -178,6 +241,18 @@ def load(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"checkpoint {str(path)!r} is missing tensors {missing[:5]}"
                               f"{' ...' if len(missing) > 5 else ''}")
     return Checkpoint(path, state, tensors)
+
+
+def load_weights(module: torch.nn.Module, ckpt: Checkpoint, prefix: str) -> None:
+    """Load the checkpoint's tensors named ``prefix``* into ``module``; ValueError naming the
+    checkpoint when there are none, or when they do not fit the module (names or shapes)."""
+    weights = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"checkpoint {ckpt.path} has no weights under {prefix!r}")
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"checkpoint {ckpt.path} does not fit the model: {exc}") from None
 
 
 def latest(run_dir: str | os.PathLike) -> Checkpoint | None:

@@ -316,10 +316,29 @@ def _describe(hint: Any) -> str:
     return names.get(hint, f"a {getattr(origin or hint, '__name__', hint)}")
 
 
+# Tables a config file may hold beside [train], read by other commands: symfast sfbd's [sfbd].
+_OTHER_TABLES = ("sfbd",)
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """A config file's fields: JSON (``.json``) or TOML (``.toml``), flat or under [train]."""
+    """A config file's fields: JSON (``.json``) or TOML (``.toml``), flat or under [train]. With
+    a [train] table, any other top-level key but an [sfbd] table is refused, naming it (in TOML a
+    key above [train] is top-level, and was easy to take for a training field)."""
     values = read_config_file(path)
-    return values.get("train", values)
+    if "train" not in values:
+        return values
+    train = values["train"]
+    if not isinstance(train, dict):
+        raise ValueError(f"config file {str(path)!r}: train must be a table of training fields, "
+                         f"got {train!r}")
+    outside = sorted(k for k in values if k != "train"
+                     and not (k in _OTHER_TABLES and isinstance(values[k], dict)))
+    if outside:
+        raise ValueError(f"config file {str(path)!r} has a [train] table and top-level key(s) "
+                         f"{outside} outside it: put training fields under [train] (in TOML, "
+                         f"below the [train] line) or write the file without a [train] table; "
+                         f"the only other table read is [sfbd] (symfast sfbd's fields)")
+    return train
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

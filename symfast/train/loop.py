@@ -29,7 +29,7 @@ from torch import nn
 
 import symfast
 from symfast._ext import BusyCores
-from symfast._io import atomic_write_text
+from symfast._io import atomic_write_bytes, atomic_write_text, fsync_dir, remove_stale_temporaries
 from symfast.groups import get
 from symfast.nn.regularizer import act_per_sample
 from symfast.samplers._noise import philox_normal
@@ -58,9 +58,13 @@ def sigma_bin_index(sigma: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """The bin [lo, hi) of each σ: an edge is σ(t = 200, 400, ...) on a DDPM schedule, and
     (lo, hi] put t = 200 in the first bin (201 timesteps of 1000 there, 199 in the last)."""
     return torch.bucketize(sigma.detach().to(edges.dtype), edges, right=True)
-# Fields that may differ between a run and the checkpoint it resumes without a warning.
+# Fields that may differ between a run and the checkpoint it resumes without a warning (steps
+# too, unless the learning-rate schedule reads it: see _LR_READS_STEPS).
 _FREE_ON_RESUME = ("steps", "out", "resume", "progress", "checkpoint_every", "keep", "sample_every",
                    "sample_n", "sample_steps", "log_every")
+# The lr_schedule values whose learning rate at a step depends on ``steps`` (lr_at): changing
+# steps on resume changes the learning rate of every remaining step.
+_LR_READS_STEPS = ("cosine",)
 
 
 class TrainingDiverged(RuntimeError):
@@ -300,6 +304,7 @@ class _Run:
         self.params = list(self.net.parameters())
         self.step, self.nimg, self.skipped = 0, 0, 0
         self.last_checkpoint: Path | None = None
+        self.last_loss: float | None = None
         if resumed is not None:
             self._restore(resumed)
         train_net: Any = self.net
@@ -356,6 +361,12 @@ class _Run:
         if changed and self.world.is_main:
             log.warning("resuming %s with changed settings %s: the run will not match an "
                         "uninterrupted one", choice["path"], changed)
+        if (cfg.steps != saved.steps and cfg.lr_schedule in _LR_READS_STEPS
+                and found.step < cfg.steps and self.world.is_main):
+            log.warning("resuming %s with steps=%d (it was trained with steps=%d) under "
+                        "lr_schedule=%r, which decays to 0 at steps: the learning rate of every "
+                        "remaining step changes, and the run will not match an uninterrupted one",
+                        choice["path"], cfg.steps, saved.steps, cfg.lr_schedule)
         return found
 
     def _choose_checkpoint(self) -> str | None:
@@ -381,19 +392,31 @@ class _Run:
         if wrong:
             raise ValueError(f"init_from={path!r} was trained with another config; mismatching "
                              f"fields (this run vs checkpoint): {'; '.join(wrong)}")
-        self.net.load_state_dict({k[6:]: v for k, v in found.tensors.items() if k.startswith("ema.0.")})
+        checkpoint.load_weights(self.net, found, "ema.0.")
         if self.world.is_main:
             log.info("initialised from %s (EMA weights, step %d)", found.path, found.step)
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
+        """The checkpoint's weights, EMA copies, optimiser state and counters; ValueError naming
+        the checkpoint when a tensor does not fit this run's model (as load() says it)."""
         t = ckpt.tensors
-        self.net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-        self.ema.load_state_tensors(t)
-        opt = ckpt.state["optimizer"]
+        checkpoint.load_weights(self.net, ckpt, "model.")
+        for i, ema in enumerate(self.ema.models):
+            checkpoint.load_weights(ema, ckpt, f"ema.{i}.")
+        opt = ckpt.state.get("optimizer")
+        if not isinstance(opt, dict) or not isinstance(ckpt.state.get("nimg"), int):
+            raise ValueError(f"checkpoint {ckpt.path} has no optimiser state or image count: not a "
+                             f"training checkpoint this run can resume")
         state: dict[int, dict[str, Any]] = {}
         for key, value in t.items():
             if key.startswith("optim."):
                 _, index, name = key.split(".", 2)
+                shape = tuple(self.params[int(index)].shape) if int(index) < len(self.params) else None
+                # AdamW's moments have their parameter's shape (its step count is a scalar)
+                if shape is None or (value.dim() and tuple(value.shape) != shape):
+                    raise ValueError(f"checkpoint {ckpt.path} does not fit the model: optimiser "
+                                     f"tensor {key} has shape {tuple(value.shape)}, parameter "
+                                     f"{index} {shape or 'does not exist'}")
                 state.setdefault(int(index), {})[name] = value
         for index, scalars in opt["scalars"].items():
             state.setdefault(int(index), {}).update(scalars)
@@ -494,12 +517,20 @@ class _Run:
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        self.open_outputs()
-        try:
-            while self.step < self.cfg.steps:
-                self.iteration()
-        finally:
-            self.close_outputs()
+        if self.step > self.cfg.steps:
+            # config.json would claim the shorter run, and there is nothing to train
+            if self.world.is_main:
+                log.warning("%s is already at step %d, past steps=%d: nothing trained, and "
+                            "config.json, metrics and checkpoints are left as they are (give "
+                            "steps > %d to train on)", self.last_checkpoint, self.step,
+                            self.cfg.steps, self.step)
+        else:
+            self.open_outputs()
+            try:
+                while self.step < self.cfg.steps:
+                    self.iteration()
+            finally:
+                self.close_outputs()
         return TrainResult(self.run_dir, self.world.rank, self.step, self.nimg, self.last_checkpoint,
                            self.last_loss, self.skipped, self.net, self.ema.models)
 
@@ -515,6 +546,11 @@ class _Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             for leftover in checkpoint.clean_leftovers(self.run_dir):
                 log.warning("removed %s, left by an interrupted checkpoint write", leftover)
+            samples = self.run_dir / "samples"
+            if samples.is_dir():
+                for leftover in remove_stale_temporaries(samples):
+                    log.warning("removed %s, left by an interrupted sample grid write", leftover)
+            self._set_aside_later_steps(samples)
             atomic_write_text(self.run_dir / "config.json", _json(cfg.to_dict()))
             self.metrics = MetricsLog(self.run_dir / "metrics.csv", columns, self.step)
             self.writer = _tensorboard(self.run_dir, self.step)
@@ -530,6 +566,33 @@ class _Run:
         self.consecutive_bad, self.last_loss = 0, None
         self.tick, self.tick_nimg = time.perf_counter(), self.nimg
         self.busy_cores = BusyCores() if world.device.type == "cpu" and world.is_main else None
+
+    def _set_aside_later_steps(self, samples: Path) -> None:
+        """Rank 0, before anything is written: a run that continues from step s (an older
+        checkpoint given as resume, or the newest one that verifies) branches there, so the
+        checkpoints of later steps and their sample grids are moved into one folder named for the
+        branch, never deleted, with a copy of metrics.csv (which then drops its rows after s).
+        The checkpoints move last: a run killed before that sets them aside again when rerun."""
+        if not checkpoint.later_than(self.run_dir, self.step):
+            return
+        folder = checkpoint.branch_folder(self.run_dir, self.step)
+        folder.mkdir()
+        metrics = self.run_dir / "metrics.csv"
+        if metrics.is_file():
+            atomic_write_bytes(folder / "metrics.csv", metrics.read_bytes())
+        grids = sorted(samples.glob("step-*.png")) if samples.is_dir() else []
+        later = [g for g in grids if g.stem[5:].isdigit() and int(g.stem[5:]) > self.step]
+        if later:
+            (folder / "samples").mkdir()
+            for grid in later:
+                grid.replace(folder / "samples" / grid.name)
+            fsync_dir(folder / "samples")
+            fsync_dir(samples)
+        moved = checkpoint.set_aside(self.run_dir, self.step, folder)
+        log.warning("this run continues from step %d: moved the checkpoint(s) of later steps "
+                    "(%s) and %d sample grid(s) aside into %s, with a copy of metrics.csv, so that "
+                    "none is taken for this run's newest; delete that folder once you no longer "
+                    "need it", self.step, ", ".join(p.name for p in moved), len(later), folder)
 
     def close_outputs(self) -> None:
         self.bar.close()
@@ -566,10 +629,12 @@ class _Run:
         done = self.step == cfg.steps
         if self.step % cfg.log_every == 0 or done:
             self._log()
-        if self.step % cfg.checkpoint_every == 0 or done:
-            self._save_checkpoint()
+        # the grid before the checkpoint: a run killed in between redoes the step and writes
+        # the grid again, where the other order would resume past a step whose grid was lost
         if cfg.sample_every and (self.step % cfg.sample_every == 0 or done):
             self._write_samples()
+        if self.step % cfg.checkpoint_every == 0 or done:
+            self._save_checkpoint()
 
     def _log(self) -> None:
         now = time.perf_counter()
