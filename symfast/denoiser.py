@@ -298,7 +298,7 @@ class Denoiser(nn.Module):
         x = x0 + sigma.reshape(view).to(x0.dtype) * noise
         # the network's input in x0's dtype: a float32 c_in promoted a bf16/fp16 model's input
         # to float32, which its weights then refused
-        x_in = x * c_in.to(x.dtype)
+        x_in = x * (c_in.to(x.dtype) if isinstance(c_in, torch.Tensor) else c_in)  # 1.0 on VE/EDM eps
         out = self.network(x_in, t)
         _check_output(out, x_in)
         out = out.to(acc)

@@ -58,11 +58,12 @@ def test_loss_runs_in_the_models_dtype():
     want = (net(c_in * x, sigma.log() / 4) - (x0 - c_skip * x) / c_out).pow(2).mean()
     assert float(loss) == pytest.approx(float(want), rel=1e-12)
     for dtype in (torch.bfloat16, torch.float16):
-        low = Denoiser(UNet(1, 1, **SMALL).to(dtype), "edm")
-        loss = low.loss(x0.to(dtype), sigma, eps.to(dtype))
-        loss.backward()
-        assert loss.dtype == torch.float32 and torch.isfinite(loss)
-        assert all(p.grad.dtype == dtype for p in low.parameters())
+        for prediction in ("edm", "eps"):  # eps on EDM: c_in is the host float 1.0
+            low = Denoiser(UNet(1, 1, **SMALL).to(dtype), prediction)
+            loss = low.loss(x0.to(dtype), sigma, eps.to(dtype))
+            loss.backward()
+            assert loss.dtype == torch.float32 and torch.isfinite(loss)
+            assert all(p.grad.dtype == dtype for p in low.parameters())
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
