@@ -132,9 +132,18 @@ class Group:
         if (not isinstance(other, Group) or len(other) != len(self)
                 or other.event_ndim != self.event_ndim or other.probe_shape != self.probe_shape):
             return False
-        def rows(g: "Group") -> list[tuple[int, ...]]:
-            return sorted(map(tuple, g._signed_tables(g.probe_shape).tolist()))
-        return rows(self) == rows(other)
+        return None not in self.indices_in(other, self.probe_shape)
+
+    def indices_in(self, other: "Group", event_shape: Sequence[int]) -> list[int | None]:
+        """Per element of this group: the index of the element of ``other`` that acts the same on
+        tensors whose trailing dims are ``event_shape`` (None where none does). Both act on an
+        event of distinct values, so two elements match only if they move every entry alike
+        (c2's rotation by 180° is d4's element 2)."""
+        event_shape = tuple(int(s) for s in event_shape)
+        for group in (self, other):
+            group.check_input(torch.empty(event_shape, device="meta"), "event_shape")
+        theirs = {row: j for j, row in enumerate(map(tuple, other._signed_tables(event_shape).tolist()))}
+        return [theirs.get(row) for row in map(tuple, self._signed_tables(event_shape).tolist())]
 
     def _index(self, k: Any, name: str = "k") -> int:
         """k as an element index: an integer in [0, |G|) (a negative index would wrap silently)."""

@@ -136,19 +136,6 @@ def equivariant_fd(samples: torch.Tensor, reference: torch.Tensor, group,
     return {"fd": fds, "spread": max(fds) - min(fds)}
 
 
-def _same_elements_in(measured, own, x: torch.Tensor) -> list[int | None]:
-    """Per element of ``measured``: the index in ``own`` of the element that acts the same on
-    tensors shaped like ``x`` (None where none does). Both act on an image of distinct values
-    shaped like one sample of x, so two elements match only if they move every entry alike."""
-    probe = torch.arange(1, x[:1].numel() + 1, dtype=torch.float64).reshape(x[:1].shape)
-    own_images = [own.act(probe, j) for j in range(len(own))]
-
-    def index_in_own(k: int) -> int | None:
-        image = measured.act(probe, k)
-        return next((j for j, own_image in enumerate(own_images) if torch.equal(own_image, image)), None)
-    return [index_in_own(k) for k in range(len(measured))]
-
-
 def _draws_noise(run_with_generator: Callable[[torch.Generator], object], device: torch.device) -> bool:
     """Whether a sampler run draws noise: it is given a generator, and drawing advances its state
     (exact, unlike comparing two seeds' samples, which nondeterministic kernels can tell apart)."""
@@ -178,7 +165,7 @@ def sampler_equivariance(denoiser, group, sampler: str, x_T_or_shape: torch.Tens
     own = getattr(denoiser, "group", None)
     # transform_noise indexes the denoiser's group, not the measured one: c2's rotation by 180° is
     # d4's element 2, flip_h's flip d4's element 4
-    in_own = _same_elements_in(group, own, x_T) if own is not None else [None] * len(group)
+    in_own = group.indices_in(own, x_T.shape[1:]) if own is not None else [None] * len(group)
 
     def run(x, transform, generator=None):
         return sample(denoiser, x, sampler=sampler, steps=steps, seed=seed if generator is None else None,

@@ -171,3 +171,19 @@ def test_a_non_invertible_element_and_non_commuting_factors_are_named():
     with pytest.raises(ValueError, match=r"product\(c4, flip_h\): .* do not commute"):
         groups.product(groups.c4(), groups.flip_h())
     assert len(groups.product(groups.flip_h(), groups.flip_v())) == 4
+
+
+def test_indices_in_matches_elements_by_their_action_on_every_entry():
+    """Each element's index in another group, checked against acting on a random image."""
+    d4 = groups.d4()
+    x = torch.randn(3, 5, 5, dtype=torch.float64)
+    for sub in (groups.c2(), groups.c4(), groups.flip_h(), groups.flip_v(), d4):
+        indices = sub.indices_in(d4, x.shape)
+        assert len(indices) == len(sub) and None not in indices
+        for k, j in enumerate(indices):
+            assert torch.equal(sub.act(x, k), d4.act(x, j))
+    # d4's reflections are not in c4; sign_flip's negation is in no pixel group
+    assert groups.d4().indices_in(groups.c4(), (4, 4)) == [0, 1, 2, 3, None, None, None, None]
+    assert groups.sign_flip().indices_in(d4, (4, 4)) == [0, None]
+    with pytest.raises(ValueError, match=r"event_shape has shape \(4, 5\); group d4 contains rotations"):
+        d4.indices_in(d4, (4, 5))
