@@ -216,6 +216,10 @@ def test_torch_func_grad_and_vmap_match_the_reference(name):
     want = torch.func.grad(loss("reference"), argnums=argnums)(*inputs)
     for g, w in zip(got, want):
         assert rel_err(g, w) <= 1e-5
+    # jacrev vmaps the backward over the cotangents (the double-backward guard had no vmap rule)
+    rest = [t.detach() for t in inputs[1:]]
+    jac = torch.func.jacrev(lambda a: f("cpu", a, *rest))(inputs[0].detach())
+    assert rel_err(jac, torch.func.jacrev(lambda a: f("reference", a, *rest))(inputs[0].detach())) <= 1e-5
     # vmap over a new leading dim of the first input (the ensemble recipe): torch loops the op
     # over the batch, and the gradients reach the stacked input
     stacked = torch.stack([inputs[0].detach() * s for s in (1.0, -0.5, 2.0)]).requires_grad_()

@@ -197,6 +197,8 @@ class _NotTwice(torch.autograd.Function):
     op. Its inputs also take the op's inputs that require grad, so differentiating a gradient
     with respect to any of them (autograd.grad(gx, w), gradgradcheck) reaches the error."""
 
+    generate_vmap_rule = True  # torch.func.jacrev vmaps the backward over the cotangents
+
     @staticmethod
     def forward(message, count, *tensors):
         return tuple(t.detach() if t is not None else None for t in tensors[:count])
