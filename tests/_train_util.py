@@ -3,6 +3,7 @@ read a run's final checkpoint."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,40 @@ def metrics_rows(run_dir: Path) -> list[dict[str, str]]:
     import csv
     with open(run_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its living descendants, parents before children (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # the name may hold spaces
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    tree = [pid]
+    for parent in tree:
+        tree.extend(children.get(parent, []))
+    return tree
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def sigkill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` and every process under it, the launcher first so it starts no more
+    (torchrun starts each rank in a session of its own: killing its group leaves them running)."""
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)

@@ -36,3 +36,53 @@ def test_a_batch_the_ranks_cannot_split_is_refused(tmp_path):
     assert proc.returncode != 0
     assert "batch_size=9 must be divisible by the number of processes (2)" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ranks_stop_once_torchrun_is_killed(tmp_path):
+    """torchrun starts each rank in a session of its own: a SIGKILL of torchrun alone left both
+    ranks training on to the last step, writing checkpoints beside any run started next."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from _train_util import alive, child_env, process_tree, sigkill_tree, train_command
+    out, ranks = tmp_path / "run", []
+    proc = subprocess.Popen(train_command(out, 100000, "--checkpoint-every", "1", "--keep", "2", nproc=2),
+                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not (out / "checkpoints").is_dir():
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        ranks = process_tree(proc.pid)[1:]
+        assert len(ranks) >= 2
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun's group: not the ranks' sessions
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in ranks), "the ranks trained on without torchrun"
+    finally:
+        if proc.poll() is None:
+            sigkill_tree(proc)
+        for pid in ranks:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_resume_under_another_number_of_processes_logs_the_same_rows(tmp_path):
+    """The interval's grad-norm sum in a checkpoint was the sum over the saving run's ranks, and
+    the resumed run divided it by its own number of ranks: step 4's grad_norm came out 2.76
+    instead of 3.48 after a 1 -> 2 process resume."""
+    from _train_util import metrics_rows
+    flags = ("--checkpoint-every", "3", "--log-every", "2")
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_train(whole, 6, *flags)
+    run_train(resumed, 6, *flags, "--resume", str(whole / "checkpoints" / "step-000000003"), nproc=2)
+    rows = {r["step"]: r for r in metrics_rows(whole)}
+    for row in metrics_rows(resumed):
+        want = rows[row["step"]]
+        for key in ("loss", "grad_norm"):
+            assert abs(float(row[key]) - float(want[key])) <= 1e-4 * abs(float(want[key])), (row["step"], key)

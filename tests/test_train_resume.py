@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _train_util import (DIGITS, assert_bitwise_equal, child_env, final_tensors, metrics_rows,
-                         run_command, run_train, sigkill_inside_write, symfast_command,
+                         run_command, run_train, sigkill_inside_write, sigkill_tree, symfast_command,
                          train_command)
 from symfast.train import checkpoint, load, train
 
@@ -33,8 +33,7 @@ def _start(out, nproc):
 
 
 def _kill(proc) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: torchrun and its ranks
-    proc.wait(timeout=60)
+    sigkill_tree(proc)  # torchrun and its ranks
 
 
 def _kill_during_write(out, nproc, attempts: int = 6) -> bool:

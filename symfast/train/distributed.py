@@ -19,6 +19,16 @@ class World:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False
+    launcher_pid: int | None = None  # torchrun's agent, this rank's parent
+
+    def check_launcher(self) -> None:
+        """RuntimeError once torchrun is gone. torchrun starts each rank in a session of its own,
+        so a SIGKILL of torchrun (or of its process group) leaves the ranks training on and
+        writing into the run's folder beside the next run a user starts there."""
+        if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            raise RuntimeError(f"rank {self.rank}: its torchrun launcher (pid {self.launcher_pid}) is "
+                               f"gone, so this rank stops; the run resumes from its newest "
+                               f"checkpoint with --resume auto")
 
     @property
     def distributed(self) -> bool:
@@ -69,4 +79,6 @@ def setup(device: str | torch.device | None = None) -> World:
         owns = True
     if dist.is_initialized():
         size, rank = dist.get_world_size(), dist.get_rank()
-    return World(rank=rank, size=size, local_rank=local_rank, device=device, owns_group=owns)
+    launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
+    return World(rank=rank, size=size, local_rank=local_rank, device=device, owns_group=owns,
+                 launcher_pid=launcher)

@@ -605,6 +605,7 @@ class _Run:
         """One optimiser step and what the loop does around it: EMA, metrics, and the log row,
         checkpoint and samples when they are due."""
         cfg = self.cfg
+        self.world.check_launcher()
         terms, grad_norm = self._train_step(self.step)
         if torch.isfinite(grad_norm):
             for group in self.optimizer.param_groups:
@@ -659,7 +660,8 @@ class _Run:
         acc[1] += dsm.numel()
         if terms.reg is not None:
             acc[2] += terms.reg.detach().double().sum()
-        acc[3] += grad_norm.detach().double()
+        if self.world.is_main:  # the same on every rank: counted once, so a checkpoint's sums
+            acc[3] += grad_norm.detach().double()  # hold across a resume with another world size
         which = sigma_bin_index(terms.sigma, self.bin_edges)
         nbins = len(self.bin_names)
         acc[4:4 + nbins] += torch.zeros(nbins, dtype=torch.float64, device=dsm.device).index_add_(0, which, dsm)
@@ -672,7 +674,7 @@ class _Run:
         row: dict[str, Any] = {"step": self.step, "nimg": self.nimg,
                                "loss": float(acc[0]) / n if n else None,
                                "lr": lr_at(self.cfg, self.step - 1),
-                               "grad_norm": float(acc[3]) / self.world.size / steps if steps else None,
+                               "grad_norm": float(acc[3]) / steps if steps else None,
                                "images_per_s": images_per_s,
                                "peak_memory_mb": _peak_memory_mb(self.world.device),
                                "skipped_steps": self.skipped}
