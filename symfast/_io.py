@@ -53,6 +53,17 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def remove_outputs(folder: str | os.PathLike, names: list[str]) -> None:
+    """Delete an earlier run's ``names`` in ``folder`` before a job writes its own, so a job
+    killed between its writes leaves some of its files, never a mix of two runs' (each file is
+    atomic, the set is not). ``names`` may hold glob patterns."""
+    folder = Path(folder)
+    for name in names:
+        for path in folder.glob(name):
+            if path.is_file():
+                path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; whatever the block writes there is fsynced and

@@ -31,6 +31,8 @@ def _writable_folder(out: str | os.PathLike) -> Path:
     """``out`` created if needed and probed for writing: ValueError naming it otherwise (before
     any work is done, so nothing is half-written). Temporaries an earlier, killed run left there
     are removed."""
+    if isinstance(out, str) and not out.strip():
+        raise ValueError("out must name a folder, got an empty string")
     folder = Path(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,14 @@ def test_cost_models_match_hand_counts():
     sel = costs.call_cost("classifier_select", (torch.zeros(5, 7), torch.zeros(2, 7), torch.zeros(2),
                                                 torch.zeros(2, 3, 7), torch.zeros(2, 3)), {})
     assert sel.flops == 2 * 5 * 7 * 8 and sel.bound == "memory"
+    # attention_pool: only the rows of positions below each length are read when padding is
+    # masked (B*L of them were counted); d = 3, d_k = 5, lengths 2 and 4 of L = 4
+    tokens, lengths = torch.zeros(2, 4, dtype=torch.int64), torch.tensor([2, 4])
+    pool = (tokens, lengths, torch.zeros(7, 3), torch.zeros(7, 5), torch.zeros(5))
+    ids = 8 * (8 + 2)
+    assert costs.call_cost("attention_pool", pool, {}).bytes == ids + 4 * (6 * (3 + 5) + 2 * 3)
+    assert costs.call_cost("attention_pool", pool, {"mask_padding": False}).bytes == \
+        ids + 4 * (8 * (3 + 5) + 2 * 3)
     assert costs.call_cost("not_an_op", (x,), {}) is None
     assert costs.call_cost("orbit", (), {}) is None  # arguments that do not bind
 
@@ -95,6 +103,8 @@ def test_floor_is_the_larger_of_the_memory_and_compute_floors():
     assert limits.floor_seconds(1e9, 3e10, "fp32") == 3.0
     # bf16 slower than fp32 (a CPU without bf16 arithmetic): fp32's roof applies
     assert limits.floor_seconds(0.0, 3e10, "bf16") == 3.0
+    # fp64 has its own roof (fp32's understated fp64 ops' floors)
+    assert timing.MachineLimits(1e9, {"fp32": 1e10, "fp64": 5e9}).floor_seconds(0.0, 1e10, "fp64") == 2.0
     best = limits.best_of(timing.MachineLimits(2e9, {"fp32": 5e9, "fp16": 1e11}))
     assert best.copy_bytes_per_s == 2e9
     assert best.gemm_flops_per_s == {"fp32": 1e10, "bf16": 5e9, "fp16": 1e11}
@@ -218,7 +228,31 @@ def test_profile_op_counts_exactly_the_profiled_calls(tmp_path):
     row = next(r for r in report["ops"] if r["op"] == "orbit_mean")
     assert row["calls"] == 3 and row["throughput_unit"] == "GB/s" and row["throughput"] > 0
     assert shares["symfast ops"] > 0
+    # the throughput is the op's bytes over its median unprofiled call, not its profiled total
+    # (the profiler's own cost made small ops read 2.5-4x slower than bench all timed them)
+    from symfast.profiling import cases
+    case = cases.make_case("orbit_mean", "small", torch.float32, torch.device("cpu"))
+    per_call = costs.call_cost("orbit_mean", case.args, case.kwargs).bytes
+    assert row["throughput"] == pytest.approx(per_call / (row["median_ms"] / 1e3) / 1e9, rel=1e-9)
+    assert report["unprofiled_wall_s"] > 0
 
+
+def test_a_profile_killed_while_writing_leaves_no_mix_of_two_runs(tmp_path):
+    """Each file was atomic but the set was not: a run killed after table.csv kept the earlier
+    run's profile.json, which listed both runs' files as one report."""
+    import subprocess
+    out = tmp_path / "prof"
+    assert main(["profile", "op", "orbit", "--steps", "2", "--out", str(out)]) == 0
+    killed = subprocess.run([sys.executable, "-c", """
+import os, signal, sys
+import symfast.profiling.trace as trace
+trace._plot = lambda *a: os.kill(os.getpid(), signal.SIGKILL)  # after table.csv, before profile.json
+from symfast.cli import main
+main(sys.argv[1:])
+""", "profile", "op", "orbit_mean", "--steps", "2", "--out", str(out)], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert not (out / "profile.json").exists() and not (out / "breakdown.png").exists()
+    assert "orbit_mean" in (out / "table.csv").read_text()  # what remains is the new run's
 
 def test_bench_all_writes_the_csv_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
@@ -430,6 +464,9 @@ def test_timing_names_its_bad_arguments_before_any_work():
     for nbytes in (0, 2, 6, 4.0):  # 2 bytes made no float32 element, and a bandwidth of it
         with pytest.raises(ValueError, match="nbytes must be a positive multiple of 4"):
             timing.copy_bandwidth(nbytes)
+    for n in (0, -4, 2.5):
+        with pytest.raises(ValueError, match="n must be a positive int"):
+            timing.gemm_throughput(n)
     for dtypes in ("fp32", ("int8",)):  # a string was read letter by letter
         with pytest.raises(ValueError, match="dtypes must be a list of names"):
             timing.measure_limits(dtypes=dtypes)
@@ -444,6 +481,20 @@ def test_a_killed_writer_s_temporaries_are_removed_by_the_next_run(tmp_path):
     atomic_write_text(tmp_path / "kept.txt", "x")
     _writable_folder(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.tmp", "kept.txt"]
+    with pytest.raises(ValueError, match="out must name a folder, got an empty string"):
+        _writable_folder("")  # wrote into the working directory
+
+
+def test_bench_all_replaces_an_earlier_run_s_files(tmp_path):
+    """A killed bench left plots/.<op>.png.<8>.tmp, which the next run kept, and a run killed
+    between its files left the new bench.csv beside the old limits.json."""
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    for name in ("orbit.png", ".orbit.png.abcd1234.tmp", "mine.txt"):
+        (plots / name).write_text("earlier")
+    bench_all(tmp_path, quick=True, ops=["orbit_mean"], backends=["cpu"], dtypes=["fp32"],
+              repeats=1, progress=False)
+    assert sorted(p.name for p in plots.iterdir()) == ["mine.txt", "orbit_mean.png"]
 
 
 def test_profile_train_with_a_bad_argument_leaves_no_folder(tmp_path, capsys):

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from symfast._backend import check_device
-from symfast._io import atomic_path, atomic_write_text
+from symfast._io import atomic_path, atomic_write_text, remove_outputs, remove_stale_temporaries
 from symfast.profiling import cases, timing
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,9 @@ def write_results(folder: Path, rows: list[dict], limits: timing.MachineLimits,
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     csv_path = folder / "bench.csv"
+    remove_outputs(folder, ["limits.json", "bench.csv", "plots/*.png"])
+    if (folder / "plots").is_dir():
+        remove_stale_temporaries(folder / "plots")
     atomic_write_text(csv_path, buf.getvalue())
     atomic_write_text(folder / "limits.json", json.dumps(
         {"machine": timing.machine_info(device), "limits": limits.to_dict()}, indent=1))

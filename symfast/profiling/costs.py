@@ -85,14 +85,19 @@ def tied_conv2d(x, weight, bias, kernel_size, group, stride=1, padding=0, backen
 
 def attention_pool(tokens, lengths, embedding, keys, query, mask_padding=True, return_weights=False,
                    backend=None, *, backward=False) -> Cost:
-    """Forward: the gathered embedding and key rows, B·L·(d + d_k) values, read once, and
+    """Forward: the gathered embedding and key rows of the positions the output depends on
+    (sum(lengths) of the B·L when padding is masked), (d + d_k) values each, read once, and
     pooled (B, d) written. Backward also writes the dense gradient tables, V·(d + d_k)."""
     b, length = tokens.shape
     v, d = embedding.shape
     dk = keys.shape[1]
     es = embedding.element_size()
-    moved = _nbytes(tokens, lengths) + es * (b * length * (d + dk) + b * d)
-    flops = 2.0 * b * length * (d + dk)
+    # the op reads lengths on the host to check them already: one more read syncs nothing new.
+    # Lengths without values (meta tensors) count every position, an upper bound.
+    readable = lengths is not None and lengths.device.type != "meta"
+    used = int(lengths.sum()) if mask_padding and readable else b * length
+    moved = _nbytes(tokens, lengths) + es * (used * (d + dk) + b * d)
+    flops = 2.0 * used * (d + dk)
     if backward:
         moved += es * v * (d + dk)
         flops *= 2

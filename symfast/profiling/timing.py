@@ -158,6 +158,8 @@ def gemm_throughput(n: int = 1024, dtype: torch.dtype = torch.float32, repeats: 
                     device: torch.device | str | None = None, best: bool = False) -> float:
     """FLOP/s of an (n, n) @ (n, n) matmul in ``dtype`` (2 n^3 flops), measured now: the compute
     roof for ops whose floor is arithmetic. ``best``: from the fastest repeat."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (the matrices' side), got {n!r}")
     device = torch.device(device or "cpu")
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -175,9 +177,11 @@ class MachineLimits:
 
     def floor_seconds(self, nbytes: float, flops: float, dtype: str) -> float:
         """The roofline floor: the op cannot run faster than moving its bytes or doing its flops.
-        The compute roof is the faster GEMM of ``dtype`` and fp32: CPUs without bf16 arithmetic
-        (AVX2) compute bf16 in fp32, so their slow bf16 GEMM is no roof for a kernel that does."""
-        peaks = [self.gemm_flops_per_s.get(k) for k in (dtype, "fp32")]
+        The compute roof of bf16/fp16 is the faster GEMM of that dtype and fp32: CPUs without bf16
+        arithmetic (AVX2) compute bf16 in fp32, so their slow bf16 GEMM is no roof for a kernel
+        that does. fp64 has its own (half fp32's or less): fp32's would understate fp64 ops."""
+        keys = (dtype, "fp32") if dtype in ("bf16", "fp16") else (dtype,)
+        peaks = [self.gemm_flops_per_s.get(k) for k in keys]
         peak = max((p for p in peaks if p), default=math.inf)
         return max(nbytes / self.copy_bytes_per_s, flops / peak)
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from symfast import _backend
-from symfast._io import atomic_path, atomic_write_text
+from symfast._io import atomic_path, atomic_write_text, remove_outputs
 from symfast.profiling import costs, timing
 
 log = logging.getLogger(__name__)
@@ -191,16 +191,23 @@ class Report:
     limits: dict
     machine: dict
     files: dict[str, str] = field(default_factory=dict)
+    # the same steps timed again without the profiler, whose own cost the profiled wall holds
+    unprofiled_wall_s: float | None = None
 
     def to_dict(self) -> dict:
-        return {"job": self.job, "wall_s": self.wall_s, "steps": self.steps,
+        return {"job": self.job, "wall_s": self.wall_s, "unprofiled_wall_s": self.unprofiled_wall_s,
+                "steps": self.steps,
                 "categories": self.categories, "ops": self.ops,
                 "peak_memory_mb": self.peak_memory_mb, "limits": self.limits,
                 "machine": self.machine, "files": self.files}
 
 
 def build_report(job: str, split: Split, calls: OpCalls, limits: timing.MachineLimits,
-                 steps: int, peak_mb: float, device: torch.device) -> Report:
+                 steps: int, peak_mb: float, device: torch.device,
+                 medians: dict[str, float] | None = None) -> Report:
+    """``medians``: per op, the median seconds of one call timed without the profiler; an op's
+    throughput then comes from it rather than from its profiled total (which holds the
+    profiler's overhead and any call the machine preempted)."""
     total = split.wall
     categories = [{"category": c, "seconds": s, "share": s / total if total else 0.0}
                   for c, s in split.categories.items()]
@@ -210,14 +217,18 @@ def build_report(job: str, split: Split, calls: OpCalls, limits: timing.MachineL
                                "total_ms": seconds * 1e3, "share_of_run": seconds / total if total else 0.0,
                                "throughput": None, "throughput_unit": "", "share_of_limit": None}
         cost = calls.cost.get(key)
+        timed = seconds
+        if medians and key in medians and row["calls"]:
+            row["median_ms"] = medians[key] * 1e3
+            timed = medians[key] * row["calls"]
         # models exist for the public ops' forward calls ("orbit"), not for backward ranges or
         # custom-op events of compiled code, whose arguments the profiler does not hand over
-        if cost is not None and seconds > 0:
+        if cost is not None and timed > 0:
             compute = cost.bound == "compute"
-            row["throughput"] = (cost.flops if compute else cost.bytes) / seconds / 1e9
+            row["throughput"] = (cost.flops if compute else cost.bytes) / timed / 1e9
             row["throughput_unit"] = "GFLOP/s" if compute else "GB/s"
             floor = limits.floor_seconds(cost.bytes, cost.flops, calls.dtype.get(key, "fp32"))
-            row["share_of_limit"] = floor / seconds
+            row["share_of_limit"] = floor / timed
         ops.append(row)
     return Report(job, total, steps, categories, ops, peak_mb, limits.to_dict(),
                   timing.machine_info(device))
@@ -225,8 +236,10 @@ def build_report(job: str, split: Split, calls: OpCalls, limits: timing.MachineL
 
 def format_report(report: Report) -> str:
     """The category table and the op table as text."""
+    unprofiled = ("" if report.unprofiled_wall_s is None
+                  else f" ({report.unprofiled_wall_s * 1e3:.1f} ms without the profiler)")
     lines = [f"symfast profile {report.job}: {report.steps} step(s), {report.wall_s * 1e3:.1f} ms "
-             f"profiled, peak memory {report.peak_memory_mb:.0f} MB",
+             f"profiled{unprofiled}, peak memory {report.peak_memory_mb:.0f} MB",
              f"{'category':<22}{'ms':>10}{'share':>9}"]
     for row in report.categories:
         lines.append(f"{row['category']:<22}{row['seconds'] * 1e3:>10.2f}{100 * row['share']:>8.1f}%")
@@ -240,6 +253,11 @@ def format_report(report: Report) -> str:
             share = f"{100 * row['share_of_limit']:.0f}%" if row["share_of_limit"] is not None else "-"
             lines.append(f"{row['op']:<36}{row['calls']:>6}{row['total_ms']:>10.2f}"
                          f"{100 * row['share_of_run']:>7.1f}%{tp:>18}{share:>10}")
+        medians = [row for row in report.ops if "median_ms" in row]
+        if medians:
+            lines.append("throughput and limit share of " + ", ".join(row["op"] for row in medians)
+                         + " from the median call timed without the profiler ("
+                         + ", ".join(f"{row['median_ms']:.3f} ms" for row in medians) + ")")
     lim = report.limits
     lines.append(f"machine limits measured in this run: copy {lim['copy_GBps']:.1f} GB/s, "
                  + ", ".join(f"{k[5:-7]} GEMM {v:.0f} GFLOP/s" for k, v in lim.items()
@@ -265,8 +283,9 @@ def write_report(report: Report, folder: Path) -> None:
     atomic_write_text(folder / "table.csv", buf.getvalue())
     report.files.update({"table_csv": "table.csv", "table_json": "profile.json",
                          "plot": "breakdown.png", "trace": "trace.json"})
-    atomic_write_text(folder / "profile.json", json.dumps(report.to_dict(), indent=1))
     _plot(report, folder / "breakdown.png")
+    # last: profile.json lists the files, so it exists only once they all are this run's
+    atomic_write_text(folder / "profile.json", json.dumps(report.to_dict(), indent=1))
 
 
 def _plot(report: Report, path: Path) -> None:
@@ -295,10 +314,13 @@ def _plot(report: Report, path: Path) -> None:
 # ---- running a job under the profiler ----------------------------------------------------------
 
 def profile_steps(job: str, step: Callable[[], object], repeats: int, warmup: int,
-                  device: torch.device, folder: Path, steps: int | None = None) -> Report:
-    """Run ``step`` ``warmup`` times, then ``repeats`` times under torch.profiler; write the
-    trace and the report into ``folder`` and return the report. ``steps``: the job's steps
-    that ran (default ``repeats``; a sampling run is one call of many sampler steps)."""
+                  device: torch.device, folder: Path, steps: int | None = None,
+                  op: str | None = None) -> Report:
+    """Run ``step`` ``warmup`` times, then ``repeats`` times under torch.profiler, then
+    ``repeats`` times without it (the unprofiled wall time); write the trace and the report into
+    ``folder`` and return the report. ``steps``: the job's steps that ran (default ``repeats``;
+    a sampling run is one call of many sampler steps). ``op``: each step is one call of that op,
+    whose throughput then comes from the median unprofiled step."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warmup):
@@ -314,11 +336,14 @@ def profile_steps(job: str, step: Callable[[], object], repeats: int, warmup: in
                 step()
             timing.synchronize(device)
         wall = time.perf_counter() - start
+    plain = timing.measure(step, repeats=repeats, warmup=0, device=device)
     split = split_events(prof.events(), wall, device.type)
     # the limits are measured after the profile, so they don't sit in its trace
     limits = timing.measure_limits(device, sorted(set(calls.dtype.values()) | {"fp32"}), quick=True)
     report = build_report(job, split, calls, limits, steps or repeats, _peak_memory_mb(device),
-                          device)
+                          device, medians={op: plain.median} if op is not None else None)
+    report.unprofiled_wall_s = sum(plain.times)
+    remove_outputs(folder, ["profile.json", "table.csv", "breakdown.png", "trace.json"])
     with atomic_path(folder / "trace.json") as tmp:
         prof.export_chrome_trace(str(tmp))
     write_report(report, folder)
@@ -447,8 +472,9 @@ def profile_train(out: str | os.PathLike, *, config: str | os.PathLike | dict | 
     dev = check_device(device)
     base = dict(TINY_TRAIN) if config is None else {}
     warmup = 2
-    # one more step than the loop will run: the last one would log and checkpoint
-    cfg = make_config(config, **{**base, **overrides, "steps": warmup + steps + 1,
+    # warm-up, profiled and unprofiled steps, and one more than the loop will run: the last
+    # one would log and checkpoint
+    cfg = make_config(config, **{**base, **overrides, "steps": warmup + 2 * steps + 1,
                                  "out": str(Path(out) / "run"), "resume": "none",
                                  "checkpoint_every": 10**9, "log_every": 10**9,
                                  "sample_every": 0, "progress": False})
@@ -506,7 +532,7 @@ def profile_op(out: str | os.PathLike, op: str, *, size: str = "small", dtype: s
             _backend.op_call_sink(op, case.args, case.kwargs)
         with torch.no_grad(), torch.profiler.record_function(op_range):
             return fn()
-    return profile_steps("op", step, steps, 2, dev, folder)
+    return profile_steps("op", step, steps, 2, dev, folder, op=op)
 
 
 def profile(job: str, out: str | os.PathLike, **options: Any) -> Report:
