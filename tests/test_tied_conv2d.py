@@ -374,6 +374,30 @@ def test_cpu_weight_gradient_is_deterministic():
         assert torch.equal(torch.ops.symfast.tied_conv2d_backward_cpu(*args)[1], first)
 
 
+@pytest.mark.parametrize("shape", [(8, 16, 24), (64, 16, 8), (3, 8, 40)])
+def test_cpu_fp32_weight_gradient_has_the_same_bits_at_1_and_2_threads(shape):
+    """The fused route planned its canvas (samples side by side) for the thread count, and the
+    samples one GEMM sums over with it: (8, 16, 24, 24) gave other bits at 2 threads than at 1
+    (found by a user tryout; docs/design.md promises thread-count-free bits)."""
+    assert load_cpu_kernels("tied_conv2d")
+    b, c, h = shape
+    gen = torch.Generator().manual_seed(4)
+    orbits = kernel_orbits("d4", (3, 3))
+    x, grad_out = torch.randn(b, c, h, h, generator=gen), torch.randn(b, c, h, h, generator=gen)
+    weight = torch.randn(c, c, orbits.count, generator=gen)
+    args = (grad_out, x, weight, orbits.positions, orbits.offsets, 3, 3, 1, 1, 1, 1, [True, True, False])
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.symfast.tied_conv2d_backward_cpu(*args)[:2])
+    finally:
+        torch.set_num_threads(previous)
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
+
+
 def test_cpu_unfused_weight_gradient_has_the_same_bits_at_any_thread_count():
     """fp64 takes the per-sample route (stencil + GEMM per sample inside the parallel region):
     its partial sums are fixed runs of samples added in order, so 1 and 2 threads and repeated

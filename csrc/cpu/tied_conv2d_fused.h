@@ -239,6 +239,9 @@ struct Segment {
 // is larger), and canvas output column s*pitch + x is the sample's output column x for x < Wo
 // (the other pitch - Wo columns read across a boundary and are dropped). Strips of kNR columns start at
 // multiples of kNR; the buffer is wide enough for the last strip to read zeros past the data.
+// The weight gradient's partial sums: at most this many fixed runs of work items, added in order.
+constexpr int64_t kGradWeightRuns = 8;
+
 struct Canvas {
   int64_t bsz, c, h, w, ph, pw, kh, ho, wo;
   int64_t n, pitch, out_w, strips, wp, rows, plane, groups, blocks;
@@ -253,10 +256,10 @@ int64_t canvas_strips(int64_t n, int64_t pitch, int64_t wo) {
 }
 
 // n is the smallest count within 3% of the best share of computed columns that are kept, among
-// counts that leave at least 4 work items per thread and a row buffer under 384 KB (it is read
-// from L2). Shares for D4 3x3, padding 1: 32x32 and 16x16 planes 1.0 at n = 1; 8x8 0.875 at n = 7
+// counts that leave at least 4 work items per thread (of ``threads``) and a row buffer under 384 KB
+// (it is read from L2). Shares for D4 3x3, padding 1: 32x32 and 16x16 planes 1.0 at n = 1; 8x8 0.875 at n = 7
 // (0.5 at n = 1); 4x4 0.75 at n = 3 (0.25 at n = 1).
-Canvas make_canvas(const Orbits& o, const Geometry& g, int64_t bsz, int64_t c) {
+Canvas make_canvas(const Orbits& o, const Geometry& g, int64_t bsz, int64_t c, int64_t threads) {
   Canvas cv;
   cv.bsz = bsz;
   cv.c = c;
@@ -271,7 +274,7 @@ Canvas make_canvas(const Orbits& o, const Geometry& g, int64_t bsz, int64_t c) {
   cv.pitch = std::max(g.w + g.pw, g.wo);
   cv.rows = std::min(kRowBlock, g.ho);
   cv.blocks = (g.ho + kRowBlock - 1) / kRowBlock;
-  const int64_t min_groups = (4 * at::get_num_threads() + cv.blocks - 1) / cv.blocks;
+  const int64_t min_groups = (4 * threads + cv.blocks - 1) / cv.blocks;
   const int64_t n_max = std::max<int64_t>(1, std::min<int64_t>(bsz, bsz / std::max<int64_t>(1, min_groups)));
   const auto share = [&](int64_t n) {
     return static_cast<double>(n * g.wo) / static_cast<double>(canvas_strips(n, cv.pitch, g.wo) * kNR);
@@ -370,7 +373,7 @@ bool fused_applies(const Orbits& o, const Geometry& g) {
 template <typename scalar_t>
 void tied_conv2d_fused(const scalar_t* xp, int64_t bsz, int64_t c, const float* theta, int64_t m,
                        const float* bias, const Orbits& o, const Geometry& g, float* yp) {
-  const Canvas cv = make_canvas(o, g, bsz, c);
+  const Canvas cv = make_canvas(o, g, bsz, c, at::get_num_threads());  // each output sums alike
   const ThetaPack tp = pack_theta(theta, m, c * o.count());
   const int64_t items = cv.groups * cv.blocks;
   Chunks chunks(items, 1);
@@ -610,9 +613,13 @@ SYMFAST_AVX2_FMA void grad_weight_item(const scalar_t* x, const scalar_t* gy, in
 template <typename scalar_t>
 void tied_conv2d_grad_weight_fused(const scalar_t* xp, const scalar_t* gyp, int64_t bsz, int64_t c,
                                    int64_t m, const Orbits& o, const Geometry& g, float* gw) {
-  const Canvas cv = make_canvas(o, g, bsz, c);
+  // Samples per canvas decide which columns one GEMM sums over: planned for a fixed team size, so
+  // the gradient's bits do not depend on the thread count. 4 items per "thread" of a team of
+  // kGradWeightRuns / 4 leaves an item for each run; more items (fewer samples per canvas) cost
+  // 8x8 planes their column share (n = 2 instead of 7 when planned for 8 threads: +15% at 1 thread).
+  const Canvas cv = make_canvas(o, g, bsz, c, kGradWeightRuns / 4);
   const int64_t r = o.count(), k = c * r, ldp = (m + 7) / 8 * 8;
-  const int64_t items = cv.groups * cv.blocks, runs = std::min<int64_t>(items, 8);
+  const int64_t items = cv.groups * cv.blocks, runs = std::min<int64_t>(items, kGradWeightRuns);
   std::vector<float> partial(runs * k * ldp);
   const auto compute = [&](bool zero_dropped) {
     std::fill(partial.begin(), partial.end(), 0.f);
