@@ -55,11 +55,17 @@ def identity_residual(diagnostics: TopicDiagnostics, query_norm_sq: float, m: in
     """|lhs − rhs| / |rhs| at every recorded step (T, n_words), with
     lhs = ‖q‖²(‖v_t‖² − ‖v_t(0)‖²) and rhs = 2Δs_t + (2/m)Δe^{s_t} relative to the first record.
     Entries where |rhs| < ``min_rhs`` (the start, where both sides are ~0) are NaN."""
+    _check_int("m", m, 1)  # the random words per sentence
     score, norm = diagnostics.stacked("score"), diagnostics.stacked("norm")
     lhs = query_norm_sq * (norm ** 2 - norm[0] ** 2)
     rhs = 2 * (score - score[0]) + (2 / m) * (score.exp() - score[0].exp())
     residual = (lhs - rhs).abs() / rhs.abs()
     return torch.where(rhs.abs() >= min_rhs, residual, torch.full_like(residual, math.nan))
+
+
+def _check_lr(lr) -> None:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
 
 
 def _step_loss(model, data: TextDataset, index=None):
@@ -77,6 +83,7 @@ def train_full_batch_gd(model, data: TextDataset, steps: int, lr: float = 0.1,
     into ``diagnostics`` before the first step and every ``record_every`` steps after."""
     _check_int("steps", steps, 0)
     _check_int("record_every", record_every, 1)
+    _check_lr(lr)
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(steps + 1):
         loss, tokens, weights = _step_loss(model, data)
@@ -98,6 +105,7 @@ def train_minibatch_adam(model, data: TextDataset, epochs: int, batch_size: int 
     into ``diagnostics`` after every epoch (on the last batch)."""
     _check_int("epochs", epochs, 0)
     _check_int("batch_size", batch_size, 1)
+    _check_lr(lr)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []

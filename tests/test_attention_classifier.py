@@ -244,3 +244,10 @@ def test_training_helpers_name_their_bad_arguments():
     for name, kwargs in (("batch_size", {"epochs": 1, "batch_size": 1.5}), ("epochs", {"epochs": True})):
         with pytest.raises(ValueError, match=f"{name} must be an int"):
             train_minibatch_adam(model, data, **kwargs)
+    for lr in (-1.0, 0.0, float("nan"), float("inf"), True):  # trained on silently before
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            train_full_batch_gd(model, data, 1, lr=lr)
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            train_minibatch_adam(model, data, 1, lr=lr)
+    with pytest.raises(ValueError, match="m must be an int >= 1"):  # ZeroDivisionError before
+        identity_residual(TopicDiagnostics(data.topic_words), 1.0, 0)

@@ -50,6 +50,25 @@ def test_mel_filterbank_triangles_peak_at_their_centres():
         mel_filterbank(n_freqs, n_mels, sr, f_max=5000.0)
 
 
+@pytest.mark.parametrize("n_fft", [255, 256, 101])
+def test_logmel_filters_sit_at_the_transform_s_bin_frequencies(n_fft):
+    """An odd n_fft's bins lie at k·sr/n_fft, the last below sr/2: the filters were placed as
+    if the bins spanned 0..sr/2 (up to 0.06 off at n_fft = 255; user tryout)."""
+    sr, n_mels = 8000, 24
+    lm = LogMel(sr, n_fft=n_fft, n_mels=n_mels)
+    freqs = torch.fft.rfftfreq(n_fft, 1 / sr, dtype=torch.float64)
+    points = mel_to_hz(torch.linspace(0.0, float(hz_to_mel(sr / 2)), n_mels + 2, dtype=torch.float64))
+    lo, centre, hi = points[:-2], points[1:-1], points[2:]
+    want = torch.clamp(torch.minimum((freqs[:, None] - lo) / (centre - lo),
+                                     (hi - freqs[:, None]) / (hi - centre)), min=0.0)
+    assert (lm.filterbank.double() - want).abs().max() <= 1e-6
+    with pytest.raises(ValueError, match="n_freqs=100 must be n_fft // 2 \\+ 1 = 129"):
+        mel_filterbank(100, 8, sr, n_fft=256)
+    for bad in (10.5, 0):  # a float reached torch.linspace's own error
+        with pytest.raises(ValueError, match="n_mels must be a positive int"):
+            mel_filterbank(129, bad, sr)
+
+
 def test_mel_filterbank_warns_of_filters_that_catch_no_bin():
     with pytest.warns(UserWarning, match="6 of the 128 mel filters are all zero"):
         mel_filterbank(129, 128, 8000)

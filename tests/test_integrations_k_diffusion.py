@@ -330,6 +330,32 @@ def test_group_makes_ode_samplers_equivariant(name):
         assert (moved - D4.act(base, k)).abs().max().item() <= ATOL
 
 
+@pytest.mark.parametrize("name, kwargs", [("sample_euler_ancestral", {}),
+                                          ("sample_euler_ancestral", {"noise": "sampler"}),
+                                          ("sample_heun", {"s_churn": 5.0}),
+                                          ("sample_euler", {"s_churn": 5.0})])
+def test_transform_noise_makes_stochastic_samplers_equivariant(name, kwargs):
+    """symfast.sample's transform_noise=k, in the drop-ins: the noise of a run from g_k·x moves
+    with it (a user tryout found no way to make euler_ancestral with group= equivariant)."""
+    model, sigmas = _Denoiser(), ours.get_sigmas_karras(5, 0.05, 5.0)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7)) * sigmas[0]
+
+    def run(x, **extra):
+        noise = ({"noise_sampler": ours.PhiloxGenerator([5, 6]).noise_sampler(x)}
+                 if kwargs.get("noise") else {"seed": [5, 6]})
+        options = {k: v for k, v in kwargs.items() if k != "noise"}
+        return getattr(ours, name)(model, x, sigmas, disable=True, group="d4", **noise, **options, **extra)
+    base = run(x)
+    for k in range(1, len(D4)):
+        assert (run(D4.act(x, k), transform_noise=k) - D4.act(base, k)).abs().max().item() <= ATOL
+    # the test can fail: the same noise unmoved breaks equivariance
+    assert (run(D4.act(x, 1)) - D4.act(base, 1)).abs().max().item() > 1e-3
+    with pytest.raises(ValueError, match="transform_noise needs group="):
+        getattr(ours, name)(model, x, sigmas, disable=True, transform_noise=1)
+    with pytest.raises(ValueError, match=r"transform_noise must be an int in \[0, 8\)"):
+        run(x, transform_noise=8)
+
+
 def _per_sample_denoiser(x, sigma):
     """Elementwise ops and a roll within each sample: the same bits in any batch (a batched conv
     need not be), so these tests see the noise alone."""

@@ -170,7 +170,7 @@ def orbit_augmented(dataset: ImageTensorDataset, group: _groups.Group | str) -> 
 
 # ---- files ---------------------------------------------------------------------------------
 
-class _Refused(ValueError):
+class ImageRefused(ValueError):
     """A file Pillow reads whose pixels cannot be turned into the asked image without losing or
     inventing something (its message says what; not wrapped as a read error)."""
 
@@ -209,11 +209,11 @@ def _open_image(path: Path, channels: int, refuse_colour: bool = False):
             sixteen_bit = im.mode.startswith("I;16") or (im.mode == "I" and file_format == "PNG")
             if im.mode in ("F", "I") and not sixteen_bit:
                 kind = "floating-point" if im.mode == "F" else "32-bit integer"
-                raise _Refused(f"image file {str(path)!r} holds {kind} pixels (mode {im.mode}), "
+                raise ImageRefused(f"image file {str(path)!r} holds {kind} pixels (mode {im.mode}), "
                                f"whose value range is not defined; save it as an 8- or 16-bit "
                                f"image")
             if _has_transparent_pixels(im):
-                raise _Refused(f"image file {str(path)!r} has transparent pixels, which an image "
+                raise ImageRefused(f"image file {str(path)!r} has transparent pixels, which an image "
                                f"without alpha cannot keep; flatten it onto a background first")
             if sixteen_bit:
                 # 16-bit grey ("I;16", or "I" holding 0..65535): Pillow's conversion to "L"
@@ -222,11 +222,11 @@ def _open_image(path: Path, channels: int, refuse_colour: bool = False):
                 wide = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
                 im = Image.fromarray(np.clip(np.round(wide), 0, 255).astype(np.uint8), "L")
             if refuse_colour and channels == 1 and _has_colour(im):
-                raise _Refused(f"image file {str(path)!r} is in colour (mode {im.mode}) and "
+                raise ImageRefused(f"image file {str(path)!r} is in colour (mode {im.mode}) and "
                                f"would lose its colour as a 1-channel image; convert it to "
                                f"grey first if that is what you want")
             return im.convert(_PIL_MODES[channels])
-    except _Refused:
+    except ImageRefused:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read image file {str(path)!r} with Pillow: {exc}") from exc

@@ -10,7 +10,9 @@ CPU transcendentals are not correctly rounded, so this is what reproduces k-diff
 the loop does elementwise tensor math with those Python floats and never reads a device tensor.
 
 With ``group=`` (frame averaging: the model runs on the whole orbit in one batched call and the fused
-step op averages its outputs) or ``seed=`` (Philox noise: one int per sample gives the same images
+step op averages its outputs; ``transform_noise=k`` with it moves every noise draw by the group's
+element k, so a stochastic sampler from g_k·x gives g_k· its sample from x, as in
+``symfast.sample``) or ``seed=`` (Philox noise: one int per sample gives the same images
 whatever the batch; see :class:`symfast.integrations.PhiloxGenerator`), a sampler runs on symfast's
 sampler core instead, ``symfast.samplers.loops`` (each step's elementwise work one
 ``symfast::fused_step`` op, coefficients in float64 on the host): the same method, equal to this
@@ -116,7 +118,8 @@ class _OrbitDenoiser:
                           return_denoised=return_denoised, **(noise or {}))
 
 
-def _sampler_noise(x: torch.Tensor, sigmas: torch.Tensor, seed: Any, noise_sampler: Callable | None):
+def _sampler_noise(x: torch.Tensor, sigmas: torch.Tensor, seed: Any, noise_sampler: Callable | None,
+                   group: Group | None, transform_noise: int | None):
     from symfast.samplers._noise import NoiseSource
 
     class _FromSampler(NoiseSource):
@@ -132,20 +135,23 @@ def _sampler_noise(x: torch.Tensor, sigmas: torch.Tensor, seed: Any, noise_sampl
                 self.draw(i)
 
         def draw(self, i: int) -> torch.Tensor:
-            return noise_sampler(sigmas[i - 1], sigmas[i])
+            z = noise_sampler(sigmas[i - 1], sigmas[i])
+            return self.group.act(z, self.transform) if self.transform is not None else z
 
     if noise_sampler is not None:
         if seed is not None:
             raise ValueError("pass seed= or noise_sampler=, not both")
-        return _FromSampler(x, seed=0)
-    return NoiseSource(x, seed=0 if seed is None else seed)
+        return _FromSampler(x, seed=0, group=group, transform=transform_noise)
+    return NoiseSource(x, seed=0 if seed is None else seed, group=group, transform=transform_noise)
 
 
 def _on_core(name: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None,
              callback: Callable | None, disable: bool | None, group: Group | str | None, seed: Any,
-             noise_sampler: Callable | None = None, **options: Any) -> torch.Tensor:
+             noise_sampler: Callable | None = None, transform_noise: int | None = None,
+             **options: Any) -> torch.Tensor:
     """Run ``name`` on symfast's sampler core (symfast.samplers.loops): fused steps, frame averaging
-    over ``group``, Philox noise keyed by ``seed`` (default 0)."""
+    over ``group``, Philox noise keyed by ``seed`` (default 0), each draw moved by ``group``'s
+    element ``transform_noise`` when given."""
     from symfast.samplers import loops
     host = _host_sigmas(x, sigmas)
     # the core's steps divide by every σ but the last (k-diffusion's loops return NaN instead)
@@ -157,7 +163,9 @@ def _on_core(name: str, model: Callable, x: torch.Tensor, sigmas: torch.Tensor, 
     if group is not None:
         group.check_input(x)
     denoiser = _OrbitDenoiser(model, {} if extra_args is None else extra_args, group)
-    noise = _sampler_noise(x, sigmas, seed, noise_sampler)
+    if transform_noise is not None and group is None:
+        raise ValueError("transform_noise needs group= (the group whose element moves the noise)")
+    noise = _sampler_noise(x, sigmas, seed, noise_sampler, group, transform_noise)
     return loops.SAMPLERS[name](denoiser, x, host.double().numpy(), noise,
                                 callback=_tensor_sigmas(callback, sigmas),
                                 progress=None if disable is None else not disable,
@@ -188,10 +196,12 @@ def _churn_tables(host: torch.Tensor, s_churn: float, s_tmin: float, s_tmax: flo
 
 def _karras_loop(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None,
                  callback: Callable | None, disable: bool | None, s_churn: float, s_tmin: float, s_tmax: float,
-                 s_noise: float, heun: bool, group: Group | str | None = None, seed: Any = None) -> torch.Tensor:
-    if group is not None or seed is not None:
+                 s_noise: float, heun: bool, group: Group | str | None = None, seed: Any = None,
+                 transform_noise: int | None = None) -> torch.Tensor:
+    if group is not None or seed is not None or transform_noise is not None:
         return _on_core("heun" if heun else "euler", model, x, sigmas, extra_args, callback, disable, group, seed,
-                        s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+                        transform_noise=transform_noise, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax,
+                        s_noise=s_noise)
     extra_args = {} if extra_args is None else extra_args
     host = _host_sigmas(x, sigmas)
     gammas, sigma_hat, churn = _churn_tables(host, s_churn, s_tmin, s_tmax)
@@ -224,40 +234,43 @@ def _karras_loop(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_a
 def sample_euler(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                  callback: Callable | None = None, disable: bool | None = None, s_churn: float = 0.0,
                  s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, *,
-                 group: Group | str | None = None, seed: Any = None) -> torch.Tensor:
+                 group: Group | str | None = None, seed: Any = None,
+                 transform_noise: int | None = None) -> torch.Tensor:
     """Euler steps on the probability-flow ODE with optional churn (Karras et al. 2022, Alg. 2).
-    x: (B, ...) noise at sigmas[0]; returns the sample at sigmas[-1]. ``group``, ``seed``: run on
-    symfast's sampler core (module docstring)."""
+    x: (B, ...) noise at sigmas[0]; returns the sample at sigmas[-1]. ``group``, ``seed``,
+    ``transform_noise``: run on symfast's sampler core (module docstring)."""
     return _karras_loop(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise,
-                        heun=False, group=group, seed=seed)
+                        heun=False, group=group, seed=seed, transform_noise=transform_noise)
 
 
 @torch.no_grad()
 def sample_heun(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                 callback: Callable | None = None, disable: bool | None = None, s_churn: float = 0.0,
                 s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, *,
-                group: Group | str | None = None, seed: Any = None) -> torch.Tensor:
+                group: Group | str | None = None, seed: Any = None,
+                transform_noise: int | None = None) -> torch.Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 2), Euler on the last step to σ = 0.
-    x: (B, ...) noise at sigmas[0]; returns the sample at sigmas[-1]. ``group``, ``seed``: run on
-    symfast's sampler core (module docstring)."""
+    x: (B, ...) noise at sigmas[0]; returns the sample at sigmas[-1]. ``group``, ``seed``,
+    ``transform_noise``: run on symfast's sampler core (module docstring)."""
     return _karras_loop(model, x, sigmas, extra_args, callback, disable, s_churn, s_tmin, s_tmax, s_noise,
-                        heun=True, group=group, seed=seed)
+                        heun=True, group=group, seed=seed, transform_noise=transform_noise)
 
 
 @torch.no_grad()
 def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None,
                            callback: Callable | None = None, disable: bool | None = None, eta: float = 1.0,
                            s_noise: float = 1.0, noise_sampler: Callable | None = None, *,
-                           group: Group | str | None = None, seed: Any = None) -> torch.Tensor:
+                           group: Group | str | None = None, seed: Any = None,
+                           transform_noise: int | None = None) -> torch.Tensor:
     """Ancestral sampling with Euler steps: step down to σ_down, add noise of size σ_up.
     ``noise_sampler(sigma, sigma_next)`` returns noise shaped like x (default: ``randn_like(x)``;
-    ``PhiloxGenerator(seeds).noise_sampler(x)`` for a seed per sample). ``group``, ``seed``: run on
-    symfast's sampler core (module docstring)."""
+    ``PhiloxGenerator(seeds).noise_sampler(x)`` for a seed per sample). ``group``, ``seed``,
+    ``transform_noise``: run on symfast's sampler core (module docstring)."""
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    if group is not None or seed is not None:
+    if group is not None or seed is not None or transform_noise is not None:
         return _on_core("euler_ancestral", model, x, sigmas, extra_args, callback, disable, group, seed,
-                        noise_sampler, eta=eta, s_noise=s_noise)
+                        noise_sampler, transform_noise, eta=eta, s_noise=s_noise)
     extra_args = {} if extra_args is None else extra_args
     host = _host_sigmas(x, sigmas)
     noise_sampler = (lambda sigma, sigma_next: torch.randn_like(x)) if noise_sampler is None else noise_sampler

@@ -26,17 +26,27 @@ def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
 
 
 def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0.0,
-                   f_max: float | None = None) -> torch.Tensor:
+                   f_max: float | None = None, n_fft: int | None = None) -> torch.Tensor:
     """Triangular HTK-mel filters (n_freqs, n_mels) for a one-sided spectrum of n_freqs bins
     spanning 0..sample_rate/2: filter m rises from mel point m to m+1 and falls to m+2, peak 1
-    (the convention of torchaudio's ``melscale_fbanks(norm=None, mel_scale="htk")``)."""
+    (the convention of torchaudio's ``melscale_fbanks(norm=None, mel_scale="htk")``).
+    ``n_fft``: the transform's length, whose bin k lies at k·sample_rate/n_fft; an odd n_fft's
+    last bin falls short of sample_rate/2 (torchaudio places the bins as if n_fft were even)."""
+    _positive_ints(n_freqs=n_freqs, n_mels=n_mels)
+    if n_fft is not None:
+        _positive_ints(n_fft=n_fft)
+        if n_fft // 2 + 1 != n_freqs:
+            raise ValueError(f"n_freqs={n_freqs} must be n_fft // 2 + 1 = {n_fft // 2 + 1} for n_fft={n_fft}")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not sample_rate > 0:
+        raise ValueError(f"sample_rate must be a positive number, got {sample_rate!r}")
     f_max = sample_rate / 2 if f_max is None else f_max
     if not 0 <= f_min < f_max <= sample_rate / 2:
         raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={f_min}, "
                          f"f_max={f_max}, sample_rate={sample_rate}")
     if n_mels < 1 or n_freqs < 2:
         raise ValueError(f"need n_mels >= 1 and n_freqs >= 2, got {n_mels}, {n_freqs}")
-    freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
+    top = sample_rate / 2 if n_fft is None else (n_freqs - 1) * sample_rate / n_fft  # sr/2 when even
+    freqs = torch.linspace(0, top, n_freqs, dtype=torch.float64)
     points = mel_to_hz(torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2,
                                       dtype=torch.float64))
     lo, centre, hi = points[:-2], points[1:-1], points[2:]
@@ -68,7 +78,7 @@ class LogMel(nn.Module):
         super().__init__()
         self.n_fft, self.hop_length, self.eps = n_fft, hop_length, eps
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
-        self.register_buffer("filterbank", mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate),
+        self.register_buffer("filterbank", mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate, n_fft=n_fft),
                              persistent=False)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:

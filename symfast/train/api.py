@@ -44,8 +44,12 @@ def load(path: str | os.PathLike, *, ema: int | None = 0, network: nn.Module | N
         model = build_model(cfg, image_shape(cfg)[0])
     prefix = "model." if ema is None else f"ema.{ema}."
     if not any(k.startswith(prefix) for k in ckpt.tensors):
-        raise ValueError(f"checkpoint {ckpt.path} has no weights under {prefix!r} (it holds "
-                         f"{len(cfg.ema_halflife_images)} EMA copies)")
+        copies = len(cfg.ema_halflife_images)
+        what = (f"EMA copy {ema}" if ema is not None else
+                "raw (non-EMA) weights: an exported checkpoint keeps only its EMA copies"
+                if "exported_from" in ckpt.state else "raw (non-EMA) weights")
+        raise ValueError(f"checkpoint {ckpt.path} holds no {what}; its EMA copies are "
+                         f"ema=0..{copies - 1}")
     checkpoint.load_weights(model, ckpt, prefix)
     model.to(device).eval().requires_grad_(False)
     denoiser = sampling_denoiser(cfg, model)
