@@ -123,6 +123,18 @@ def test_classifier_select_module_matches_reference_backend():
     assert rel_err(out, torch.einsum("bk,bkc->bc", gates, logits)) <= TOL[torch.float32]
 
 
+def test_classifier_select_head_under_autocast_runs_in_bf16_as_linear_does():
+    """fp32 features under bf16 autocast: nn.Linear computes in bf16; the head computed fp32."""
+    torch.manual_seed(2)
+    head, linear = ClassifierSelect(12, 5, 3), torch.nn.Linear(12, 5)
+    h = torch.randn(4, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(h)
+        assert out.dtype == linear(h).dtype == torch.bfloat16
+    ref = head(h.bfloat16().float())  # fp32 arithmetic on the bf16-rounded features
+    assert rel_err(out.float(), ref) <= 0.02
+
+
 def test_cabcnn_backends_agree_in_forward_and_backward():
     torch.manual_seed(0)
     wave_batch = synthetic_audio(1, duration=0.25, seed=3).waveforms

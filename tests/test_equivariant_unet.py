@@ -264,6 +264,10 @@ def test_pointwise_conv2d_under_bf16_autocast_matches_conv2d():
         ref = F.conv2d(x, layer.weight, layer.bias)
     assert y.dtype == ref.dtype == torch.bfloat16
     assert rel_err(y, ref) <= TOL[torch.bfloat16]
+    # computed in fp32 on a CPU without bf16 arithmetic, rounded once: the product of the bf16
+    # operands within half an ulp (bf16 at::bmm ran a scalar loop, ~30x slower than fp32)
+    exact = F.conv2d(x.bfloat16().double(), layer.weight.bfloat16().double(), layer.bias.bfloat16().double())
+    assert rel_err(y, exact) <= 2 ** -8
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (x, layer.weight, layer.bias), g)
     want = torch.autograd.grad(ref, (x, layer.weight, layer.bias), g)
@@ -372,6 +376,28 @@ def test_tied_conv_takes_the_dtype_autocast_hands_it():
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), full) <= 0.05
     out.float().sum().backward()
     assert model[1].weight.grad.dtype == torch.float32 and torch.isfinite(model[1].weight.grad).all()
+
+
+def test_an_fp32_input_under_autocast_runs_in_bf16_as_conv2d_does():
+    """A TiedConv2d fed fp32 under bf16 autocast computed in fp32, so an EquivariantUNet (tied
+    layers first) ran wholly in fp32 under precision="bf16", where nn.Conv2d's UNet ran in bf16."""
+    torch.manual_seed(1)
+    tied, conv = TiedConv2d(4, 6, 3, "d4", padding=1), nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tied(x).dtype == conv(x).dtype == torch.bfloat16
+        # the bf16 result is the bf16 operands' convolution, rounded once
+        want = F.conv2d(x.bfloat16().float(), tied.expanded_weight().bfloat16().float(),
+                        tied.bias.bfloat16().float(), padding=1)
+        assert rel_err(tied(x).float(), want) <= TOL[torch.bfloat16]
+    seen = set()
+    net = EquivariantUNet(1, 1, channels=(8, 16), group="d4")
+    for module in net.modules():
+        if isinstance(module, (TiedConv2d, nn.GroupNorm)):
+            module.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 1, 8, 8), torch.zeros(2))
+    assert out.dtype == torch.bfloat16 and seen == {torch.bfloat16}
 
 
 @pytest.mark.parametrize("cls", [UNet, EquivariantUNet])

@@ -160,10 +160,11 @@ class ClassifierSelect(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         _check_features(h, self.gate_weight)
         params = (self.gate_weight, self.gate_bias, self.weight, self.bias)
-        # under autocast the backbone hands over bf16/fp16 features while the parameters stay
-        # fp32: the head runs in the features' dtype, as autocast runs nn.Linear
+        # under autocast the head runs in autocast's dtype, as nn.Linear does (a custom op is not
+        # cast by autocast itself), whatever dtype the features arrive in
         if autocast_on(h):
-            params = tuple(p.to(h.dtype) for p in params)
+            dtype = torch.get_autocast_dtype(h.device.type)
+            h, params = h.to(dtype), tuple(p.to(dtype) for p in params)
         return classifier_select(h, *params, temperature=self.temperature, backend=self.backend)
 
     def gates(self, h: torch.Tensor) -> torch.Tensor:

@@ -64,11 +64,13 @@ class TiedConv2d(nn.Module):
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but this TiedConv2d takes {self.in_channels}")
         weight, bias = self.weight, self.bias
-        # under autocast the layer before may hand over bf16/fp16 while the parameters stay fp32:
-        # the convolution runs in the input's dtype (as the UNets' fused norm does)
+        # under autocast the convolution runs in autocast's dtype, as nn.Conv2d's does (a custom
+        # op is not cast by autocast itself): an fp32 input into the first layer is cast too, or
+        # a network built of these layers ran in fp32 under precision="bf16"
         if autocast_on(x):
-            weight = weight.to(x.dtype)
-            bias = bias if bias is None else bias.to(x.dtype)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias if bias is None else bias.to(dtype)
         return tied_conv2d(x, weight, bias, self.kernel_size, self.group, self.stride,
                            self.padding, backend=self.backend)
 

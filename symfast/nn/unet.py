@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from symfast._backend import autocast_on, matmul_dtype
 from symfast.groups import Group, get
 from symfast.nn.tied import TiedConv2d
 from symfast.ops import _checks
@@ -81,21 +82,35 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     return _Upsample2x.apply(x)
 
 
+def _bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
+         add: torch.Tensor | None = None) -> torch.Tensor:
+    """(add +) a @ b in ``out_dtype``, computed in matmul_dtype(out_dtype) and rounded once, with
+    autocast off (it would cast the widened operands back down)."""
+    compute = matmul_dtype(out_dtype, a.device)
+    with torch.autocast(a.device.type, enabled=False):
+        a, b = a.to(compute), b.to(compute)
+        out = torch.bmm(a, b) if add is None else torch.baddbmm(add.to(compute), a, b)
+    return out.to(out_dtype)
+
+
 class _Pointwise(torch.autograd.Function):
     """y[b] = bias + W @ x[b], x: (B, C, N), W: (O, C), bias: (O,) or None -> (B, O, N), with the
     backward written out: autograd's baddbmm backward reduced the bias gradient in two sums (over
-    pixels, then over the batch of the expanded bias) and ran four more nodes (views, expands)."""
+    pixels, then over the batch of the expanded bias) and ran four more nodes (views, expands).
+    Under autocast the product's dtype is autocast's, as for nn.Conv2d; bf16/fp16 products run
+    in fp32 on CPUs without arithmetic in them (:func:`symfast._backend.matmul_dtype`)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
+        dtype = (torch.get_autocast_dtype(x.device.type) if autocast_on(x)
+                 else torch.promote_types(x.dtype, weight.dtype))
         b = x.shape[0]
         w = weight.unsqueeze(0).expand(b, -1, -1)
-        if bias is None:
-            return torch.bmm(w, x)
-        return torch.baddbmm(bias.view(1, -1, 1).expand(b, -1, 1), w, x)
+        add = None if bias is None else bias.view(1, -1, 1).expand(b, -1, 1)
+        return _bmm(w, x, dtype, add)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -106,10 +121,9 @@ class _Pointwise(torch.autograd.Function):
         b = x.shape[0]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            w_t = weight.t().to(grad.dtype).unsqueeze(0).expand(b, -1, -1)
-            gx = torch.bmm(w_t, grad).to(x.dtype)
+            gx = _bmm(weight.t().unsqueeze(0).expand(b, -1, -1), grad, grad.dtype).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            gw = torch.bmm(grad, x.to(grad.dtype).transpose(1, 2)).sum(0, dtype=weight.dtype)
+            gw = _bmm(grad, x.transpose(1, 2), grad.dtype).sum(0, dtype=weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             # summed in fp32 at least (bf16 grads), in fp64 for fp64
             acc = torch.promote_types(grad.dtype, torch.float32)
