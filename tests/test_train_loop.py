@@ -258,16 +258,41 @@ def test_learning_rate_schedules():
 
 def test_data_order_covers_every_image_each_epoch_and_splits_over_ranks():
     order = DataOrder(10, seed=3)
-    epoch0 = order.indices(0, 10, 0, 10)
+    epoch0 = order.indices(0, 0, 10)
     assert sorted(epoch0.tolist()) == list(range(10))
-    # batches of 4 straddle the epoch boundary: positions 8..11 are epoch 0's last two, then epoch 1's first two
-    straddle = order.indices(2, 4, 0, 4)
+    # a batch of 4 from position 8 straddles the epoch boundary: epoch 0's last two, then epoch 1's first two
+    straddle = order.indices(8, 0, 4)
     assert straddle[:2].tolist() == epoch0[8:].tolist()
-    assert straddle[2:].tolist() == order.indices(1, 10, 0, 2).tolist()
-    assert not torch.equal(order.indices(1, 10, 0, 10), epoch0)
-    whole = order.indices(5, 6, 0, 6)
-    assert torch.equal(torch.cat([order.indices(5, 6, 0, 3), order.indices(5, 6, 3, 6)]), whole)
-    assert torch.equal(DataOrder(10, seed=3).indices(5, 6, 0, 6), whole)
+    assert straddle[2:].tolist() == order.indices(10, 0, 2).tolist()
+    assert not torch.equal(order.indices(10, 0, 10), epoch0)
+    whole = order.indices(30, 0, 6)
+    assert torch.equal(torch.cat([order.indices(30, 0, 3), order.indices(30, 3, 6)]), whole)
+    assert torch.equal(DataOrder(10, seed=3).indices(30, 0, 6), whole)
+
+
+def test_a_resume_with_another_batch_size_goes_on_where_the_data_stopped(tmp_path):
+    """The data position was step * batch_size: 2 steps of 8 then a resume with batch 16 read
+    positions 32..47 (epoch 1) and skipped 16..31. Every image of a 32-image epoch once."""
+    from symfast.train import train
+    seen = []
+
+    class Recording:  # a get_batch-only dataset, as train() documents (its shape was read by [0])
+        images = torch.linspace(-1, 1, 32 * 64).reshape(32, 1, 8, 8)
+
+        def __len__(self):
+            return 32
+
+        def get_batch(self, index):
+            seen.extend(index.tolist())
+            return self.images[index]
+    args = dict(image_size=8, channels=(8, 16), heads=2, log_every=1, progress=False, out=str(tmp_path))
+    train(dataset=Recording(), batch_size=8, steps=2, **args)
+    assert seen[0] == 0  # the shape probe
+    del seen[0]
+    assert len(seen) == 16
+    train(dataset=Recording(), batch_size=16, steps=3, resume="auto", **args)
+    del seen[16]
+    assert sorted(seen) == list(range(32))
 
 
 def test_per_sample_draws_do_not_depend_on_the_split():

@@ -42,6 +42,8 @@ def pixel_range(cfg: TrainConfig) -> tuple[float, float] | None:
 def dataset_shape(dataset: Any) -> tuple[int, ...]:
     """(C, H, W) of one training image."""
     shape = getattr(dataset, "shape", None)
+    if shape is None and not hasattr(dataset, "__getitem__") and hasattr(dataset, "get_batch"):
+        shape = tuple(dataset.get_batch(torch.zeros(1, dtype=torch.int64)).shape[1:])
     if shape is None:
         shape = tuple(dataset[0].shape)
     return tuple(int(s) for s in shape)

@@ -140,9 +140,9 @@ class DataOrder:
         """(epoch, offset in it) where step ``step`` starts."""
         return divmod(step * batch, self.size)
 
-    def indices(self, step: int, batch: int, start: int, stop: int) -> torch.Tensor:
-        """Dataset rows of global positions [step·batch + start, step·batch + stop)."""
-        pos = step * batch + start
+    def indices(self, first: int, start: int, stop: int) -> torch.Tensor:
+        """Dataset rows of global positions [first + start, first + stop)."""
+        pos = first + start
         out = []
         while len(out) < stop - start:
             epoch, offset = divmod(pos, self.size)
@@ -482,7 +482,9 @@ class _Run:
         cfg, device = self.cfg, self.world.device
         start = self.world.rank * self.local_batch
         streams = torch.arange(start, start + self.local_batch, dtype=torch.int64)
-        index = self.order.indices(step, cfg.batch_size, start, start + self.local_batch)
+        # the images seen so far, not step·batch_size: a resume with another batch size goes on
+        # from where the data order stopped (step·batch_size skipped or repeated images)
+        index = self.order.indices(self.nimg, start, start + self.local_batch)
         x0 = _get_batch(self.dataset, index).to(device=device, dtype=torch.float32)
         u = sample_uniforms(cfg.seed, step, streams, 3)
         sigma, t = self.schedule.training_levels(u[:, _LANE_SIGMA].to(device))
