@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from conftest import rel_err
 from symfast import sample
 from symfast.data.images import ImageTensorDataset, gaussian_mixture, save_image_grid
 from symfast.groups import get
-from symfast.train import EMA, TrainConfig, TrainingDiverged, load, lr_at, make_config, train
+from symfast.train import EMA, TrainConfig, TrainingDiverged, checkpoint, load, lr_at, make_config, train
 from symfast.train.loop import DataOrder, _Run, clip_grad_norm_, sample_normals, sample_uniforms
 from symfast.train.distributed import World
 
@@ -200,9 +201,11 @@ def test_ema_follows_edm():
         assert rel_err(new, beta * old + (1 - beta) * p) <= 1e-6
     assert not any(p.requires_grad for p in ema.models[0].parameters())
     copy = EMA(net, (1000.0, 50.0))
-    copy.load_state_tensors(ema.state_tensors())
+    saved = SimpleNamespace(tensors=ema.state_tensors(), path="saved")  # as a resume loads them
+    for i, model in enumerate(copy.models):
+        checkpoint.load_weights(model, saved, f"ema.{i}.")
     assert all(torch.equal(a, b) for a, b in zip(copy.models[1].parameters(), ema.models[1].parameters()))
-    # the loaded copy keeps moving (update works on the tensors load_state_tensors wrote into)
+    # the loaded copy keeps moving (update works on the tensors the load wrote into)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(1.0)

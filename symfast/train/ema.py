@@ -65,8 +65,3 @@ class EMA:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every copy's state dict, keys ``ema.<index>.<name>``."""
         return {f"ema.{i}.{k}": v for i, ema in enumerate(self.models) for k, v in ema.state_dict().items()}
-
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        for i, ema in enumerate(self.models):
-            prefix = f"ema.{i}."
-            ema.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
