@@ -16,6 +16,7 @@ CASES = [  # (group, sample shape)
     ("c2", (3, 2, 5, 7)),
     ("flip_h", (2, 11)),
     (None, (5, 3, 4)),
+    ("sign", (2, 3, 5)),  # negative table entries: y's gradient crashed on cpu and triton
 ]
 
 

@@ -70,9 +70,13 @@ def _make_backward(_unused):
         if need[1]:
             order = inverse_table.shape[0]
             g_bar = (c_out / order) * g_den
-            index = inverse_table.long().unsqueeze(1).expand(order, *g_bar.shape)
+            # a negative entry ~src gathers -x[src] (sign flips): scatter to src, negated
+            table = inverse_table.long()
+            flipped = table < 0
+            index = torch.where(flipped, ~table, table).unsqueeze(1).expand(order, *g_bar.shape)
+            sign = torch.where(flipped, -1.0, 1.0).to(g_bar.dtype).unsqueeze(1)
             grad_y = g_bar.new_empty(index.shape).scatter_(
-                2, index, g_bar.unsqueeze(0).expand(index.shape)).to(dy)
+                2, index, sign * g_bar.unsqueeze(0)).to(dy)
         extra = [(w * g_next).to(dt) if need[i] else None
                  for i, w, dt in ((3, p, du), (4, q, dv), (5, c, dnoise))]
         return (grad_x, grad_y, None, *extra, None, None, None, None, None, None, None)
