@@ -216,6 +216,40 @@ def test_from_config_accepts_frozen_dict_dict_and_other_schedulers_configs():
         plain.config.pop("beta_schedule")
 
 
+SWAP_SOURCES = [  # configs people swap from, each with keys only some classes take
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True, "final_sigmas_type": "zero"}),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True, "sigma_min": 0.5, "sigma_max": 5.0}),
+    ("EulerDiscreteScheduler", {"interpolation_type": "log_linear", "timestep_spacing": "leading",
+                                "steps_offset": 1}),
+    ("DDIMScheduler", {"clip_sample": True, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}),
+    ("DDPMScheduler", {"thresholding": True, "variance_type": "fixed_large"}),
+]
+
+
+@pytest.mark.parametrize("target", ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+                                    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                    "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("source, config", SWAP_SOURCES)
+def test_from_another_scheduler_s_config_reads_only_its_own_keys(source, config, target):
+    """from_config(other.config) keeps the other class's keys in .config; diffusers' classes read
+    only their own parameters. Euler a read DPM-Solver's use_karras_sigmas (σ 36.9 for 17.3)
+    and Euler's interpolation_type (one σ too many: a run ending at 0.112, not 0.01)."""
+    src = getattr(diffusers, source)(**config).config
+    try:
+        theirs = getattr(diffusers, target).from_config(src)
+        theirs.set_timesteps(5)
+    except Exception as exc:  # a combination diffusers refuses: ours must refuse it too
+        with pytest.raises(type(exc)):
+            getattr(ours, target).from_config(src).set_timesteps(5)
+        return
+    mine = getattr(ours, target).from_config(src)
+    mine.set_timesteps(5)
+    assert torch.equal(mine.timesteps, theirs.timesteps)
+    if hasattr(theirs, "sigmas"):
+        assert torch.equal(mine.sigmas, theirs.sigmas)
+
+
 def _tiny_unet():
     torch.manual_seed(0)
     return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,

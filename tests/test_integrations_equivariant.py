@@ -149,6 +149,43 @@ def test_save_pretrained_saves_the_plain_pipeline(tmp_path):
     assert torch.equal(*map(torch.as_tensor, images))
 
 
+@pytest.mark.parametrize("library", ["diffusers", "symfast"])
+def test_a_scheduler_swapped_in_after_equivariant_sees_the_averaged_output(library, tmp_path):
+    """pipe.scheduler = X.from_config(pipe.scheduler.config), diffusers' usual swap, after
+    equivariant(): the pipeline raised a shape error and save_pretrained an IndexError. The
+    swapped-in scheduler now gets the orbit average (exactly equivariant images, as the loop's),
+    and saving records the class the user gave, diffusers' own kept as diffusers'."""
+    unet = _unet()
+    pipe = ours.equivariant(diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(
+        clip_sample=False, num_train_timesteps=20)), "d4")
+    pipe.save_pretrained(tmp_path / "kept")
+    assert _model_index(tmp_path / "kept")["scheduler"] == ["diffusers", "DDPMScheduler"]
+    pipe.scheduler = getattr(diffusers if library == "diffusers" else ours,
+                             "DDIMScheduler").from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    loop = diffusers.DDIMPipeline(unet=ours.LoopAveragedUNet(unet, D4), scheduler=pipe.scheduler)
+    loop.set_progress_bar_config(disable=True)
+    x = _x()
+
+    def images(p, latents):
+        p.scheduler.set_timesteps(4)
+        for t in p.scheduler.timesteps:
+            latents = p.scheduler.step(p.unet(latents, t).sample, t, latents).prev_sample
+        return latents
+    base = images(pipe, x)
+    assert _max_diff(base, images(loop, x)) <= ATOL
+    assert _max_diff(images(pipe, D4.act(x, 1)), D4.act(base, 1)) <= ATOL
+    assert pipe(batch_size=2, num_inference_steps=3, output_type="pt").images.shape == (2, 3, 8, 8)
+    pipe.save_pretrained(tmp_path / "swapped")
+    module = "diffusers" if library == "diffusers" else "symfast.integrations.diffusers"
+    assert _model_index(tmp_path / "swapped")["scheduler"] == [module, "DDIMScheduler"]
+
+
+def _model_index(folder):
+    import json
+    return json.loads((folder / "model_index.json").read_text())
+
+
 def test_orbit_unet_chunks_and_per_sample_arguments():
     unet, x = _unet(), _x(batch=3)
     t = torch.tensor([10, 500, 900])

@@ -2,6 +2,8 @@
 dynamic thresholding, the σ grids, and host lookups of the timestep a caller passes."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -60,6 +62,12 @@ class FusedUpdate(NamedTuple):
     finish: Callable[[torch.Tensor, torch.Tensor, bool], Any]
 
 
+@functools.cache
+def _parameters(cls: type) -> frozenset[str]:
+    """The names ``cls.__init__`` takes (register_to_config keeps the signature)."""
+    return frozenset(inspect.signature(cls.__init__).parameters)
+
+
 class Scheduler(SchedulerMixin, ConfigMixin):
     """diffusers' scheduler base plus the bookkeeping the drop-ins share.
 
@@ -101,6 +109,13 @@ class Scheduler(SchedulerMixin, ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
+    def _option(self, name: str, default: Any = None) -> Any:
+        """The config's ``name`` if this class takes it, else ``default``: diffusers' classes read
+        only their own parameters, and ``from_config(other.config)`` leaves another class's keys
+        in ``.config`` (DPM-Solver's use_karras_sigmas gave Euler a Karras σ, which diffusers'
+        Euler a, having no such option, ignores)."""
+        return self.config.get(name, default) if name in _parameters(type(self)) else default
+
     def _fused_update(self, timestep: Any, sample: torch.Tensor, kwargs: dict[str, Any]) -> FusedUpdate | None:
         """This step as a :class:`FusedUpdate`, or None where it is not linear in the model output
         (clipping, thresholding, learned variances, churn, multistep state): then ``equivariant``
@@ -117,7 +132,7 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         if cfg.trained_betas is None and cfg.beta_schedule not in self.beta_schedules:
             raise ValueError(f"beta_schedule must be one of {self.beta_schedules} for {type(self).__name__}, "
                              f"got {cfg.beta_schedule!r}")
-        if cfg.get("timestep_spacing", "linspace") not in schedules.SPACINGS:
+        if self._option("timestep_spacing", "linspace") not in schedules.SPACINGS:
             raise ValueError(f"timestep_spacing must be one of {schedules.SPACINGS}, got {cfg.timestep_spacing!r}")
         n = cfg.num_train_timesteps
         if cfg.trained_betas is None and cfg.beta_schedule in ("exp", "laplace"):
@@ -127,7 +142,7 @@ class Scheduler(SchedulerMixin, ConfigMixin):
             self.betas = torch.sigmoid(torch.linspace(-6, 6, n)) * (cfg.beta_end - cfg.beta_start) + cfg.beta_start
         else:
             self.betas = schedules.betas(cfg.beta_schedule, n, cfg.beta_start, cfg.beta_end, cfg.trained_betas)
-        if cfg.get("rescale_betas_zero_snr", False):
+        if self._option("rescale_betas_zero_snr", False):
             self.betas = schedules._rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = schedules.alphas_cumprod(self.betas)
@@ -136,7 +151,7 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         return PREDICTION_TYPES
 
     def _check_one_sigma_grid(self) -> None:
-        chosen = [name for name in SIGMA_GRIDS if self.config.get(f"use_{name}_sigmas", False)]
+        chosen = [name for name in SIGMA_GRIDS if self._option(f"use_{name}_sigmas", False)]
         if len(chosen) > 1:
             raise ValueError(f"only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas may be "
                              f"True, got {', '.join(f'use_{c}_sigmas' for c in chosen)}")
@@ -147,11 +162,12 @@ class Scheduler(SchedulerMixin, ConfigMixin):
                 raise ImportError("use_beta_sigmas=True needs scipy (pip install scipy), as diffusers' does") from e
 
     def _sigma_grid_kind(self) -> str | None:
-        return next((name for name in SIGMA_GRIDS if self.config.get(f"use_{name}_sigmas", False)), None)
+        return next((name for name in SIGMA_GRIDS if self._option(f"use_{name}_sigmas", False)), None)
 
     def _convert_sigmas(self, kind: str, in_sigmas: np.ndarray, n: int) -> np.ndarray:
         """diffusers' ``_convert_to_karras/_exponential/_beta``: n σ from in_sigmas[0] (or the config's
         sigma_max) down to in_sigmas[-1] (or sigma_min), float64."""
+        # diffusers reads these with hasattr(self.config, ...): also another class's keys
         sigma_min, sigma_max = self.config.get("sigma_min"), self.config.get("sigma_max")
         sigma_min = float(in_sigmas[-1]) if sigma_min is None else sigma_min
         sigma_max = float(in_sigmas[0]) if sigma_max is None else sigma_max
@@ -207,9 +223,9 @@ class Scheduler(SchedulerMixin, ConfigMixin):
 
     def _clip_or_threshold(self, x0: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        if cfg.get("thresholding", False):
+        if self._option("thresholding", False):
             return self._threshold_sample(x0)
-        if cfg.get("clip_sample", False):
+        if self._option("clip_sample", False):
             return x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         return x0
 

@@ -74,7 +74,7 @@ class _DiscreteScheduler(Scheduler):
         return sqrt_a, -sqrt_b
 
     def _nonlinear(self) -> bool:
-        return bool(self.config.get("clip_sample", False) or self.config.get("thresholding", False))
+        return bool(self._option("clip_sample", False) or self._option("thresholding", False))
 
 
 class DDPMScheduler(_DiscreteScheduler):

@@ -12,13 +12,16 @@ output is averaged over the group, so an ODE scheduler's images are exactly equi
 pipeline(g·x_T) = g·pipeline(x_T).
 
 diffusers' own schedulers are replaced by symfast's class of the same name where there is one (the
-same numbers; see the package docstring), built from their config. :class:`LoopAveragedUNet` is the
+same numbers; see the package docstring), built from their config (save_pretrained records the
+original class). A scheduler assigned to the pipeline after wrapping gets the orbit average from
+the UNet instead of the orbit. :class:`LoopAveragedUNet` is the
 plain way, a Python loop over the group elements, kept for comparisons (tests, the benchmark).
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
+import weakref
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -75,6 +78,14 @@ class OrbitUNet(_Delegating):
         super().__init__(unet, group)
         _checks.positive_int_or_none("chunks", chunks)
         self.chunks = chunks
+        self._pipe: Callable[[], Any] | None = None  # set by equivariant(): a weak reference
+
+    def _scheduler_takes_the_orbit(self) -> bool:
+        """False when the pipeline :func:`equivariant` wrapped has since been given a scheduler of
+        its own (``pipe.scheduler = X.from_config(...)``, diffusers' usual swap): the orbit is
+        then averaged here, so any scheduler sees the frame-averaged output it expects."""
+        pipe = self._pipe() if self._pipe is not None else None
+        return pipe is None or isinstance(getattr(pipe, "scheduler", None), _OrbitStep)
 
     def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(sample, torch.Tensor) or not sample.is_floating_point():
@@ -92,7 +103,7 @@ class OrbitUNet(_Delegating):
             y, make = self._call(xs[part], t, a, kw)
             outs.append(y)
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        return make(y)
+        return make(y if self._scheduler_takes_the_orbit() else orbit_mean(y, self.group))
 
 
 def _slice_batch(value: Any, n: int, part: slice) -> Any:
@@ -187,6 +198,7 @@ def orbit_scheduler(scheduler: Any, group: Group | str = "d4") -> Any:
         cls = _ORBIT_CLASSES[base] = type(f"_Orbit{base.__name__}", (_OrbitStep, base), {"step": step})
     new = cls.from_config(scheduler.config)
     new._orbit_group = get(group)
+    new._orbit_source = type(scheduler)  # what save_pretrained records
     return new
 
 
@@ -212,6 +224,7 @@ def equivariant(pipe: Any, group: Group | str = "d4", *, chunks: int | None = No
     orbit_unet = OrbitUNet(unet, group, chunks)
     pipe.scheduler = orbit_scheduler(pipe.scheduler, group)
     pipe.unet = orbit_unet
+    orbit_unet._pipe = weakref.ref(pipe)
     pipe.save_pretrained = functools.partial(_save_plain, pipe, pipe.save_pretrained)
     return pipe
 
@@ -221,9 +234,12 @@ def _save_plain(pipe: Any, save: Any, *args: Any, **kwargs: Any) -> Any:
     diffusers cannot save an OrbitUNet (it logs a warning, writes no weights and records the
     unet as (None, None)) and would record the private orbit scheduler class."""
     unet, scheduler = pipe.unet, pipe.scheduler
-    base = type(scheduler).__bases__[1]  # _Orbit<Name>(_OrbitStep, base)
+    # the class the orbit scheduler was made from (diffusers' own stays diffusers'); a scheduler
+    # assigned since is saved as it is
+    plain = (scheduler._orbit_source.from_config(scheduler.config) if isinstance(scheduler, _OrbitStep)
+             else scheduler)
     # assigning a component also rewrites its (library, class) entry in pipe.config
-    pipe.unet, pipe.scheduler = unet.unet, base.from_config(scheduler.config)
+    pipe.unet, pipe.scheduler = unet.unet if isinstance(unet, _Delegating) else unet, plain
     try:
         return save(*args, **kwargs)
     finally:

@@ -31,7 +31,7 @@ class _SigmaScheduler(Scheduler):
     """Shared by Euler, Euler ancestral and Heun: the training σ, the inference σ grid, input scaling."""
 
     def _train_sigmas(self) -> np.ndarray:
-        if self.config.get("rescale_betas_zero_snr", False):
+        if self._option("rescale_betas_zero_snr", False):
             # diffusers' choice: the terminal ᾱ would be 0 (σ = ∞), so it is set to 2^-24
             self.alphas_cumprod[-1] = 2 ** (-24)
         return schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
@@ -68,7 +68,7 @@ class _SigmaScheduler(Scheduler):
                                         cfg.timestep_spacing, cfg.steps_offset, integer=False,
                                         diffusers_arange=True)
         train_sigmas = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod).numpy()
-        if cfg.get("interpolation_type", "linear") == "log_linear":
+        if self._option("interpolation_type", "linear") == "log_linear":
             grid = torch.linspace(np.log(train_sigmas[-1]), np.log(train_sigmas[0]),
                                   num_inference_steps + 1).exp().numpy()
         else:
