@@ -16,7 +16,7 @@ With ``group=``, D is frame-averaged: D̄(x) = 1/|G| Σ_k g_k⁻¹ D(g_k x) — 
 model with :func:`symfast.symmetrize`, done here by running the model on the orbit and letting
 the fused step op average the raw outputs, since c_skip and c_out are scalars. A network that is
 equivariant by construction (an EquivariantUNet) needs no averaging: ``frame_average=False`` (the
-default when ``model.group`` is the same group) calls it once per step, and the group is still
+default when ``model.group`` is that group or contains it) calls it once per step, and the group is still
 used to transform the noise of stochastic samplers (``transform_noise=``).
 
 Noise conditioning: the network receives t = ``schedule.model_time(σ)`` (ln σ / 4 for EDM, the
@@ -82,8 +82,8 @@ class Denoiser(nn.Module):
             DDPMSchedule() otherwise.
         group: the symmetry group (or its name) the denoiser is equivariant under, or None.
         frame_average: average over ``group`` (|G| network calls per step). None: True unless
-            the network declares itself equivariant under the same group (``model.group``, as
-            EquivariantUNet does). False: one call per step; the network must be equivariant
+            the network declares itself equivariant under ``group`` or a group containing it
+            (``model.group``, as EquivariantUNet does). False: one call per step; the network must be equivariant
             itself, and the group serves stochastic samplers' noise transform.
         sigma_data: σ_data for "edm" (default: the schedule's, else 0.5).
         chunks: model calls per orbit (None: chosen per device, as in symmetrize).
@@ -116,8 +116,10 @@ class Denoiser(nn.Module):
             raise TypeError(f"frame_average must be a bool or None, got {frame_average!r}")
         if frame_average is None:
             declared = getattr(model, "group", None)
+            # a network equivariant under a group is so under each of its subgroups (a d4 network
+            # needs no c4 averaging)
             frame_average = self.group is not None and not (
-                isinstance(declared, Group) and declared.same_elements(self.group))
+                isinstance(declared, Group) and self.group.within(declared))
         if frame_average and self.group is None:
             raise ValueError("frame_average=True needs group=")
         self.frame_average = frame_average

@@ -132,7 +132,19 @@ class Group:
         if (not isinstance(other, Group) or len(other) != len(self)
                 or other.event_ndim != self.event_ndim or other.probe_shape != self.probe_shape):
             return False
-        return None not in self.indices_in(other, self.probe_shape)
+        return self.within(other)
+
+    def within(self, other: "Group") -> bool:
+        """Whether every element of this group is one of ``other``'s (c4 within d4), judged by
+        their action on this group's probe shape; False where ``other`` cannot act on it."""
+        if other is self:
+            return True
+        if not isinstance(other, Group) or other.event_ndim != self.event_ndim:
+            return False
+        try:
+            return None not in self.indices_in(other, self.probe_shape)
+        except ValueError:
+            return False
 
     def indices_in(self, other: "Group", event_shape: Sequence[int]) -> list[int | None]:
         """Per element of this group: the index of the element of ``other`` that acts the same on

@@ -7,6 +7,7 @@ import torch
 
 from conftest import rel_err
 from symfast import Denoiser, sample, symmetrize
+from symfast.metrics import sampler_equivariance
 from symfast.groups import get
 from symfast.nn import EquivariantUNet, UNet
 from symfast.schedules import DDPMSchedule, EDMSchedule
@@ -111,7 +112,13 @@ def test_stochastic_sampling_with_an_equivariant_network_is_equivariant_at_one_c
 def test_frame_average_choice():
     eq = EquivariantUNet(1, 1, group="d4", **SMALL)
     assert not Denoiser(eq, group="d4").frame_average
-    assert Denoiser(eq, group="c4").frame_average  # another group: averaging is still needed
+    # a d4-equivariant network is c4-equivariant: one call per step (it averaged 4 calls), and
+    # ODE sampling is exactly c4-equivariant all the same
+    within = Denoiser(eq, group="c4")
+    assert not within.frame_average
+    assert sampler_equivariance(within, "c4", "heun", (2, 1, 8, 8), steps=3) <= 1e-5
+    assert Denoiser(EquivariantUNet(1, 1, group="c4", **SMALL), group="d4").frame_average  # c4 ⊉ d4
+    assert Denoiser(EquivariantUNet(1, 1, group="flip_h", **SMALL), group="flip_v").frame_average
     assert Denoiser(eq, group="d4", frame_average=True).frame_average
     assert Denoiser(UNet(1, 1, **SMALL), group="d4").frame_average
     assert not Denoiser(UNet(1, 1, **SMALL), group="d4", frame_average=False).frame_average

@@ -53,7 +53,8 @@ def test_plain_unet_is_not_equivariant_until_tied():
     assert equivariance_error(lambda z: model(z, _sigma(2)), x, "d4") > 1e-2
     report = tie_weights(model, "d4")
     assert report.exact and "conv_in" in report.tied and "down.0.conv1" in report.tied
-    assert not any(isinstance(m, nn.Conv2d) for m in model.modules())
+    # every 3x3 conv is tied; the 1x1 ones (skips, attention) commute as they are
+    assert all(tuple(m.kernel_size) == (1, 1) for m in model.modules() if isinstance(m, nn.Conv2d))
     assert equivariance_error(lambda z: model(z, _sigma(2)), x, "d4") <= 1e-5
 
 
@@ -135,6 +136,24 @@ def test_tie_weights_reports_what_still_breaks_equivariance():
     report = tie_weights(same, "d4")
     assert report.tied == ["1"] and "padding='same' with an even kernel" in dict(report.problems)["0"]
     assert same(torch.randn(1, 1, 8, 8)).shape == (1, 2, 8, 8)
+
+
+def test_tie_weights_checks_layers_tied_under_another_group_and_keeps_1x1_convs():
+    """A layer tied under flip_h was reported exact under d4 (equivariance error 0.73); 1x1
+    convolutions (a UNet's skips, qkv, proj) became TiedConv2d of another weight shape, so a tied
+    UNet no longer loaded into an EquivariantUNet."""
+    from symfast import equivariance_error
+    model = nn.Sequential(TiedConv2d(1, 4, 3, "flip_h", padding=1), nn.SiLU(), nn.Conv2d(4, 1, 3, padding=1))
+    report = tie_weights(model, "d4")
+    assert not report.exact and "tied under flip_h" in dict(report.problems)["0"]
+    assert equivariance_error(model, torch.randn(2, 1, 8, 8), "d4") > 0.1  # the report is right
+    # a d4-tied kernel is c4-invariant: nothing to report
+    assert tie_weights(EquivariantUNet(1, 1, channels=(8, 16), group="d4"), "c4").exact
+    unet = UNet(1, 1, channels=(8, 16))
+    report = tie_weights(unet, "d4")
+    assert report.exact and not any("skip" in name or "qkv" in name for name in report.tied)
+    EquivariantUNet(1, 1, channels=(8, 16), group="d4").load_state_dict(unet.state_dict())
+    assert equivariance_error(lambda z: unet(z, torch.zeros(2)), torch.randn(2, 1, 8, 8), "d4") <= 1e-5
 
 
 def test_equivariance_loss_of_an_empty_batch_is_an_error_not_nan():

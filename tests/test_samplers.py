@@ -160,9 +160,10 @@ def test_denoiser_group_is_frame_averaging():
     assert rel_err(d(x, sigma), fa(x * d.coefficients(sigma)[2])) <= 1e-5
 
 
-def test_a_declared_group_skips_averaging_only_when_its_elements_are_the_denoisers():
+def test_a_declared_group_skips_averaging_only_when_it_holds_the_denoisers_elements():
     """frame_average=None trusts a network's declared group: by its elements, not its name
-    (every channel_perm group on C channels is "channel_perm(C)")."""
+    (every channel_perm group on C channels is "channel_perm(C)"), and a group containing the
+    denoiser's (d4 holds c4)."""
     from symfast import groups
     swap01, swap12 = groups.channel_perm([[0, 1, 2], [1, 0, 2]]), groups.channel_perm([[0, 1, 2], [0, 2, 1]])
     assert swap01.name == swap12.name and not swap01.same_elements(swap12)
@@ -172,7 +173,9 @@ def test_a_declared_group_skips_averaging_only_when_its_elements_are_the_denoise
     assert not Denoiser(net, "x0", EDMSchedule(), group=groups.channel_perm([[1, 0, 2], [0, 1, 2]])).frame_average
     net.group = get("d4")
     assert not Denoiser(net, "x0", EDMSchedule(), group="d4").frame_average
-    assert Denoiser(net, "x0", EDMSchedule(), group="c4").frame_average
+    assert not Denoiser(net, "x0", EDMSchedule(), group="c4").frame_average
+    net.group = get("c4")
+    assert Denoiser(net, "x0", EDMSchedule(), group="d4").frame_average
 
 
 # ---- equivariance --------------------------------------------------------------------------------

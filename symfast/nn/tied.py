@@ -155,6 +155,26 @@ def _pad_problem(layer: nn.Module, axes: set[str], rotates: bool) -> str | None:
 _PADS = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)
 
 
+def _pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1 convolution that commutes with every pixel permutation (no stride, no padding)."""
+    return (tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1)
+            and conv.padding in ((0, 0), "valid"))
+
+
+def _tied_problems(layer: "TiedConv2d", group: Group) -> list[str]:
+    """A layer tied under another group: its kernel must be invariant under every element of
+    ``group`` (a d4-tied kernel is c4-invariant; a flip_h-tied one is not d4-invariant)."""
+    try:
+        indices = group.indices_in(layer.group, layer.kernel_size)
+    except ValueError as exc:
+        return [f"tied under {layer.group.name}, not {group.name}: {exc}"]
+    missing = [k for k, j in enumerate(indices) if j is None]
+    if not missing:
+        return []
+    return [f"tied under {layer.group.name}, whose kernels are not invariant under {group.name}'s "
+            f"element(s) {missing}: rebuild it (TiedConv2d.from_conv2d of its expanded weight)"]
+
+
 def _can_tie(conv: nn.Conv2d, group: Group) -> str | None:
     if conv.groups != 1:
         return f"grouped convolution (groups={conv.groups}) is not supported by TiedConv2d"
@@ -194,6 +214,8 @@ def tie_weights(module: nn.Module, group: Group | str, backend: str | None = Non
     for parent_name, parent in list(module.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, nn.Conv2d) and _pointwise(child):
+                continue  # a 1x1 kernel is its own orbit: it commutes as it is (and keeps its layout)
             if isinstance(child, nn.Conv2d):
                 reason = _can_tie(child, group)
                 if reason is not None:
@@ -203,7 +225,7 @@ def tie_weights(module: nn.Module, group: Group | str, backend: str | None = Non
                 report.tied.append(name)
                 report.problems.extend((name, p) for p in _conv_problems(child))
             elif isinstance(child, TiedConv2d):
-                report.problems.extend((name, p) for p in _conv_problems(child))
+                report.problems.extend((name, p) for p in _conv_problems(child) + _tied_problems(child, group))
             elif isinstance(child, nn.ConvTranspose2d):
                 report.problems.append((name, "transposed convolution is not tied"))
             elif isinstance(child, _PADS):
