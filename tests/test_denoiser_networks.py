@@ -135,3 +135,16 @@ def test_wt_denoiser_calls_once_fa_denoiser_calls_per_element():
     Denoiser(wt, group="d4")(x, 0.5)
     Denoiser(fa, group="d4", chunks=8)(x, 0.5)
     assert (wt.calls, fa.calls) == (1, 8)
+
+
+def test_sampling_from_a_shape_draws_in_the_network_s_dtype():
+    """A float64 or bf16 model sampled from a shape was refused with a TypeError about x_T's dtype,
+    which the user never made (user tryout): x_T is drawn in the parameters' dtype now."""
+    for dtype in (torch.float64, torch.bfloat16):
+        den = Denoiser(UNet(1, 1, **SMALL).to(dtype), "edm")
+        out = sample(den, (2, 1, 8, 8), steps=2, progress=False)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+    fn = Denoiser(lambda x, t: x, "edm")  # a function has no parameters: float32
+    assert sample(fn, (1, 1, 4, 4), steps=2, progress=False).dtype == torch.float32
+    with pytest.raises(TypeError, match=r"compile its network instead: denoiser.model = torch.compile"):
+        sample(torch.compile(fn), (1, 1, 4, 4), steps=2)

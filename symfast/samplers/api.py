@@ -21,7 +21,18 @@ def _check_sampler(sampler: str) -> None:
 
 def _check_denoiser(denoiser) -> None:
     if not isinstance(denoiser, Denoiser):
-        raise TypeError(f"denoiser must be a symfast.Denoiser, got {type(denoiser).__name__}")
+        hint = ""
+        if isinstance(getattr(denoiser, "_orig_mod", None), Denoiser):  # torch.compile(denoiser)
+            hint = ("; the samplers call the Denoiser's parts (its fused steps, schedule, group), "
+                    "so compile its network instead: denoiser.model = torch.compile(denoiser.model)")
+        raise TypeError(f"denoiser must be a symfast.Denoiser, got {type(denoiser).__name__}{hint}")
+
+
+def _model_dtype(denoiser: Denoiser) -> torch.dtype:
+    """The dtype of the network's floating parameters (float32 for a function or none)."""
+    params = getattr(denoiser.model, "parameters", None)
+    first = next((p for p in params() if p.is_floating_point()), None) if callable(params) else None
+    return first.dtype if first is not None else torch.float32
 
 
 def sampling_sigmas(denoiser: Denoiser, sampler: str, steps: int, spacing: str = "leading",
@@ -78,7 +89,7 @@ def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampl
            generator: torch.Generator | None = None, callback: Callback = None,
            progress: bool = True, transform_noise: int | None = None, spacing: str = "leading",
            karras: bool = False, device: torch.device | str | None = None,
-           dtype: torch.dtype = torch.float32, **sampler_options) -> torch.Tensor:
+           dtype: torch.dtype | None = None, **sampler_options) -> torch.Tensor:
     """Draw samples by integrating the reverse process from the σ grid's first value to 0: the
     schedule's largest σ on EDM and VE schedules and with ``spacing="trailing"``; diffusers'
     default "leading" spacing of a DDPM schedule starts lower (σ(t) at t = (steps−1)·⌊T/steps⌋:
@@ -100,6 +111,8 @@ def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampl
         transform_noise: apply group element k to every noise draw (equivariant sampling:
             sample(g_k·x_T, transform_noise=k) = g_k·sample(x_T)).
         spacing, karras: the σ grid (see :func:`sampling_sigmas`).
+        device, dtype: where and in what dtype to draw x_T when a shape is given (default: the
+            CPU; the dtype of the network's parameters, float32 for a plain function).
         sampler_options: eta= (ddim, euler_ancestral), s_churn=, s_tmin=, s_tmax=, s_noise= (heun).
 
     Returns:
@@ -117,6 +130,7 @@ def sample(denoiser: Denoiser, x_T_or_shape: torch.Tensor | Sequence[int], sampl
         if seed is not None and not isinstance(seed, int):
             noise_key(seed, eps.shape[0])  # validates the seed list against the batch
     else:
+        dtype = _model_dtype(denoiser) if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         if (not isinstance(x_T_or_shape, (tuple, list, torch.Size))
