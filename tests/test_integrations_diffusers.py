@@ -642,3 +642,21 @@ def test_a_replaced_timesteps_table_is_the_one_step_reads(name, replace):
             x = s.step(0.1 * x, t, x, generator=g).prev_sample
         finals.append(x)
     assert _max_diff(finals[1], finals[0]) <= ATOL * max(1.0, float(finals[0].abs().max()))
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+                                  "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler"])
+def test_step_counts_and_dtypes_are_checked_as_users_pass_them(name):
+    """Euler's set_timesteps(0) raised TypeError from len(None); a 0-d integer tensor (which
+    diffusers' sigma schedulers take) was refused; integer model outputs stepped to zeros."""
+    sched = getattr(ours, name)()
+    with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
+        sched.set_timesteps(0)
+    sched.set_timesteps(torch.tensor(5))
+    by_int = getattr(ours, name)()
+    by_int.set_timesteps(5)
+    assert torch.equal(sched.timesteps, by_int.timesteps)
+    ints = torch.ones(1, 1, 2, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="must be floating-point tensors, got torch.int64"):
+        sched.step(ints, sched.timesteps[0], ints)

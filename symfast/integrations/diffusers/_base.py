@@ -29,6 +29,10 @@ def check_same_shape(model_output: Any, sample: Any, channel_factor: int = 1) ->
     if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
         raise TypeError(f"model_output and sample must be tensors, got {type(model_output).__name__} and "
                         f"{type(sample).__name__}")
+    if not model_output.is_floating_point() or not sample.is_floating_point():
+        # integer tensors ran the steps in integer arithmetic: zeros, silently
+        raise TypeError(f"model_output and sample must be floating-point tensors, got "
+                        f"{model_output.dtype} and {sample.dtype}")
     shapes = {tuple(sample.shape)}
     if channel_factor != 1 and sample.ndim >= 2:
         shapes.add((sample.shape[0], sample.shape[1] * channel_factor, *sample.shape[2:]))
@@ -60,6 +64,14 @@ class FusedUpdate(NamedTuple):
     coefs: StepCoefficients
     draws: bool
     finish: Callable[[torch.Tensor, torch.Tensor, bool], Any]
+
+
+def inference_steps(n: Any) -> Any:
+    """A 0-d integer tensor as an int (diffusers' sigma schedulers take one); anything else as
+    given, checked where it is used."""
+    if isinstance(n, torch.Tensor) and n.dim() == 0 and not n.is_floating_point() and n.dtype != torch.bool:
+        return int(n)
+    return n
 
 
 @functools.cache

@@ -17,7 +17,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
 from symfast import schedules
-from symfast.integrations.diffusers._base import FusedUpdate, Scheduler, check_same_shape, randn
+from symfast.integrations.diffusers._base import (FusedUpdate, Scheduler, check_same_shape, inference_steps, randn)
 from symfast.ops.fused_step import StepCoefficients
 
 _VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -109,6 +109,7 @@ class DDPMScheduler(_DiscreteScheduler):
                       timesteps: list[int] | None = None) -> None:
         """Inference timesteps (descending) from ``num_inference_steps`` and the config's spacing,
         or an explicit descending list ``timesteps``."""
+        num_inference_steps = inference_steps(num_inference_steps)
         cfg = self.config
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("pass only one of num_inference_steps and timesteps")
@@ -266,6 +267,7 @@ class DDIMScheduler(_DiscreteScheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """``num_inference_steps`` descending integer timesteps with the config's spacing."""
+        num_inference_steps = inference_steps(num_inference_steps)
         cfg = self.config
         table = schedules.timesteps(cfg.num_train_timesteps, num_inference_steps, cfg.timestep_spacing,
                                     cfg.steps_offset, integer=True, diffusers_arange=True)

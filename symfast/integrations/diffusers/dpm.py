@@ -14,7 +14,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from symfast import schedules
-from symfast.integrations.diffusers._base import Scheduler, broadcast, check_same_shape, randn
+from symfast.integrations.diffusers._base import (Scheduler, broadcast, check_same_shape, inference_steps, randn)
 
 _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 # configs of DEIS / UniPC name these; diffusers' DPM-Solver maps them to its own (so a pipeline can
@@ -131,6 +131,7 @@ class DPMSolverMultistepScheduler(Scheduler):
                       mu: float | None = None, timesteps: list[int] | None = None) -> None:
         """Integer timesteps (spacing over the λ-clipped range) and their σ, or a Karras / exponential /
         beta / Lu-λ grid, then the final σ."""
+        num_inference_steps = inference_steps(num_inference_steps)
         cfg = self.config
         if mu is not None:
             raise ValueError("mu (dynamic shifting) is not supported by symfast's DPMSolverMultistepScheduler")

@@ -17,7 +17,8 @@ from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedule
 from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
 
 from symfast import schedules
-from symfast.integrations.diffusers._base import FusedUpdate, Scheduler, broadcast, check_same_shape, randn
+from symfast.integrations.diffusers._base import (FusedUpdate, Scheduler, broadcast, check_same_shape,
+                                                  inference_steps, randn)
 from symfast.ops.fused_step import StepCoefficients
 from symfast.samplers._core import ancestral_split, churn_gamma, churn_levels, pow_half
 
@@ -177,6 +178,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
                       timesteps: list[float] | None = None, sigmas: list[float] | None = None) -> None:
         """σ grid for ``num_inference_steps`` (spacing, interpolation, Karras/exponential/beta per config),
         or from explicit descending ``timesteps`` or ``sigmas`` (the latter including the final σ)."""
+        num_inference_steps = inference_steps(num_inference_steps)
         if sum(v is not None for v in (num_inference_steps, timesteps, sigmas)) != 1:
             raise ValueError("pass exactly one of num_inference_steps, timesteps and sigmas")
         self._check_custom_timesteps(timesteps)
@@ -188,7 +190,8 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             table = np.array([schedules.sigma_to_t(s, log_sigmas) for s in grid[:-1]])
             self.num_inference_steps = len(grid) - 1
         else:
-            num_inference_steps = num_inference_steps or len(timesteps)
+            if num_inference_steps is None:
+                num_inference_steps = len(timesteps)
             self.num_inference_steps = num_inference_steps
             table, grid = self._spaced_grid(num_inference_steps, timesteps)
             grid = np.concatenate([grid, [self._final_sigma()]]).astype(np.float32)
@@ -265,6 +268,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
         """σ at ``num_inference_steps`` spaced timesteps (linear interpolation), then 0."""
+        num_inference_steps = inference_steps(num_inference_steps)
         table, grid = self._spaced_grid(num_inference_steps)
         self.num_inference_steps = num_inference_steps
         self._set_sigmas(np.concatenate([grid, [0.0]]).astype(np.float32), table, device)
@@ -336,10 +340,12 @@ class HeunDiscreteScheduler(_SigmaScheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       num_train_timesteps: int | None = None, timesteps: list[float] | None = None) -> None:
         """σ grid with every interior σ repeated (one entry per model call), then 0."""
+        num_inference_steps = inference_steps(num_inference_steps)
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("pass exactly one of num_inference_steps and timesteps")
         self._check_custom_timesteps(timesteps)
-        num_inference_steps = num_inference_steps or len(timesteps)
+        if num_inference_steps is None:
+            num_inference_steps = len(timesteps)
         self.num_inference_steps = num_inference_steps
         table, grid = self._spaced_grid(num_inference_steps, timesteps, num_train_timesteps)
         grid = torch.from_numpy(np.concatenate([grid, [0.0]]).astype(np.float32))
