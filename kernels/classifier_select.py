@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from symfast.kernels._scalars import scalar_pair, wide_scalar
+
 # 32-wide tiles: tl.dot needs every block dim >= 16, and the interpreter (CPU tests) pays per
 # program, so small enough to waste little on odd shapes, large enough to keep grids short.
 _BLOCK_M = 32
@@ -63,8 +65,9 @@ def _load_row(s_ptr, K, C, inv_t, ACC: tl.constexpr, BLOCK_KC: tl.constexpr, BLO
 
 
 @triton.jit
-def _mix_kernel(s_ptr, out_ptr, K, C, inv_t, ACC: tl.constexpr,
+def _mix_kernel(s_ptr, out_ptr, K, C, inv_t_hi, inv_t_lo, ACC: tl.constexpr, WIDE: tl.constexpr,
                 BLOCK_KC: tl.constexpr, BLOCK_C: tl.constexpr):
+    inv_t = wide_scalar(inv_t_hi, inv_t_lo, WIDE)
     _, g, logits, _, _, cc = _load_row(s_ptr, K, C, inv_t, ACC, BLOCK_KC, BLOCK_C)
     out = tl.sum(g[:, None] * logits, axis=0)
     row = tl.program_id(0).to(tl.int64)
@@ -72,8 +75,9 @@ def _mix_kernel(s_ptr, out_ptr, K, C, inv_t, ACC: tl.constexpr,
 
 
 @triton.jit
-def _mix_backward_kernel(s_ptr, dout_ptr, ds_ptr, K, C, inv_t, ACC: tl.constexpr,
-                         BLOCK_KC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _mix_backward_kernel(s_ptr, dout_ptr, ds_ptr, K, C, inv_t_hi, inv_t_lo, ACC: tl.constexpr,
+                         WIDE: tl.constexpr, BLOCK_KC: tl.constexpr, BLOCK_C: tl.constexpr):
+    inv_t = wide_scalar(inv_t_hi, inv_t_lo, WIDE)
     row_off, g, logits, mask, kk, cc = _load_row(s_ptr, K, C, inv_t, ACC, BLOCK_KC, BLOCK_C)
     row = tl.program_id(0).to(tl.int64)
     dout = tl.load(dout_ptr + row * C + cc, mask=cc < C, other=0.0).to(ACC)
@@ -130,8 +134,9 @@ def forward(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
                      out_dtype=torch.promote_types(h.dtype, torch.float32))
     out = torch.empty((h.shape[0], c), dtype=h.dtype, device=h.device)
     if h.shape[0]:
-        _mix_kernel[(h.shape[0],)](scores, out, k, c, 1.0 / temperature, ACC=_acc(h.dtype),
-                                   **_blocks(k, c))
+        wide = h.dtype == torch.float64
+        _mix_kernel[(h.shape[0],)](scores, out, k, c, *scalar_pair(1.0 / temperature, wide),
+                                   ACC=_acc(h.dtype), WIDE=wide, **_blocks(k, c))
     return out, scores
 
 
@@ -142,8 +147,10 @@ def backward(grad_out: torch.Tensor, scores: torch.Tensor, h: torch.Tensor,
     grad_out, scores = grad_out.contiguous(), scores.contiguous()
     dscores = torch.empty_like(scores)
     if h.shape[0]:
-        _mix_backward_kernel[(h.shape[0],)](scores, grad_out, dscores, k, c, 1.0 / temperature,
-                                            ACC=_acc(h.dtype), **_blocks(k, c))
+        wide = h.dtype == torch.float64
+        _mix_backward_kernel[(h.shape[0],)](scores, grad_out, dscores, k, c,
+                                            *scalar_pair(1.0 / temperature, wide),
+                                            ACC=_acc(h.dtype), WIDE=wide, **_blocks(k, c))
     stacked = torch.cat([gate_weight, weight.reshape(k * c, f)], dim=0)
     # The weight-gradient GEMMs run in the input dtype (tensor cores for bf16, fp32 accumulate);
     # the cancellation already happened in fp32 inside the row kernel.

@@ -11,37 +11,17 @@ receives a Python float as float32, which would cut 0.3 to 0.30000001 in a float
 """
 from __future__ import annotations
 
-import math
-import struct
-
 import torch
 import triton
 import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
+from symfast.kernels._scalars import scalar_pair, wide_scalar
+
 _BLOCK = 1024
 # A global a kernel reads must be a tl.constexpr: a plain float runs under the interpreter but
 # fails to compile for a GPU (tests/triton_gpu_compile.py found it).
 _TWO_PI = tl.constexpr(6.283185307179586)
-
-
-def _float32_pair(k: float) -> tuple[float, float]:
-    """(hi, lo): hi = k rounded to float32, lo = k - hi (exact in double), so that hi + lo in
-    float64 is k to ~2^-48 relative after lo too is rounded to float32."""
-    try:
-        hi = struct.unpack("f", struct.pack("f", k))[0]
-    except OverflowError:  # beyond float32: the kernel sees inf, as a float32 coefficient would
-        return k, 0.0
-    return hi, (k - hi if math.isfinite(hi) else 0.0)
-
-
-@triton.jit
-def _coef(hi, lo, WIDE: tl.constexpr):
-    if WIDE:
-        value = tl.cast(hi, tl.float64) + tl.cast(lo, tl.float64)
-    else:
-        value = hi
-    return value
 
 
 @triton.jit
@@ -60,13 +40,13 @@ def _fused_step_kernel(x_ptr, y_ptr, table_ptr, u_ptr, v_ptr, noise_ptr, key_ptr
                        HAS_U: tl.constexpr, HAS_V: tl.constexpr, NOISE: tl.constexpr,
                        HAS_NTABLE: tl.constexpr, WRITE_DEN: tl.constexpr,
                        BLOCK: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr):
-    c_skip = _coef(c_skip_hi, c_skip_lo, WIDE)
-    c_out = _coef(c_out_hi, c_out_lo, WIDE)
-    a = _coef(a_hi, a_lo, WIDE)
-    b = _coef(b_hi, b_lo, WIDE)
-    p = _coef(p_hi, p_lo, WIDE)
-    q = _coef(q_hi, q_lo, WIDE)
-    c = _coef(c_hi, c_lo, WIDE)
+    c_skip = wide_scalar(c_skip_hi, c_skip_lo, WIDE)
+    c_out = wide_scalar(c_out_hi, c_out_lo, WIDE)
+    a = wide_scalar(a_hi, a_lo, WIDE)
+    b = wide_scalar(b_hi, b_lo, WIDE)
+    p = wide_scalar(p_hi, p_lo, WIDE)
+    q = wide_scalar(q_hi, q_lo, WIDE)
+    c = wide_scalar(c_hi, c_lo, WIDE)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -137,7 +117,7 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, inverse_table: torch.Tensor,
     c = coefs[6]
     mode = 0 if c == 0.0 else (1 if noise is not None else 2)
     wide = x.dtype == torch.float64
-    hi, lo = zip(*(_float32_pair(k) for k in coefs)) if wide else (coefs, [0.0] * len(coefs))
+    hi, lo = zip(*(scalar_pair(k, wide) for k in coefs))
     if mode == 2 and key is None:
         raise ValueError("c != 0 needs either noise or key")
     out = torch.empty_like(x)

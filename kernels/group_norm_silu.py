@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from symfast.kernels._scalars import scalar_pair, wide_scalar
+
 _BLOCK = 4096  # elements of one [CB, SB] block
 
 
@@ -63,8 +65,9 @@ def _this_tile(C, S, G):
 
 @triton.jit
 def _forward_kernel(x_ptr, shift_ptr, weight_ptr, bias_ptr, z_ptr, mean_ptr, rstd_ptr, C, S, G,
-                    eps, HAS_SHIFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    CB: tl.constexpr, SB: tl.constexpr, ACC: tl.constexpr):
+                    eps_hi, eps_lo, HAS_SHIFT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, ACC: tl.constexpr,
+                    WIDE: tl.constexpr):
     pid, b, cg, c_start, count, base0 = _this_tile(C, S, G)
     total = tl.zeros([CB, SB], ACC)
     for c_off in range(0, cg, CB):
@@ -89,7 +92,7 @@ def _forward_kernel(x_ptr, shift_ptr, weight_ptr, bias_ptr, z_ptr, mean_ptr, rst
     raw_var = (tl.sum(tl.sum(dev2, axis=1), axis=0) - dev_sum * dev_sum / count) / count
     # a comparison keeps a NaN variance (a -inf in the group): maximum(NaN, 0) is 0 on GPUs
     var = tl.where(raw_var < 0.0, 0.0, raw_var)
-    rstd = 1.0 / tl.sqrt(var + eps)
+    rstd = 1.0 / tl.sqrt(var + wide_scalar(eps_hi, eps_lo, WIDE))
     for c_off in range(0, cg, CB):
         ch = c_off + tl.arange(0, CB)
         w, bb = _channel_params(weight_ptr, bias_ptr, c_start + c_off, cg - c_off, tl.arange(0, CB),
@@ -217,8 +220,9 @@ def forward(x: torch.Tensor, shift, weight, bias, groups: int, eps: float):
         return z, mean, rstd
     shift_t, weight_t, bias_t, flags = _flags(shift, weight, bias, x)
     cb, sb = _blocks(c // groups, s)
-    _forward_kernel[(b * groups,)](x, shift_t, weight_t, bias_t, z, mean, rstd, c, s, groups, eps,
-                                   CB=cb, SB=sb, ACC=_acc(x), **flags)
+    wide = x.dtype == torch.float64
+    _forward_kernel[(b * groups,)](x, shift_t, weight_t, bias_t, z, mean, rstd, c, s, groups,
+                                   *scalar_pair(eps, wide), CB=cb, SB=sb, ACC=_acc(x), WIDE=wide, **flags)
     return z, mean, rstd
 
 
