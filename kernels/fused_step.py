@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 
+from symfast.kernels._grid import grid, row_and_offsets
 from symfast.kernels._scalars import scalar_pair, wide_scalar
 
 _BLOCK = 1024
@@ -47,8 +48,7 @@ def _fused_step_kernel(x_ptr, y_ptr, table_ptr, u_ptr, v_ptr, noise_ptr, key_ptr
     p = wide_scalar(p_hi, p_lo, WIDE)
     q = wide_scalar(q_hi, q_lo, WIDE)
     c = wide_scalar(c_hi, c_lo, WIDE)
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    row, offs = row_and_offsets(N, BLOCK)
     mask = offs < N
     row_base = row.to(tl.int64) * N
     acc = tl.zeros([BLOCK], dtype=ACC)
@@ -130,7 +130,7 @@ def fused_step(x: torch.Tensor, y: torch.Tensor, inverse_table: torch.Tensor,
     v = v.contiguous() if v is not None else None
     noise = noise.contiguous() if mode == 1 else None
     block = min(_BLOCK, triton.next_power_of_2(n))
-    _fused_step_kernel[(m, triton.cdiv(n, block))](
+    _fused_step_kernel[grid(m, n, block)](
         x, y, inverse_table, u if u is not None else x, v if v is not None else x,
         noise if noise is not None else x, key if mode == 2 else inverse_table,
         noise_table if noise_table is not None else inverse_table,

@@ -5,6 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
+from symfast.kernels._grid import grid, row_and_offsets
 from symfast.kernels._tables import check_once
 
 _BLOCK = 1024
@@ -12,10 +13,9 @@ _BLOCK = 1024
 
 @triton.jit
 def _orbit_kernel(x_ptr, table_ptr, out_ptr, M, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    row = tl.program_id(0)  # row of the (G, M) output rows: k * M + m
+    row, offs = row_and_offsets(N, BLOCK)  # row of the (G, M) output rows: k * M + m
     k = row // M
     m = row % M
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     t = tl.load(table_ptr + k.to(tl.int64) * N + offs, mask=mask, other=0)
     src = tl.where(t < 0, -t - 1, t)
@@ -27,8 +27,7 @@ def _orbit_kernel(x_ptr, table_ptr, out_ptr, M, N, BLOCK: tl.constexpr, ACC: tl.
 
 @triton.jit
 def _orbit_mean_kernel(y_ptr, table_ptr, out_ptr, G, M, N, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    m = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m, offs = row_and_offsets(N, BLOCK)
     mask = offs < N
     acc = tl.zeros([BLOCK], dtype=ACC)
     for k in range(0, G):
@@ -72,7 +71,7 @@ def orbit_out(x: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
                          f"on {x.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
     if out.numel():
         block = min(_BLOCK, triton.next_power_of_2(n))
-        _orbit_kernel[(g * m, triton.cdiv(n, block))](x, table, out, m, n, BLOCK=block, ACC=_acc(x))
+        _orbit_kernel[grid(g * m, n, block)](x, table, out, m, n, BLOCK=block, ACC=_acc(x))
 
 
 def orbit_mean(y: torch.Tensor, inverse_table: torch.Tensor) -> torch.Tensor:
@@ -83,7 +82,7 @@ def orbit_mean(y: torch.Tensor, inverse_table: torch.Tensor) -> torch.Tensor:
     out = torch.empty((m, n), dtype=y.dtype, device=y.device)
     if out.numel():
         block = min(_BLOCK, triton.next_power_of_2(n))
-        _orbit_mean_kernel[(m, triton.cdiv(n, block))](
+        _orbit_mean_kernel[grid(m, n, block)](
             y, inverse_table, out, g, m, n, BLOCK=block,
             ACC=_acc(y))
     return out

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from symfast.kernels._grid import grid, row_and_offsets
 from symfast.kernels._tables import check_once
 
 _BLOCK = 256
@@ -18,10 +19,10 @@ _BLOCK = 256
 @triton.jit
 def _stencil_kernel(x_ptr, pos_ptr, off_ptr, out_ptr, C, H, W, Ho, Wo, R, KW, SH, SW, PH, PW,
                     s_b, s_c, s_r, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    plane = tl.program_id(0).to(tl.int64)  # b * C + c
+    plane, offs = row_and_offsets(Ho * Wo, BLOCK)  # plane b * C + c
+    plane = plane.to(tl.int64)
     b = plane // C
     c = plane % C
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < Ho * Wo
     oy = offs // Wo
     ox = offs % Wo
@@ -44,8 +45,8 @@ def _stencil_kernel(x_ptr, pos_ptr, off_ptr, out_ptr, C, H, W, Ho, Wo, R, KW, SH
 def _stencil_transpose_kernel(gs_ptr, pos_ptr, off_ptr, out_ptr, C, H, W, Ho, Wo, R, KW, SH, SW,
                               PH, PW, BLOCK: tl.constexpr, ACC: tl.constexpr):
     # A gather over the output positions each input pixel fed, so no atomics are needed.
-    plane = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    plane, offs = row_and_offsets(H * W, BLOCK)
+    plane = plane.to(tl.int64)
     mask = offs < H * W
     iy = offs // W
     ix = offs % W
@@ -110,7 +111,7 @@ def stencil(x: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor,
         strides = (hw, r * bsz * hw, bsz * hw)
     if out.numel():
         block = min(_BLOCK, triton.next_power_of_2(hw))
-        _stencil_kernel[(bsz * c, triton.cdiv(hw, block))](
+        _stencil_kernel[grid(bsz * c, hw, block)](
             x, positions, offsets, out, c, h, w, ho, wo, r, kernel_size[1], stride[0], stride[1],
             padding[0], padding[1], *strides, BLOCK=block, ACC=_acc(x.dtype))
     return out
@@ -127,7 +128,7 @@ def stencil_transpose(gs: torch.Tensor, positions: torch.Tensor, offsets: torch.
     out = torch.empty((bsz, c, h, w), dtype=gs.dtype, device=gs.device)
     if out.numel():
         block = min(_BLOCK, triton.next_power_of_2(h * w))
-        _stencil_transpose_kernel[(bsz * c, triton.cdiv(h * w, block))](
+        _stencil_transpose_kernel[grid(bsz * c, h * w, block)](
             gs, positions, offsets, out, c, h, w, ho, wo, r, kernel_size[1], stride[0], stride[1],
             padding[0], padding[1], BLOCK=block, ACC=_acc(gs.dtype))
     return out

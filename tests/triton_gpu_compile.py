@@ -108,6 +108,10 @@ def _install(arch: int, records: list[dict], errors: list[dict]) -> None:
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         start = time.perf_counter()
+        dims = tuple(grid) if isinstance(grid, (tuple, list)) else ()
+        if any(isinstance(d, int) and d > 65535 for d in dims[1:]):  # Triton's launcher does not check
+            errors.append({"kernel": _name(self), "error": f"grid {dims}: CUDA allows at most 65535 "
+                           f"programs in grid dimensions 1 and 2 (kernels/_grid.py)"})
         cut = _float32_cut(args)
         if cut:  # a compiled kernel takes a Python float as float32; the interpreter does not
             errors.append({"kernel": _name(self), "error": f"a float64 launch passes {cut}, which a "
@@ -293,6 +297,9 @@ def _cases():
                 _grad(group_norm_silu(x, 8, w, b, 1e-5, shift=s, **t), [x, w, b, s])
             x, w, b = leaf(2, 64, 32, 32, dtype=dtype), leaf(64, 64, 3, dtype=dtype), leaf(64, dtype=dtype)
             _grad(tied_conv2d(x, w, b, 3, "d4", 1, 1, **t), [x, w, b])
+            # a 4096 x 4096 plane: 65536 blocks of 256, past CUDA's cap on grid dimension 1
+            x, w = leaf(1, 1, 4096, 4096, dtype=dtype), leaf(1, 1, 3, dtype=dtype)
+            _grad(tied_conv2d(x, w, None, 3, "d4", 1, 1, **t), [x, w])
             # a text classifier's sentences (up to 512 tokens) and 300-d embeddings
             tokens = torch.randint(0, 1000, (4, 512))
             tables = (leaf(1000, 300, dtype=dtype), leaf(1000, 64, dtype=dtype), leaf(64, dtype=dtype))
