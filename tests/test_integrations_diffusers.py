@@ -660,3 +660,15 @@ def test_step_counts_and_dtypes_are_checked_as_users_pass_them(name):
     ints = torch.ones(1, 1, 2, 2, dtype=torch.int64)
     with pytest.raises(TypeError, match="must be floating-point tensors, got torch.int64"):
         sched.step(ints, sched.timesteps[0], ints)
+
+
+def test_a_step_past_the_schedule_names_the_entry_not_a_call_count():
+    """The message counted calls from the step index, which starts at a repeated timestep's
+    second entry (diffusers' rule): 7 calls read "step called 8 times"."""
+    sched = ours.EulerDiscreteScheduler()
+    sched.set_timesteps(3)
+    x = torch.zeros(1, 1, 2, 2)
+    for t in sched.timesteps:
+        x = sched.step(torch.zeros_like(x), t, x).prev_sample
+    with pytest.raises(ValueError, match="past the end of the schedule: this call would take entry 3 of 3"):
+        sched.step(torch.zeros_like(x), sched.timesteps[-1], x)

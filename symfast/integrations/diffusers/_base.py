@@ -320,8 +320,9 @@ class Scheduler(SchedulerMixin, ConfigMixin):
         if self._step_index is None:
             self._init_step_index(timestep)
         if self._step_index >= len(self._host_table()):
-            raise ValueError(f"step called {self._step_index + 1} times but the schedule has only "
-                             f"{len(self._host_table())} steps; call set_timesteps again")
+            # the index, not a call count: a repeated first timestep starts at its second entry
+            raise ValueError(f"step is past the end of the schedule: this call would take entry "
+                             f"{self._step_index} of {len(self._host_table())}; call set_timesteps again")
         return self._step_index
 
     def _timestep_indices(self, timesteps: torch.Tensor) -> list[int]:
