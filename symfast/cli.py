@@ -49,7 +49,7 @@ def info() -> int:
     from symfast._ext import load_cpu_kernels, load_errors
 
     print(f"symfast {symfast.__version__}")
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} thread{"s" if torch.get_num_threads() != 1 else ""})"
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''})"
           f"{', CUDA ' + torch.version.cuda if torch.cuda.is_available() else ', no CUDA device'}")
     print("backends:")
     print("  reference: available (plain PyTorch)")
