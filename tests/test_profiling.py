@@ -409,7 +409,7 @@ def test_every_readme_target_reads_from_the_committed_results():
     (["profile", "op", "orbit", "--backend", "warp"], "backend='warp'"),
     (["profile", "train", "--steps", "0"], "steps"),
     (["profile", "sample", "--sampler", "foo"], "sampler='foo'"),
-    (["profile", "sample", "--ema", "7"], "ema.7."),
+    (["profile", "sample", "--ema", "7"], "EMA copy 7"),
     (["profile", "sample", "--group", "d5"], "d5"),
     (["profile", "sfbd", "--n", "1000"], "n=1000"),
     (["bench", "all", "--ops", "orbit,nope"], "ops="),
