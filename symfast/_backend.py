@@ -84,6 +84,16 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def cast_for_autocast(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` in autocast's dtype when autocast is on for the first one's device, as
+    nn.Conv2d / nn.Linear cast theirs (autocast does not cast a custom op's inputs); else as
+    they are. None entries (an absent bias) stay None."""
+    if not autocast_on(tensors[0]):
+        return tensors
+    dtype = torch.get_autocast_dtype(tensors[0].device.type)
+    return tuple(t if t is None else t.to(dtype) for t in tensors)
+
+
 def autocast_on(t: object) -> bool:
     """Whether ``t`` is a tensor on a device where torch.autocast is on now (is_autocast_enabled
     raises for devices without autocast, such as meta)."""

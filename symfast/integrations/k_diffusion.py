@@ -134,9 +134,8 @@ def _sampler_noise(x: torch.Tensor, sigmas: torch.Tensor, seed: Any, noise_sampl
             if sigmas[i] > 0:
                 self.draw(i)
 
-        def draw(self, i: int) -> torch.Tensor:
-            z = noise_sampler(sigmas[i - 1], sigmas[i])
-            return self.group.act(z, self.transform) if self.transform is not None else z
+        def _normal(self, i: int) -> torch.Tensor:
+            return noise_sampler(sigmas[i - 1], sigmas[i])
 
     if noise_sampler is not None:
         if seed is not None:

@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch import nn
 
-from symfast._backend import autocast_on
+from symfast._backend import cast_for_autocast
 from symfast.ops import _checks
 from symfast.ops.classifier_select import check_temperature, classifier_select
 from symfast.reference.classifier_select import gate_softmax
@@ -43,8 +43,8 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0
     if not 0 <= f_min < f_max <= sample_rate / 2:
         raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={f_min}, "
                          f"f_max={f_max}, sample_rate={sample_rate}")
-    if n_mels < 1 or n_freqs < 2:
-        raise ValueError(f"need n_mels >= 1 and n_freqs >= 2, got {n_mels}, {n_freqs}")
+    if n_freqs < 2:
+        raise ValueError(f"need n_freqs >= 2, got {n_freqs}")
     top = sample_rate / 2 if n_fft is None else (n_freqs - 1) * sample_rate / n_fft  # sr/2 when even
     freqs = torch.linspace(0, top, n_freqs, dtype=torch.float64)
     points = mel_to_hz(torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2,
@@ -159,12 +159,7 @@ class ClassifierSelect(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         _check_features(h, self.gate_weight)
-        params = (self.gate_weight, self.gate_bias, self.weight, self.bias)
-        # under autocast the head runs in autocast's dtype, as nn.Linear does (a custom op is not
-        # cast by autocast itself), whatever dtype the features arrive in
-        if autocast_on(h):
-            dtype = torch.get_autocast_dtype(h.device.type)
-            h, params = h.to(dtype), tuple(p.to(dtype) for p in params)
+        h, *params = cast_for_autocast(h, self.gate_weight, self.gate_bias, self.weight, self.bias)
         return classifier_select(h, *params, temperature=self.temperature, backend=self.backend)
 
     def gates(self, h: torch.Tensor) -> torch.Tensor:

@@ -66,13 +66,15 @@ class NoiseSource:
         keep in step with another library's draws overrides this."""
 
     def draw(self, i: int) -> torch.Tensor:
-        """The noise tensor of step i, (B, ...) in the state's dtype."""
-        if self.key is not None:
-            z = philox_normal(self.key, i, self.shape, self.dtype)
-        else:
-            z = torch.randn(self.shape, generator=self.generator, dtype=self.dtype,
-                            device=self.device)
+        """The noise tensor of step i, (B, ...) in the state's dtype, moved by ``transform``."""
+        z = self._normal(i)
         return self.group.act(z, self.transform) if self.transform is not None else z
+
+    def _normal(self, i: int) -> torch.Tensor:
+        """Step i's unit normals before any transform."""
+        if self.key is not None:
+            return philox_normal(self.key, i, self.shape, self.dtype)
+        return torch.randn(self.shape, generator=self.generator, dtype=self.dtype, device=self.device)
 
     def add(self, x: torch.Tensor, i: int, scale: float) -> torch.Tensor:
         """x + scale · (the noise of step i): one fused op when the noise is untransformed Philox
