@@ -198,22 +198,26 @@ def test_bad_inputs():
 
 
 def test_cpu_kernel_checks_bounds_itself():
-    """Called past the Python checks, the C++ kernel refuses out-of-range ids and lengths."""
+    """The C++ kernels refuse out-of-range ids and lengths with the public op's errors (IndexError,
+    ValueError, the same messages): the Python op leaves those checks to them on the cpu backend."""
     from symfast._ext import load_cpu_kernels
 
     assert load_cpu_kernels("attention_pool")
     tokens, lengths, emb, keys, query = _inputs(4, 6, 10, 5, 3, torch.float32, "cpu")
     fwd = torch.ops.symfast.attention_pool_fwd_cpu
-    with pytest.raises(RuntimeError, match="tokens"):
+    with pytest.raises(IndexError, match=r"tokens holds ids in \[\d+, \d+\], outside the vocabulary \[0, 10\)"):
         fwd(tokens + 10, lengths, emb, keys, query, True)
-    with pytest.raises(RuntimeError, match="tokens"):
+    with pytest.raises(IndexError, match="outside the vocabulary"):
         fwd(tokens - 20, lengths, emb, keys, query, True)
-    with pytest.raises(RuntimeError, match="lengths"):
+    with pytest.raises(ValueError, match=r"lengths must lie in \[1, L = 6\], got values in"):
         fwd(tokens, lengths + 6, emb, keys, query, True)
     _, weights = fwd(tokens, lengths, emb, keys, query, True)
-    with pytest.raises(RuntimeError, match="tokens"):
+    with pytest.raises(IndexError, match="outside the vocabulary"):
         torch.ops.symfast.attention_pool_bwd_cpu(torch.ones(4, 5), None, tokens + 10, lengths, emb,
                                                  keys, query, weights, True, True, True, True)
+    for bad, exc in ((tokens + 10, IndexError), (tokens, ValueError)):
+        with pytest.raises(exc):  # through the public op, which runs no value check of its own
+            attention_pool(bad, lengths + 6 * (exc is ValueError), emb, keys, query, backend="cpu")
 
 
 @pytest.mark.parametrize("d, dk", [(0, 4), (6, 0)])

@@ -23,8 +23,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embedding: torch.Tensor,
-                 keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """Validate the arguments of :func:`attention_pool`; returns lengths (all L when None)."""
+                 keys: torch.Tensor, query: torch.Tensor, values: bool = True) -> torch.Tensor:
+    """Validate the arguments of :func:`attention_pool`; returns lengths (all L when None).
+    ``values``: also :func:`check_values` (the cpu kernels check the values in the pass that
+    reads them, raising the same errors: four torch reductions less per call)."""
     _checks.integer_tensor("tokens", tokens, "word ids")
     _checks.floating("embedding", embedding)
     _checks.floating("keys", keys)
@@ -56,6 +58,16 @@ def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embeddin
             raise ValueError(f"lengths must be an integer tensor of shape ({b},), got shape "
                              f"{tuple(lengths.shape)}")
         _checks.like("lengths", lengths, "tokens", tokens, dtype=False)
+    if values:
+        check_values(tokens, lengths, v)
+    if lengths is None:
+        return torch.full((b,), l, dtype=torch.int64, device=tokens.device)
+    return lengths
+
+
+def check_values(tokens: torch.Tensor, lengths: Optional[torch.Tensor], v: int) -> None:
+    """Token ids in [0, v) (IndexError) and lengths in [1, L] (ValueError)."""
+    b, l = tokens.shape
     if torch.compiler.is_compiling():
         # reading the values on the host would break the graph: the same refusal as assertions
         # in the graph (the Triton kernels index with the ids unchecked)
@@ -78,9 +90,6 @@ def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embeddin
                                  f"outside the vocabulary [0, {v})")
             raise ValueError(f"lengths must lie in [1, L = {l}], got values in "
                              f"[{int(lengths.min())}, {int(lengths.max())}]")
-    if lengths is None:
-        return torch.full((b,), l, dtype=torch.int64, device=tokens.device)
-    return lengths
 
 
 @_dispatch.forwarding(_OP, cpu="attention_pool_fwd_cpu", triton="forward")
@@ -161,9 +170,12 @@ def attention_pool(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embedd
 
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for the device.
     """
-    lengths = check_inputs(tokens, lengths, embedding, keys, query)
+    given_lengths = lengths
+    lengths = check_inputs(tokens, lengths, embedding, keys, query, values=False)
     _checks.flag("mask_padding", mask_padding)
     backend = _dispatch.resolve(backend, embedding, _OP)
+    if backend != "cpu" or torch.compiler.is_compiling():  # compiled: the fake kernel reads none
+        check_values(tokens, given_lengths, embedding.shape[0])
     if backend == "reference":
         pooled, weights = reference.attention_pool(tokens, lengths, embedding, keys, query,
                                                    mask_padding)
