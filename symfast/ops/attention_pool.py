@@ -23,10 +23,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embedding: torch.Tensor,
-                 keys: torch.Tensor, query: torch.Tensor, values: bool = True) -> torch.Tensor:
-    """Validate the arguments of :func:`attention_pool`; returns lengths (all L when None).
-    ``values``: also :func:`check_values` (the cpu kernels check the values in the pass that
-    reads them, raising the same errors: four torch reductions less per call)."""
+                 keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Validate the types and shapes of :func:`attention_pool`'s arguments; returns lengths (all L
+    when None). Their values: :func:`check_values`, or the cpu kernels, which check them in the
+    pass that reads them with the same errors (four torch reductions less per call)."""
     _checks.integer_tensor("tokens", tokens, "word ids")
     _checks.floating("embedding", embedding)
     _checks.floating("keys", keys)
@@ -58,8 +58,6 @@ def check_inputs(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embeddin
             raise ValueError(f"lengths must be an integer tensor of shape ({b},), got shape "
                              f"{tuple(lengths.shape)}")
         _checks.like("lengths", lengths, "tokens", tokens, dtype=False)
-    if values:
-        check_values(tokens, lengths, v)
     if lengths is None:
         return torch.full((b,), l, dtype=torch.int64, device=tokens.device)
     return lengths
@@ -171,7 +169,7 @@ def attention_pool(tokens: torch.Tensor, lengths: Optional[torch.Tensor], embedd
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for the device.
     """
     given_lengths = lengths
-    lengths = check_inputs(tokens, lengths, embedding, keys, query, values=False)
+    lengths = check_inputs(tokens, lengths, embedding, keys, query)
     _checks.flag("mask_padding", mask_padding)
     backend = _dispatch.resolve(backend, embedding, _OP)
     if backend != "cpu" or torch.compiler.is_compiling():  # compiled: the fake kernel reads none
