@@ -248,14 +248,19 @@ def under_dispatch_mode() -> bool:
 
 @contextlib.contextmanager
 def real_tensors() -> Iterator[None]:
-    """Host-side tables (gather indices) are built as real tensors even under a dispatch mode:
-    they are cached for every later call, and a fake one kept would break each real call after."""
-    if not under_dispatch_mode():
+    """Host-side tables (gather indices) are built as real CPU tensors even under a dispatch mode
+    or a default device (``with torch.device("meta")``, ``torch.set_default_device``): they are
+    cached for every later call, and a fake or meta one kept would break each real call after."""
+    if torch.compiler.is_dynamo_compiling():  # dynamo traces the construction: no modes to leave
         yield
         return
-    from torch.utils._python_dispatch import _disable_current_modes
-    with _disable_current_modes():
-        yield
+    with torch.device("cpu"):
+        if not under_dispatch_mode():
+            yield
+            return
+        from torch.utils._python_dispatch import _disable_current_modes
+        with _disable_current_modes():
+            yield
 
 
 def for_dispatch_mode(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -320,7 +325,11 @@ def cyclic(n: int) -> Group:
 def channel_perm(perms: Sequence[Sequence[int]]) -> Group:
     """Permutations of dim -3 (channels of (..., C, H, W)); ``perms`` lists the elements, each a
     permutation of range(C), and must be closed under composition and contain the identity."""
-    perms = [list(p) for p in perms]
+    try:
+        perms = [[operator.index(i) for i in p] for p in perms]
+    except TypeError:
+        raise TypeError(f"perms must be a list of permutations (each a list of channel indices), "
+                        f"e.g. [[0, 1, 2], [1, 0, 2]]; got {perms!r}") from None
     if not perms:
         raise ValueError("perms must be a non-empty list of permutations")
     c = len(perms[0])
@@ -340,9 +349,11 @@ def sign_flip() -> Group:
     return Group("sign", [_identity, torch.neg], event_ndim=0, probe_shape=())
 
 
-def product(a: Group, b: Group) -> Group:
+def product(a: Group | str, b: Group | str) -> Group:
     """Direct product: elements g_a ∘ g_b; the two actions must commute (checked on the probe:
-    c4 and flip_h do not, and their "product" would be D4 under another name)."""
+    c4 and flip_h do not, and their "product" would be D4 under another name). ``a`` and ``b``
+    are groups or their names."""
+    a, b = get(a), get(b)
     ndim = max(a.event_ndim, b.event_ndim)
 
     def padded(g: Group) -> list[int]:

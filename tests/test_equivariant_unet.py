@@ -37,6 +37,73 @@ def test_from_conv2d_keeps_a_symmetric_kernel_and_projects_others():
     assert rel_err(tied(x), conv(x)) <= TOL[torch.float32]
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(kernel_size=3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
+    (dict(kernel_size=3, dilation=2), "dilation"),
+    (dict(kernel_size=2, padding="same"), "even kernel"),
+    (dict(kernel_size=3, groups=2), "groups=2"),
+])
+def test_from_conv2d_refuses_what_it_cannot_reproduce(kwargs, match):
+    """It built a zero-padded, undilated, ungrouped layer for these (reflect padding 1.31 off an
+    invariant kernel's conv, dilation 2 a 10x10 output for 8x8, groups=2 a reshape crash)."""
+    with pytest.raises(ValueError, match=match):
+        TiedConv2d.from_conv2d(nn.Conv2d(2, 2, **kwargs), "d4")
+    with pytest.raises(TypeError, match="conv must be a torch.nn.Conv2d"):
+        TiedConv2d.from_conv2d(nn.Linear(2, 2), "d4")
+
+
+def test_tie_weights_keeps_a_shared_conv_shared_and_ties_every_place():
+    """A conv used twice was tied in its first place only (the second stayed an untied
+    nn.Conv2d, equivariance error 0.54) with report.exact True; one shared under two parents
+    became two separate TiedConv2d, losing the weight sharing."""
+    torch.manual_seed(0)
+    shared = nn.Conv2d(2, 2, 3, padding=1)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    report = tie_weights(model, "d4")
+    assert report.exact and report.tied == ["0", "2"]
+    assert isinstance(model[2], TiedConv2d) and model[0] is model[2]
+    assert equivariance_error(model, torch.randn(2, 2, 8, 8), "d4") <= 1e-5
+    inner = nn.Conv2d(2, 2, 3, padding=1)
+    block = nn.Sequential(inner)
+    model = nn.Sequential(block, nn.Sequential(inner), block)  # under two parents, one parent twice
+    report = tie_weights(model, "d4")
+    assert report.exact and sorted(report.tied) == ["0.0", "1.0", "2.0"]
+    assert model[0][0] is model[1][0] is model[2][0] and isinstance(model[0][0], TiedConv2d)
+    assert len(list(model.parameters())) == 2  # one weight, one bias
+
+
+@pytest.mark.parametrize("cls", [UNet, EquivariantUNet])
+def test_unets_under_torch_func_grad_jacrev_and_vmap(cls):
+    """The UNets' own autograd.Functions (1x1 convolution, upsampling) were old-style only:
+    torch.func.grad / jacrev / vmap refused them ("must override the setup_context
+    staticmethod"). Eager training keeps the old-style ones (cheaper per call)."""
+    torch.manual_seed(0)
+    net = cls(1, 1, channels=(8, 16))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0.1, 0.3])
+    params = dict(net.named_parameters())
+    grads = torch.func.grad(lambda p: torch.func.functional_call(net, p, (x, t)).square().sum())(params)
+    net(x, t).square().sum().backward()
+    for name, p in net.named_parameters():
+        assert rel_err(grads[name], p.grad) <= 1e-5, name
+    jac = torch.func.jacrev(lambda z: net(z, t[:1]))(x[:1])
+    want = torch.autograd.functional.jacobian(lambda z: net(z, t[:1]), x[:1])
+    assert rel_err(jac, want) <= 1e-5
+    batched = torch.vmap(lambda z: net(z[None], t[:1])[0])(x)
+    assert rel_err(batched, torch.cat([net(x[i:i + 1], t[:1]) for i in range(2)])) <= 1e-5
+
+
+def test_equivariance_loss_takes_a_model_returning_a_tuple():
+    """symmetrize and equivariance_error take a tuple's first tensor (as diffusers models
+    return); equivariance_loss failed subtracting a tensor from the tuple."""
+    torch.manual_seed(3)
+    net = UNet(1, 1, channels=(8, 16))
+    x, sigma = torch.randn(2, 1, 8, 8), torch.ones(2)
+
+    def loss(model):
+        return equivariance_loss(model, x, sigma, "d4", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loss(lambda z, s: (net(z, s),)), loss(net))
+
+
 @pytest.mark.parametrize("size", [16, 32, 64])
 def test_equivariant_unet_is_exact_for_d4(size):
     torch.manual_seed(size)

@@ -340,6 +340,10 @@ def test_bad_inputs_name_the_argument(backend):
     for exc, match, call in cases:
         with pytest.raises(exc, match=match):
             call()
+    # a numpy scalar eps, as F.group_norm takes it (it was refused as not a number)
+    import numpy as np
+    assert torch.equal(group_norm_silu(x, 2, eps=np.float32(1e-3), backend=backend),
+                       group_norm_silu(x, 2, eps=float(np.float32(1e-3)), backend=backend))
 
 
 def test_cpu_kernel_checks_its_inputs():

@@ -74,6 +74,10 @@ def test_bad_inputs_raise_clear_errors():
         Group("bad", [lambda x: torch.flip(x, (-1,)), lambda x: x], event_ndim=1, probe_shape=(4,))
     with pytest.raises(ValueError, match="permutations of range"):
         groups.channel_perm([[0, 0, 1]])
+    for bad in ([0, 1, 2], "abc", 3, [[0.0, 1.0]]):  # was "'int' object is not iterable"
+        with pytest.raises(TypeError, match="perms must be a list of permutations"):
+            groups.channel_perm(bad)
+    assert len(groups.product("flip_h", "flip_v")) == 4  # names, as every other API takes
     with pytest.raises(ValueError, match="positive int"):
         groups.cyclic(0)
     with pytest.raises(ValueError, match="positive int, got True"):

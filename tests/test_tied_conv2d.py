@@ -284,6 +284,49 @@ def test_compile_fullgraph_forward_and_backward():
     assert rel_err(w2.grad, want) <= TOL[torch.float32]
 
 
+def test_compile_fullgraph_with_orbits_not_yet_cached():
+    """Finding a kernel's orbits reads tensor values: fullgraph=True failed ("Could not guard on
+    data-dependent expression") whenever the orbit cache had no entry for the group object,
+    e.g. a deepcopied (or pickled) module, whose group is a new object, or a first call inside
+    the compiled function; the orbits enter the graph as constants now."""
+    import copy
+
+    from symfast.nn import TiedConv2d
+    torch.manual_seed(0)
+    layer = TiedConv2d(2, 3, 5, "c4")
+    clone = copy.deepcopy(layer)
+    assert clone.group is not layer.group
+    x = torch.randn(2, 2, 7, 7)
+    assert rel_err(torch.compile(clone, fullgraph=True, backend="aot_eager")(x), layer(x)) <= 1e-6
+    fresh = groups.product("flip_h", "flip_v")  # a new group object: nothing cached for it
+    w = torch.randn(4, 2, 4)
+    fn = torch.compile(lambda a, b: tied_conv2d(a, b, None, 3, fresh, 1, 1), fullgraph=True,
+                       backend="aot_eager")
+    want = F.conv2d(x, expand_weight(w, kernel_orbits(fresh, (3, 3))), padding=1)
+    assert rel_err(fn(x, w), want) <= TOL[torch.float32]
+    # the kernel-size error is the ValueError, not dynamo's internal error wrapping it
+    bad = torch.compile(lambda a, b: tied_conv2d(a, b, None, (3, 2), "c4", 1, 1), backend="aot_eager")
+    with pytest.raises(ValueError, match="need a square kernel"):
+        bad(x, w)
+
+
+def test_modules_build_on_the_meta_device():
+    """The orbit tables were made on the default device: under torch.device("meta") their
+    values could not be read (Tensor.item() on a meta tensor)."""
+    from symfast.nn import EquivariantUNet, TiedConv2d
+    with torch.device("meta"):
+        layer = TiedConv2d(2, 3, 7, "c4")  # a kernel size no other test caches first
+        net = EquivariantUNet(1, 1, channels=(8, 16), group="flip_h")
+    assert layer.weight.is_meta and layer.orbits.index.device.type == "cpu"
+    layer = layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    x = torch.randn(1, 2, 9, 9)
+    want = F.conv2d(x, layer.expanded_weight(), layer.bias, padding=3)
+    assert rel_err(layer(x), want) <= TOL[torch.float32]
+    net = net.to_empty(device="cpu")
+    assert net(torch.randn(1, 1, 8, 8), 0.1).shape == (1, 1, 8, 8)
+
+
 # The CPU fp32/bf16 stride-1 kernels put several samples side by side on one "canvas" when a plane
 # is narrower than (or not a multiple of) the 16-column strips, and run the input gradient as the
 # forward op on grad_out (theta transposed, positions reflected). Shapes: planes 5x7, 8x8, 4x4,

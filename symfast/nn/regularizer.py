@@ -51,5 +51,5 @@ def equivariance_loss(model: Callable[..., torch.Tensor], x_t: torch.Tensor,
         raise ValueError(f"x_t must hold at least one sample, got shape {tuple(x_t.shape)}")
     index = torch.randint(len(group), (x_t.shape[0],), generator=generator)
     pulled_back = equivariance_target(target or model, x_t, sigma, group, index)
-    out = model(x_t, sigma)
+    out = _main_tensor(model(x_t, sigma))  # a tuple or diffusers output, as symmetrize takes
     return (out - pulled_back).pow(2).mean()

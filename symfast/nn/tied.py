@@ -77,7 +77,14 @@ class TiedConv2d(nn.Module):
     def from_conv2d(cls, conv: nn.Conv2d, group: Group | str,
                     backend: str | None = None) -> "TiedConv2d":
         """A tied layer whose kernel is the orbit average of ``conv``'s (the nearest G-invariant
-        kernel in the least-squares sense); padding and stride are kept."""
+        kernel in the least-squares sense); padding and stride are kept. Raises ValueError for a
+        convolution TiedConv2d cannot reproduce (grouped, dilated, a padding_mode other than
+        "zeros", padding="same" with an even kernel, a kernel the group cannot act on)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        reason = _can_tie(conv, get(group))
+        if reason is not None:
+            raise ValueError(f"conv cannot be tied: {reason}")
         padding = conv.padding
         if isinstance(padding, str):
             padding = (0, 0) if padding == "valid" else (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
@@ -102,7 +109,8 @@ class TiedConv2d(nn.Module):
 
 @dataclass
 class TieReport:
-    """What :func:`tie_weights` did: ``tied`` names the converted layers, ``problems`` lists
+    """What :func:`tie_weights` did: ``tied`` names the converted layers (a layer used in several
+    places under each of its names; all of them hold one TiedConv2d), ``problems`` lists
     ``(module name, reason)`` for everything that still breaks exact equivariance."""
 
     tied: list[str] = field(default_factory=list)
@@ -206,9 +214,19 @@ def tie_weights(module: nn.Module, group: Group | str, backend: str | None = Non
                         "TiedConv2d.from_conv2d(module, group)")
     report = TieReport()
     axes = _mirrored_axes(group)
-    for parent_name, parent in list(module.named_modules()):
-        for child_name, child in list(parent.named_children()):
+    # A layer used in several places (or under several parents) is converted once and the same
+    # TiedConv2d put in each place, so the weight stays shared; named_modules/named_children
+    # without remove_duplicate=False would visit only its first place.
+    converted: dict[int, TiedConv2d] = {}
+    for parent_name, parent in list(module.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if id(child) in converted:
+                setattr(parent, child_name, converted[id(child)])
+                report.tied.append(name)
+                continue
             if isinstance(child, nn.Conv2d) and _pointwise(child):
                 continue  # a 1x1 kernel is its own orbit: it commutes as it is (and keeps its layout)
             if isinstance(child, nn.Conv2d):
@@ -216,7 +234,9 @@ def tie_weights(module: nn.Module, group: Group | str, backend: str | None = Non
                 if reason is not None:
                     report.problems.append((name, f"left untied: {reason}"))
                     continue
-                setattr(parent, child_name, TiedConv2d.from_conv2d(child, group, backend=backend))
+                tied = converted[id(child)] = TiedConv2d.from_conv2d(child, group, backend=backend)
+                converted[id(tied)] = tied  # met again under a shared parent: already counted
+                setattr(parent, child_name, tied)
                 report.tied.append(name)
                 report.problems.extend((name, p) for p in _conv_problems(child))
             elif isinstance(child, TiedConv2d):

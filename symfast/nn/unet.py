@@ -25,7 +25,7 @@ from torch import nn
 from symfast._backend import autocast_on, matmul_dtype
 from symfast.groups import Group, get
 from symfast.nn.tied import TiedConv2d
-from symfast.ops import _checks
+from symfast.ops import _checks, _dispatch
 from symfast.ops.group_norm_silu import group_norm_silu
 
 
@@ -51,35 +51,37 @@ def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, backend: str | None,
     return group_norm_silu(x, norm.num_groups, weight, bias, norm.eps, shift=shift, backend=backend)
 
 
-class _Upsample2x(torch.autograd.Function):
-    """Nearest 2x upsampling with a hand-written backward. Forward: four strided copies into a
+def _upsample2x_forward(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    out = x.new_empty((b, c, h, 2, w, 2))
+    for i in range(2):
+        for j in range(2):
+            out[:, :, :, i, :, j] = x
+    return out.view(b, c, 2 * h, 2 * w)
+
+
+def _upsample2x_backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    b, c, h2, w2 = grad.shape
+    rows = grad.reshape(b, c, h2 // 2, 2, w2)
+    summed = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(b, c, h2 // 2, w2 // 2, 2)
+    return summed[..., 0] + summed[..., 1]
+
+
+_upsample2x = _dispatch.autograd_function(
+    "_Upsample2x", _upsample2x_forward, lambda ctx, inputs, output: None, _upsample2x_backward,
+    generate_vmap_rule=True)
+_upsample2x.__doc__ = """Nearest 2x upsampling with a hand-written backward. Forward: four strided copies into a
     (B, C, H, 2, W, 2) buffer; backward: the 2x2 block sums as two adds of strided halves (rows,
     then columns). Measured on the development machine (fp32, 2 threads, min of repeats), forward
     / backward in ms: (64, 64, 8, 8) 1.44 / 4.9 with repeat_interleave twice (whose backward is two
     reductions over a length-2 axis) -> 0.70 / 0.17, (64, 64, 4, 4) 0.27 / 1.07 -> 0.14 / 0.07;
     F.interpolate's CPU kernel took ~1 ms for a (4, 64, 16, 16) input against ~0.3 ms."""
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        out = x.new_empty((b, c, h, 2, w, 2))
-        for i in range(2):
-            for j in range(2):
-                out[:, :, :, i, :, j] = x
-        return out.view(b, c, 2 * h, 2 * w)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        b, c, h2, w2 = grad.shape
-        rows = grad.reshape(b, c, h2 // 2, 2, w2)
-        summed = (rows[:, :, :, 0] + rows[:, :, :, 1]).view(b, c, h2 // 2, w2 // 2, 2)
-        return summed[..., 0] + summed[..., 1]
-
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
     """Nearest 2x upsampling, equal to F.interpolate(x, scale_factor=2, mode="nearest").
     x: (B, C, H, W) -> (B, C, 2H, 2W)."""
-    return _Upsample2x.apply(x)
+    return _upsample2x(x)
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
@@ -93,42 +95,47 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
     return out.to(out_dtype)
 
 
-class _Pointwise(torch.autograd.Function):
-    """y[b] = bias + W @ x[b], x: (B, C, N), W: (O, C), bias: (O,) or None -> (B, O, N), with the
+def _pointwise_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    dtype = (torch.get_autocast_dtype(x.device.type) if autocast_on(x)
+             else torch.promote_types(x.dtype, weight.dtype))
+    b = x.shape[0]
+    w = weight.unsqueeze(0).expand(b, -1, -1)
+    add = None if bias is None else bias.view(1, -1, 1).expand(b, -1, 1)
+    return _bmm(w, x, dtype, add)
+
+
+def _pointwise_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _pointwise_backward(ctx, grad: torch.Tensor):
+    # Under bf16 autocast the forward's product ran in bf16 (grad is bf16) while x and the
+    # parameters may be fp32: the products run in grad's dtype, as autocast's baddbmm
+    # backward does, and each gradient returns in its input's dtype (batch sums in fp32).
+    x, weight = ctx.saved_tensors
+    b = x.shape[0]
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = _bmm(weight.t().unsqueeze(0).expand(b, -1, -1), grad, grad.dtype).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        gw = _bmm(grad, x.transpose(1, 2), grad.dtype).sum(0, dtype=weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        # summed in fp32 at least (bf16 grads), in fp64 for fp64
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        gb = grad.sum((0, 2), dtype=acc).to(ctx.bias_dtype)
+    return gx, gw, gb
+
+
+_pointwise = _dispatch.autograd_function("_Pointwise", _pointwise_forward, _pointwise_setup_context,
+                                         _pointwise_backward, generate_vmap_rule=True)
+_pointwise.__doc__ = """y[b] = bias + W @ x[b], x: (B, C, N), W: (O, C), bias: (O,) or None -> (B, O, N), with the
     backward written out: autograd's baddbmm backward reduced the bias gradient in two sums (over
     pixels, then over the batch of the expanded bias) and ran four more nodes (views, expands).
     Under autocast the product's dtype is autocast's, as for nn.Conv2d; bf16/fp16 products run
     in fp32 on CPUs without arithmetic in them (:func:`symfast._backend.matmul_dtype`)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        dtype = (torch.get_autocast_dtype(x.device.type) if autocast_on(x)
-                 else torch.promote_types(x.dtype, weight.dtype))
-        b = x.shape[0]
-        w = weight.unsqueeze(0).expand(b, -1, -1)
-        add = None if bias is None else bias.view(1, -1, 1).expand(b, -1, 1)
-        return _bmm(w, x, dtype, add)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # Under bf16 autocast the forward's product ran in bf16 (grad is bf16) while x and the
-        # parameters may be fp32: the products run in grad's dtype, as autocast's baddbmm
-        # backward does, and each gradient returns in its input's dtype (batch sums in fp32).
-        x, weight = ctx.saved_tensors
-        b = x.shape[0]
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _bmm(weight.t().unsqueeze(0).expand(b, -1, -1), grad, grad.dtype).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            gw = _bmm(grad, x.transpose(1, 2), grad.dtype).sum(0, dtype=weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            # summed in fp32 at least (bf16 grads), in fp64 for fp64
-            acc = torch.promote_types(grad.dtype, torch.float32)
-            gb = grad.sum((0, 2), dtype=acc).to(ctx.bias_dtype)
-        return gx, gw, gb
 
 
 class PointwiseConv2d(nn.Conv2d):
@@ -143,7 +150,7 @@ class PointwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = _Pointwise.apply(x.reshape(b, c, h * w), self.weight.view(self.out_channels, c), self.bias)
+        y = _pointwise(x.reshape(b, c, h * w), self.weight.view(self.out_channels, c), self.bias)
         return y.view(b, self.out_channels, h, w)
 
 

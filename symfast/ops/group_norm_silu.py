@@ -8,6 +8,8 @@ sums of the same per-element terms gx needs.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from symfast import _backend
@@ -88,7 +90,8 @@ def _check(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torc
     b, c = x.shape[:2]
     if groups < 1 or c % groups:
         raise ValueError(f"groups must be a positive divisor of the {c} channels of x, got {groups}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+    # numbers.Real: numpy scalars too, as F.group_norm takes them
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < float("inf"):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     for name, t, shape in (("shift", shift, (b, c)), ("weight", weight, (c,)), ("bias", bias, (c,))):
         if t is not None and t.shape != shape:  # the message formatted only when it is raised
@@ -111,5 +114,5 @@ def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None = 
     _check(x, groups, weight, bias, eps, shift)
     backend = _dispatch.resolve(backend, x, _OP)
     if backend == "reference":
-        return reference.group_norm_silu(x, groups, weight, bias, eps, shift)
+        return reference.group_norm_silu(x, groups, weight, bias, float(eps), shift)
     return _forward_eager(x, shift, weight, bias, groups, float(eps), backend)[0]

@@ -46,11 +46,47 @@ def kernel_orbits(group: Group | str, kernel_size: tuple[int, int]) -> KernelOrb
     kernel of this size by permuting its positions (e.g. C4 or D4 on a non-square kernel)."""
     group = get(group)
     kh, kw = kernel_size
+    if torch.compiler.is_compiling():
+        # Finding the orbits reads tensor values (data-dependent to dynamo: fullgraph=True failed
+        # where the cache had no entry for this group object, e.g. a deepcopied module): the
+        # tables enter the graph as constants, computed eagerly by _orbit_of_each_position.
+        orbit_of = _orbit_of_each_position(group, kh, kw)
+        if isinstance(orbit_of, str):
+            raise ValueError(orbit_of)
+        return _orbits_from_index((kh, kw), orbit_of)
+    return _cached_orbits(group, kh, kw)
+
+
+def _cached_orbits(group: Group, kh: int, kw: int) -> KernelOrbits:
     cached = _ORBIT_CACHE.setdefault(group, {})
     if (kh, kw) not in cached:
         with real_tensors():  # host tables, cached: never fakes (see symfast.groups.real_tensors)
             cached[(kh, kw)] = _kernel_orbits(group, kh, kw)
     return cached[(kh, kw)]
+
+
+@torch.compiler.assume_constant_result
+def _orbit_of_each_position(group: Group, kh: int, kw: int) -> tuple[int, ...] | str:
+    """The orbit of each position, or the ValueError's message (raised in the traced code, so
+    the user gets the ValueError rather than dynamo's internal error wrapping it)."""
+    try:
+        return tuple(_cached_orbits(group, kh, kw).index.tolist())
+    except ValueError as exc:
+        return str(exc)
+
+
+def _orbits_from_index(kernel_size: tuple[int, int], orbit_of: tuple[int, ...]) -> KernelOrbits:
+    """KernelOrbits from the orbit number of each position (orbits numbered by first position)."""
+    count = max(orbit_of) + 1
+    positions = sorted(range(len(orbit_of)), key=lambda p: orbit_of[p])  # stable: by position
+    offsets = [0] * (count + 1)
+    for r in orbit_of:
+        offsets[r + 1] += 1
+    for r in range(count):
+        offsets[r + 1] += offsets[r]
+    return KernelOrbits(kernel_size, torch.tensor(orbit_of, dtype=torch.int64),
+                        torch.tensor(positions, dtype=torch.int32),
+                        torch.tensor(offsets, dtype=torch.int32))
 
 
 def _kernel_orbits(group: Group, kh: int, kw: int) -> KernelOrbits:
