@@ -662,6 +662,28 @@ def test_step_counts_and_dtypes_are_checked_as_users_pass_them(name):
         sched.step(ints, sched.timesteps[0], ints)
 
 
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+                                  "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("out_dtype, sample_dtype", [(torch.float16, torch.float32),
+                                                     (torch.bfloat16, torch.float32),
+                                                     (torch.float32, torch.float64)])
+def test_mixed_dtype_steps_return_what_diffusers_returns(name, out_dtype, sample_dtype):
+    """A UNet under autocast hands fp16/bf16 outputs to fp32 latents: DPM-Solver cast its result
+    to the raw output's dtype (latents in fp16, 1% off over 20 steps) where diffusers keeps the
+    converted output's (fp32)."""
+    x = torch.randn(1, 2, 4, 4, dtype=sample_dtype, generator=torch.Generator().manual_seed(0)) * 3
+    out = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(1)).to(out_dtype)
+    got = []
+    for cls in (getattr(ours, name), getattr(diffusers, name)):
+        sched = cls()
+        sched.set_timesteps(5)
+        kwargs = ({"generator": torch.Generator().manual_seed(2)}
+                  if "generator" in inspect.signature(sched.step).parameters else {})
+        got.append(sched.step(out, sched.timesteps[0], x, **kwargs).prev_sample.dtype)
+    assert got[0] == got[1]
+
+
 def test_a_step_past_the_schedule_names_the_entry_not_a_call_count():
     """The message counted calls from the step index, which starts at a repeated timestep's
     second entry (diffusers' rule): 7 calls read "step called 8 times"."""

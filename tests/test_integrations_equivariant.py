@@ -186,14 +186,68 @@ def _model_index(folder):
     return json.loads((folder / "model_index.json").read_text())
 
 
+def test_an_orbit_scheduler_copied_with_from_config_keeps_its_group():
+    """type(s).from_config(s.config), diffusers' way to copy a scheduler, made an orbit scheduler
+    with no group: AttributeError at its first step."""
+    pipe = diffusers.DDPMPipeline(unet=_NearDenoiser(_unet()), scheduler=diffusers.EulerDiscreteScheduler())
+    ours.equivariant(pipe, "c4")
+    copied = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    assert copied._orbit_group is get("c4") and copied._orbit_source is diffusers.EulerDiscreteScheduler
+    x = _x()
+    assert _max_diff(_run(pipe.unet, copied, x), _run(pipe.unet, pipe.scheduler, x)) == 0.0
+
+
 def test_orbit_unet_chunks_and_per_sample_arguments():
     unet, x = _unet(), _x(batch=3)
     t = torch.tensor([10, 500, 900])
     one = eq_module.OrbitUNet(unet, D4)(x, t).sample
     three = eq_module.OrbitUNet(unet, D4, chunks=3)(x, t).sample
     assert one.shape == (24, 3, 8, 8) and _max_diff(one, three) <= ATOL
-    with torch.no_grad():  # block k is unet(g_k x) with each sample's own timestep
-        assert _max_diff(one[6:9], unet(D4.act(x, 2), t).sample) <= ATOL
+    with torch.no_grad():  # sample-major: rows 8b + k are unet(g_k x[b]) at sample b's timestep
+        assert _max_diff(one[2::8], unet(D4.act(x, 2), t).sample) <= ATOL
+        assert _max_diff(one[8:16], unet(eq_module.orbit(x[1:2], D4), t[1]).sample) <= ATOL
+
+
+class _Conditioned(torch.nn.Module):
+    """A UNet taking encoder states (as UNet2DConditionModel does): the sample plus a per-sample
+    embedding projected to the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.unet, self.proj = _unet(), torch.nn.Linear(4, 3)
+
+    def forward(self, x, t, encoder_hidden_states):
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+        shift = self.proj(encoder_hidden_states.mean(1))[:, :, None, None]
+        return UNet2DOutput(sample=x + 0.1 * self.unet(x + shift, t).sample)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_classifier_free_guidance_splits_the_orbit_output_by_sample(name):
+    """StableDiffusionPipeline's loop: unet(cat([x] * 2)), .chunk(2) into uncond / cond, guidance,
+    step. The orbit output was element-major, so chunk(2) split it by group element (g0-g3 vs
+    g4-g7): no error, latents off by 285 where they peak at 537."""
+    torch.manual_seed(0)
+    model = _Conditioned().eval()
+    x, cond = _x(batch=2), torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(2))
+    states = torch.cat([torch.zeros_like(cond), cond])
+
+    @torch.no_grad()
+    def guided(unet, scheduler, scale=5.0):
+        scheduler.set_timesteps(4)
+        lat = x * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(torch.cat([lat] * 2), t), t,
+                       encoder_hidden_states=states).sample
+            uncond, text = out.chunk(2)
+            lat = scheduler.step(uncond + scale * (text - uncond), t, lat).prev_sample
+        return lat
+    scheduler = getattr(ours, name)()
+    want = guided(ours.LoopAveragedUNet(model, D4), scheduler)
+    pipe = diffusers.DDPMPipeline(unet=model, scheduler=scheduler)
+    ours.equivariant(pipe, D4)
+    got = guided(pipe.unet, pipe.scheduler)
+    assert _max_diff(got, want) <= ATOL * max(1.0, want.abs().max().item())
 
 
 def test_bad_inputs_raise_clear_errors():

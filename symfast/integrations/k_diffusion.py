@@ -184,6 +184,14 @@ def _tensor_sigmas(callback: Callable | None, sigmas: torch.Tensor) -> Callable 
     return report
 
 
+def _to_d(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_dtype: torch.dtype) -> torch.Tensor:
+    """k-diffusion's to_d, (x − D) / σ, in its dtype: its σ is a tensor of the table's dtype with
+    x's dims, so the result (and the state from the first step on) is promoted to that dtype, a
+    bf16 x with float32 sigmas to float32 (kept in bf16, Euler ended 100x further from fp64)."""
+    diff = x - denoised
+    return diff.to(torch.promote_types(diff.dtype, sigma_dtype)) / sigma
+
+
 def _churn_tables(host: torch.Tensor, s_churn: float, s_tmin: float, s_tmax: float
                   ) -> tuple[list[float], list[float], list[float]]:
     """Per step: γ_i, σ̂_i = σ_i (γ_i + 1) and the churn noise scale √(σ̂_i² − σ_i²) (Karras Alg. 2)."""
@@ -213,7 +221,7 @@ def _karras_loop(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_a
             if gammas[i] > 0:
                 x = x + eps * churn[i]
         denoised = _denoise(model, x, sigma_hat[i], s_in, extra_args)
-        d = (x - denoised) / sigma_hat[i]
+        d = _to_d(x, denoised, sigma_hat[i], sigmas.dtype)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i] * (gammas[i] + 1),
                       "denoised": denoised})
@@ -223,7 +231,7 @@ def _karras_loop(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_a
         else:
             x_2 = x + d * dt
             denoised_2 = _denoise(model, x_2, sigma[i + 1], s_in, extra_args)
-            d_2 = (x_2 - denoised_2) / sigma[i + 1]
+            d_2 = _to_d(x_2, denoised_2, sigma[i + 1], sigmas.dtype)
             d_prime = (d + d_2) / 2
             x = x + d_prime * dt
     return x
@@ -272,7 +280,10 @@ def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas: torch.Tenso
                         noise_sampler, transform_noise, eta=eta, s_noise=s_noise)
     extra_args = {} if extra_args is None else extra_args
     host = _host_sigmas(x, sigmas)
-    noise_sampler = (lambda sigma, sigma_next: torch.randn_like(x)) if noise_sampler is None else noise_sampler
+    # like the x passed in (k-diffusion's default_noise_sampler(x)), not the state, which to_d
+    # promotes (a bf16 x: bf16 draws, whose values differ from float32 ones)
+    first = x
+    noise_sampler = (lambda sigma, sigma_next: torch.randn_like(first)) if noise_sampler is None else noise_sampler
     sigma = host.tolist()
     n = len(sigma) - 1
     dt, sigma_up = [], []
@@ -286,7 +297,7 @@ def sample_euler_ancestral(model: Callable, x: torch.Tensor, sigmas: torch.Tenso
         denoised = _denoise(model, x, sigma[i], s_in, extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        d = (x - denoised) / sigma[i]
+        d = _to_d(x, denoised, sigma[i], sigmas.dtype)
         x = x + d * dt[i]
         if sigma[i + 1] > 0:  # also where σ_up = 0, as k-diffusion: later draws stay in step
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up[i]

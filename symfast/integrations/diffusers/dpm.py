@@ -339,7 +339,9 @@ class DPMSolverMultistepScheduler(Scheduler):
             prev_sample = self.multistep_dpm_solver_third_order_update(self.model_outputs, sample=sample, noise=noise)
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
-        prev_sample = prev_sample.to(model_output.dtype)
+        # the converted output's dtype, as diffusers: x0 from an fp16 output (autocast) and fp32
+        # latents is fp32, and casting to the raw output's dtype put the latents in fp16
+        prev_sample = prev_sample.to(converted.dtype)
         self._step_index = i + 1
         if not return_dict:
             return (prev_sample,)

@@ -1,7 +1,8 @@
 """symfast's fused frame averaging inside a diffusers pipeline: ``equivariant(pipe, group="d4")``.
 
 The pipeline's UNet is wrapped so that each call evaluates the whole orbit g_1 x, …, g_|G| x in one
-batched call (:class:`OrbitUNet`; its output is the raw orbit output, (|G|·B, ...), element-major),
+batched call (:class:`OrbitUNet`; its output is the raw orbit output, (B·|G|, ...), sample-major: a
+pipeline's batch operations, such as classifier-free guidance's ``chunk(2)``, split it by sample),
 and the scheduler is replaced by one whose ``step`` takes that orbit output and does the orbit
 average, x̂0, the update and the noise in one ``symfast::fused_step`` op. This holds where the
 step is linear in the model output: DDIM, DDPM (fixed variances), Euler (steps without churn) and
@@ -68,8 +69,11 @@ class _Delegating(nn.Module):
 
 
 class OrbitUNet(_Delegating):
-    """``unet`` on the whole orbit of its input: sample (B, ...) -> output (|G|·B, ...), block k
-    being unet(g_k·sample). Per-sample arguments (a (B,) timestep, class labels, encoder states)
+    """``unet`` on the whole orbit of its input: sample (B, ...) -> output (B·|G|, ...),
+    sample-major: rows b·|G| + k are unet(g_k·sample[b]), so that what a pipeline does along the
+    batch (classifier-free guidance: ``uncond, cond = out.chunk(2)``, then a linear combination)
+    keeps each sample's rows together; element-major rows (block k at g_k) were split by group
+    element there, silently wrong. Per-sample arguments (a (B,) timestep, class labels, encoder states)
     are tiled to the orbit batch. ``chunks``: the number of UNet calls the orbit is split into
     (None: chosen per device as :func:`symfast.symmetrize` does: one call on accelerators, calls of
     at least 16 images on CPU, where one call over a large orbit was slower per image)."""
@@ -102,8 +106,17 @@ class OrbitUNet(_Delegating):
             t, a, kw = _slice_batch((timestep, args, kwargs), n, part)
             y, make = self._call(xs[part], t, a, kw)
             outs.append(y)
-        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        return make(y if self._scheduler_takes_the_orbit() else orbit_mean(y, self.group))
+        y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # element-major, as orbit() made it
+        if not self._scheduler_takes_the_orbit():
+            return make(orbit_mean(y, self.group))
+        return make(_swap_blocks(y, order, batch))
+
+
+def _swap_blocks(y: torch.Tensor, blocks: int, rows: int) -> torch.Tensor:
+    """(blocks·rows, ...) -> (rows·blocks, ...): row i of block j goes to row j of block i (between
+    the orbit ops' element-major layout and the sample-major one pipelines see). One copy of the
+    output per step, small against the UNet call that made it."""
+    return y.unflatten(0, (blocks, rows)).transpose(0, 1).flatten(0, 1)
 
 
 def _slice_batch(value: Any, n: int, part: slice) -> Any:
@@ -137,8 +150,8 @@ class _OrbitStep:
 
 def _orbit_step(self: Any, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any,
                 **kwargs: Any) -> Any:
-    """An orbit scheduler's ``step``: takes the orbit output (|G|·B, ...) of an :class:`OrbitUNet`
-    and runs the average and the update as one fused op where the scheduler's ``_fused_update``
+    """An orbit scheduler's ``step``: takes the orbit output (B·|G|, ...) of an :class:`OrbitUNet`
+    (sample-major) and runs the average and the update as one fused op where the scheduler's ``_fused_update``
     describes the step, else averages (one op) and calls the scheduler's own step."""
     group = self._orbit_group
     if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
@@ -149,6 +162,7 @@ def _orbit_step(self: Any, model_output: torch.Tensor, timestep: Any, sample: to
         raise ValueError(f"model_output has shape {tuple(model_output.shape)}; an equivariant scheduler "
                          f"takes the orbit output of an OrbitUNet, {expected} (|G| = {len(group)} times "
                          f"sample's batch)")
+    model_output = _swap_blocks(model_output, sample.shape[0], len(group))  # element-major for the ops
     return_dict = kwargs.pop("return_dict", True)
     update = None
     if not args and hasattr(self, "_fused_update") and model_output.dtype == sample.dtype:
@@ -174,7 +188,7 @@ def _orbit_step(self: Any, model_output: torch.Tensor, timestep: Any, sample: to
     return update.finish(prev, x0, return_dict)
 
 
-_ORBIT_CLASSES: dict[type, type] = {}
+_ORBIT_CLASSES: dict[tuple[type, Group], type] = {}
 
 
 def orbit_scheduler(scheduler: Any, group: Group | str = "d4") -> Any:
@@ -185,21 +199,24 @@ def orbit_scheduler(scheduler: Any, group: Group | str = "d4") -> Any:
     from symfast.integrations import diffusers as ours
     if not isinstance(scheduler, ConfigMixin) or not hasattr(scheduler, "step"):
         raise TypeError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
-    base = type(scheduler)
+    source = type(scheduler)
     if isinstance(scheduler, _OrbitStep):
         raise ValueError("scheduler is already an equivariant (orbit) scheduler")
-    base = getattr(ours, base.__name__, base) if base.__name__ in ours.__all__ else base
-    cls = _ORBIT_CLASSES.get(base)
+    group = get(group)
+    base = getattr(ours, source.__name__, source) if source.__name__ in ours.__all__ else source
+    # One class per (source class, group), holding both: a copy made the diffusers way,
+    # type(s).from_config(s.config), is then the same equivariant scheduler (with the group on
+    # the instance only, the copy had none and failed at its first step).
+    cls = _ORBIT_CLASSES.get((source, group))
     if cls is None:
         # a leading underscore: symfast's Scheduler.__init_subclass__ leaves its module as is
         # step shows the base's signature: pipelines read it to decide whether to pass eta= and
         # generator= (StableDiffusionPipeline.prepare_extra_step_kwargs)
         step = functools.wraps(base.step)(_orbit_step)
-        cls = _ORBIT_CLASSES[base] = type(f"_Orbit{base.__name__}", (_OrbitStep, base), {"step": step})
-    new = cls.from_config(scheduler.config)
-    new._orbit_group = get(group)
-    new._orbit_source = type(scheduler)  # what save_pretrained records
-    return new
+        cls = _ORBIT_CLASSES[(source, group)] = type(
+            f"_Orbit{base.__name__}", (_OrbitStep, base),
+            {"step": step, "_orbit_group": group, "_orbit_source": source})  # source: what save_pretrained records
+    return cls.from_config(scheduler.config)
 
 
 def equivariant(pipe: Any, group: Group | str = "d4", *, chunks: int | None = None) -> Any:
