@@ -319,6 +319,16 @@ class DDPMSchedule(Schedule):
         return table[t].float(), t.float()
 
 
+def _check_sigma_range(schedule: Schedule, positive: tuple[str, ...]) -> None:
+    """Each of ``positive`` a finite number > 0, and sigma_min < sigma_max."""
+    for name in positive:
+        value = getattr(schedule, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not schedule.sigma_min < schedule.sigma_max:
+        raise ValueError(f"sigma_min={schedule.sigma_min} must be below sigma_max={schedule.sigma_max}")
+
+
 @dataclass
 class EDMSchedule(Schedule):
     """EDM (Karras et al. 2022): continuous σ in [σ_min, σ_max], Karras grid with ρ."""
@@ -331,12 +341,7 @@ class EDMSchedule(Schedule):
     p_std: float = 1.2
 
     def __post_init__(self) -> None:
-        for name in ("sigma_min", "sigma_max", "sigma_data", "rho", "p_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not self.sigma_min < self.sigma_max:
-            raise ValueError(f"sigma_min={self.sigma_min} must be below sigma_max={self.sigma_max}")
+        _check_sigma_range(self, ("sigma_min", "sigma_max", "sigma_data", "rho", "p_std"))
         if isinstance(self.p_mean, bool) or not isinstance(self.p_mean, (int, float)) or not math.isfinite(self.p_mean):
             raise ValueError(f"p_mean must be a finite number, got {self.p_mean!r}")
 
@@ -360,6 +365,9 @@ class VESchedule(Schedule):
 
     sigma_min: float = 0.01
     sigma_max: float = 50.0
+
+    def __post_init__(self) -> None:  # sigma_min > sigma_max built, then failed where it was used
+        _check_sigma_range(self, ("sigma_min", "sigma_max"))
 
     def training_levels(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-uniform σ over [σ_min, σ_max] (Song et al.'s VE training); t = σ."""

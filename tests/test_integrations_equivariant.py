@@ -327,6 +327,9 @@ def test_philox_generator_bad_seeds():
         ours.PhiloxGenerator(1.5)
     with pytest.raises(TypeError, match="seed"):
         ours.PhiloxGenerator(["a"])
+    for empty in ([], (), torch.zeros(0, dtype=torch.int64)):  # was accepted, then failed at a draw
+        with pytest.raises(ValueError, match="non-empty list of ints"):
+            ours.PhiloxGenerator(empty)
     with pytest.raises(ValueError, match="shape"):
         ours.PhiloxGenerator([1]).latents((0, 3))
     for bad in ((1, 2.5), (), (2, -1)):  # int() truncated 2.5 to 2

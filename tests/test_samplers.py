@@ -326,6 +326,11 @@ def test_bad_inputs(eps_fa, edm_fa):
         sample(eps_fa, _x(), sampler="plms", steps=2, progress=False)
     with pytest.raises(ValueError, match="prediction must be one of"):
         Denoiser(TinyNet(), "score")
+    # VE built with sigma_min above sigma_max (or a zero sigma_min), then failed where it was used
+    with pytest.raises(ValueError, match="sigma_min=5 must be below sigma_max=1"):
+        VESchedule(sigma_min=5, sigma_max=1)
+    with pytest.raises(ValueError, match="sigma_min must be a finite number > 0"):
+        VESchedule(sigma_min=0.0)
     with pytest.raises(ValueError, match="spacing must be one of"):
         sample(edm_fa, _x(), sampler="euler", steps=2, spacing="trialing", progress=False)
     with pytest.raises(TypeError, match="karras must be True or False"):

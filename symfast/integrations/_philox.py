@@ -34,6 +34,8 @@ class PhiloxGenerator:
 
     def __init__(self, seed: int | list[int] | tuple[int, ...] | torch.Tensor,
                  device: torch.device | str = "cpu"):
+        if isinstance(seed, (list, tuple, torch.Tensor)) and len(seed) == 0:
+            raise ValueError("seed must be an int or a non-empty list of ints (one per sample), got []")
         noise_key(seed, len(seed) if isinstance(seed, (list, tuple, torch.Tensor)) else 1)  # validates
         self.seed = seed
         self.device = torch.device(device)
