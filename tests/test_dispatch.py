@@ -307,3 +307,28 @@ def test_compile_fullgraph_names_a_group_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.split()[-1]) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_raw_ops_under_autocast_take_what_torch_ops_take(backend):
+    """Under torch.autocast the raw ops refused what F.conv2d / F.linear / F.group_norm take:
+    tied_conv2d and classifier_select a bf16 input with float32 parameters (autocast does not
+    cast a custom op's inputs), group_norm_silu float32 parameters with a bf16 input; an
+    all-float32 tied_conv2d returned float32 where F.conv2d returns bf16."""
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 3, 6, 6, generator=g), torch.randn(4, 3, 3, generator=g), torch.randn(4, generator=g)
+    h = torch.randn(5, 6, generator=g)
+    select = [torch.randn(3, 6, generator=g), torch.randn(3, generator=g), torch.randn(3, 4, 6, generator=g),
+              torch.randn(3, 4, generator=g)]
+    bf = torch.bfloat16
+    with torch.autocast("cpu", dtype=bf):
+        for inp in (x, x.to(bf)):  # float32 and bf16 inputs, float32 parameters
+            got = ops.tied_conv2d(inp, w, b, 3, "d4", 1, 1, backend=backend)
+            assert got.dtype == bf
+            assert torch.equal(got, ops.tied_conv2d(x.to(bf), w.to(bf), b.to(bf), 3, "d4", 1, 1, backend=backend))
+        got = ops.classifier_select(h.to(bf), *select, backend=backend)
+        assert got.dtype == bf
+        assert torch.equal(got, ops.classifier_select(h.to(bf), *(t.to(bf) for t in select), backend=backend))
+    c = torch.randn(3, generator=g)
+    got = ops.group_norm_silu(x.to(bf), 3, c, c, backend=backend)  # as F.group_norm, autocast or not
+    assert got.dtype == bf and torch.equal(got, ops.group_norm_silu(x.to(bf), 3, c.to(bf), c.to(bf), backend=backend))

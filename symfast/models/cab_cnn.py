@@ -10,7 +10,6 @@ import warnings
 import torch
 from torch import nn
 
-from symfast._backend import cast_for_autocast
 from symfast.ops import _checks
 from symfast.ops.classifier_select import check_temperature, classifier_select
 from symfast.reference.classifier_select import gate_softmax
@@ -159,8 +158,8 @@ class ClassifierSelect(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         _check_features(h, self.gate_weight)
-        h, *params = cast_for_autocast(h, self.gate_weight, self.gate_bias, self.weight, self.bias)
-        return classifier_select(h, *params, temperature=self.temperature, backend=self.backend)
+        return classifier_select(h, self.gate_weight, self.gate_bias, self.weight, self.bias,
+                                 temperature=self.temperature, backend=self.backend)
 
     def gates(self, h: torch.Tensor) -> torch.Tensor:
         """The selection weights (B, K) the head puts on its classifiers."""

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from symfast._backend import cast_for_autocast
 from symfast.groups import Group, get
 from symfast.ops import _checks
 from symfast.ops.tied_conv2d import _pair, tied_conv2d
@@ -63,10 +62,9 @@ class TiedConv2d(nn.Module):
         # the op would blame the weight's shape, which is fixed here: the input is what is wrong
         if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != self.in_channels:
             raise ValueError(f"x has {x.shape[1]} channels but this TiedConv2d takes {self.in_channels}")
-        # an fp32 input into the first layer is cast too, or a network built of these layers ran
-        # in fp32 under precision="bf16"
-        x, weight, bias = cast_for_autocast(x, self.weight, self.bias)
-        return tied_conv2d(x, weight, bias, self.kernel_size, self.group, self.stride,
+        # under autocast the op casts x and the parameters to autocast's dtype (an fp32 input
+        # into the first layer too, or a network of these layers ran in fp32 under bf16)
+        return tied_conv2d(x, self.weight, self.bias, self.kernel_size, self.group, self.stride,
                            self.padding, backend=self.backend)
 
     def expanded_weight(self) -> torch.Tensor:

@@ -120,8 +120,10 @@ def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: tor
 
     h: (B, F); gate_weight: (K, F); gate_bias: (K,); weight: (K, C, F); bias: (K, C).
     Differentiable in every tensor argument. ``backend``: "reference", "cpu", "triton", or
-    None/"auto" for the fastest for h's device.
+    None/"auto" for the fastest for h's device. Under torch.autocast every tensor is cast to
+    autocast's dtype first, as F.linear's inputs are (autocast does not cast a custom op's).
     """
+    h, gate_weight, gate_bias, weight, bias = _backend.cast_for_autocast(h, gate_weight, gate_bias, weight, bias)
     _check(h, gate_weight, gate_bias, weight, bias, temperature)
     backend = _dispatch.resolve(backend, h, _OP)
     if backend == "reference":

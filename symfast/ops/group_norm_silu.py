@@ -110,7 +110,12 @@ def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None = 
     normalisation (a UNet block's time embedding); weight, bias: (C,) or None; groups divides C.
     Returns z: (B, C, *spatial), differentiable in x, shift, weight and bias.
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for x's device.
+    A bf16/fp16 x takes float32 weight, bias and shift (used in x's dtype), as F.group_norm
+    takes float32 parameters with a bf16 input (under autocast, or a model cast by hand).
     """
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
+        weight, bias, shift = (t.to(x.dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                               else t for t in (weight, bias, shift))
     _check(x, groups, weight, bias, eps, shift)
     backend = _dispatch.resolve(backend, x, _OP)
     if backend == "reference":

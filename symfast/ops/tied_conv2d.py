@@ -162,6 +162,7 @@ def tied_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     and an infinite θ gives ±inf where F.conv2d's 0·inf (a padded zero) gives NaN.
     ``backend``: "reference", "cpu", "triton", or None/"auto" for the fastest for x's device.
     """
+    x, weight, bias = _backend.cast_for_autocast(x, weight, bias)  # as F.conv2d casts its inputs
     kernel_size = _pair(kernel_size, "kernel_size", 1)
     stride = _pair(stride, "stride", 1)
     padding = _pair(padding, "padding", 0)
