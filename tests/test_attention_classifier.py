@@ -79,6 +79,17 @@ def test_load_text_csv(tmp_path):
     (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9,a\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin.csv is not UTF-8"):
         load_text_csv(tmp_path / "latin.csv")
+    # an unquoted comma split a text: its tail became the label (a made-up class ' really bad')
+    # and the real label was dropped, silently
+    (tmp_path / "comma.csv").write_text("text,label\ngreat movie,pos\nbad, really bad,neg\n")
+    with pytest.raises(ValueError, match="comma.csv, data row 2: more fields than the header"):
+        load_text_csv(tmp_path / "comma.csv")
+    (tmp_path / "quoted.csv").write_text('text,label\ngreat movie,pos\n"bad, really bad",neg\n')
+    assert load_text_csv(tmp_path / "quoted.csv").label_names == ["neg", "pos"]
+    # integer labels by value: label id k is the k-th class (string order gave 1, 10, 2)
+    (tmp_path / "numeric.csv").write_text("text,label\na,10\nb,2\nc,1\nd,x\n")
+    numeric = load_text_csv(tmp_path / "numeric.csv")
+    assert numeric.label_names == ["1", "2", "10", "x"] and numeric.labels.tolist() == [2, 1, 0, 3]
 
 
 def test_load_text_csv_reads_a_held_out_file_with_the_training_ids(tmp_path):

@@ -236,7 +236,13 @@ def test_demo_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, tiny_runs)
     with pytest.raises(ValueError, match="n must be"):
         demo.run(tmp_path / "d3", n=0)
     with pytest.raises(ValueError, match="sigma must be"):
-        demo.run(tmp_path / "d3", sigma=-1.0)
+        demo.run(tmp_path / "d3", sigma="0.5")
+    # the model's range, checked before sampling (0.001 passed a (0, 80) check, sampled 64
+    # digits, then failed in denoise and left an empty folder)
+    for sigma in (-1.0, 0.001, 81.0):
+        with pytest.raises(ValueError, match=r"outside the schedule's range \[0.002, 80\]"):
+            demo.run(tmp_path / "d3", sigma=sigma)
+    assert not (tmp_path / "d3").exists()
 
 
 # ---- the digits experiment, end to end in --quick mode ----------------------------------------

@@ -71,6 +71,14 @@ def topic_dataset(n_sentences: int = 5000, vocab_size: int = 5000, n_topics: int
         topic_words=torch.arange(n_topic_words).reshape(n_topics, words_per_topic), m=m)
 
 
+def _label_order(label: str) -> tuple:
+    """Sort key: integer labels ("2", "10", "-1") by value, before any other label by string."""
+    try:
+        return (0, int(label), label)
+    except ValueError:
+        return (1, 0, label)
+
+
 def load_text_csv(path: str | Path, text_column: str = "text", label_column: str = "label",
                   max_length: int | None = None, min_count: int = 1,
                   lowercase: bool = True, vocab: list[str] | None = None,
@@ -78,7 +86,9 @@ def load_text_csv(path: str | Path, text_column: str = "text", label_column: str
     """Read a CSV with a header holding ``text_column`` and ``label_column``. Words are split on
     whitespace; words seen fewer than ``min_count`` times map to <unk> (id 1), padding is id 0,
     and the literal words "<pad>" and "<unk>" in the text are unknown words too.
-    Sentences longer than ``max_length`` are cut; labels are numbered in sorted order.
+    Sentences longer than ``max_length`` are cut; labels are numbered in sorted order (integer
+    labels by value: 1, 2, 10). A row with more fields than the header (an unquoted comma in a
+    text) is an error.
 
     A held-out file must be read with its training set's ids: pass ``vocab=train.vocab`` (words
     outside it map to <unk>; ``min_count`` then does not apply) and ``label_names=train.label_names``
@@ -112,7 +122,14 @@ def load_text_csv(path: str | Path, text_column: str = "text", label_column: str
             for column in (text_column, label_column):
                 if reader.fieldnames is None or column not in reader.fieldnames:
                     raise ValueError(f"{path} has no column {column!r}; columns: {reader.fieldnames}")
-            rows = [(row[text_column], row[label_column]) for row in reader]
+            rows = []
+            for row, fields in enumerate(reader, start=1):
+                # DictReader puts fields past the header under the key None: an unquoted comma
+                # in a text split it, and the label column then held the text's second part
+                if None in fields:
+                    raise ValueError(f"{path}, data row {row}: more fields than the header "
+                                     f"{reader.fieldnames} (a text holding a comma must be quoted)")
+                rows.append((fields[text_column], fields[label_column]))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
     for row, (text, label) in enumerate(rows, start=1):
@@ -130,7 +147,8 @@ def load_text_csv(path: str | Path, text_column: str = "text", label_column: str
     index = {w: i for i, w in enumerate(vocab)}
     index[PAD] = 1  # a literal "<pad>" in the text is a word, not the end of the sentence
     if label_names is None:
-        label_names = sorted({label for _, label in rows})
+        # integer labels by value (1, 2, 10: label id k is class k's rank), others as strings
+        label_names = sorted({label for _, label in rows}, key=_label_order)
     label_names = list(label_names)
     label_index = {name: i for i, name in enumerate(label_names)}
     for row, (_, label) in enumerate(rows, start=1):
