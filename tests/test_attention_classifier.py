@@ -138,6 +138,12 @@ def test_tl_head_is_drawn_from_the_generator_and_the_generator_is_checked():
         assert torch.equal(pa, pb), name
     w = a.head[0].weight  # nn.Linear's own distribution: U(±1/sqrt(fan_in))
     assert w.abs().max() <= 6 ** -0.5 and w.std() > 0.5 * 6 ** -0.5 / 3 ** 0.5
+    for head in ("tl", "fc", "tc"):  # building with a generator leaves the global stream alone
+        torch.manual_seed(3)
+        want = torch.rand(4)
+        torch.manual_seed(3)
+        AttentionClassifier(30, 6, 4, 3, head=head, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(torch.rand(4), want), head  # nn.Linear's init drew from it first
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         AttentionClassifier(30, 6, 4, 3, generator=0)
     with pytest.raises(ValueError, match="backend must be one of"):

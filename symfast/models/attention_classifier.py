@@ -1,6 +1,7 @@
 """The attention text classifier of Lu, Mao, Nayak (ICLR 2021), on symfast's attention_pool."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -44,9 +45,12 @@ class AttentionClassifier(nn.Module):
         self.query = nn.Parameter(torch.randn(d_k, generator=generator) * 0.3,
                                   requires_grad=train_query)
         if head == "tl":
-            self.head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
+            # nn.Linear's own init draws from the global RNG: with a generator the layers are
+            # made uninitialised (skip_init: no draw) and drawn from it, U(±1/sqrt(fan_in)) as
+            # nn.Linear's; building the model then leaves the global stream where it was
+            linear = nn.Linear if generator is None else functools.partial(nn.utils.skip_init, nn.Linear)
+            self.head = nn.Sequential(linear(d, hidden), nn.ReLU(), linear(hidden, n_classes))
             if generator is not None:
-                # nn.Linear draws from the global RNG: the same U(±1/sqrt(fan_in)) from generator
                 with torch.no_grad():
                     for layer in (self.head[0], self.head[2]):
                         bound = 1 / math.sqrt(layer.in_features)
@@ -56,7 +60,7 @@ class AttentionClassifier(nn.Module):
             weight = torch.randn(n_classes, d, generator=generator) / d ** 0.5
             diagonal = torch.arange(min(n_classes, d))
             weight[diagonal, diagonal] = 1.0
-            self.head = nn.Linear(d, n_classes, bias=False)
+            self.head = nn.utils.skip_init(nn.Linear, d, n_classes, bias=False)  # weight set here
             self.head.weight = nn.Parameter(weight, requires_grad=head == "tc")
 
     def pool(self, tokens: torch.Tensor, lengths: torch.Tensor | None = None,
