@@ -196,6 +196,20 @@ TRAIN_HELP = {
     "init_from": "start from this checkpoint's EMA weights (fine-tuning; fresh optimiser and EMA)",
     "sample_every": "steps between sample grids in OUT/samples (0: never)",
     "out": "run folder: checkpoints/, metrics.csv, config.json, samples/",
+    "heads": "attention heads",
+    "sigma_data": "standard deviation of the data (EDM preconditioning)",
+    "p_mean": "mean of log sigma in training (EDM)",
+    "p_std": "standard deviation of log sigma in training (EDM)",
+    "steps": "optimiser steps in all (a resumed run goes on to this step)",
+    "lr": "peak learning rate (AdamW)",
+    "weight_decay": "AdamW's decoupled weight decay",
+    "adam_betas": "AdamW's beta1,beta2",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "seed": "seed of the data order, noise and initial weights",
+    "sample_n": "images per sample grid",
+    "sample_steps": "Heun sampler steps per sample grid",
+    "log_every": "steps per metrics.csv row",
+    "progress": "show a progress bar",
 }
 
 
@@ -205,8 +219,19 @@ def _optional(kind):
     return parse
 
 
-def _add_train_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
-    """One flag per TrainConfig field (but ``skip``); only the flags given override --config."""
+def _with_default(text: str | None, default) -> str | None:
+    """``text`` and TrainConfig's default (the flag's own default is SUPPRESS, so that only the
+    flags given override --config: argparse's formatter would show nothing)."""
+    if default is None:  # the help says what None means
+        return text
+    shown = ",".join(map(str, default)) if isinstance(default, (tuple, list)) else default
+    return f"{text + ' ' if text else ''}(default: {shown})".replace("%", "%%")
+
+
+def _add_train_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset(),
+                     show_defaults: bool = False) -> None:
+    """One flag per TrainConfig field (but ``skip``); only the flags given override --config.
+    ``show_defaults``: each help says TrainConfig's default (where the command's are those)."""
     from symfast.train.config import TrainConfig
 
     parser.add_argument("--config", help="JSON or TOML file of config fields (flags override it)")
@@ -215,7 +240,9 @@ def _add_train_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": TRAIN_HELP.get(f.name)}
+        text = TRAIN_HELP.get(f.name)
+        kwargs = {"dest": f.name, "default": argparse.SUPPRESS,
+                  "help": _with_default(text, default) if show_defaults else text}
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
@@ -269,6 +296,7 @@ def _add_sfbd_flags(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag, type=type(f.default), **kwargs)
         taken.add(f.name)
+    # (no defaults shown: each stage sets its own EMA half-life and ramp-up)
     _add_train_flags(parser, skip=taken | {"steps", "init_from", "resume"})
 
 
@@ -323,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("args", nargs=argparse.REMAINDER)
     train_parser = sub.add_parser("train", help="train a diffusion model (torchrun -m symfast "
                                                 "train ... for DDP)")
-    flags("train", _add_train_flags, train_parser)
+    flags("train", lambda parser: _add_train_flags(parser, show_defaults=True), train_parser)
     sfbd_parser = sub.add_parser("sfbd", help="SFBD: train from noisy images and a few clean ones "
                                               "(torchrun -m symfast sfbd ... to scale out)")
     flags("sfbd", _add_sfbd_flags, sfbd_parser)
@@ -380,6 +408,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"symfast {ns.command}: {exc}", file=sys.stderr)  # names the last good checkpoint
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: checkpoints are written atomically, so what is there is whole; say how to go
+        # on instead of a traceback through the loop. 130: a shell's code for a SIGINT.
+        print(f"symfast {ns.command}: interrupted{INTERRUPTED.get(ns.command, '')}", file=sys.stderr)
+        return 130
+
+
+INTERRUPTED = {
+    "train": "; to continue from its newest checkpoint, run the command again with the same "
+             "--out (--resume auto, the default)",
+    "sfbd": "; to continue, run the command again with the same --out (finished stages and "
+            "checkpoints are kept)",
+}
 
 
 def _run_job(ns: argparse.Namespace) -> int:

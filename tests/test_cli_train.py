@@ -98,6 +98,12 @@ def test_denoise_is_equivariant_for_an_equivariant_model(wt_run, tmp_path):
     (["train", *FLAGS, "--equivariance", "fa", "--group", "d5"], "unknown group name"),
     (["sample", "--checkpoint", "/no/such/run", "--out", "x.png"], "does not exist"),
     (["denoise", "--checkpoint", "/no/such/run", "--sigma", "0.5", "a.png", "b.png"], "does not exist"),
+    # named the digits function's own argument (size)
+    (["train", *FLAGS, "--image-size", "2"], "image_size must be >= 4 for data='digits', got 2"),
+    # named a keyword train() does not take (model=)
+    (["train", *FLAGS, "--model", "custom"], "train(network=...)"),
+    # wrote the run into the current folder
+    (["train", *FLAGS, "--steps", "1", "--out", ""], "out='' is empty"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -147,6 +153,46 @@ def test_a_diverged_run_ends_with_its_message_not_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
     assert "symfast train:" in err and "last good checkpoint" in err, err
+
+
+def test_ctrl_c_is_one_line_saying_how_to_continue_and_the_run_continues(tmp_path, capsys, monkeypatch):
+    from symfast.train.loop import _Run
+    real = _Run.iteration
+
+    def interrupted_at_step_2(self):
+        if self.step == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises wherever the loop is
+        real(self)
+    monkeypatch.setattr(_Run, "iteration", interrupted_at_step_2)
+    argv = ["train", *FLAGS, "--steps", "3", "--checkpoint-every", "1", "--out", str(tmp_path / "r")]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "symfast train: interrupted" in err and "--resume auto" in err and "same --out" in err, err
+    monkeypatch.setattr(_Run, "iteration", real)
+    assert main(argv) == 0
+    assert "trained to step 3" in capsys.readouterr().out
+
+
+def test_train_help_gives_every_flag_a_text_and_the_configs_default(capsys):
+    import argparse
+    import dataclasses
+
+    from symfast.cli import _add_train_flags
+    from symfast.train import TrainConfig
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default: 0.0002)" in capsys.readouterr().out  # --lr's, from TrainConfig
+    parser = argparse.ArgumentParser()
+    _add_train_flags(parser, show_defaults=True)
+    helps = {a.dest: a.help for a in parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        assert helps[f.name], f"--{f.name} has no help"
+        if f.default is not None:
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            assert helps[f.name].endswith(f"(default: {shown})"), (f.name, helps[f.name])
 
 
 def test_sample_and_denoise_check_their_arguments_before_any_work(wt_run, tmp_path, capsys, monkeypatch):

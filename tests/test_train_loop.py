@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -160,6 +161,67 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     assert result.skipped_steps == 2 and result.step == 6
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert metrics_rows(tmp_path)[-1]["skipped_steps"] == "2"
+
+
+def _poisoning_optimizer(monkeypatch, at_step):
+    """make_optimizer, with a hook that sets a weight to inf after optimiser step ``at_step``
+    (0-based): what a huge learning rate does, at a step chosen by the test."""
+    import symfast.train.loop as loop
+    real = loop.make_optimizer
+
+    def make(params, cfg):
+        optimizer = real(params, cfg)
+        calls = [0]
+
+        def poison(opt, args, kwargs):
+            if calls[0] == at_step:
+                with torch.no_grad():
+                    opt.param_groups[0]["params"][0].view(-1)[0] = math.inf
+            calls[0] += 1
+        optimizer.register_step_post_hook(poison)
+        return optimizer
+    monkeypatch.setattr(loop, "make_optimizer", make)
+
+
+def test_weights_that_turn_non_finite_stop_the_run_at_once_with_a_good_checkpoint(tmp_path, monkeypatch):
+    # the gradients stay finite, so only a check of the weights sees it: the run went on, wrote
+    # checkpoint 3 with inf weights and called it the last good one
+    _poisoning_optimizer(monkeypatch, at_step=2)
+    with pytest.raises(TrainingDiverged) as info:
+        train(**TINY, steps=10, checkpoint_every=1, max_nonfinite=5, out=str(tmp_path / "a"))
+    message = str(info.value)
+    assert re.search(r"weights turned non-finite.*step 2.*last good checkpoint is .*step-000000002",
+                     message), message
+    # grad_clip is set (1.0, the default): the advice is not to set it
+    assert "set grad_clip" not in message and "grad_clip=1.0 already" in message, message
+    names = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert names == ["step-000000001", "step-000000002"], names
+    assert all(torch.isfinite(v).all() for v in final_tensors(tmp_path / "a")[0].values()
+               if v.is_floating_point())
+    # in the first step, before any checkpoint: none is named, and without clipping the advice
+    # is to set it
+    _poisoning_optimizer(monkeypatch, at_step=0)
+    with pytest.raises(TrainingDiverged, match="step 0.*No checkpoint was written yet.*or set grad_clip"):
+        train(**TINY, steps=10, checkpoint_every=1, grad_clip=None, out=str(tmp_path / "b"))
+    assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_an_ema_copy_that_turns_non_finite_is_never_checkpointed(tmp_path, monkeypatch):
+    # (a lerp between huge finite weights overflows: made to happen here after the 3rd update)
+    real, calls = EMA.update, [0]
+
+    def update(self, nimg, batch):
+        real(self, nimg, batch)
+        calls[0] += 1
+        if calls[0] == 3:
+            with torch.no_grad():
+                next(self.models[0].parameters()).view(-1)[0] = math.nan
+    monkeypatch.setattr(EMA, "update", update)
+    with pytest.raises(TrainingDiverged, match="EMA copy .* non-finite by step 3.*last good "
+                                               "checkpoint is .*step-000000002"):
+        train(**TINY, steps=10, checkpoint_every=1, out=str(tmp_path))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-000000001", "step-000000002"], names
 
 
 def test_a_run_on_busy_cores_says_how_to_set_the_threads(tmp_path, caplog):
@@ -376,6 +438,10 @@ def _nothing_written(path):
     ({"channels": (8, 0)}, "channels must be a non-empty list of positive ints"),
     ({"learning_rate": 1.0}, r"unknown config field\(s\) \['learning_rate'\]"),
     ({"model": "diffusers-unet", "channels": (12, 24)}, r"channels=\[12, 24\] must each be divisible by 8"),
+    ({"weight_decay": math.inf}, "weight_decay must be a finite number >= 0, got inf"),
+    ({"weight_decay": math.nan}, "weight_decay must be a finite number >= 0, got nan"),
+    ({"lr": 1e39}, r"lr must be at most 3.403e\+38 \(the largest float32\), got 1e\+39"),
+    ({"image_size": 1, "channels": (8,)}, "image_size must be >= 2 for data='gmm-d4', got 1"),
 ])
 def test_bad_config_is_refused_before_any_work(tmp_path, overrides, message):
     out = tmp_path / "run"
@@ -426,6 +492,39 @@ def test_a_tensor_or_array_of_images_is_a_dataset(tmp_path):
     with pytest.raises(ValueError, match=r"\(N, C, H, W\).*unsqueeze\(1\)"):
         train(**OWN_DATA, network=_SmallConv(), dataset=images[:, 0], steps=1, out=str(tmp_path / "3d"))
     assert _nothing_written(tmp_path / "3d")
+
+
+def test_an_empty_out_is_refused_not_taken_for_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="out='' is empty"):
+        train(**TINY, steps=1, out="")
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case,message", [
+    # a custom network took any size, and config.json recorded image_size 8 for 16x16 images
+    ("16x16", r"the dataset's images are 16x16 but image_size=8"),
+    # accepted, and a 2-channel grid failed only at the end of the run
+    ("2 channels", "the dataset's images have 2 channels; data_channels must be 1 or 3"),
+    # every step skipped, and the run ended "trained"
+    ("all NaN", r"non-finite values \(NaN or inf\) in 20 of its 20 images"),
+    ("one inf", r"non-finite values \(NaN or inf\) in 1 of its 20 images"),
+])
+def test_a_dataset_passed_in_is_checked_before_any_work(tmp_path, case, message):
+    images = torch.rand(20, 1, 8, 8) * 2 - 1
+    network = _SmallConv()
+    if case == "16x16":
+        images = torch.rand(20, 1, 16, 16) * 2 - 1
+    elif case == "2 channels":
+        images, network = torch.rand(20, 2, 8, 8) * 2 - 1, None
+    elif case == "all NaN":
+        images = torch.full((20, 1, 8, 8), math.nan)
+    else:
+        images[7, 0, 3, 3] = -math.inf
+    with pytest.raises(ValueError, match=message):
+        train(**dict(OWN_DATA, image_size=8), network=network, dataset=images, steps=1,
+              out=str(tmp_path / "run"))
+    assert _nothing_written(tmp_path / "run")
 
 
 def test_a_network_of_the_wrong_output_shape_is_named(tmp_path):

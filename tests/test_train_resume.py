@@ -280,3 +280,39 @@ def test_changing_steps_under_a_cosine_schedule_is_warned(tmp_path, caplog):
         assert "lr_schedule" not in caplog.text
         train(**TINY_DIGITS, steps=3, lr_schedule="cosine", out=str(tmp_path / "cos"))
     assert "steps=3 (it was trained with steps=2) under lr_schedule='cosine'" in caplog.text
+
+
+@pytest.mark.parametrize("field", ["nimg", "optimizer", "optimizer.scalars", "rng", "data", "lr",
+                                   "nonfinite_skipped", "world_size"])
+def test_a_checkpoint_lacking_a_field_a_resume_reads_is_skipped_like_a_torn_one(tmp_path, caplog, field):
+    # without nimg or optimizer the resume stopped with an error; without the others it resumed
+    # with no warning at all
+    import json
+    out = tmp_path / "run"
+    train(**TINY_DIGITS, steps=2, checkpoint_every=1, out=str(out))
+    bad = checkpoint.path_for(out, 2)
+    state = json.loads((bad / "state.json").read_text())
+    table, key = (state["optimizer"], "scalars") if field == "optimizer.scalars" else (state, field)
+    del table[key]
+    (bad / "state.json").write_text(json.dumps(state))
+    with caplog.at_level("WARNING", logger="symfast.train"):
+        result = train(**TINY_DIGITS, steps=3, checkpoint_every=1, out=str(out))
+    assert f"skipping checkpoint {bad}" in caplog.text and f"no {field}" in caplog.text, caplog.text
+    assert "this run continues from step 1" in caplog.text, caplog.text
+    assert result.step == 3
+    # named, when given as the checkpoint to resume (the run above set it aside, branching)
+    (aside,) = out.glob("abandoned-after-step-*/checkpoints/step-000000002")
+    with pytest.raises(ValueError, match=f"no {field} .*not a complete symfast training checkpoint"):
+        train(**TINY_DIGITS, steps=3, out=str(tmp_path / "other"), resume=str(aside))
+
+
+def test_resuming_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    # (as an older symfast wrote them after a divergence) a run that resumed it named it as the
+    # last good checkpoint when it diverged again
+    out = tmp_path / "run"
+    train(**TINY_DIGITS, steps=2, out=str(out))
+    path = checkpoint.latest(out).path
+    name = next(k for k in checkpoint.load(path).tensors if k.startswith("model."))
+    _rewrite_tensor(path, name, lambda v: torch.full_like(v, float("nan")))
+    with pytest.raises(ValueError, match=f"checkpoint {path} holds non-finite weights"):
+        train(**TINY_DIGITS, steps=3, out=str(out))

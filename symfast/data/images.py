@@ -101,6 +101,10 @@ def _check_int(name: str, value, minimum: int) -> None:
 # ---- digits --------------------------------------------------------------------------------
 
 _DIGITS: tuple[torch.Tensor, torch.Tensor] | None = None
+# The smallest sizes digits(mode="resize") and gaussian_mixture() make (symfast train checks
+# its image_size against them).
+DIGITS_MIN_SIZE = 4
+GAUSSIAN_MIXTURE_MIN_SIZE = 2
 
 
 def _raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +135,7 @@ def digits(size: int = 16, mode: str = "resize", split: str | None = None) -> Im
         raise ValueError(f"mode must be 'resize' or 'pad', got {mode!r}")
     if split not in (None, "train", "test"):
         raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
-    _check_int("size", size, 4 if mode == "resize" else 8)
+    _check_int("size", size, DIGITS_MIN_SIZE if mode == "resize" else 8)
     raw, labels = _raw_digits()
     if split is not None:
         part = slice(0, DIGITS_TRAIN) if split == "train" else slice(DIGITS_TRAIN, None)
@@ -471,7 +475,7 @@ def gaussian_mixture(group: _groups.Group | str | None = "d4", size: int = 8, ch
     """A G-invariant mixture of images (channels, size, size): ``components`` seeded smooth blob
     images in [-1, 1] as base means, then their orbit under ``group`` (None: no symmetrisation),
     so components·|G| equal-weight components of standard deviation ``std``."""
-    _check_int("size", size, 2)
+    _check_int("size", size, GAUSSIAN_MIXTURE_MIN_SIZE)
     _check_int("channels", channels, 1)
     _check_int("components", components, 1)
     gen = seeded_generator(seed)

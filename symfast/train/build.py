@@ -60,11 +60,23 @@ def check_dataset(cfg: TrainConfig, dataset: Any) -> tuple[int, ...]:
     c, h, w = shape
     if cfg.data_channels is not None and c != cfg.data_channels:
         raise ValueError(f"the dataset has {c} channels but data_channels={cfg.data_channels}")
+    if c not in (1, 3):
+        # grids, loading and sampling read grey or RGB images: the run failed only at its end
+        raise ValueError(f"the dataset's images have {c} channels; data_channels must be 1 or 3")
     if cfg.group is not None:
         from symfast.groups import get
         get(cfg.group).check_input(torch.empty(1, *shape), "dataset images")
-    if (h, w) != (cfg.image_size, cfg.image_size) and cfg.model != "custom":
+    # for a custom network too: config.json's image_size is the size load() and sampling use
+    if (h, w) != (cfg.image_size, cfg.image_size):
         raise ValueError(f"the dataset's images are {h}x{w} but image_size={cfg.image_size}")
+    images = getattr(dataset, "images", None)
+    # a dataset held in one tensor is checked whole (a pass over memory); others image by image
+    # would cost an epoch, and their non-finite steps are skipped and counted
+    if isinstance(images, torch.Tensor) and not bool(torch.isfinite(images).all()):
+        raise ValueError(f"the dataset holds non-finite values (NaN or inf) in "
+                         f"{int((~torch.isfinite(images)).flatten(1).any(1).sum())} of its "
+                         f"{len(images)} images (every step whose batch holds one would be "
+                         f"skipped)")
     if cfg.model != "custom":
         multiple = 2 ** (len(cfg.channels) - 1)
         if h % multiple or w % multiple:
@@ -99,7 +111,8 @@ def build_model(cfg: TrainConfig, in_channels: int) -> nn.Module:
                                    for i in range(levels)),
             up_block_types=tuple("AttnUpBlock2D" if levels - 1 - i in attention else "UpBlock2D"
                                  for i in range(levels)))
-    raise ValueError("model='custom' needs the network passed to train(model=...)")
+    raise ValueError("model='custom' needs the network passed in: train(network=...) (the "
+                     "command line cannot build one)")
 
 
 def training_denoiser(cfg: TrainConfig, net: nn.Module | Any) -> Denoiser:

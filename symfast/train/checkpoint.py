@@ -181,34 +181,50 @@ def set_aside(run_dir: str | os.PathLike, step: int, folder: Path) -> list[Path]
     return moved
 
 
-def _check_state(path: Path, state: Any) -> None:
-    """CheckpointError unless ``state`` (a parsed state.json) has the fields loading reads, of
-    the right types: valid JSON edited or written by something else must be refused as a torn
-    file is, not crash its reader with a KeyError."""
+# The fields of state.json that every checkpoint has (a table's entries follow it) ...
+_FIELDS = {"step": int, "config": dict, "tensors": dict, "tensors.file": str,
+           "tensors.bytes": int, "tensors.sha256": str, "tensors.names": list}
+# ... and those a training run writes besides, which resuming needs (an exported checkpoint has
+# none of them): a checkpoint lacking one cannot be resumed, so it is skipped as a torn one is.
+_TRAINING_FIELDS = {"nimg": int, "nonfinite_skipped": int, "optimizer": dict,
+                    "optimizer.param_groups": list, "optimizer.scalars": dict, "rng": dict,
+                    "data": dict, "lr": (int, float), "world_size": int}
+
+
+def _check_state(path: Path, state: Any, training: bool = False) -> None:
+    """CheckpointError unless ``state`` (a parsed state.json) has the fields loading reads (and,
+    with ``training``, resuming), of the right types: valid JSON edited or written by something
+    else must be refused as a torn file is, not crash its reader with a KeyError."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a symfast checkpoint "
                               f"(format {state.get('format') if isinstance(state, dict) else None!r}, "
                               f"expected {FORMAT!r})")
-    meta = state.get("tensors")
-    wanted = {"step": (state, int), "config": (state, dict), "tensors": (state, dict),
-              "tensors.file": (meta, str), "tensors.bytes": (meta, int),
-              "tensors.sha256": (meta, str), "tensors.names": (meta, list)}
-    for name, (table, kind) in wanted.items():
+    if training and "exported_from" in state:
+        raise CheckpointError(f"checkpoint {str(path)!r} is an exported checkpoint (EMA weights "
+                              f"only, no optimiser state) and cannot be resumed; start a run from "
+                              f"it with init_from instead")
+    for name, kind in (_FIELDS | _TRAINING_FIELDS if training else _FIELDS).items():
+        table, key = (state, name) if "." not in name else (state.get(name.split(".")[0]),
+                                                              name.split(".")[1])
         if not isinstance(table, dict):
             continue  # its table's own entry names it
-        value = table.get(name.rsplit(".", 1)[-1])
+        value = table.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
+            expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise CheckpointError(f"checkpoint {str(path)!r}: {STATE} has "
                                   f"{'no ' + name if value is None else f'{name}={value!r}'} "
-                                  f"(expected {kind.__name__}); not a complete symfast checkpoint")
+                                  f"(expected {expected}); not a complete symfast "
+                                  f"{'training ' if training else ''}checkpoint")
+    meta = state["tensors"]
     if not all(isinstance(n, str) for n in meta["names"]):
         raise CheckpointError(f"checkpoint {str(path)!r}: {STATE}'s tensors.names must be a list "
                               f"of strings")
 
 
-def load(path: str | os.PathLike) -> Checkpoint:
-    """Load and verify one checkpoint folder (or its state.json / tensors file). Raises
-    CheckpointError naming the path and what is wrong."""
+def load(path: str | os.PathLike, training: bool = False) -> Checkpoint:
+    """Load and verify one checkpoint folder (or its state.json / tensors file); with
+    ``training``, also that it holds what resuming a run reads (optimiser state, counters).
+    Raises CheckpointError naming the path and what is wrong."""
     from safetensors.torch import load as safetensors_load
 
     path = Path(path)
@@ -226,7 +242,7 @@ def load(path: str | os.PathLike) -> Checkpoint:
                               f"or a torn one") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r}: {STATE} is corrupt ({exc})") from None
-    _check_state(path, state)
+    _check_state(path, state, training)
     meta = state["tensors"]
     try:
         blob = (path / meta["file"]).read_bytes()
@@ -255,28 +271,28 @@ def load_weights(module: torch.nn.Module, ckpt: Checkpoint, prefix: str) -> None
         raise ValueError(f"checkpoint {ckpt.path} does not fit the model: {exc}") from None
 
 
-def latest(run_dir: str | os.PathLike) -> Checkpoint | None:
-    """The newest checkpoint of a run that loads and verifies; torn or corrupt ones are skipped
-    with a warning naming them. None if there is none."""
+def latest(run_dir: str | os.PathLike, training: bool = False) -> Checkpoint | None:
+    """The newest checkpoint of a run that loads and verifies (``training``: as :func:`load`);
+    torn or corrupt ones are skipped with a warning naming them. None if there is none."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return load(path)
+            return load(path, training)
         except CheckpointError as exc:
             log.warning("skipping checkpoint %s: %s", path, exc)
     return None
 
 
-def resolve(spec: str | os.PathLike) -> Checkpoint:
+def resolve(spec: str | os.PathLike, training: bool = False) -> Checkpoint:
     """A checkpoint from a path: a checkpoint folder or file, or a run folder (its newest valid
-    checkpoint)."""
+    checkpoint); ``training``: one a run can resume (see :func:`load`)."""
     path = Path(spec)
     if path.name == "checkpoints" and path.is_dir():
         path = path.parent
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if path.is_dir() and not (path / STATE).exists() and checkpoint_dir(path).is_dir():
-        found = latest(path)
+        found = latest(path, training)
         if found is None:
             raise CheckpointError(f"run folder {str(path)!r} holds no valid checkpoint")
         return found
-    return load(path)
+    return load(path, training)

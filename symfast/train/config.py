@@ -22,6 +22,7 @@ PREDICTIONS = ("edm", "eps", "v", "x0")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "inverse-sqrt")
 BUILTIN_DATA = ("digits", "digits-d4", "gmm-d4")
+FLOAT32_MAX = 3.4028234663852886e38
 
 # What a checkpoint's weights and objective depend on: loading into a config that differs in any
 # of these is refused, naming the fields. The rest (steps, lr, logging) may change on resume.
@@ -37,7 +38,7 @@ class TrainConfig:
     "digits-d4" (every digit under every D4 element: an exactly D4-invariant set), "gmm-d4" (a
     D4-invariant Gaussian mixture with an exact score) or a folder of PNG/JPEG images.
     Model: "unet", "equivariant-unet" (tied convolutions, needs ``group``), "diffusers-unet"
-    (diffusers' UNet2DModel), or "custom" (an nn.Module passed to ``train(model=...)``).
+    (diffusers' UNet2DModel), or "custom" (an nn.Module passed to ``train(network=...)``).
     Equivariance: "none"; "augment" (a random group element per training image); "wt" (an
     EquivariantUNet, one call per step); "fa" (frame averaging at sampling; in training too with
     ``fa_train``); "reg" (denoising loss + ``reg_weight``·equivariance loss against the EMA).
@@ -176,10 +177,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        # the optimiser steps fp32 weights: a larger lr is inf there, and the first step made
+        # every weight inf or NaN
+        if self.lr > FLOAT32_MAX:
+            raise ValueError(f"lr must be at most {FLOAT32_MAX:.4g} (the largest float32), got "
+                             f"{self.lr!r}")
         if not math.isfinite(self.p_mean):
             raise ValueError(f"p_mean must be finite, got {self.p_mean!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if self.reg_weight < 0 or not math.isfinite(self.reg_weight):
             raise ValueError(f"reg_weight must be a finite number >= 0, got {self.reg_weight!r}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
@@ -195,6 +201,10 @@ class TrainConfig:
                 not 0 <= a < len(self.channels) for a in self.attention_levels):
             raise ValueError(f"attention_levels {self.attention_levels} must lie in "
                              f"[0, {len(self.channels)})")
+        smallest = builtin_data_min_size(self.data)
+        if smallest is not None and self.image_size < smallest:
+            raise ValueError(f"image_size must be >= {smallest} for data={self.data!r}, got "
+                             f"{self.image_size}")
         if self.data not in BUILTIN_DATA + ("custom",) and not Path(self.data).is_dir():
             raise ValueError(f"data must be one of {BUILTIN_DATA}, an image folder, or 'custom' "
                              f"(a dataset passed to train()); {self.data!r} is none of these")
@@ -246,9 +256,20 @@ class TrainConfig:
                 if mine[name] != theirs[name]]
 
 
+def builtin_data_min_size(data: str) -> int | None:
+    """The smallest image_size the built-in data ``data`` can be made at (None: any, or not
+    built in), as symfast.data.images checks it (under the name of its own argument, size)."""
+    from symfast.data import images
+    return {"digits": images.DIGITS_MIN_SIZE, "digits-d4": images.DIGITS_MIN_SIZE,
+            "gmm-d4": images.GAUSSIAN_MIXTURE_MIN_SIZE}.get(data)
+
+
 def check_out_folder(out: str) -> None:
     """ValueError unless ``out`` is a folder or can become one (a file there would fail the
     first mkdir with a bare FileExistsError)."""
+    if isinstance(out, str) and not out.strip():
+        # Path("") is the current folder: the run's files went in among whatever is there
+        raise ValueError(f"out={out!r} is empty; give the folder for the run")
     path = Path(out)
     for part in (path, *path.parents):
         if part.exists():

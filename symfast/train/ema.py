@@ -62,6 +62,11 @@ class EMA:
             for dst, src in zip(ema.buffers(), self._source_buffers):
                 dst.copy_(src)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every copy's floating-point parameters and its buffers."""
+        return [t for target, buffers in zip(self._targets, self._target_buffers)
+                for t in target + buffers]
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every copy's state dict, keys ``ema.<index>.<name>``."""
         return {f"ema.{i}.{k}": v for i, ema in enumerate(self.models) for k, v in ema.state_dict().items()}

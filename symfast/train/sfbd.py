@@ -527,7 +527,8 @@ class _SFBD:
         order = torch.randperm(len(self.noisy),
                                generator=seeded_generator(cfg.data_seed + 1, "data_seed"))
         chunks = [order[c::n_chunks].sort().values for c in range(n_chunks)]
-        newest = checkpoint.latest(folder) if self.world.is_main else None
+        # the checkpoint the segment's train(resume="auto") goes on from
+        newest = checkpoint.latest(folder, training=True) if self.world.is_main else None
         found = self.world.broadcast(newest.step if newest is not None else 0)
         segment = min(found, total) // cfg.refresh_every
         initial = folder / "refresh-0000"
