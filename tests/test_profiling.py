@@ -221,6 +221,20 @@ def test_profile_train_tiny_run_splits_optimiser_and_data(tmp_path):
     assert (mine / "run" / "precious.ckpt").read_text() == "x"
 
 
+def test_profile_train_reg_counts_the_target_network_as_network(tmp_path):
+    """equivariance="reg" runs the frozen EMA copy as the regulariser's target: its forward ran
+    outside the network range, so its convolutions went to "host overhead/other"."""
+    out = tmp_path / "reg"
+    assert main(["profile", "train", "--steps", "1", "--equivariance", "reg", "--model", "unet",
+                 "--channels", "8,8", "--batch-size", "4", "--out", str(out)]) == 0
+    events = [e for e in json.loads((out / "trace.json").read_text())["traceEvents"] if e.get("ph") == "X"]
+    ranges = [(e["tid"], e["ts"], e["ts"] + e["dur"]) for e in events if e["name"] == "symfast.profile.network"]
+    convs = [e for e in events if e["name"] == "aten::conv2d"]
+    assert len(ranges) == 2 and convs  # the network's forward and the target's
+    for e in convs:
+        assert any(tid == e["tid"] and a <= e["ts"] and e["ts"] + e["dur"] <= b for tid, a, b in ranges)
+
+
 def test_profile_op_counts_exactly_the_profiled_calls(tmp_path):
     out = tmp_path / "op"
     assert main(["profile", "op", "orbit_mean", "--steps", "3", "--out", str(out)]) == 0

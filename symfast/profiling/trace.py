@@ -492,6 +492,8 @@ def profile_train(out: str | os.PathLike, *, config: str | os.PathLike | dict | 
     atomic_write_text(run_dir / _PROFILE_MARK, "made by symfast profile train: replaced by the next\n")
     run = _Run(cfg, World(device=dev), None, None)
     label(run.net, "forward", "network")
+    for ema in run.ema.models:  # the regulariser's target (equivariance="reg") is an EMA copy
+        label(ema, "forward", "network")
     label(run, "_batch", "data")
     label(run.ema, "update", "optimiser")
     run.open_outputs()
