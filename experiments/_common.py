@@ -24,3 +24,15 @@ def write_json(path: Path, payload: dict) -> Path:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(payload, indent=1))
     return Path(path)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an int >= 1 (--threads 0 reached torch.set_num_threads as a traceback)."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value

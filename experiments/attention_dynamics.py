@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from _common import save_figure, write_json  # experiments/ is on sys.path
+from _common import positive_int, save_figure, write_json  # experiments/ is on sys.path
 from symfast.attention_dynamics import (TopicDiagnostics, accuracy, identity_residual,
                                         train_full_batch_gd)
 from symfast.data.text import topic_dataset
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--results", default=str(RESULTS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     p = QUICK if args.quick else FULL
     previous_threads = torch.get_num_threads()

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import save_figure, write_json  # experiments/ is on sys.path
+from _common import positive_int, save_figure, write_json  # experiments/ is on sys.path
 from symfast.data.audio import synthetic_audio
 from symfast.models.cab_cnn import CABCNN, BaselineCNN, count_parameters
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=None,
                         help="training seeds 0..seeds-1 (default 3, or 2 with --quick)")
     parser.add_argument("--results", default=str(RESULTS))
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     p = dict(QUICK if args.quick else FULL)
     if args.seeds is not None:

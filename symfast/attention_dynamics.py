@@ -9,6 +9,7 @@ whatever the classifier (it assumes the m random words of a sentence keep scores
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -64,7 +65,8 @@ def identity_residual(diagnostics: TopicDiagnostics, query_norm_sq: float, m: in
 
 
 def _check_lr(lr) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+    # numbers.Real: a numpy scalar too (np.float32(0.1) was refused as not positive and finite)
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {lr!r}")
 
 

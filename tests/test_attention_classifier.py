@@ -266,5 +266,8 @@ def test_training_helpers_name_their_bad_arguments():
             train_full_batch_gd(model, data, 1, lr=lr)
         with pytest.raises(ValueError, match="lr must be a positive finite number"):
             train_minibatch_adam(model, data, 1, lr=lr)
+    import numpy as np
+    classes = int(data.labels.max()) + 1  # a numpy scalar is a number
+    train_full_batch_gd(AttentionClassifier(50, 8, 8, classes), data, 1, lr=np.float32(0.1))
     with pytest.raises(ValueError, match="m must be an int >= 1"):  # ZeroDivisionError before
         identity_residual(TopicDiagnostics(data.topic_words), 1.0, 0)

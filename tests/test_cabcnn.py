@@ -267,6 +267,8 @@ def test_wav_folder_reads_pcm_widths_channels_and_pads(tmp_path):
                          [0.5, -0.5, 0.0, 0.5, 0.0]])
     assert torch.equal(clips.waveforms, want)
     assert load_wav_folder(tmp_path, num_samples=2).waveforms.shape == (3, 2)
+    with pytest.raises(ValueError, match="num_samples must be a positive int, got True"):
+        load_wav_folder(tmp_path, num_samples=True)  # was taken as 1 sample
 
 
 def test_wav_round_trip_of_synthetic_clips(tmp_path):

@@ -118,3 +118,12 @@ def test_cabcnn_audio_quick(tmp_path):
         assert sum(r["gate_mean"]) == pytest.approx(1.0, abs=1e-5)
         assert sum(r["gate_argmax_share"]) == pytest.approx(1.0, abs=1e-9)
         assert 1 / p["n_classifiers"] - 1e-6 <= r["gate_max_mean"] <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("script", ["attention_dynamics", "cabcnn_audio"])
+def test_experiments_refuse_a_thread_count_below_one(script):
+    """--threads 0 reached torch.set_num_threads: a traceback, not argparse's usage error."""
+    done = subprocess.run([sys.executable, str(REPO / "experiments" / f"{script}.py"), "--threads", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "argument --threads: expected an int >= 1, got 0" in done.stderr
+    assert "Traceback" not in done.stderr

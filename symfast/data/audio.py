@@ -210,7 +210,7 @@ def load_wav_folder(root: str | Path, num_samples: int | None = None) -> AudioCl
             labels.append(label)
     if num_samples is None:
         num_samples = max(c.shape[0] for c in clips)
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     waves = torch.zeros(len(clips), num_samples)
     for i, c in enumerate(clips):
