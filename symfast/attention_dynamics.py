@@ -57,6 +57,9 @@ def identity_residual(diagnostics: TopicDiagnostics, query_norm_sq: float, m: in
     lhs = ‖q‖²(‖v_t‖² − ‖v_t(0)‖²) and rhs = 2Δs_t + (2/m)Δe^{s_t} relative to the first record.
     Entries where |rhs| < ``min_rhs`` (the start, where both sides are ~0) are NaN."""
     _check_int("m", m, 1)  # the random words per sentence
+    # ‖q‖² >= 0 and the cut-off: a string failed inside torch, NaN gave all-NaN residuals
+    _check_number("query_norm_sq", query_norm_sq, allow_zero=True)
+    _check_number("min_rhs", min_rhs, allow_zero=True)
     score, norm = diagnostics.stacked("score"), diagnostics.stacked("norm")
     lhs = query_norm_sq * (norm ** 2 - norm[0] ** 2)
     rhs = 2 * (score - score[0]) + (2 / m) * (score.exp() - score[0].exp())
@@ -64,10 +67,12 @@ def identity_residual(diagnostics: TopicDiagnostics, query_norm_sq: float, m: in
     return torch.where(rhs.abs() >= min_rhs, residual, torch.full_like(residual, math.nan))
 
 
-def _check_lr(lr) -> None:
+def _check_number(name: str, value, allow_zero: bool = False) -> None:
     # numbers.Real: a numpy scalar too (np.float32(0.1) was refused as not positive and finite)
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value < math.inf
+            or not (value >= 0 if allow_zero else value > 0)):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite "
+                         f"number, got {value!r}")
 
 
 def _step_loss(model, data: TextDataset, index=None):
@@ -85,7 +90,7 @@ def train_full_batch_gd(model, data: TextDataset, steps: int, lr: float = 0.1,
     into ``diagnostics`` before the first step and every ``record_every`` steps after."""
     _check_int("steps", steps, 0)
     _check_int("record_every", record_every, 1)
-    _check_lr(lr)
+    _check_number("lr", lr)
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(steps + 1):
         loss, tokens, weights = _step_loss(model, data)
@@ -107,8 +112,9 @@ def train_minibatch_adam(model, data: TextDataset, epochs: int, batch_size: int 
     into ``diagnostics`` after every epoch (on the last batch)."""
     _check_int("epochs", epochs, 0)
     _check_int("batch_size", batch_size, 1)
-    _check_lr(lr)
+    _check_number("lr", lr)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    _check_int("seed", seed, 0)  # a string reached torch.Generator.manual_seed as a RuntimeError
     gen = torch.Generator().manual_seed(seed)
     history = []
     for epoch in range(epochs):

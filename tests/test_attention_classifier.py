@@ -269,5 +269,10 @@ def test_training_helpers_name_their_bad_arguments():
     import numpy as np
     classes = int(data.labels.max()) + 1  # a numpy scalar is a number
     train_full_batch_gd(AttentionClassifier(50, 8, 8, classes), data, 1, lr=np.float32(0.1))
+    for name, bad in (("query_norm_sq", "1"), ("query_norm_sq", -2.0), ("min_rhs", float("nan"))):
+        with pytest.raises(ValueError, match=f"{name} must be a non-negative finite number"):
+            identity_residual(TopicDiagnostics(data.topic_words), **{"query_norm_sq": 1.0, "m": 3, name: bad})
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        train_minibatch_adam(model, data, 1, seed="a")
     with pytest.raises(ValueError, match="m must be an int >= 1"):  # ZeroDivisionError before
         identity_residual(TopicDiagnostics(data.topic_words), 1.0, 0)
