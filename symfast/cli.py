@@ -270,7 +270,8 @@ SFBD_HELP = {
     "merge_clean": "train each round on the denoised images and the clean ones",
     "mode": "rounds, or online (refresh part of the denoised set during training)",
     "refresh_every": "online: steps between refreshes",
-    "refresh_fraction": "online: share of the denoised set refreshed each time",
+    "refresh_fraction": "online: share of the denoised set refreshed each time (round(f*N) images, "
+                        "the next ones of a seeded permutation)",
     "ramp_steps": "online: steps over which the denoised images' loss weight ramps to 1",
     "data_seed": "seed of the clean/noisy split and of the observation noise",
     "fd_samples": "after each stage, the Frechet distance of this many samples to the clean images "
@@ -305,8 +306,9 @@ def _sfbd(ns: argparse.Namespace) -> int:
 
     values = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
     result = run(ns.config, **values)
-    print(f"SFBD finished: {len(result.summaries) - 1} stage(s) after pretraining; final checkpoint: "
-          f"{result.checkpoint}")
+    if result.rank == 0:
+        print(f"SFBD finished: {len(result.summaries) - 1} stage(s) after pretraining; final "
+              f"checkpoint: {result.checkpoint}")
     return 0
 
 

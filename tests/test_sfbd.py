@@ -530,3 +530,117 @@ def test_sfbd_with_an_equivariant_model_denoises_equivariantly(tmp_path, equivar
     for k in range(1, len(group)):
         got = denoise(denoiser, group.act(y, k), TINY["tau"], steps=TINY["denoise_steps"])
         assert rel_err(got, group.act(x, k)) < 1e-5
+
+
+# ---- the refreshed share, the data fingerprint, fd on a finished run, messages --------------
+
+# the smallest run: 80 images of 8x8 (8 clean, 72 noisy in one shard and batch), channels 8,16,
+# one step per stage, a 2-step backward grid
+SMALL = dict(TINY, channels=(8, 16), dataset_size=80, rounds=1, pretrain_steps=1, steps_per_round=1,
+             denoise_steps=2, shard_size=72, denoise_batch=72)
+
+
+def test_online_refreshes_refresh_the_fraction_asked_for(tmp_path):
+    """Each refresh renews round(refresh_fraction·N) images, the next ones of a seeded
+    permutation in turn (ceil(1/f) chunks renewed 25% for f = 0.3 and 50% for any f > 0.5)."""
+    from symfast.train.sfbd import refresh_positions
+    for n, f in ((112, 0.9), (144, 0.3), (144, 0.4), (10, 0.01)):
+        m = max(1, round(f * n))
+        seen = [refresh_positions(n, f, 0, j) for j in range(1, 2 * n // m + 2)]
+        assert all(len(p) == m and len(set(p.tolist())) == m for p in seen), (n, f)
+        # taken in turn: the first ceil(n/m) refreshes cover every image, the first floor(n/m)
+        # renew no image twice
+        assert len(set(torch.cat(seen[:-(-n // m)]).tolist())) == n, (n, f)
+        assert len(set(torch.cat(seen[:n // m]).tolist())) == n // m * m, (n, f)
+        assert torch.equal(refresh_positions(n, f, 0, 3), seen[2])  # a resumed run: the same
+    with pytest.raises(ValueError, match="fraction must be in"):
+        refresh_positions(10, 0.0, 0, 1)
+    # fraction 1/k with k dividing N: the chunks of the former scheme (order[c::k]), so an online
+    # run started before keeps its refresh shards
+    from symfast.philox import seeded_generator
+    order = torch.randperm(144, generator=seeded_generator(1, "data_seed"))
+    for j in (1, 2, 3):
+        assert torch.equal(refresh_positions(144, 0.5, 0, j), order[(j - 1) % 2::2].sort().values)
+    # the run: two refreshes of 22 = round(0.3·72) images each, one after the other
+    out = tmp_path / "online"
+    run(dict(SMALL, mode="online", steps_per_round=3, refresh_every=1, refresh_fraction=0.3,
+             ramp_steps=1, out=str(out)), device="cpu")
+    done = [torch.cat([s["index"] for s in shards(out / "online" / f"refresh-{j:04d}").values()])
+            for j in (1, 2)]
+    assert [len(d) for d in done] == [22, 22] and not set(done[0].tolist()) & set(done[1].tolist())
+
+
+def test_another_dataset_in_the_same_folder_is_refused(tmp_path):
+    from symfast.data import ImageTensorDataset
+    images = digits(8).images[:80]
+    out = str(tmp_path / "cust")
+    first = run(dict(SMALL, out=out), dataset=ImageTensorDataset(images), device="cpu")
+    record = (tmp_path / "cust" / "sfbd.json").read_text()
+    assert "data_fingerprint" in json.loads(record)
+    # the same shape, the config the same ("custom"): only the images differ
+    with pytest.raises(ValueError, match=r"dataset \(passed to run\) differs"):
+        run(dict(SMALL, out=out), dataset=ImageTensorDataset(images.flip(-1)), device="cpu")
+    assert (tmp_path / "cust" / "sfbd.json").read_text() == record
+    # the same images (another tensor) are the same experiment: nothing redone
+    again = run(dict(SMALL, out=out), dataset=ImageTensorDataset(images.clone()), device="cpu")
+    assert again.summaries == first.summaries
+
+
+def test_fd_samples_added_to_a_finished_run_is_computed(tmp_path, caplog, monkeypatch):
+    out = tmp_path / "run"
+    first = run(dict(SMALL, out=str(out)), device="cpu")
+    assert all("fd" not in s for s in first.summaries)
+    with caplog.at_level("INFO", logger="symfast.sfbd"):
+        again = run(dict(SMALL, out=str(out), fd_samples=4), device="cpu")
+    assert [s["fd_samples"] for s in again.summaries] == [4, 4]
+    assert all(s["fd"] > 0 for s in again.summaries)
+    assert "fd_samples=4" in caplog.text
+    # kept in the summaries: the same count again computes nothing; another one recomputes
+    stamp = (out / "round-1" / "summary.json").stat().st_mtime_ns
+    assert run(dict(SMALL, out=str(out), fd_samples=4), device="cpu").summaries == again.summaries
+    assert (out / "round-1" / "summary.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "round-1" / "summary.json").read_text())["fd"] == again.summaries[1]["fd"]
+    # (the sampling itself stubbed: 70 network calls per stage are most of this test's time)
+    from symfast.train.sfbd import _SFBD
+    monkeypatch.setattr(_SFBD, "_fd", lambda self, denoiser: {"fd": -1.0, "fd_samples": self.cfg.fd_samples})
+    changed = run(dict(SMALL, out=str(out), fd_samples=6), device="cpu").summaries
+    assert [(s["fd"], s["fd_samples"]) for s in changed] == [(-1.0, 6)] * 2
+
+
+def test_profile_sfbd_checks_tau_against_the_models_noise_levels(tmp_path):
+    from symfast.profiling.trace import profile_sfbd
+    for tau, match in ((0.001, r"tau=0.001 is outside the schedule's noise levels"),
+                       (81.0, r"tau=81.0 is outside .*sigma_max=80"), (-1.0, "tau must be")):
+        with pytest.raises(ValueError, match=match):
+            profile_sfbd(tmp_path / "prof", tau=tau)
+        assert not (tmp_path / "prof").exists()
+
+
+def test_the_finished_line_is_printed_on_rank_0_only(monkeypatch, capsys, tmp_path):
+    import argparse
+
+    import symfast.train.sfbd
+    from symfast.cli import _sfbd
+    from symfast.train.sfbd import SFBDResult
+    for rank, printed in ((0, True), (1, False)):
+        result = SFBDResult(tmp_path, tmp_path / "ckpt", [{}], rank=rank)
+        monkeypatch.setattr(symfast.train.sfbd, "run", lambda config, **values: result)
+        assert _sfbd(argparse.Namespace(command="sfbd", config=None, out=str(tmp_path))) == 0
+        assert ("SFBD finished" in capsys.readouterr().out) == printed, rank
+
+
+def test_online_says_resumed_only_on_a_real_resume(tmp_path, caplog):
+    """An uninterrupted online run goes on from its own segments' checkpoints without saying
+    "resumed from"; a run started again from a checkpoint says it once."""
+    out = tmp_path / "online"
+    config = dict(SMALL, mode="online", steps_per_round=4, refresh_every=2, refresh_fraction=0.5,
+                  ramp_steps=1, checkpoint_every=2, keep=5, out=str(out))  # 2 segments
+    with caplog.at_level("INFO", logger="symfast.train"):
+        run(config, device="cpu")
+    assert "resumed from" not in caplog.text
+    caplog.clear()
+    (out / "online" / "summary.json").unlink()
+    shutil.rmtree(checkpoint.path_for(out / "online", 4))
+    with caplog.at_level("INFO", logger="symfast.train"):
+        run(config, device="cpu")
+    assert caplog.text.count("resumed from") == 1

@@ -422,14 +422,16 @@ def profile_sfbd(out: str | os.PathLike, *, checkpoint: str | os.PathLike | None
     from symfast.samplers import denoise
     from symfast.train import load
     from symfast.train.api import image_shape
+    from symfast.train.sfbd import check_tau
 
     _check_positive("steps", steps)
     _check_positive("n", n)
     _check_positive("denoise_steps", denoise_steps)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < 80:
-        raise ValueError(f"tau must be a number in (0, 80), got {tau!r}")
     dev = check_device(device)
     denoiser, cfg = load(_checkpoint(checkpoint), device=dev)
+    # the model's own noise range, as `symfast sfbd` checks it (a fixed (0, 80) refused taus the
+    # model takes and let through ones that failed in the sampler, naming sigma)
+    check_tau(tau, denoiser.schedule)
     c, h, _ = image_shape(cfg)
     if c != 1:
         raise ValueError(f"checkpoint={str(checkpoint)!r} makes {c}-channel images; profile sfbd "

@@ -20,6 +20,7 @@ or damaged one is denoised again), and training resumes from its checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -122,16 +123,8 @@ class SFBDConfig:
         if isinstance(self.data_seed, bool) or not isinstance(self.data_seed, int) \
                 or not 0 <= self.data_seed < 2**63:
             raise ValueError(f"data_seed must be an int in [0, 2^63), got {self.data_seed!r}")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) \
-                or not math.isfinite(self.tau) or self.tau <= 0:
-            raise ValueError(f"tau must be a positive number, got {self.tau!r}")
         schedule = self.train.schedule()
-        # the backward step starts at σ = τ: outside the schedule's range it failed only after
-        # pretraining, naming sigma
-        sigma_min, sigma_max = float(schedule.sigma_min), float(schedule.sigma_max)
-        if not sigma_min <= self.tau <= sigma_max:
-            raise ValueError(f"tau={self.tau} is outside the schedule's noise levels "
-                             f"[sigma_min={sigma_min:g}, sigma_max={sigma_max:g}]")
+        check_tau(self.tau, schedule)
         # every image clean would leave SFBD no noisy one to denoise (the run failed at its start)
         for name, whole in (("clean_fraction", False), ("refresh_fraction", True)):
             value = getattr(self, name)
@@ -160,6 +153,19 @@ class SFBDConfig:
         wrong = [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in _EXPERIMENT_FIELDS if mine[k] != theirs[k]]
         return wrong + [f"train.{k}: {mine['train'][k]!r} vs {theirs['train'][k]!r}"
                         for k in _TRAIN_EXPERIMENT_FIELDS if mine["train"][k] != theirs["train"][k]]
+
+
+def check_tau(tau: Any, schedule) -> None:
+    """ValueError naming tau unless it is a number in the schedule's [sigma_min, sigma_max]: the
+    backward step starts at σ = τ, and outside that range it failed only later (after
+    pretraining, in a run), naming sigma. ``symfast sfbd`` and ``symfast profile sfbd`` share it."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) \
+            or tau <= 0:
+        raise ValueError(f"tau must be a positive number, got {tau!r}")
+    sigma_min, sigma_max = float(schedule.sigma_min), float(schedule.sigma_max)
+    if not sigma_min <= tau <= sigma_max:
+        raise ValueError(f"tau={tau} is outside the schedule's noise levels "
+                         f"[sigma_min={sigma_min:g}, sigma_max={sigma_max:g}]")
 
 
 _SFBD_FIELDS = tuple(f.name for f in dataclasses.fields(SFBDConfig) if f.name != "train")
@@ -211,6 +217,7 @@ class SFBDResult:
     out: Path
     checkpoint: Path
     summaries: list[dict[str, Any]]
+    rank: int = 0  # this process's rank under torchrun (the CLI prints its line on rank 0 only)
 
 
 Evaluate = Callable[[Any], dict[str, float]]
@@ -237,6 +244,17 @@ def run(config: SFBDConfig | dict | str | None = None, *, dataset: ImageTensorDa
         return _SFBD(cfg, world, dataset, evaluate).run()
     finally:
         world.close()
+
+
+def data_fingerprint(images: torch.Tensor) -> str:
+    """A hash of the images' shape, dtype and bytes (BLAKE2b, 16 bytes hex): one pass over memory,
+    as the dataset's finiteness check already makes."""
+    import hashlib
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{tuple(images.shape)} {images.dtype}".encode())
+    flat = images.detach().cpu().contiguous().reshape(-1)
+    digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    return digest.hexdigest()
 
 
 def shard_path(folder: Path, index: int) -> Path:
@@ -384,20 +402,35 @@ class _SFBD:
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _check_folder(self) -> None:
-        """Rank 0: refuse an output folder of another experiment; record this config."""
+        """Rank 0: refuse an output folder of another experiment (another config, or other
+        images under the same config); record this config and the images' fingerprint."""
         error = None
         if self.world.is_main:
             saved = self.out / "sfbd.json"
+            fingerprint = data_fingerprint(self.reference)
             if saved.exists():
                 try:
-                    old = make_sfbd_config(json.loads(saved.read_text()))
+                    values = json.loads(saved.read_text())
+                    # a record of an older symfast has none: it is taken as this data's
+                    old_fingerprint = values.pop("data_fingerprint", fingerprint)
+                    old = make_sfbd_config(values)
                     wrong = self.cfg.mismatches(old)
                     if wrong:
                         error = (f"out={str(self.out)!r} holds an SFBD run with another config; "
                                  f"mismatching fields (this run vs saved): {'; '.join(wrong)}")
-                except (ValueError, TypeError, json.JSONDecodeError) as exc:
+                    elif old_fingerprint != fingerprint:
+                        # the config names a dataset passed in only as "custom", and an image
+                        # folder's files may change under the same path
+                        source = ("dataset (passed to run)" if self.cfg.train.data == "custom"
+                                  else f"data={self.cfg.train.data!r}")
+                        error = (f"out={str(self.out)!r} holds an SFBD run on other images: the "
+                                 f"{source} differs from the one it was made with (data "
+                                 f"fingerprint {fingerprint} vs saved {old_fingerprint}); pass "
+                                 f"that dataset or use another out")
+                except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as exc:
                     error = f"out={str(self.out)!r}: its sfbd.json cannot be read ({exc})"
             record = {k: v for k, v in self.cfg.to_dict().items() if k != "out"}  # may be moved
+            record["data_fingerprint"] = fingerprint
             text = json.dumps(record, indent=1, sort_keys=True)
             if error is None and (not saved.exists() or saved.read_text() != text):
                 atomic_write_text(saved, text)
@@ -419,16 +452,18 @@ class _SFBD:
         if self.world.is_main:
             summary = {"stage": name, "loss": _last_logged_loss(folder), **values}
             if self.evaluate is not None or self.cfg.fd_samples:
-                from symfast.train.api import load
-                denoiser, _ = load(folder, device=self.world.device)
+                denoiser = self._denoiser(folder)
                 if self.cfg.fd_samples:
-                    summary["fd"] = self._fd(denoiser)
+                    summary.update(self._fd(denoiser))
                 if self.evaluate is not None:
                     summary.update(self.evaluate(denoiser))
             atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
         return self.world.broadcast(summary)
 
     def _finished(self, folder: Path) -> dict[str, Any] | None:
+        """The summary of a finished stage (None: not finished). A finished stage is not run
+        again, so an ``fd_samples`` its summary lacks (a rerun that added --fd-samples or changed
+        it) is computed here, from the stage's checkpoint, instead of silently missing."""
         path = folder / "summary.json"
         done = None
         if self.world.is_main and path.exists():
@@ -436,6 +471,12 @@ class _SFBD:
                 done = json.loads(path.read_text())
             except json.JSONDecodeError:
                 done = None
+            if isinstance(done, dict) and self.cfg.fd_samples \
+                    and done.get("fd_samples") != self.cfg.fd_samples:
+                log.info("%s: computing fd of fd_samples=%d samples for the finished stage",
+                         done.get("stage", folder.name), self.cfg.fd_samples)
+                done.update(self._fd(self._denoiser(folder)))
+                atomic_write_text(path, json.dumps(done, indent=1, sort_keys=True))
         return self.world.broadcast(done)
 
     def _print(self, summary: dict[str, Any]) -> None:
@@ -445,15 +486,18 @@ class _SFBD:
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                 ((k, summary[k]) for k in keys)), flush=True)
 
-    def _fd(self, denoiser) -> float:
-        """The Fréchet distance of ``fd_samples`` samples of ``denoiser`` to the clean images."""
+    def _fd(self, denoiser) -> dict[str, Any]:
+        """{"fd": the Fréchet distance of ``fd_samples`` samples of ``denoiser`` to the clean
+        images, "fd_samples": that count} (the count kept so that a rerun with another one is
+        seen)."""
         from symfast.metrics import frechet_distance
         from symfast.samplers.api import sample
         shape = (self.cfg.fd_samples, *self.reference.shape[1:])
         with torch.no_grad():
             x = sample(denoiser, shape, sampler="heun", steps=18, seed=self.cfg.data_seed,
                        progress=False).clamp(-1, 1).cpu()
-        return frechet_distance(x, self.reference, None if self.cfg.train.data == "digits" else "pixels")
+        fd = frechet_distance(x, self.reference, None if self.cfg.train.data == "digits" else "pixels")
+        return {"fd": fd, "fd_samples": self.cfg.fd_samples}
 
     def _denoised_error(self, denoised: torch.Tensor, positions: torch.Tensor) -> float:
         """Mean squared error of the denoised images against the clean ones (known here)."""
@@ -478,7 +522,7 @@ class _SFBD:
         else:
             last = self._online(pretrain)
         final = checkpoint.resolve(last)
-        return SFBDResult(self.out, final.path, self.summaries)
+        return SFBDResult(self.out, final.path, self.summaries, self.world.rank)
 
     def _denoiser(self, source: Path):
         from symfast.train.api import load
@@ -514,8 +558,8 @@ class _SFBD:
 
     def _online(self, pretrain: Path) -> Path:
         """Training on clean ∪ denoised in segments of ``refresh_every`` steps; before segment j
-        (j ≥ 1) the chunk (j − 1) mod C of the denoised set (C = ⌈1/refresh_fraction⌉ chunks of a
-        seeded permutation) is denoised again with the EMA at step j·refresh_every."""
+        (j ≥ 1) the denoised images at :func:`refresh_positions` (j) (round(refresh_fraction·N)
+        of them) are denoised again with the EMA at step j·refresh_every."""
         cfg, folder = self.cfg, self.out / "online"
         total = cfg.rounds * cfg.steps_per_round
         done = self._finished(folder)
@@ -523,10 +567,6 @@ class _SFBD:
             self.summaries.append(done)
             self._print(done)
             return folder
-        n_chunks = math.ceil(1 / cfg.refresh_fraction)
-        order = torch.randperm(len(self.noisy),
-                               generator=seeded_generator(cfg.data_seed + 1, "data_seed"))
-        chunks = [order[c::n_chunks].sort().values for c in range(n_chunks)]
         # the checkpoint the segment's train(resume="auto") goes on from
         newest = checkpoint.latest(folder, training=True) if self.world.is_main else None
         found = self.world.broadcast(newest.step if newest is not None else 0)
@@ -537,7 +577,7 @@ class _SFBD:
         start, backward_seconds = time.perf_counter(), 0.0
         for j in range(0, math.ceil(total / cfg.refresh_every)):
             if j >= 1:
-                chunk = chunks[(j - 1) % n_chunks]
+                chunk = refresh_positions(len(self.noisy), cfg.refresh_fraction, cfg.data_seed, j)
                 source = checkpoint.path_for(folder, j * cfg.refresh_every)
                 refresh = folder / f"refresh-{j:04d}"
                 tick = time.perf_counter()
@@ -550,9 +590,12 @@ class _SFBD:
             if j < segment:
                 continue
             union = _WeightedUnion(self.clean, denoised, cfg.ramp_steps)
-            self._train(union, folder, min(total, (j + 1) * cfg.refresh_every),
-                        init_from=str(pretrain), ema_rampup=None, ema_halflife_images=halflife,
-                        seed=_stage_seed(cfg.train.seed, 1))
+            # each segment is a train(resume="auto") going on from the previous one's
+            # checkpoint; only the first segment this process trains can be a real resume
+            with _quiet_resume(j > segment):
+                self._train(union, folder, min(total, (j + 1) * cfg.refresh_every),
+                            init_from=str(pretrain), ema_rampup=None,
+                            ema_halflife_images=halflife, seed=_stage_seed(cfg.train.seed, 1))
         done = self._summary("online", folder, seconds=time.perf_counter() - start,
                              backward_seconds=backward_seconds, ema_halflife_images=list(halflife),
                              denoised_mse=self._denoised_error(denoised, self.positions))
@@ -577,6 +620,48 @@ class _SFBD:
                                    seed=mix(cfg.train.seed, _REFRESH_NOISE, j), clip=self.clip,
                                    progress=cfg.progress,
                                    desc="initial denoise" if j == 0 else f"refresh {j}")[0]
+
+
+class _DropResumed(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("resumed from")
+
+
+@contextlib.contextmanager
+def _quiet_resume(quiet: bool):
+    """Within: the training loop's "resumed from ..." line is dropped when ``quiet`` (an online
+    segment continuing the one this process just trained is no resume for the user)."""
+    if not quiet:
+        yield
+        return
+    train_log, drop = logging.getLogger("symfast.train"), _DropResumed()
+    train_log.addFilter(drop)
+    try:
+        yield
+    finally:
+        train_log.removeFilter(drop)
+
+
+def refresh_positions(n: int, fraction: float, data_seed: int, j: int) -> torch.Tensor:
+    """The positions (sorted) of the noisy set that online refresh ``j`` ≥ 1 denoises again:
+    the next m = round(fraction·n) (at least 1) of a permutation seeded by ``data_seed``, taken
+    cyclically, so every refresh renews the share asked for and each image is refreshed in turn.
+    A pure function of its arguments: a resumed run refreshes the same images."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+    if isinstance(j, bool) or not isinstance(j, int) or j < 1:
+        raise ValueError(f"j must be an int >= 1 (refresh 0 denoises every image), got {j!r}")
+    m = max(1, min(n, round(fraction * n)))
+    order = torch.randperm(n, generator=seeded_generator(data_seed + 1, "data_seed"))
+    # laid out as the former ⌈1/fraction⌉ interleaved chunks (still a uniform permutation), so
+    # for fraction = 1/k with k dividing n the sets are the old ones and an online run started
+    # before finds its refresh shards valid on resume
+    n_chunks = math.ceil(1 / fraction)
+    order = torch.cat([order[c::n_chunks] for c in range(n_chunks)])
+    start = (j - 1) * m % n
+    return order[(start + torch.arange(m)) % n].sort().values
 
 
 # Tags that keep the backward step's sampler noise apart from every other stream of the run.
