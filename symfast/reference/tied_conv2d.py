@@ -119,11 +119,7 @@ def _kernel_orbits(group: Group, kh: int, kw: int) -> KernelOrbits:
                 parent[max(ra, rb)] = min(ra, rb)
     roots = sorted({find(p) for p in range(n)})
     number = {r: k for k, r in enumerate(roots)}
-    index = torch.tensor([number[find(p)] for p in range(n)], dtype=torch.int64)
-    order = torch.argsort(index, stable=True)
-    counts = torch.bincount(index, minlength=len(roots))
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    return KernelOrbits((kh, kw), index, order.to(torch.int32), offsets.to(torch.int32))
+    return _orbits_from_index((kh, kw), tuple(number[find(p)] for p in range(n)))
 
 
 def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
