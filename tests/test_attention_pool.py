@@ -140,6 +140,37 @@ def test_results_do_not_depend_on_the_thread_count():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dk", [16, 5])
+def test_tables_past_the_caches_at_every_thread_count(dk):
+    """Tables past 4 MB are streamed out, a vocabulary of many row chunks shared among the
+    threads (grad_embedding and grad_keys' absent-token rows beside the score gradients, the
+    other key rows after them): right for every subset of trainable tables and the same bits at
+    1, 2 and 3 threads; d_k = 5 makes key rows that share cache lines between the two passes."""
+    tokens, lengths, emb, keys, query = _inputs(40, 37, 5003, 210, dk, torch.float32, "cpu",
+                                                seed=11)
+    assert 5003 * (210 + dk) * 4 > 4 << 20
+    ref_pooled, ref_weights, ref_tables = _reference64(tokens, lengths, emb, keys, query, True)
+    ref_grads = torch.autograd.grad(ref_pooled.sum() + (ref_weights ** 2).sum(), ref_tables)
+    before = torch.get_num_threads()
+    try:
+        for needs in ((1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 1, 1)):
+            tables = [t.detach().requires_grad_(bool(n)) for t, n in zip((emb, keys, query), needs)]
+            wanted = [t for t in tables if t.requires_grad]
+            runs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                pooled, weights = attention_pool(tokens, lengths, *tables, return_weights=True,
+                                                 backend="cpu")
+                runs.append(torch.autograd.grad(pooled.sum() + (weights ** 2).sum(), wanted))
+            for other in runs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+            refs = [r for r, n in zip(ref_grads, needs) if n]
+            for g, r in zip(runs[0], refs):
+                assert rel_err(g, r) <= TOL[torch.float32]
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("needs", [(e, k, q) for e in (0, 1) for k in (0, 1) for q in (0, 1)
                                    if e or k or q])
 def test_only_needed_gradients(needs):
