@@ -607,6 +607,29 @@ def test_fd_samples_added_to_a_finished_run_is_computed(tmp_path, caplog, monkey
     assert [(s["fd"], s["fd_samples"]) for s in changed] == [(-1.0, 6)] * 2
 
 
+def test_evaluate_passed_to_a_finished_run_is_called(tmp_path, caplog):
+    """A finished stage is not trained again; an evaluate= its summary has not seen runs on the
+    stage's EMA model (from its checkpoint) instead of being silently skipped, once."""
+    out = tmp_path / "run"
+    first = run(dict(SMALL, out=str(out)), device="cpu")
+    seen = []
+
+    def evaluate(denoiser):
+        seen.append(denoiser)
+        x = torch.zeros(2, 1, 8, 8)
+        with torch.no_grad():
+            return {"mean_abs": float(denoiser(x, 1.0).abs().mean())}
+
+    with caplog.at_level("INFO", logger="symfast.sfbd"):
+        again = run(dict(SMALL, out=str(out)), evaluate=evaluate, device="cpu")
+    assert len(seen) == len(first.summaries) == 2
+    assert all(s["mean_abs"] > 0 and s["evaluated"] for s in again.summaries)
+    assert [s["loss"] for s in again.summaries] == [s["loss"] for s in first.summaries]
+    assert "evaluating the finished stage" in caplog.text
+    assert run(dict(SMALL, out=str(out)), evaluate=evaluate, device="cpu").summaries == again.summaries
+    assert len(seen) == 2
+
+
 def test_profile_sfbd_checks_tau_against_the_models_noise_levels(tmp_path):
     from symfast.profiling.trace import profile_sfbd
     for tau, match in ((0.001, r"tau=0.001 is outside the schedule's noise levels"),

@@ -43,12 +43,11 @@ def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, backend: str | None,
                shift: torch.Tensor | None = None) -> torch.Tensor:
     """silu(norm(x + shift[:, :, None, None])) in one fused op with ``norm``'s parameters (the
     modules stay, so parameter names and state dicts do not change); backend="reference" is
-    the unfused composition. Parameters and shift are used in x's dtype: under bf16 autocast
-    x and the shift arrive in bf16 while the parameters stay fp32."""
-    dtype = x.dtype
-    weight, bias = (p if p is None or p.dtype == dtype else p.to(dtype) for p in (norm.weight, norm.bias))
-    shift = shift if shift is None or shift.dtype == dtype else shift.to(dtype)
-    return group_norm_silu(x, norm.num_groups, weight, bias, norm.eps, shift=shift, backend=backend)
+    the unfused composition. Under bf16 autocast x arrives in bf16 and the parameters stay fp32,
+    which the op takes; the shift (the time embedding) is used in x's dtype whichever it has."""
+    shift = shift if shift is None or shift.dtype == x.dtype else shift.to(x.dtype)
+    return group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift=shift,
+                           backend=backend)
 
 
 def _upsample2x_forward(x: torch.Tensor) -> torch.Tensor:

@@ -457,13 +457,15 @@ class _SFBD:
                     summary.update(self._fd(denoiser))
                 if self.evaluate is not None:
                     summary.update(self.evaluate(denoiser))
+                    summary["evaluated"] = True
             atomic_write_text(folder / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
         return self.world.broadcast(summary)
 
     def _finished(self, folder: Path) -> dict[str, Any] | None:
         """The summary of a finished stage (None: not finished). A finished stage is not run
-        again, so an ``fd_samples`` its summary lacks (a rerun that added --fd-samples or changed
-        it) is computed here, from the stage's checkpoint, instead of silently missing."""
+        again, so what its summary lacks is computed here, from the stage's checkpoint, instead
+        of silently missing: an ``fd_samples`` (a rerun that added --fd-samples or changed it)
+        and an ``evaluate`` (a rerun that passed one; its summary then says ``evaluated``)."""
         path = folder / "summary.json"
         done = None
         if self.world.is_main and path.exists():
@@ -471,17 +473,26 @@ class _SFBD:
                 done = json.loads(path.read_text())
             except json.JSONDecodeError:
                 done = None
-            if isinstance(done, dict) and self.cfg.fd_samples \
-                    and done.get("fd_samples") != self.cfg.fd_samples:
-                log.info("%s: computing fd of fd_samples=%d samples for the finished stage",
-                         done.get("stage", folder.name), self.cfg.fd_samples)
-                done.update(self._fd(self._denoiser(folder)))
-                atomic_write_text(path, json.dumps(done, indent=1, sort_keys=True))
+            if isinstance(done, dict):
+                stage = done.get("stage", folder.name)
+                fd = bool(self.cfg.fd_samples) and done.get("fd_samples") != self.cfg.fd_samples
+                evaluate = self.evaluate is not None and not done.get("evaluated")
+                if fd or evaluate:
+                    denoiser = self._denoiser(folder)
+                    if fd:
+                        log.info("%s: computing fd of fd_samples=%d samples for the finished stage",
+                                 stage, self.cfg.fd_samples)
+                        done.update(self._fd(denoiser))
+                    if evaluate:
+                        log.info("%s: evaluating the finished stage", stage)
+                        done.update(self.evaluate(denoiser))
+                        done["evaluated"] = True
+                    atomic_write_text(path, json.dumps(done, indent=1, sort_keys=True))
         return self.world.broadcast(done)
 
     def _print(self, summary: dict[str, Any]) -> None:
         if self.world.is_main and self.cfg.progress:
-            keys = [k for k in summary if k != "stage"]
+            keys = [k for k in summary if k not in ("stage", "evaluated")]
             print(f"[sfbd] {summary['stage']}: " + ", ".join(
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in
                 ((k, summary[k]) for k in keys)), flush=True)
