@@ -9,13 +9,13 @@ whatever the classifier (it assumes the m random words of a sentence keep scores
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from symfast.data.images import _check_int
+from symfast.ops import _checks
 from symfast.data.text import TextDataset
 
 
@@ -58,21 +58,13 @@ def identity_residual(diagnostics: TopicDiagnostics, query_norm_sq: float, m: in
     Entries where |rhs| < ``min_rhs`` (the start, where both sides are ~0) are NaN."""
     _check_int("m", m, 1)  # the random words per sentence
     # ‖q‖² >= 0 and the cut-off: a string failed inside torch, NaN gave all-NaN residuals
-    _check_number("query_norm_sq", query_norm_sq, allow_zero=True)
-    _check_number("min_rhs", min_rhs, allow_zero=True)
+    _checks.finite_number("query_norm_sq", query_norm_sq, positive=False)
+    _checks.finite_number("min_rhs", min_rhs, positive=False)
     score, norm = diagnostics.stacked("score"), diagnostics.stacked("norm")
     lhs = query_norm_sq * (norm ** 2 - norm[0] ** 2)
     rhs = 2 * (score - score[0]) + (2 / m) * (score.exp() - score[0].exp())
     residual = (lhs - rhs).abs() / rhs.abs()
     return torch.where(rhs.abs() >= min_rhs, residual, torch.full_like(residual, math.nan))
-
-
-def _check_number(name: str, value, allow_zero: bool = False) -> None:
-    # numbers.Real: a numpy scalar too (np.float32(0.1) was refused as not positive and finite)
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value < math.inf
-            or not (value >= 0 if allow_zero else value > 0)):
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} finite "
-                         f"number, got {value!r}")
 
 
 def _step_loss(model, data: TextDataset, index=None):
@@ -90,7 +82,7 @@ def train_full_batch_gd(model, data: TextDataset, steps: int, lr: float = 0.1,
     into ``diagnostics`` before the first step and every ``record_every`` steps after."""
     _check_int("steps", steps, 0)
     _check_int("record_every", record_every, 1)
-    _check_number("lr", lr)
+    _checks.finite_number("lr", lr, positive=True)
     params = [p for p in model.parameters() if p.requires_grad]
     for step in range(steps + 1):
         loss, tokens, weights = _step_loss(model, data)
@@ -112,7 +104,7 @@ def train_minibatch_adam(model, data: TextDataset, epochs: int, batch_size: int 
     into ``diagnostics`` after every epoch (on the last batch)."""
     _check_int("epochs", epochs, 0)
     _check_int("batch_size", batch_size, 1)
-    _check_number("lr", lr)
+    _checks.finite_number("lr", lr, positive=True)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     _check_int("seed", seed, 0)  # a string reached torch.Generator.manual_seed as a RuntimeError
     gen = torch.Generator().manual_seed(seed)

@@ -123,9 +123,8 @@ class Denoiser(nn.Module):
         if frame_average and self.group is None:
             raise ValueError("frame_average=True needs group=")
         self.frame_average = frame_average
-        if sigma_data is not None and (isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float))
-                                       or not 0 < sigma_data < math.inf):
-            raise ValueError(f"sigma_data must be a finite number > 0, got {sigma_data!r}")
+        if sigma_data is not None:
+            _checks.finite_number("sigma_data", sigma_data, positive=True)
         self.sigma_data = float(sigma_data if sigma_data is not None
                                 else getattr(schedule, "sigma_data", 0.5))
         self.chunks = chunks

@@ -135,14 +135,18 @@ class Group:
         return self.within(other)
 
     def within(self, other: "Group") -> bool:
-        """Whether every element of this group is one of ``other``'s (c4 within d4), judged by
-        their action on this group's probe shape; False where ``other`` cannot act on it."""
+        """Whether every element of this group is one of ``other``'s (c4 within d4, flip_h within
+        d4), judged by their action on a probe on which both groups act faithfully (each one's
+        probe shape, padded to the larger event_ndim, the larger size per dim): on flip_v's own
+        (4, 1) probe c2's rotation by 180° moves every entry as the vertical flip does. False
+        where ``other`` cannot act on such a probe (its fixed sizes)."""
         if other is self:
             return True
-        if not isinstance(other, Group) or other.event_ndim != self.event_ndim:
+        if not isinstance(other, Group):
             return False
+        probe = _common_probe(self, other)
         try:
-            return None not in self.indices_in(other, self.probe_shape)
+            return probe is not None and None not in self.indices_in(other, probe)
         except ValueError:
             return False
 
@@ -349,19 +353,37 @@ def sign_flip() -> Group:
     return Group("sign", [_identity, torch.neg], event_ndim=0, probe_shape=())
 
 
+def _common_probe(a: Group, b: Group) -> list[int] | None:
+    """A trailing shape on which both groups act, each as faithfully as on its own probe: the
+    probe shapes padded with leading 1s to the larger event_ndim, the larger size per dim, a
+    fixed size where either group needs one (None where the two need different sizes), square
+    where either rotates."""
+    ndim = max(a.event_ndim, b.event_ndim)
+
+    def padded(values: Sequence, fill):
+        return [fill] * (ndim - len(values)) + list(values)
+
+    probe = [max(p, q) for p, q in zip(padded(a.probe_shape, 1), padded(b.probe_shape, 1))]
+    if a.square or b.square:
+        probe[-1] = probe[-2] = max(probe[-1], probe[-2])
+    for i, (p, q) in enumerate(zip(padded(a.fixed_sizes, None), padded(b.fixed_sizes, None))):
+        if p is not None and q is not None and p != q:
+            return None
+        if p is not None or q is not None:
+            probe[i] = p if p is not None else q
+    return probe
+
+
 def product(a: Group | str, b: Group | str) -> Group:
     """Direct product: elements g_a ∘ g_b; the two actions must commute (checked on the probe:
     c4 and flip_h do not, and their "product" would be D4 under another name). ``a`` and ``b``
     are groups or their names."""
     a, b = get(a), get(b)
     ndim = max(a.event_ndim, b.event_ndim)
-
-    def padded(g: Group) -> list[int]:
-        return [1] * (ndim - g.event_ndim) + list(g.probe_shape)
-
-    probe = [max(p, q) for p, q in zip(padded(a), padded(b))]
-    if a.square or b.square:
-        probe[-1] = probe[-2] = max(probe[-1], probe[-2])
+    probe = _common_probe(a, b)
+    if probe is None:
+        raise ValueError(f"product({a.name}, {b.name}): the two groups need different sizes of "
+                         f"the same dim ({a.fixed_sizes} and {b.fixed_sizes})")
     elements = [_then(gb, ga) for ga in a.elements for gb in b.elements]
     base = torch.arange(math.prod(probe), dtype=torch.int64).reshape(probe)
     for i, ga in enumerate(a.elements):

@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from symfast.ops import _checks
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "cosine")
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -322,9 +324,7 @@ class DDPMSchedule(Schedule):
 def _check_sigma_range(schedule: Schedule, positive: tuple[str, ...]) -> None:
     """Each of ``positive`` a finite number > 0, and sigma_min < sigma_max."""
     for name in positive:
-        value = getattr(schedule, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        _checks.finite_number(name, getattr(schedule, name), positive=True)
     if not schedule.sigma_min < schedule.sigma_max:
         raise ValueError(f"sigma_min={schedule.sigma_min} must be below sigma_max={schedule.sigma_max}")
 

@@ -262,15 +262,15 @@ def test_training_helpers_name_their_bad_arguments():
         with pytest.raises(ValueError, match=f"{name} must be an int"):
             train_minibatch_adam(model, data, **kwargs)
     for lr in (-1.0, 0.0, float("nan"), float("inf"), True):  # trained on silently before
-        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
             train_full_batch_gd(model, data, 1, lr=lr)
-        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+        with pytest.raises(ValueError, match="lr must be a finite number > 0"):
             train_minibatch_adam(model, data, 1, lr=lr)
     import numpy as np
     classes = int(data.labels.max()) + 1  # a numpy scalar is a number
     train_full_batch_gd(AttentionClassifier(50, 8, 8, classes), data, 1, lr=np.float32(0.1))
     for name, bad in (("query_norm_sq", "1"), ("query_norm_sq", -2.0), ("min_rhs", float("nan"))):
-        with pytest.raises(ValueError, match=f"{name} must be a non-negative finite number"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
             identity_residual(TopicDiagnostics(data.topic_words), **{"query_norm_sq": 1.0, "m": 3, name: bad})
     with pytest.raises(ValueError, match="seed must be an int >= 0"):
         train_minibatch_adam(model, data, 1, seed="a")

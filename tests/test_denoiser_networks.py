@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from symfast import Denoiser, sample, symmetrize
+from symfast import Denoiser, equivariance_error, sample, symmetrize
 from symfast.metrics import sampler_equivariance
 from symfast.groups import get
 from symfast.nn import EquivariantUNet, UNet
@@ -119,6 +119,12 @@ def test_frame_average_choice():
     assert sampler_equivariance(within, "c4", "heun", (2, 1, 8, 8), steps=3) <= 1e-5
     assert Denoiser(EquivariantUNet(1, 1, group="c4", **SMALL), group="d4").frame_average  # c4 ⊉ d4
     assert Denoiser(EquivariantUNet(1, 1, group="flip_h", **SMALL), group="flip_v").frame_average
+    # c2 (identity, rotation by 180°) holds no vertical flip: the network is averaged, and the
+    # denoiser is flip_v-equivariant (it was not: 0.63); a d4 network needs no flip_h averaging
+    c2 = Denoiser(EquivariantUNet(1, 1, group="c2", **SMALL), group="flip_v")
+    assert c2.frame_average
+    assert equivariance_error(lambda z: c2(z, 1.0), torch.randn(2, 1, 8, 8), "flip_v") <= 1e-6
+    assert not Denoiser(eq, group="flip_h").frame_average
     assert Denoiser(eq, group="d4", frame_average=True).frame_average
     assert Denoiser(UNet(1, 1, **SMALL), group="d4").frame_average
     assert not Denoiser(UNet(1, 1, **SMALL), group="d4", frame_average=False).frame_average

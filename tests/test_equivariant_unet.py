@@ -214,6 +214,11 @@ def test_tie_weights_checks_layers_tied_under_another_group_and_keeps_1x1_convs(
     report = tie_weights(model, "d4")
     assert not report.exact and "tied under flip_h" in dict(report.problems)["0"]
     assert equivariance_error(model, torch.randn(2, 1, 8, 8), "d4") > 0.1  # the report is right
+    # padding that differs between H and W, in a layer tied under a group that does not rotate
+    # (a 1x1 kernel, invariant under every rotation): it was reported exact
+    model = nn.Sequential(nn.Conv2d(2, 2, 3), TiedConv2d(2, 2, 1, "flip_h", padding=(0, 1)), nn.Tanh())
+    report = tie_weights(model, "d4")
+    assert dict(report.problems)["1"] == "padding (0, 1) differs between H and W, which rotations swap"
     # a d4-tied kernel is c4-invariant: nothing to report
     assert tie_weights(EquivariantUNet(1, 1, channels=(8, 16), group="d4"), "c4").exact
     unet = UNet(1, 1, channels=(8, 16))

@@ -177,6 +177,33 @@ def test_a_non_invertible_element_and_non_commuting_factors_are_named():
     assert len(groups.product(groups.flip_h(), groups.flip_v())) == 4
 
 
+def test_within_is_judged_on_a_probe_both_groups_act_on_faithfully():
+    """flip_v's own probe is (4, 1), on which c2's rotation by 180° moves every entry as the
+    vertical flip does: flip_v was "within" c2, so a Denoiser skipped averaging a c2 network
+    under flip_v (equivariance error 0.63). Groups acting on fewer dims are judged on the larger
+    probe (flip_h within d4), and fixed sizes that differ mean not within."""
+    g = groups
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    c3 = g.channel_perm([[0, 1, 2], [1, 2, 0], [2, 0, 1]])
+    # on channel_perm's own (3, 1, 1) probe, a channel swap with a flip acts as the swap alone
+    swap = g.channel_perm([[0, 1, 2], [1, 0, 2]])
+    swap_and_flip = Group("swap_and_flip", [lambda t: t, lambda t: t[..., [1, 0, 2], :, :].flip(-1)],
+                          event_ndim=3, probe_shape=(3, 1, 4), fixed_sizes=[3, None, None])
+    pairs = [(g.flip_v(), g.c2()), (g.flip_h(), g.c2()), (g.c2(), g.flip_v()), (g.flip_v(), g.c4()),
+             (g.product(g.flip_v(), g.sign_flip()), g.product(g.c2(), g.sign_flip())),
+             (g.flip_h(), g.d4()), (g.flip_v(), g.d4()), (g.c2(), g.d4()), (g.c4(), g.d4()),
+             (g.d4(), g.c4()), (g.sign_flip(), g.d4()), (g.trivial(), g.d4()),
+             (g.product(g.flip_h(), g.flip_v()), g.d4()), (g.cyclic(5), g.flip_h()),
+             (c3, g.product(g.d4(), c3)), (swap, swap_and_flip)]
+    for sub, other in pairs:
+        # the truth, from the actions on a random event of every dim both act on
+        truth = all(any(torch.equal(sub.act(x, k), other.act(x, j)) for j in range(len(other)))
+                    for k in range(len(sub)))
+        assert sub.within(other) == truth, (sub.name, other.name)
+    assert not g.flip_v().within(g.c2()) and g.flip_h().within(g.d4())
+    assert not g.cyclic(5).within(g.cyclic(3))
+
+
 def test_indices_in_matches_elements_by_their_action_on_every_entry():
     """Each element's index in another group, checked against acting on a random image."""
     d4 = groups.d4()

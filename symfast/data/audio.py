@@ -15,6 +15,7 @@ import torch
 
 from symfast._io import atomic_write_bytes
 from symfast.data._paths import is_hidden
+from symfast.ops import _checks
 from symfast.philox import seeded_generator
 
 SYNTHETIC_CLASSES = ("tone", "chirp_up", "chirp_down", "am", "fm",
@@ -98,8 +99,7 @@ def synthetic_audio(n_per_class: int = 50, sample_rate: int = 8000, duration: fl
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 2 * _MAX_HZ:
         raise ValueError(f"sample_rate must be an int > {2 * _MAX_HZ} Hz (the classes reach {_MAX_HZ} Hz; "
                          f"at or below twice that they alias), got {sample_rate!r}")
-    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < math.inf:
-        raise ValueError(f"duration must be a finite number of seconds > 0, got {duration!r}")
+    _checks.finite_number("duration", duration, positive=True)  # seconds
     if not _finite_pair(snr_db):
         raise ValueError(f"snr_db must be (lo, hi), two finite numbers with lo <= hi, got {snr_db!r}")
     length = int(round(duration * sample_rate))

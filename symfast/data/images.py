@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from symfast import groups as _groups
 from symfast._io import atomic_path
 from symfast.data._paths import is_hidden
+from symfast.ops import _checks
 from symfast.philox import seeded_generator
 
 IMAGE_SUFFIXES = (".png", ".jpeg", ".jpg", ".bmp", ".webp")
@@ -366,8 +367,7 @@ class GaussianMixture:
         if means.dim() < 2 or means.shape[0] < 1 or means.numel() == 0:
             raise ValueError(f"means must be (K, *shape) with K >= 1 and at least one event dim, "
                              f"got shape {tuple(means.shape)}")
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
-            raise ValueError(f"std must be a positive finite float, got {std!r}")
+        _checks.finite_number("std", std, positive=True)
         means = means.detach().cpu().double()
         if not torch.isfinite(means).all():
             raise ValueError("means contain NaN or inf")

@@ -6,12 +6,12 @@ every process, whichever subset or batch it is read in, without storing it.
 """
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
 
 from symfast.data.images import ImageTensorDataset
+from symfast.ops import _checks
 from symfast.philox import seeded_generator
 
 # The Philox step at which the observation noise is drawn (a fixed counter: one draw per image).
@@ -49,9 +49,7 @@ class NoisyDataset(torch.utils.data.Dataset):
                  indices: torch.Tensor | None = None):
         if not isinstance(dataset, ImageTensorDataset):
             raise TypeError(f"dataset must be an ImageTensorDataset, got {type(dataset).__name__}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) \
-                or tau <= 0:
-            raise ValueError(f"tau must be a positive finite number, got {tau!r}")
+        _checks.finite_number("tau", tau, positive=True)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ValueError(f"seed must be an int in [0, 2^63), got {seed!r}")
         self.dataset, self.tau, self.seed = dataset, float(tau), seed

@@ -36,8 +36,7 @@ def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0
         _positive_ints(n_fft=n_fft)
         if n_fft // 2 + 1 != n_freqs:
             raise ValueError(f"n_freqs={n_freqs} must be n_fft // 2 + 1 = {n_fft // 2 + 1} for n_fft={n_fft}")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not sample_rate > 0:
-        raise ValueError(f"sample_rate must be a positive number, got {sample_rate!r}")
+    _checks.finite_number("sample_rate", sample_rate, positive=True)
     f_max = sample_rate / 2 if f_max is None else f_max
     if not 0 <= f_min < f_max <= sample_rate / 2:
         raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={f_min}, "

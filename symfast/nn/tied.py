@@ -190,8 +190,13 @@ def _can_tie(conv: nn.Conv2d, group: Group) -> str | None:
         kernel_orbits(group, tuple(conv.kernel_size))
     except ValueError as exc:
         return str(exc)
-    if group.square and not isinstance(conv.padding, str) and conv.padding[0] != conv.padding[1]:
-        return f"padding {tuple(conv.padding)} differs between H and W, which rotations swap"
+    return _padding_problem(conv.padding, group)
+
+
+def _padding_problem(padding, group: Group) -> str | None:
+    """A layer's padding (ph, pw) under a group that rotates: rotations swap H and W."""
+    if group.square and not isinstance(padding, str) and padding[0] != padding[1]:
+        return f"padding {tuple(padding)} differs between H and W, which rotations swap"
     return None
 
 
@@ -238,7 +243,10 @@ def tie_weights(module: nn.Module, group: Group | str, backend: str | None = Non
                 report.tied.append(name)
                 report.problems.extend((name, p) for p in _conv_problems(child))
             elif isinstance(child, TiedConv2d):
-                report.problems.extend((name, p) for p in _conv_problems(child) + _tied_problems(child, group))
+                # tied under its own group, which may not rotate: the padding is checked under this one
+                padding = _padding_problem(child.padding, group)
+                report.problems.extend((name, p) for p in _conv_problems(child) + _tied_problems(child, group)
+                                       + ([padding] if padding else []))
             elif isinstance(child, nn.ConvTranspose2d):
                 report.problems.append((name, "transposed convolution is not tied"))
             elif isinstance(child, _PADS):

@@ -7,6 +7,7 @@ raise ValueError.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -82,6 +83,18 @@ def real(name: str, value) -> float:
     """A real host number (not a bool) as a float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def finite_number(name: str, value, *, positive: bool) -> float:
+    """A finite real host number (not a bool; numpy scalars too), > 0 when ``positive`` and
+    >= 0 otherwise, as a float; ValueError naming ``name`` for anything else (NaN and a
+    non-number included: these are settings, from configs and flags as often as from code)."""
+    low_ok = (lambda v: v > 0) if positive else (lambda v: v >= 0)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value < math.inf \
+            or not low_ok(value):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
+                         f"got {value!r}")
     return float(value)
 
 

@@ -8,7 +8,6 @@ sums of the same per-element terms gx needs.
 """
 from __future__ import annotations
 
-import numbers
 
 import torch
 
@@ -90,9 +89,7 @@ def _check(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torc
     b, c = x.shape[:2]
     if groups < 1 or c % groups:
         raise ValueError(f"groups must be a positive divisor of the {c} channels of x, got {groups}")
-    # numbers.Real: numpy scalars too, as F.group_norm takes them
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < float("inf"):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _checks.finite_number("eps", eps, positive=False)  # numpy scalars too, as F.group_norm
     for name, t, shape in (("shift", shift, (b, c)), ("weight", weight, (c,)), ("bias", bias, (c,))):
         if t is not None and t.shape != shape:  # the message formatted only when it is raised
             _checks.shape(name, t, shape, f" for x of shape {tuple(x.shape)}")

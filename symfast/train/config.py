@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from symfast.ops import _checks
+
 MODELS = ("unet", "equivariant-unet", "diffusers-unet", "custom")
 EQUIVARIANCE = ("none", "augment", "wt", "fa", "reg")
 PREDICTIONS = ("edm", "eps", "v", "x0")
@@ -174,9 +176,7 @@ class TrainConfig:
         if self.fa_train and self.equivariance != "fa":
             raise ValueError("fa_train=True needs equivariance='fa'")
         for name in ("lr", "sigma_data", "p_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            _checks.finite_number(name, getattr(self, name), positive=True)
         # the optimiser steps fp32 weights: a larger lr is inf there, and the first step made
         # every weight inf or NaN
         if self.lr > FLOAT32_MAX:
@@ -184,10 +184,8 @@ class TrainConfig:
                              f"{self.lr!r}")
         if not math.isfinite(self.p_mean):
             raise ValueError(f"p_mean must be finite, got {self.p_mean!r}")
-        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
-        if self.reg_weight < 0 or not math.isfinite(self.reg_weight):
-            raise ValueError(f"reg_weight must be a finite number >= 0, got {self.reg_weight!r}")
+        for name in ("weight_decay", "reg_weight"):
+            _checks.finite_number(name, getattr(self, name), positive=False)
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from symfast._io import atomic_write_bytes, atomic_write_text
+from symfast.ops import _checks
 from symfast.data.images import ImageTensorDataset
 from symfast.data.noisy import NoisyDataset, clean_split
 from symfast.philox import seeded_generator
@@ -159,9 +160,7 @@ def check_tau(tau: Any, schedule) -> None:
     """ValueError naming tau unless it is a number in the schedule's [sigma_min, sigma_max]: the
     backward step starts at σ = τ, and outside that range it failed only later (after
     pretraining, in a run), naming sigma. ``symfast sfbd`` and ``symfast profile sfbd`` share it."""
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) \
-            or tau <= 0:
-        raise ValueError(f"tau must be a positive number, got {tau!r}")
+    _checks.finite_number("tau", tau, positive=True)
     sigma_min, sigma_max = float(schedule.sigma_min), float(schedule.sigma_max)
     if not sigma_min <= tau <= sigma_max:
         raise ValueError(f"tau={tau} is outside the schedule's noise levels "
