@@ -52,14 +52,15 @@ def _fused_step_kernel(x_ptr, y_ptr, table_ptr, u_ptr, v_ptr, noise_ptr, key_ptr
     mask = offs < N
     row_base = row.to(tl.int64) * N
     acc = tl.zeros([BLOCK], dtype=ACC)
+    y_row = row.to(tl.int64)  # y's row k * M + row, carried in int64 (as in orbit_mean)
     for k in range(0, G):
         t = tl.load(table_ptr + k * N + offs, mask=mask, other=0)
         src = tl.where(t < 0, -t - 1, t)
         # Masking src keeps a malformed table from reading out of bounds, with no host check
         # (which would sync the device every step).
-        yv = tl.load(y_ptr + (k * M + row).to(tl.int64) * N + src, mask=mask & (src < N),
-                     other=0.0).to(ACC)
+        yv = tl.load(y_ptr + y_row * N + src, mask=mask & (src < N), other=0.0).to(ACC)
         acc += tl.where(t < 0, -yv, yv)
+        y_row += M
     xv = tl.load(x_ptr + row_base + offs, mask=mask, other=0.0).to(ACC)
     den = c_skip * xv + c_out * (acc / G)
     res = a * xv + b * den

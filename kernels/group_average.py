@@ -30,11 +30,15 @@ def _orbit_mean_kernel(y_ptr, table_ptr, out_ptr, G, M, N, BLOCK: tl.constexpr, 
     m, offs = row_and_offsets(N, BLOCK)
     mask = offs < N
     acc = tl.zeros([BLOCK], dtype=ACC)
+    # y's row k * M + m, carried in int64: k * M passes 2^31 for a group acting on single values
+    # (sign: N = 1, M every value of x)
+    y_row = m.to(tl.int64)
     for k in range(0, G):
         t = tl.load(table_ptr + k * N + offs, mask=mask, other=0)
         src = tl.where(t < 0, -t - 1, t)
-        v = tl.load(y_ptr + (k * M + m).to(tl.int64) * N + src, mask=mask, other=0.0).to(ACC)
+        v = tl.load(y_ptr + y_row * N + src, mask=mask, other=0.0).to(ACC)
         acc += tl.where(t < 0, -v, v)
+        y_row += M
     acc = acc / G
     tl.store(out_ptr + m.to(tl.int64) * N + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 

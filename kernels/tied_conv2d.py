@@ -27,6 +27,9 @@ def _stencil_kernel(x_ptr, pos_ptr, off_ptr, out_ptr, C, H, W, Ho, Wo, R, KW, SH
     oy = offs // Wo
     ox = offs % Wo
     src = x_ptr + plane * H * W
+    # orbit r's output row, carried in int64: in the (C, R, B) layout of the weight gradient
+    # s_r is B·Ho·Wo, and r * s_r passed 2^31
+    out_row = b * s_b + c * s_c
     for r in range(0, R):
         start = tl.load(off_ptr + r)
         end = tl.load(off_ptr + r + 1)
@@ -37,8 +40,8 @@ def _stencil_kernel(x_ptr, pos_ptr, off_ptr, out_ptr, C, H, W, Ho, Wo, R, KW, SH
             ix = ox * SW + p % KW - PW
             inside = mask & (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
             acc += tl.load(src + iy * W + ix, mask=inside, other=0.0).to(ACC)
-        tl.store(out_ptr + b * s_b + c * s_c + r * s_r + offs, acc.to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(out_ptr + out_row + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        out_row += s_r
 
 
 @triton.jit

@@ -230,3 +230,21 @@ def test_meta_tensors_with_an_explicit_kernel_backend_are_a_clear_error():
     if "triton" in available_backends():
         with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
             classifier_select(*args, backend="triton")
+
+
+def test_sizes_past_the_triton_tile_are_refused_or_run_by_the_reference(monkeypatch):
+    """The Triton kernels hold a row's K x C logits in one tile of next_power_of_2 sizes, which
+    Triton caps at 2^20 values: K = 64 classifiers of ImageNet-21k's 21843 classes (2^21) did not
+    compile on a GPU. backend='triton' says so, naming K and C; the automatic choice runs the
+    reference instead (the same answer)."""
+    from symfast.ops import _dispatch
+    from symfast.ops.classifier_select import triton_tile_fits
+    assert triton_tile_fits(32, 32768) and not triton_tile_fits(32, 32769)
+    assert not triton_tile_fits(64, 21843) and triton_tile_fits(64, 16384)
+    args = _inputs(2, 3, 64, 16385)
+    if "triton" in available_backends():
+        with pytest.raises(ValueError, match=r"K=64, C=16385 need 2097152"):
+            classifier_select(*[a.to(device_for("triton")) for a in args], backend="triton")
+    # the automatic choice where it would pick triton (a CUDA tensor): the reference's answer
+    monkeypatch.setattr(_dispatch, "resolve", lambda backend, tensor, op: "triton")
+    assert torch.equal(classifier_select(*args), reference.classifier_select(*args, 1.0))

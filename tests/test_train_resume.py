@@ -316,3 +316,21 @@ def test_resuming_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     _rewrite_tensor(path, name, lambda v: torch.full_like(v, float("nan")))
     with pytest.raises(ValueError, match=f"checkpoint {path} holds non-finite weights"):
         train(**TINY_DIGITS, steps=3, out=str(out))
+
+
+def test_a_resume_trains_with_the_optimiser_settings_and_records_the_images_seen(tmp_path):
+    """A resume with another --weight-decay / --adam-betas was warned about and written into the
+    config, but trained on with the checkpoint's (the optimiser's saved groups replaced them); after
+    one with another batch size, state.json's data position was step x the new batch size."""
+    import json
+    changed = dict(TINY_DIGITS, weight_decay=0.5, adam_betas=(0.5, 0.9), batch_size=4)
+    for out in ("resumed", "plain"):
+        train(**TINY_DIGITS, steps=2, out=str(tmp_path / out))
+    resumed = train(**changed, steps=4, out=str(tmp_path / "resumed"))
+    plain = train(**dict(TINY_DIGITS, batch_size=4), steps=4, out=str(tmp_path / "plain"))
+    assert not torch.equal(next(resumed.model.parameters()), next(plain.model.parameters()))
+    state = json.loads((checkpoint.latest(tmp_path / "resumed").path / "state.json").read_text())
+    assert [(g["weight_decay"], g["betas"]) for g in state["optimizer"]["param_groups"]] \
+        == [(0.5, [0.5, 0.9])] * len(state["optimizer"]["param_groups"])
+    assert state["nimg"] == 2 * 8 + 2 * 4
+    assert (state["data"]["epoch"], state["data"]["offset"]) == divmod(24, state["data"]["dataset_size"])

@@ -111,6 +111,17 @@ def _check(h, gate_weight, gate_bias, weight, bias, temperature) -> None:
     check_temperature(temperature)
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def triton_tile_fits(k: int, c: int) -> bool:
+    """Whether the Triton kernels' one (next_power_of_2(K), next_power_of_2(C)) tile of a row's
+    logits stays within Triton's 2^20 values per tensor (ImageNet-21k's C = 21843 with K = 64 did
+    not compile)."""
+    return _pow2(k) * _pow2(c) <= 2**20
+
+
 @_backend.profiled("classifier_select")
 def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor,
                       weight: torch.Tensor, bias: torch.Tensor, temperature: float = 1.0, *,
@@ -125,7 +136,15 @@ def classifier_select(h: torch.Tensor, gate_weight: torch.Tensor, gate_bias: tor
     """
     h, gate_weight, gate_bias, weight, bias = _backend.cast_for_autocast(h, gate_weight, gate_bias, weight, bias)
     _check(h, gate_weight, gate_bias, weight, bias, temperature)
-    backend = _dispatch.resolve(backend, h, _OP)
+    requested, backend = backend, _dispatch.resolve(backend, h, _OP)
+    if backend == "triton" and not triton_tile_fits(*weight.shape[:2]):
+        if requested == "triton":
+            k, c = weight.shape[:2]
+            raise ValueError(f"backend='triton' holds a row's K x C logits in one tile of "
+                             f"next_power_of_2(K) x next_power_of_2(C) values, at most 2^20 for "
+                             f"Triton's compiler; K={k}, C={c} need {_pow2(k) * _pow2(c)}: use "
+                             f"backend='reference' (or None, which does so for such sizes)")
+        backend = "reference"
     if backend == "reference":
         return reference.classifier_select(h, gate_weight, gate_bias, weight, bias, temperature)
     out, _ = _select_eager(h, gate_weight, gate_bias, weight, bias, float(temperature), backend)

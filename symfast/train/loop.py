@@ -137,10 +137,6 @@ class DataOrder:
             self._epoch, self._perm = epoch, torch.randperm(self.size, generator=gen)
         return self._perm
 
-    def position(self, step: int, batch: int) -> tuple[int, int]:
-        """(epoch, offset in it) where step ``step`` starts."""
-        return divmod(step * batch, self.size)
-
     def indices(self, first: int, start: int, stop: int) -> torch.Tensor:
         """Dataset rows of global positions [first + start, first + stop)."""
         pos = first + start
@@ -435,6 +431,10 @@ class _Run:
             state.setdefault(int(index), {}).update(scalars)
         groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in opt["param_groups"]]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        # the checkpoint's groups hold the settings it was trained with; a resume that changes
+        # them (the config warns) trains with the new ones, as it does with a new lr
+        for group in self.optimizer.param_groups:
+            group["betas"], group["weight_decay"] = tuple(self.cfg.adam_betas), self.cfg.weight_decay
         if "rng.torch_cpu" in t:
             torch.set_rng_state(t["rng.torch_cpu"])
         # rank 0 carries the interval's sums on (the log adds every rank's)
@@ -463,7 +463,8 @@ class _Run:
                 else:
                     scalars.setdefault(str(index), {})[name] = value
         tensors["rng.torch_cpu"] = torch.get_rng_state()
-        epoch, offset = self.order.position(self.step, self.cfg.batch_size)
+        # from the images seen: step · batch size is that only while the batch size never changed
+        epoch, offset = divmod(self.nimg, len(self.dataset))
         state = {
             "step": self.step, "nimg": self.nimg, "nonfinite_skipped": self.skipped,
             "data": {"epoch": epoch, "offset": offset, "dataset_size": len(self.dataset),
