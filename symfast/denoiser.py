@@ -85,7 +85,8 @@ class Denoiser(nn.Module):
             the network declares itself equivariant under ``group`` or a group containing it
             (``model.group``, as EquivariantUNet does). False: one call per step; the network must be equivariant
             itself, and the group serves stochastic samplers' noise transform.
-        sigma_data: σ_data for "edm" (default: the schedule's, else 0.5).
+        sigma_data: σ_data for "edm" (default: the schedule's, else 0.5); refused for the other
+            predictions, which do not use it, and where it differs from the schedule's.
         chunks: model calls per orbit (None: chosen per device, as in symmetrize).
         backend: backend of the orbit and fused-step ops.
     """
@@ -125,6 +126,14 @@ class Denoiser(nn.Module):
         self.frame_average = frame_average
         if sigma_data is not None:
             _checks.finite_number("sigma_data", sigma_data, positive=True)
+            # silently unused otherwise, or silently differing from the schedule's
+            if prediction != "edm":
+                raise ValueError(f"sigma_data is EDM's preconditioning (prediction='edm'); "
+                                 f"prediction={prediction!r} does not use it")
+            declared = getattr(schedule, "sigma_data", None)
+            if declared is not None and float(declared) != float(sigma_data):
+                raise ValueError(f"sigma_data={sigma_data} differs from the schedule's "
+                                 f"sigma_data={declared}: give it to one of the two")
         self.sigma_data = float(sigma_data if sigma_data is not None
                                 else getattr(schedule, "sigma_data", 0.5))
         self.chunks = chunks

@@ -42,8 +42,10 @@ def betas(schedule: str = "linear", num_train_timesteps: int = 1000, beta_start:
     if trained_betas is not None:
         out = torch.tensor(trained_betas, dtype=torch.float32)
     else:
-        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        # a timestep between two table entries needs two (one gave model_time -1)
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
+                or num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
         if schedule == "linear":
             out = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
         elif schedule == "scaled_linear":
@@ -137,11 +139,18 @@ def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
 
 
+def _check_grid(steps, sigma_min, sigma_max) -> None:
+    """A grid's step count and finite noise levels (an inf sigma_max gave a grid of NaN)."""
+    _checks.positive_int("steps", steps)
+    _checks.finite_number("sigma_min", sigma_min, positive=True)
+    _checks.finite_number("sigma_max", sigma_max, positive=True)
+
+
 def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
     """EDM σ_i = (σ_max^{1/ρ} + i/(n-1) (σ_min^{1/ρ} - σ_max^{1/ρ}))^ρ, descending, float64, no
     trailing zero (diffusers' ``_convert_to_karras``; k-diffusion's get_sigmas_karras without the 0)."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _check_grid(steps, sigma_min, sigma_max)
+    _checks.finite_number("rho", rho, positive=True)
     # one step is σ_max alone, so a one-point range (a 1-step grid of a DDPM schedule) is valid
     if not (0 < sigma_min < sigma_max or (steps == 1 and 0 < sigma_min <= sigma_max)):
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
@@ -152,8 +161,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 
 def ve_sigmas(steps: int, sigma_min: float = 0.01, sigma_max: float = 50.0) -> np.ndarray:
     """Geometric VE σ from σ_max down to σ_min (Song et al. SMLD/VE-SDE), float64, no trailing 0."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _check_grid(steps, sigma_min, sigma_max)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps))
@@ -239,8 +247,15 @@ class DDPMSchedule(Schedule):
                 value = getattr(self, name)
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
                     raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
-        elif len(self.trained_betas) == 0 or not all(0 < float(b) <= 1 for b in self.trained_betas):
-            raise ValueError("trained_betas must be a non-empty sequence of numbers in (0, 1]")
+        else:
+            try:
+                values = [float(b) for b in self.trained_betas]
+            except (TypeError, ValueError):
+                values = []
+            # a timestep between two table entries needs two (one gave model_time -1)
+            if len(values) < 2 or not all(0 < b <= 1 for b in values):
+                raise ValueError(f"trained_betas must be a sequence of at least 2 numbers in (0, 1], "
+                                 f"got {self.trained_betas!r}")
         self.betas = betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
                            self.trained_betas, self.rescale_zero_terminal_snr)
         self.num_train_timesteps = int(self.betas.shape[0])

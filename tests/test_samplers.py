@@ -342,6 +342,29 @@ def test_bad_inputs(eps_fa, edm_fa):
         EDMSchedule(rho=0)
     with pytest.raises(TypeError, match="model must be callable"):
         Denoiser("not a model", "eps")
+    # sigma_data was silently unused by the other predictions, and silently preferred to the
+    # schedule's (which the schedule still reported)
+    with pytest.raises(ValueError, match="prediction='eps' does not use it"):
+        Denoiser(TinyNet(), "eps", sigma_data=0.3)
+    with pytest.raises(ValueError, match="sigma_data=0.7 differs from the schedule's sigma_data=0.3"):
+        Denoiser(TinyNet(), "edm", EDMSchedule(sigma_data=0.3), sigma_data=0.7)
+    assert Denoiser(TinyNet(), "edm", EDMSchedule(sigma_data=0.3)).sigma_data == 0.3
+    assert Denoiser(TinyNet(), "edm", VESchedule(), sigma_data=0.3).sigma_data == 0.3
+    # grids of NaN (an inf sigma_max), a division by rho = 0, a DDPM table of one step whose
+    # model time was -1, a bool step count, a nested trained_betas failing inside torch
+    from symfast.schedules import karras_sigmas, ve_sigmas
+    for grid in (karras_sigmas, ve_sigmas):
+        with pytest.raises(ValueError, match="sigma_max must be a finite number > 0, got inf"):
+            grid(5, 0.1, math.inf)
+    for rho in (0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="rho must be a finite number > 0"):
+            karras_sigmas(5, 0.1, 10.0, rho=rho)
+    for kwargs in ({"num_train_timesteps": 1}, {"num_train_timesteps": True}):
+        with pytest.raises(ValueError, match="num_train_timesteps must be an int >= 2"):
+            DDPMSchedule(**kwargs)
+    for trained in ([[0.1, 0.2]], [0.5], ["a", "b"]):
+        with pytest.raises(ValueError, match="trained_betas must be a sequence of at least 2 numbers"):
+            DDPMSchedule(trained_betas=trained)
     for sigma_data in (0.0, -0.5, math.nan, math.inf):
         with pytest.raises(ValueError, match="sigma_data must be a finite number > 0"):
             Denoiser(TinyNet(), "edm", sigma_data=sigma_data)
@@ -510,3 +533,14 @@ def test_sample_draws_the_x_T_philox_latents_gives(dtype):
     from_shape = sample(denoiser, (3, 1, 8, 8), sampler="heun", steps=2, seed=seeds, dtype=dtype)
     latents = PhiloxGenerator(seeds).latents((3, 1, 8, 8), dtype=dtype)
     assert torch.equal(sample(denoiser, latents, sampler="heun", steps=2, seed=seeds), from_shape)
+
+
+def test_a_meta_start_state_runs_like_a_meta_shape():
+    """sample(D, shape, device="meta") ran; a meta x_T failed reading its values for the
+    finiteness check (Tensor.item() on a meta tensor), and so did denoise on a meta y."""
+    d = Denoiser(lambda x, t: torch.zeros_like(x), prediction="edm")
+    for sampler in ("euler", "heun", "dpmpp_2m"):
+        out = sample(d, torch.empty(2, 1, 8, 8, device="meta"), sampler=sampler, steps=3, progress=False)
+        assert out.device.type == "meta" and out.shape == (2, 1, 8, 8)
+    assert denoise(d, torch.empty(2, 1, 8, 8, device="meta"), 1.0, steps=2,
+                   progress=False).device.type == "meta"

@@ -334,3 +334,13 @@ def test_a_resume_trains_with_the_optimiser_settings_and_records_the_images_seen
         == [(0.5, [0.5, 0.9])] * len(state["optimizer"]["param_groups"])
     assert state["nimg"] == 2 * 8 + 2 * 4
     assert (state["data"]["epoch"], state["data"]["offset"]) == divmod(24, state["data"]["dataset_size"])
+
+
+def test_the_default_attention_level_given_explicitly_resumes(tmp_path):
+    """attention_levels None builds the lowest level's attention: [1] for two levels resumed it
+    was refused as a mismatch ([1] vs None); another level still is."""
+    out = tmp_path / "run"
+    train(**TINY_DIGITS, steps=2, out=str(out))
+    assert train(**TINY_DIGITS, steps=3, attention_levels=(1,), out=str(out)).step == 3
+    with pytest.raises(ValueError, match=r"attention_levels: \[0\] vs \[1\]"):
+        train(**TINY_DIGITS, steps=4, attention_levels=(0,), out=str(out))

@@ -55,7 +55,7 @@ def load(path: str | os.PathLike, *, ema: int | None = 0, network: nn.Module | N
     denoiser = sampling_denoiser(cfg, model)
     if group is not None:
         denoiser = Denoiser(model, cfg.prediction, cfg.schedule(), group=get(group),
-                            sigma_data=cfg.sigma_data, frame_average=True)
+                            frame_average=True)
     return denoiser, cfg
 
 

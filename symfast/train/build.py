@@ -119,7 +119,7 @@ def training_denoiser(cfg: TrainConfig, net: nn.Module | Any) -> Denoiser:
     """The denoiser whose loss is minimised. ``net`` may be DDP- or compile-wrapped, so the
     averaging choice is explicit: averaging only with fa_train."""
     group = cfg.group if cfg.equivariance in ("wt", "fa", "reg") else None
-    return Denoiser(net, cfg.prediction, cfg.schedule(), group=group, sigma_data=cfg.sigma_data,
+    return Denoiser(net, cfg.prediction, cfg.schedule(), group=group,
                     frame_average=cfg.fa_train)
 
 
@@ -128,8 +128,8 @@ def sampling_denoiser(cfg: TrainConfig, net: nn.Module) -> Denoiser:
     transformed with the state) for "wt", plain otherwise (Reg is only nearly equivariant)."""
     if cfg.equivariance == "fa":
         return Denoiser(net, cfg.prediction, cfg.schedule(), group=cfg.group,
-                        sigma_data=cfg.sigma_data, frame_average=True)
+                        frame_average=True)
     if cfg.equivariance == "wt":
         return Denoiser(net, cfg.prediction, cfg.schedule(), group=cfg.group,
-                        sigma_data=cfg.sigma_data, frame_average=False)
-    return Denoiser(net, cfg.prediction, cfg.schedule(), sigma_data=cfg.sigma_data)
+                        frame_average=False)
+    return Denoiser(net, cfg.prediction, cfg.schedule())

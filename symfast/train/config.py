@@ -248,8 +248,12 @@ class TrainConfig:
         return cls(**values)
 
     def mismatches(self, other: "TrainConfig") -> list[str]:
-        """The MODEL_FIELDS in which the two configs differ, as 'field: self vs other'."""
+        """The MODEL_FIELDS in which the two configs differ, as 'field: self vs other'. The
+        attention levels are compared as built (None is the lowest level: [1] for two levels)."""
         mine, theirs = self.to_dict(), other.to_dict()
+        for values in (mine, theirs):
+            if values["attention_levels"] is None:
+                values["attention_levels"] = [len(values["channels"]) - 1]
         return [f"{name}: {mine[name]!r} vs {theirs[name]!r}" for name in MODEL_FIELDS
                 if mine[name] != theirs[name]]
 
