@@ -7,7 +7,9 @@ x = x0 + σ ε, x: (B, ...), sigmas: (n + 1,) descending and usually ending in 0
 The σ table is copied to the host once before the loop and every per-step coefficient is computed
 there, with 0-d tensor arithmetic in the σ table's dtype in k-diffusion's order of operations (torch's
 CPU transcendentals are not correctly rounded, so this is what reproduces k-diffusion to rounding);
-the loop does elementwise tensor math with those Python floats and never reads a device tensor.
+the loop does elementwise tensor math with those host values (Python floats, or for DPM-Solver++(2M)
+0-d host tensors, which a bf16/fp16 state rounds to its dtype as k-diffusion's) and never reads a
+device tensor.
 
 With ``group=`` (frame averaging: the model runs on the whole orbit in one batched call and the fused
 step op averages its outputs; ``transform_noise=k`` with it moves every noise draw by the group's
@@ -325,11 +327,13 @@ def sample_dpmpp_2m(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extr
     ratio, expm1, c_new, c_old = [], [], [], []
     for i in range(n):
         c = dpmpp_2m(t[i - 1] if i > 0 else None, t[i], t[i + 1], torch.expm1)
-        # k-diffusion's ratio σ'/σ is exp(−t')/exp(−t), not the σ table's quotient
-        ratio.append(float(torch.exp(-t[i + 1]) / torch.exp(-t[i])))
-        expm1.append(float(c.expm1_neg_h))
-        c_new.append(float(c.c_new))
-        c_old.append(float(c.c_old))
+        # k-diffusion's ratio σ'/σ is exp(−t')/exp(−t), not the σ table's quotient. The terms stay
+        # 0-d tensors of the table's dtype, as k-diffusion's: a bf16/fp16 x takes them rounded to
+        # its dtype, where a Python float is kept in float32 (195 of 256 bf16 values differed)
+        ratio.append(torch.exp(-t[i + 1]) / torch.exp(-t[i]))
+        expm1.append(c.expm1_neg_h)
+        c_new.append(c.c_new)
+        c_old.append(c.c_old)
     s_in = x.new_ones([x.shape[0]])
     old_denoised = None
     for i in trange(n, disable=disable):
