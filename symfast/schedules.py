@@ -42,10 +42,9 @@ def betas(schedule: str = "linear", num_train_timesteps: int = 1000, beta_start:
     if trained_betas is not None:
         out = torch.tensor(trained_betas, dtype=torch.float32)
     else:
-        # a timestep between two table entries needs two (one gave model_time -1)
         if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int) \
-                or num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be an int >= 2, got {num_train_timesteps!r}")
+                or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
         if schedule == "linear":
             out = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
         elif schedule == "scaled_linear":
@@ -130,6 +129,8 @@ def check_grid_options(spacing: Any, karras: Any) -> None:
 def sigma_to_t(sigma: np.ndarray | float, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional timestep whose interpolated log σ is log ``sigma`` (diffusers' ``_sigma_to_t``)."""
     sigma = np.asarray(sigma)
+    if log_sigmas.shape[0] == 1:  # one timestep, 0 (the interpolation below needs two: it gave -1)
+        return np.zeros(sigma.shape)
     log_sigma = np.log(np.maximum(sigma, 1e-10))
     dists = log_sigma - log_sigmas[:, np.newaxis]
     low_idx = np.cumsum((dists >= 0).astype(np.int64), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
@@ -252,9 +253,8 @@ class DDPMSchedule(Schedule):
                 values = [float(b) for b in self.trained_betas]
             except (TypeError, ValueError):
                 values = []
-            # a timestep between two table entries needs two (one gave model_time -1)
-            if len(values) < 2 or not all(0 < b <= 1 for b in values):
-                raise ValueError(f"trained_betas must be a sequence of at least 2 numbers in (0, 1], "
+            if not values or not all(0 < b <= 1 for b in values):
+                raise ValueError(f"trained_betas must be a non-empty sequence of numbers in (0, 1], "
                                  f"got {self.trained_betas!r}")
         self.betas = betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end,
                            self.trained_betas, self.rescale_zero_terminal_snr)

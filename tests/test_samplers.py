@@ -359,12 +359,13 @@ def test_bad_inputs(eps_fa, edm_fa):
     for rho in (0, -1.0, math.nan):
         with pytest.raises(ValueError, match="rho must be a finite number > 0"):
             karras_sigmas(5, 0.1, 10.0, rho=rho)
-    for kwargs in ({"num_train_timesteps": 1}, {"num_train_timesteps": True}):
-        with pytest.raises(ValueError, match="num_train_timesteps must be an int >= 2"):
-            DDPMSchedule(**kwargs)
-    for trained in ([[0.1, 0.2]], [0.5], ["a", "b"]):
-        with pytest.raises(ValueError, match="trained_betas must be a sequence of at least 2 numbers"):
+    with pytest.raises(ValueError, match="num_train_timesteps must be a positive int, got True"):
+        DDPMSchedule(num_train_timesteps=True)
+    for trained in ([[0.1, 0.2]], ["a", "b"]):
+        with pytest.raises(ValueError, match="trained_betas must be a non-empty sequence of numbers"):
             DDPMSchedule(trained_betas=trained)
+    # one timestep (diffusers' DDPM takes it): its model time is 0, not -1
+    assert DDPMSchedule(num_train_timesteps=1).model_time(0.5) == 0
     for sigma_data in (0.0, -0.5, math.nan, math.inf):
         with pytest.raises(ValueError, match="sigma_data must be a finite number > 0"):
             Denoiser(TinyNet(), "edm", sigma_data=sigma_data)
