@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from symfast.data.images import _check_int
-from symfast.ops import _checks
 from symfast.data.text import TextDataset
+from symfast.ops import _checks
 
 
 @dataclass

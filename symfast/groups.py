@@ -353,25 +353,35 @@ def sign_flip() -> Group:
     return Group("sign", [_identity, torch.neg], event_ndim=0, probe_shape=())
 
 
+def _padded(values: Sequence, ndim: int, fill) -> list:
+    return [fill] * (ndim - len(values)) + list(values)
+
+
+def _common_fixed_sizes(a: Group, b: Group) -> list[int | None] | None:
+    """Per dim of the larger event_ndim, the size either group needs there (None: any); None
+    where the two need different sizes of the same dim."""
+    ndim = max(a.event_ndim, b.event_ndim)
+    fixed = []
+    for p, q in zip(_padded(a.fixed_sizes, ndim, None), _padded(b.fixed_sizes, ndim, None)):
+        if p is not None and q is not None and p != q:
+            return None
+        fixed.append(p if p is not None else q)
+    return fixed
+
+
 def _common_probe(a: Group, b: Group) -> list[int] | None:
     """A trailing shape on which both groups act, each as faithfully as on its own probe: the
     probe shapes padded with leading 1s to the larger event_ndim, the larger size per dim, a
     fixed size where either group needs one (None where the two need different sizes), square
     where either rotates."""
-    ndim = max(a.event_ndim, b.event_ndim)
-
-    def padded(values: Sequence, fill):
-        return [fill] * (ndim - len(values)) + list(values)
-
-    probe = [max(p, q) for p, q in zip(padded(a.probe_shape, 1), padded(b.probe_shape, 1))]
+    fixed = _common_fixed_sizes(a, b)
+    if fixed is None:
+        return None
+    ndim = len(fixed)
+    probe = [max(p, q) for p, q in zip(_padded(a.probe_shape, ndim, 1), _padded(b.probe_shape, ndim, 1))]
     if a.square or b.square:
         probe[-1] = probe[-2] = max(probe[-1], probe[-2])
-    for i, (p, q) in enumerate(zip(padded(a.fixed_sizes, None), padded(b.fixed_sizes, None))):
-        if p is not None and q is not None and p != q:
-            return None
-        if p is not None or q is not None:
-            probe[i] = p if p is not None else q
-    return probe
+    return [need if need is not None else size for size, need in zip(probe, fixed)]
 
 
 def product(a: Group | str, b: Group | str) -> Group:
@@ -392,13 +402,8 @@ def product(a: Group | str, b: Group | str) -> Group:
                 raise ValueError(f"product({a.name}, {b.name}): element {i} of {a.name} and element "
                                  f"{j} of {b.name} do not commute; a direct product needs actions "
                                  f"that commute")
-    fixed = [None] * ndim
-    for g in (a, b):
-        for i, need in enumerate(g.fixed_sizes):
-            if need is not None:
-                fixed[ndim - g.event_ndim + i] = need
     return Group(f"{a.name}×{b.name}", elements, event_ndim=ndim, probe_shape=probe,
-                 square=a.square or b.square, fixed_sizes=fixed)
+                 square=a.square or b.square, fixed_sizes=_common_fixed_sizes(a, b))
 
 
 _NAMED = {"trivial": trivial, "flip_h": flip_h, "flip_v": flip_v, "c2": c2, "c4": c4, "d4": d4,

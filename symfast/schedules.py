@@ -153,7 +153,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
     _check_grid(steps, sigma_min, sigma_max)
     _checks.finite_number("rho", rho, positive=True)
     # one step is σ_max alone, so a one-point range (a 1-step grid of a DDPM schedule) is valid
-    if not (0 < sigma_min < sigma_max or (steps == 1 and 0 < sigma_min <= sigma_max)):
+    if not (sigma_min < sigma_max or (steps == 1 and sigma_min <= sigma_max)):
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     ramp = np.linspace(0, 1, steps)
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
@@ -163,7 +163,7 @@ def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7
 def ve_sigmas(steps: int, sigma_min: float = 0.01, sigma_max: float = 50.0) -> np.ndarray:
     """Geometric VE σ from σ_max down to σ_min (Song et al. SMLD/VE-SDE), float64, no trailing 0."""
     _check_grid(steps, sigma_min, sigma_max)
-    if not 0 < sigma_min < sigma_max:
+    if not sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps))
 

@@ -90,9 +90,8 @@ def finite_number(name: str, value, *, positive: bool) -> float:
     """A finite real host number (not a bool; numpy scalars too), > 0 when ``positive`` and
     >= 0 otherwise, as a float; ValueError naming ``name`` for anything else (NaN and a
     non-number included: these are settings, from configs and flags as often as from code)."""
-    low_ok = (lambda v: v > 0) if positive else (lambda v: v >= 0)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value < math.inf \
-            or not low_ok(value):
+            or not (value > 0 if positive else value >= 0):
         raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, "
                          f"got {value!r}")
     return float(value)

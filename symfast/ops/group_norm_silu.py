@@ -8,7 +8,6 @@ sums of the same per-element terms gx needs.
 """
 from __future__ import annotations
 
-
 import torch
 
 from symfast import _backend

@@ -35,9 +35,9 @@ from typing import Any, Callable
 import torch
 
 from symfast._io import atomic_write_bytes, atomic_write_text
-from symfast.ops import _checks
 from symfast.data.images import ImageTensorDataset
 from symfast.data.noisy import NoisyDataset, clean_split
+from symfast.ops import _checks
 from symfast.philox import seeded_generator
 from symfast.train import checkpoint
 from symfast.train.config import (MODEL_FIELDS, TrainConfig, check_field_types, check_out_folder,
@@ -657,8 +657,7 @@ def refresh_positions(n: int, fraction: float, data_seed: int, j: int) -> torch.
     the next m = round(fraction·n) (at least 1) of a permutation seeded by ``data_seed``, taken
     cyclically, so every refresh renews the share asked for and each image is refreshed in turn.
     A pure function of its arguments: a resumed run refreshes the same images."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    _checks.positive_int("n", n)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     if isinstance(j, bool) or not isinstance(j, int) or j < 1:
